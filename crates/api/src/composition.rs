@@ -1,0 +1,3 @@
+//! placeholder
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default)]
+pub struct Composition {}
