@@ -1,1 +1,28 @@
-//! (being written)
+//! The Testground engine: task queue and store, the wiring of plans, builders and runners, and
+//! the daemon's HTTP API.
+//!
+//! The same [`Engine`] runs inside `testground daemon` and, in embedded mode, inside the CLI
+//! process itself, so both modes behave and print alike. This crate owns task life cycles,
+//! task logs and the home directory; it does not own how plans are parsed (`tg-plan`), how
+//! artifacts are built (`tg-builder`) or how instances run (`tg-runner`).
+//!
+//! Modules:
+//! - [`home`]: `$TESTGROUND_HOME` layout.
+//! - [`config`]: `.env.toml`.
+//! - [`engine`]: the engine: submit, queue, workers, build and run tasks, logs, collect.
+//! - `store`: SQLite task store.
+//! - `tasklog`: per-task log files that can be followed live.
+//! - [`archive`]: packing plan sources for upload and unpacking them.
+//! - [`server`]: the HTTP API (see `API.md` in this crate).
+
+pub mod archive;
+pub mod config;
+pub mod engine;
+pub mod home;
+pub mod server;
+mod store;
+mod tasklog;
+
+pub use config::EnvConfig;
+pub use engine::{Engine, EngineError, PlanSource};
+pub use home::Home;

@@ -1,0 +1,512 @@
+//! End-to-end tests: the real `testground` binary, real builds of the example plans, real
+//! instances, each test in its own temporary `$TESTGROUND_HOME`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("testground"));
+        c.env("TESTGROUND_HOME", self.path())
+            .env_remove("LOG_LEVEL")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn tg(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    fn import(&self, plan: &str) {
+        let from = repo().join("plans").join(plan);
+        let out = self.tg(&["plan", "import", "--from", from.to_str().unwrap()]);
+        assert!(out.status.success(), "import {plan}: {}", text(&out));
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The id from `run is queued with ID: <id>`, which scripts take as awk's `$10`.
+fn queued_id(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.contains("run is queued with ID: "))
+        .unwrap_or_else(|| panic!("no queued line in:\n{}", text(o)));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.len(), 10, "awk $10 must be the id: {line:?}");
+    let id = fields[9].to_string();
+    assert_eq!(id.len(), 20, "run ids are xids: {id}");
+    id
+}
+
+/// Pids of live processes whose environment holds `TEST_RUN=<run_id>`.
+fn processes_of_run(run_id: &str) -> Vec<u32> {
+    let needle = format!("TEST_RUN={run_id}");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        // Zombies have an empty environ and are no longer running anything.
+        if env
+            .split(|b| *b == 0)
+            .any(|kv| kv == needle.as_bytes())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn assert_no_process_left(run_id: &str) {
+    let left = processes_of_run(run_id);
+    assert!(left.is_empty(), "processes of run {run_id} left: {left:?}");
+}
+
+#[test]
+fn go_placebo_cases_give_the_right_outcome_and_exit_code() {
+    let home = Home::new();
+    home.import("placebo");
+
+    // ok, three instances: success, the scraped lines, no process left.
+    let out = home.tg(&[
+        "run", "single", "--plan", "placebo", "--testcase", "ok", "--builder", "exec:go",
+        "--runner", "local:exec", "--instances", "3", "--wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = queued_id(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("run finished with outcome = success (single:3/3)"), "{s}");
+    for i in 0..3 {
+        assert!(s.contains(&format!("OK << single[{i:03}] >>")), "{s}");
+    }
+    let finished = s
+        .lines()
+        .find(|l| l.contains("finished run with ID: "))
+        .expect("finished line");
+    assert_eq!(finished.split_whitespace().nth(8), Some(id.as_str()));
+    assert!(s.contains(&format!("result default[{id}]: success")), "{s}");
+    assert_no_process_left(&id);
+    for i in 0..3 {
+        let dir = home
+            .path()
+            .join(format!("data/outputs/local_exec/placebo/{id}/single/{i}"));
+        let run_out = std::fs::read_to_string(dir.join("run.out")).unwrap();
+        assert!(run_out.contains("success_event"), "{run_out}");
+        assert!(dir.join("run.err").exists());
+    }
+
+    // Failing cases: exit 1, outcome failure, nothing left running.
+    for (case, extra) in [
+        ("fail", vec![]),
+        ("panic", vec![]),
+        ("no-terminal", vec![]),
+        ("stall", vec!["--run-cfg", "run_timeout=3s"]),
+    ] {
+        let started = Instant::now();
+        let mut args = vec![
+            "run", "single", "--plan", "placebo", "--testcase", case, "--builder", "exec:go",
+            "--runner", "local:exec", "--instances", "2", "--wait",
+        ];
+        args.extend(extra);
+        let out = home.tg(&args);
+        assert_eq!(out.status.code(), Some(1), "{case}: {}", text(&out));
+        let id = queued_id(&out);
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            s.contains("run finished with outcome = failure (single:0/2)"),
+            "{case}: {s}"
+        );
+        assert!(s.contains(&format!("result default[{id}]: failure")), "{case}: {s}");
+        assert_no_process_left(&id);
+        if case == "stall" {
+            assert!(s.contains("run canceled after reaching the task timeout"), "{s}");
+            assert!(started.elapsed() < Duration::from_secs(120));
+        }
+    }
+
+    // Params: manifest defaults pass, a bad value fails, precedence of --tp over defaults.
+    let params = |tp: &[&str]| {
+        let mut args = vec![
+            "run", "single", "--plan", "placebo", "--testcase", "params", "--builder", "exec:go",
+            "--runner", "local:exec", "--instances", "1", "--wait",
+        ];
+        for p in tp {
+            args.push("--tp");
+            args.push(p);
+        }
+        home.tg(&args)
+    };
+    assert!(params(&[]).status.success());
+    assert_eq!(params(&["answer=41"]).status.code(), Some(1));
+    assert!(params(&["answer=41", "word=any"]).status.success());
+
+    // `status` and `tasks` know the runs.
+    let out = home.tg(&["status", "-t", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("Outcome:\tfailure"), "{s}");
+    let out = home.tg(&["tasks"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+}
+
+#[test]
+fn two_group_composition_gives_each_group_its_params_and_count() {
+    let home = Home::new();
+    home.import("example-python");
+    let comp = home.path().join("two-groups.toml");
+    std::fs::write(
+        &comp,
+        r#"
+[metadata]
+name = "two-groups"
+
+[global]
+plan = "example-python"
+case = "params"
+builder = "exec:generic"
+runner = "local:exec"
+total_instances = 3
+
+[[groups]]
+id = "left"
+instances = { count = 2 }
+  [groups.run]
+  test_params = { greeting = "from-left" }
+
+[[groups]]
+id = "right"
+instances = { count = 1 }
+  [groups.run]
+  test_params = { greeting = "from-right" }
+"#,
+    )
+    .unwrap();
+    let out = home.tg(&["run", "composition", "-f", comp.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = queued_id(&out);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("run finished with outcome = success (left:2/2, right:1/1)"),
+        "{s}"
+    );
+    let base = home
+        .path()
+        .join(format!("data/outputs/local_exec/example-python/{id}"));
+    for (group, n, greeting) in [("left", 2, "from-left"), ("right", 1, "from-right")] {
+        let dirs: Vec<_> = std::fs::read_dir(base.join(group)).unwrap().collect();
+        assert_eq!(dirs.len(), n, "{group}");
+        for i in 0..n {
+            let run_out =
+                std::fs::read_to_string(base.join(group).join(i.to_string()).join("run.out"))
+                    .unwrap();
+            assert!(run_out.contains(greeting), "{group}[{i}]: {run_out}");
+        }
+    }
+}
+
+#[test]
+fn collect_yields_the_archive_layout() {
+    let home = Home::new();
+    home.import("example-python");
+    let archive = home.path().join("out.tgz");
+    let out = home.tg(&[
+        "run", "single", "--plan", "example-python", "--testcase", "ok", "--builder",
+        "exec:generic", "--runner", "local:exec", "-i", "2", "--collect", "-o",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = queued_id(&out);
+    let entries = tgz_entries(&archive);
+    for i in 0..2 {
+        let want = format!("{id}/single/{i}/run.out");
+        assert!(entries.contains(&want), "{want} not in {entries:?}");
+    }
+
+    // `collect` of the same run gives the same layout; an unknown run is an error.
+    let again = home.path().join("again.tgz");
+    let out = home.tg(&["collect", &id, "--runner", "local:exec", "-o", again.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(tgz_entries(&again).contains(&format!("{id}/single/1/run.out")));
+    let out = home.tg(&["collect", "cv0000000000000000aa", "--runner", "local:exec"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+fn tgz_entries(path: &Path) -> Vec<String> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            e.path()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn rust_plan_builds_with_exec_rust_and_the_second_build_is_cached() {
+    let home = Home::new();
+    home.import("example-rust");
+    let run = || {
+        home.tg(&[
+            "run", "single", "--plan", "example-rust", "--testcase", "ok", "--builder",
+            "exec:rust", "--runner", "local:exec", "-i", "2", "--build-cfg", "profile=dev",
+            "--wait",
+        ])
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("\"cached\": false"));
+    let second = run();
+    assert!(second.status.success(), "{}", text(&second));
+    let s = String::from_utf8_lossy(&second.stdout);
+    assert!(s.contains("\"cached\": true"), "{s}");
+    assert!(s.contains("run finished with outcome = success (single:2/2)"), "{s}");
+}
+
+#[test]
+fn bad_run_requests_fail_with_one_clear_line() {
+    let home = Home::new();
+    home.import("example-python");
+    // Instance count outside the test case's range.
+    let out = home.tg(&[
+        "run", "single", "--plan", "example-python", "--testcase", "ok", "--builder",
+        "exec:generic", "--runner", "local:exec", "-i", "5000",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("outside of allowable range"), "{all}");
+    assert!(!all.contains("panicked"), "{all}");
+    // Unknown test case.
+    let out = home.tg(&[
+        "run", "single", "--plan", "example-python", "--testcase", "nope", "--builder",
+        "exec:generic", "--runner", "local:exec", "-i", "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("nope"), "{all}");
+    // A runner we do not have: a clear not-supported error.
+    let out = home.tg(&[
+        "run", "single", "--plan", "example-python", "--testcase", "ok", "--builder",
+        "exec:generic", "--runner", "local:docker", "-i", "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("local:docker"), "{all}");
+}
+
+// ---- daemon mode ------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    fn start(home: &Home, port: u16) -> Daemon {
+        let child = home
+            .cmd()
+            .arg("daemon")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "daemon did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Daemon { child }
+    }
+
+    /// SIGTERM, then wait: the daemon shuts down gracefully.
+    fn stop(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("daemon did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut s = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn daemon_keeps_tasks_across_a_restart_and_checks_tokens() {
+    let home = Home::new();
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\ntokens = [\"s3cret\"]\n\n[client]\nendpoint = \"http://127.0.0.1:{port}\"\ntoken = \"s3cret\"\n"
+        ),
+    )
+    .unwrap();
+    home.import("example-python");
+    let daemon = Daemon::start(&home, port);
+
+    // Two runs queued without waiting: the CLI returns once each is queued.
+    let mut ids = Vec::new();
+    for case in ["ok", "fail"] {
+        let out = home.tg(&[
+            "run", "single", "--plan", "example-python", "--testcase", case, "--builder",
+            "exec:generic", "--runner", "local:exec", "-i", "1",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        ids.push(queued_id(&out));
+    }
+    // Wait for both to finish through `status`.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in &ids {
+        loop {
+            let out = home.tg(&["status", "-t", id]);
+            let s = String::from_utf8_lossy(&out.stdout).to_string();
+            if s.contains("Status:\t\tcomplete") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id} did not finish: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // A wrong token is refused.
+    let out = home.tg(&["--endpoint", &format!("http://127.0.0.1:{port}"), "tasks"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let raw = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg(format!("http://127.0.0.1:{port}/tasks"))
+        .output();
+    if let Ok(raw) = raw {
+        assert_eq!(String::from_utf8_lossy(&raw.stdout), "403");
+    }
+    daemon.stop();
+
+    // After a restart both tasks are still listed with their final state and outcome.
+    let daemon = Daemon::start(&home, port);
+    let out = home.tg(&["tasks"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = String::from_utf8_lossy(&out.stdout);
+    for id in &ids {
+        let line = s.lines().find(|l| l.contains(id.as_str())).unwrap_or_else(|| panic!("{id} missing:\n{s}"));
+        assert!(line.contains("complete"), "{line}");
+    }
+    let out = home.tg(&["status", "-t", &ids[0]]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Outcome:\tsuccess"));
+    let out = home.tg(&["status", "-t", &ids[1]]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Outcome:\tfailure"));
+    // Logs survive too.
+    let out = home.tg(&["logs", "-t", &ids[0]]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run finished with outcome = success"));
+    daemon.stop();
+}
+
+#[test]
+fn terminate_kills_a_running_embedded_run() {
+    let home = Home::new();
+    home.import("example-python");
+    // A stalling instance: exec:generic with a sleeping command.
+    let plan = home.path().join("sleeper");
+    std::fs::create_dir_all(&plan).unwrap();
+    std::fs::write(
+        plan.join("manifest.toml"),
+        "name = \"sleeper\"\n[builders.\"exec:generic\"]\nexec = \"sleep 600\"\n[runners.\"local:exec\"]\n[[testcases]]\nname = \"sleep\"\ninstances = { min = 1, max = 10 }\n",
+    )
+    .unwrap();
+    let out = home.tg(&["plan", "import", "--from", plan.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let child = home
+        .cmd()
+        .args([
+            "run", "single", "--plan", "sleeper", "--testcase", "sleep", "--builder",
+            "exec:generic", "--runner", "local:exec", "-i", "3", "--wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until its three instances run.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run_id = loop {
+        let out = home.tg(&["tasks"]);
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        if let Some(line) = s.lines().find(|l| l.contains("processing")) {
+            let id = line.split_whitespace().next().unwrap().to_string();
+            if processes_of_run(&id).len() >= 3 {
+                break id;
+            }
+        }
+        assert!(Instant::now() < deadline, "run did not start: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = home.tg(&["terminate", "--runner", "local:exec"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_no_process_left(&run_id);
+    let out = home.tg(&["status", "-t", &run_id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Outcome:\tcanceled"), "{}", text(&out));
+}

@@ -1,0 +1,297 @@
+//! The daemon's HTTP API (documented in `crates/daemon/API.md`).
+//!
+//! POST endpoints answer `200 application/json` with newline-separated JSON chunks
+//! (`tg_api::rpc::Chunk`): progress, binary, then exactly one result or error. Bearer tokens
+//! are checked on every route when configured.
+
+use std::convert::Infallible;
+use std::future::Future;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use serde::Deserialize;
+use tg_api::rpc::{
+    Chunk, HealthcheckRequest, LogsRequest, OutputsRequest, StatusRequest, TaskRequest,
+    TasksFilters, TerminateRequest,
+};
+
+use crate::engine::{Engine, PlanSource};
+
+#[derive(Clone)]
+struct AppState {
+    engine: Engine,
+    tokens: std::sync::Arc<Vec<String>>,
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    tokens: Vec<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState {
+        engine,
+        tokens: std::sync::Arc::new(tokens),
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/build", post(submit))
+        .route("/run", post(submit))
+        .route("/logs", post(logs).get(logs_text))
+        .route("/status", post(status))
+        .route("/tasks", post(tasks))
+        .route("/outputs", post(outputs).get(outputs_get))
+        .route("/terminate", post(terminate))
+        .route("/healthcheck", post(healthcheck))
+        .route("/build/purge", post(purge))
+        // Plan archives can be large; the daemon is meant for trusted clients (tokens).
+        .layer(DefaultBodyLimit::max(1 << 30))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if !st.tokens.is_empty() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| st.tokens.iter().any(|t| t == g)) {
+            return (StatusCode::FORBIDDEN, "invalid or missing bearer token\n").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn chunks(stream: BoxStream<'static, Chunk>) -> Response {
+    let body = stream.map(|c| {
+        let mut v = serde_json::to_vec(&c).unwrap_or_default();
+        v.push(b'\n');
+        Ok::<_, Infallible>(Bytes::from(v))
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn one(c: Chunk) -> Response {
+    chunks(futures::stream::iter([c]).boxed())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(one(Chunk::error(format!("failed to consume request: {e}")))))
+}
+
+async fn submit(State(st): State<AppState>, body: Bytes) -> Response {
+    let mut req: TaskRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let source = match req.plan_archive.take() {
+        Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+            Ok(bytes) => Some(PlanSource::Archive(bytes)),
+            Err(e) => return one(Chunk::error(format!("bad request: plan archive: {e}"))),
+        },
+        None => None,
+    };
+    let engine = st.engine.clone();
+    // Unpacking a large archive is blocking work.
+    let r = tokio::task::spawn_blocking(move || engine.submit(req, source)).await;
+    match r {
+        Ok(Ok(id)) => one(Chunk::result(serde_json::Value::String(id))),
+        Ok(Err(e)) => one(Chunk::error(format!("engine error: {e}"))),
+        Err(e) => one(Chunk::error(format!("engine error: {e}"))),
+    }
+}
+
+/// Cancels the task when dropped before `finished` is set: a client that asked for
+/// `cancel_with_context` and went away (Ctrl-C) takes its task with it.
+struct CancelOnDrop {
+    engine: Engine,
+    id: String,
+    finished: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.engine.cancel(&self.id);
+        }
+    }
+}
+
+async fn logs(State(st): State<AppState>, body: Bytes) -> Response {
+    let req: LogsRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let stream = st.engine.logs(&req.task_id, req.follow);
+    if !(req.follow && req.cancel_with_context) {
+        return chunks(stream);
+    }
+    let guard = CancelOnDrop {
+        engine: st.engine.clone(),
+        id: req.task_id.clone(),
+        finished: false,
+    };
+    let stream = futures::stream::unfold((stream, guard), |(mut s, mut g)| async move {
+        let c = s.next().await?;
+        if c.t != tg_api::rpc::CHUNK_PROGRESS {
+            g.finished = true;
+        }
+        Some((c, (s, g)))
+    });
+    chunks(stream.boxed())
+}
+
+#[derive(Deserialize)]
+struct TaskIdQuery {
+    task_id: String,
+}
+
+async fn logs_text(State(st): State<AppState>, Query(q): Query<TaskIdQuery>) -> Response {
+    let mut s = st.engine.logs(&q.task_id, false);
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        match c.decode() {
+            Some(tg_api::rpc::ChunkKind::Progress(b)) => out.extend_from_slice(&b),
+            Some(tg_api::rpc::ChunkKind::Error(e)) => {
+                return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response();
+            }
+            _ => {}
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response()
+}
+
+async fn status(State(st): State<AppState>, body: Bytes) -> Response {
+    let req: StatusRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    match st.engine.status(&req.task_id) {
+        Ok(t) => one(Chunk::result(serde_json::to_value(t).unwrap_or_default())),
+        Err(e) => one(Chunk::error(e.to_string())),
+    }
+}
+
+async fn tasks(State(st): State<AppState>, body: Bytes) -> Response {
+    let f: TasksFilters = if body.is_empty() {
+        TasksFilters::default()
+    } else {
+        match parse(&body) {
+            Ok(r) => r,
+            Err(e) => return *e,
+        }
+    };
+    match st.engine.tasks(&f) {
+        Ok(t) => one(Chunk::result(serde_json::to_value(t).unwrap_or_default())),
+        Err(e) => one(Chunk::error(e.to_string())),
+    }
+}
+
+async fn outputs(State(st): State<AppState>, body: Bytes) -> Response {
+    let req: OutputsRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let engine = st.engine.clone();
+    let r = tokio::task::spawn_blocking(move || engine.collect(&req.run_id)).await;
+    match r {
+        Ok(Ok(Some(bytes))) => {
+            let mut out: Vec<Chunk> = bytes.chunks(256 * 1024).map(Chunk::binary).collect();
+            out.push(Chunk::result(serde_json::Value::Bool(true)));
+            chunks(futures::stream::iter(out).boxed())
+        }
+        Ok(Ok(None)) => one(Chunk::result(serde_json::Value::Bool(false))),
+        Ok(Err(e)) => one(Chunk::error(e.to_string())),
+        Err(e) => one(Chunk::error(e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct RunIdQuery {
+    run_id: String,
+}
+
+async fn outputs_get(State(st): State<AppState>, Query(q): Query<RunIdQuery>) -> Response {
+    let engine = st.engine.clone();
+    let id = q.run_id.clone();
+    match tokio::task::spawn_blocking(move || engine.collect(&id)).await {
+        Ok(Ok(Some(bytes))) => (
+            [
+                (header::CONTENT_TYPE, "application/tar+gzip".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{}.tgz\"", q.run_id),
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no such run\n").into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn terminate(State(st): State<AppState>, body: Bytes) -> Response {
+    let req: TerminateRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    match st.engine.terminate(&req) {
+        Ok(()) => one(Chunk::result(serde_json::Value::String("Done".into()))),
+        Err(e) => one(Chunk::error(e.to_string())),
+    }
+}
+
+async fn healthcheck(State(st): State<AppState>, body: Bytes) -> Response {
+    let req: HealthcheckRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    match st.engine.healthcheck(&req.runner, req.fix) {
+        Ok(r) => one(Chunk::result(serde_json::to_value(r).unwrap_or_default())),
+        Err(e) => one(Chunk::error(e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct PurgeRequest {
+    builder: String,
+    testplan: String,
+}
+
+async fn purge(State(st): State<AppState>, body: Bytes) -> Response {
+    let req: PurgeRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    match st.engine.purge(&req.builder, &req.testplan).await {
+        Ok(()) => one(Chunk::result(serde_json::Value::String(
+            "build purge succeeded".into(),
+        ))),
+        Err(e) => one(Chunk::error(e.to_string())),
+    }
+}

@@ -1,0 +1,125 @@
+//! The task store: one SQLite database under `$TESTGROUND_HOME/tasks.db`.
+//!
+//! Each task is kept whole as JSON (the shape `status --extended` prints) next to the columns
+//! used for filtering. The daemon and embedded CLIs may share the file, so it runs in WAL mode
+//! with a busy timeout.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tg_api::rpc::TasksFilters;
+use tg_api::task::Task;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("task store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("task store: corrupt task {id}: {source}")]
+    Corrupt {
+        id: String,
+        source: serde_json::Error,
+    },
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS tasks (
+                id TEXT PRIMARY KEY,
+                created TEXT NOT NULL,
+                state TEXT NOT NULL,
+                type TEXT NOT NULL,
+                plan TEXT NOT NULL,
+                testcase TEXT NOT NULL,
+                owner_pid INTEGER NOT NULL DEFAULT 0,
+                data TEXT NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);",
+        )?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent; keep serving.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Inserts or replaces a task. `owner_pid` is the process running it (0 when queued).
+    pub fn put(&self, task: &Task, owner_pid: u32) -> Result<(), StoreError> {
+        let data = serde_json::to_string(task).map_err(|source| StoreError::Corrupt {
+            id: task.id.clone(),
+            source,
+        })?;
+        let created = task.created().map(|c| c.to_rfc3339()).unwrap_or_default();
+        self.conn().execute(
+            "INSERT OR REPLACE INTO tasks (id, created, state, type, plan, testcase, owner_pid, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                task.id,
+                created,
+                task.state().as_str(),
+                task.task_type.to_string(),
+                task.plan,
+                task.case,
+                owner_pid,
+                data
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Task>, StoreError> {
+        let data: Option<String> = self
+            .conn()
+            .query_row("SELECT data FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        data.map(|d| decode(id, &d)).transpose()
+    }
+
+    /// The pid of the process that runs the task (0 if none recorded).
+    pub fn owner(&self, id: &str) -> Result<u32, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT owner_pid FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Tasks matching the filter, newest first.
+    pub fn list(&self, f: &TasksFilters) -> Result<Vec<Task>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, data FROM tasks ORDER BY created DESC, id DESC")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, data) = row?;
+            let t = decode(&id, &data)?;
+            if (f.types.is_empty() || f.types.contains(&t.task_type))
+                && (f.states.is_empty() || f.states.contains(&t.state()))
+                && (f.test_plan.is_empty() || f.test_plan == t.plan)
+                && (f.test_case.is_empty() || f.test_case == t.case)
+            {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode(id: &str, data: &str) -> Result<Task, StoreError> {
+    serde_json::from_str(data).map_err(|source| StoreError::Corrupt {
+        id: id.to_owned(),
+        source,
+    })
+}
