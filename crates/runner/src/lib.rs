@@ -1,11 +1,55 @@
-//! Runners start a run's instances, supervise them, decide the outcome and keep the outputs.
-//! (Being written: see the contract below.)
+//! Runners start a run's instances, supervise them, decide each instance's outcome and keep
+//! their outputs.
+//!
+//! This crate owns the `local:exec` runner: host processes, one process group per instance, the
+//! `TEST_*` environment contract, stdout/stderr capture into typed events and into `run.out` /
+//! `run.err`, the run timeout and cancellation, outcome reconciliation, and the outputs archive
+//! (`collect`). It never prints: everything a user should see leaves through [`RunnerEvent`]s.
+//! It does not build artifacts (`tg-builder`), own tasks or the sync service (`tg-daemon`,
+//! `tg-sync`), or shape networks (`local:netns`, later).
+//!
+//! Modules:
+//! - `local_exec`: the run loop: spawning, timeout, cancellation, the result.
+//! - `instance`: one task per instance: pipes, capture files, exit, killing its process group.
+//! - `supervisor`: the single actor owning every instance's state and deciding outcomes
+//!   ([`InstanceReport`] is its input).
+//! - `env`: the instance environment (`TEST_*`, `SYNC_SERVICE_*`, `HOSTNAME`).
+//! - `line`: [`InstanceLine`], the original pretty printer's line.
+//! - `outputs`: the outputs layout and the `.tgz` collect archive.
+//! - `error`: [`RunError`].
+
+mod env;
+mod error;
+mod instance;
+mod line;
+mod local_exec;
+mod outputs;
+mod supervisor;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tg_api::events::Event;
 use tg_api::task::RunResult;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use error::RunError;
+pub use line::{InstanceLine, LineKind};
+pub use outputs::{collect_outputs, outputs_dir};
+pub use supervisor::{Exit, InstanceReport, StopReason, Termination};
+
+/// Runner ids this crate implements.
+pub const RUNNERS: &[&str] = &["local:exec"];
+
+/// Builders whose artifacts a runner can execute, or `None` for an unknown runner.
+pub fn compatible_builders(runner: &str) -> Option<&'static [&'static str]> {
+    match runner {
+        "local:exec" => Some(&["exec:rust", "exec:go", "exec:generic"]),
+        _ => None,
+    }
+}
 
 /// Everything a runner needs to execute one run.
 #[derive(Debug, Clone)]
@@ -51,4 +95,49 @@ pub struct RunGroup {
 pub struct RunOutput {
     pub result: RunResult,
     pub outputs_dir: PathBuf,
+}
+
+/// What a run reports while it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunnerEvent {
+    /// A free-form progress line for the task log.
+    Log(String),
+    /// Progress while starting instances (about every 5 % and once at the end).
+    Started { started: u32, total: u32 },
+    /// One line of an instance (an event, a stdout or stderr line, or its end).
+    Instance(InstanceLine),
+}
+
+/// Runs `input` to completion.
+///
+/// Returns `Ok` whatever the instances did (their fate is in [`RunOutput::result`]; a fired
+/// `cancel` gives outcome `canceled`); `Err` only when the run could not be carried out (unknown
+/// runner, bad configuration, an artifact that cannot be started, outputs that cannot be
+/// created). No process of the run survives the returned future, nor its drop.
+pub async fn run(
+    input: RunInput,
+    events: mpsc::UnboundedSender<RunnerEvent>,
+    cancel: CancellationToken,
+) -> Result<RunOutput, RunError> {
+    let (_no_sync, sync_events) = mpsc::unbounded_channel();
+    run_with_sync_events(input, events, cancel, sync_events).await
+}
+
+/// [`run`], also counting the events instances publish on the run's `run_events` sync topic.
+///
+/// Those events name a group but not an instance, so they only ever credit successes that an
+/// instance's stdout did not show (a plan that publishes without printing); stdout and the exit
+/// status stay authoritative for every instance that printed its outcome.
+pub async fn run_with_sync_events(
+    input: RunInput,
+    events: mpsc::UnboundedSender<RunnerEvent>,
+    cancel: CancellationToken,
+    sync_events: mpsc::UnboundedReceiver<Event>,
+) -> Result<RunOutput, RunError> {
+    match input.runner.as_str() {
+        "local:exec" => local_exec::run(input, events, cancel, sync_events).await,
+        other => Err(RunError::UnsupportedRunner {
+            runner: other.to_string(),
+        }),
+    }
 }

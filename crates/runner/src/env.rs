@@ -1,0 +1,109 @@
+//! The environment of a `local:exec` instance (reference §4.1). The 18 `TEST_*` variables are
+//! always present, empty when unset, because SDKs parse them unconditionally.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::{RunGroup, RunInput};
+
+/// `local:exec` instances share the host network; the subnet is nominal.
+pub(crate) const SUBNET: &str = "127.1.0.0/16";
+
+/// Variables shared by every instance of a group.
+pub(crate) struct GroupEnv {
+    vars: Vec<(&'static str, OsString)>,
+    group: String,
+    short_run: String,
+}
+
+impl GroupEnv {
+    pub(crate) fn new(
+        input: &RunInput,
+        group: &RunGroup,
+        total_instances: u32,
+        start_time: &str,
+    ) -> Self {
+        let mut vars: Vec<(&'static str, OsString)> = Vec::with_capacity(32);
+        // The only variables inherited from the host: PATH as in the original, HOME because
+        // toolchains (cargo, go) need it.
+        for name in ["PATH", "HOME"] {
+            if let Some(v) = std::env::var_os(name) {
+                vars.push((name, v));
+            }
+        }
+        let mut put = |k: &'static str, v: String| vars.push((k, v.into()));
+        put("TEST_PLAN", input.plan.clone());
+        put("TEST_CASE", input.case.clone());
+        put("TEST_RUN", input.run_id.clone());
+        put("TEST_INSTANCE_COUNT", total_instances.to_string());
+        put("TEST_GROUP_ID", group.id.clone());
+        put("TEST_GROUP_INSTANCE_COUNT", group.instances.to_string());
+        put("TEST_INSTANCE_PARAMS", pipe_joined(&group.params));
+        put("TEST_INSTANCE_ROLE", String::new());
+        put("TEST_SIDECAR", "false".into());
+        put("TEST_SUBNET", SUBNET.into());
+        put("TEST_START_TIME", start_time.to_string());
+        put("TEST_CAPTURE_PROFILES", pipe_joined(&group.profiles));
+        put("TEST_DISABLE_METRICS", input.disable_metrics.to_string());
+        put("TEST_REPO", String::new());
+        put("TEST_BRANCH", String::new());
+        put("TEST_TAG", String::new());
+        put("SYNC_SERVICE_HOST", input.sync_host.clone());
+        put("SYNC_SERVICE_PORT", input.sync_port.to_string());
+        put("REDIS_HOST", "localhost".into());
+        put("INFLUXDB_URL", "http://localhost:8086".into());
+        GroupEnv {
+            vars,
+            group: group.id.clone(),
+            short_run: input.run_id.chars().take(8).collect(),
+        }
+    }
+
+    /// The full environment of instance `index`.
+    pub(crate) fn instance(
+        &self,
+        index: u32,
+        outputs: &Path,
+        temp: &Path,
+    ) -> impl Iterator<Item = (&'static str, OsString)> + '_ {
+        let own = [
+            ("TEST_OUTPUTS_PATH", outputs.as_os_str().to_owned()),
+            ("TEST_TEMP_PATH", temp.as_os_str().to_owned()),
+            (
+                "HOSTNAME",
+                format!("{}-{}-{}", self.group, index, self.short_run).into(),
+            ),
+        ];
+        self.vars.iter().cloned().chain(own)
+    }
+}
+
+/// `k1=v1|k2=v2`, sorted by key so that runs are reproducible.
+fn pipe_joined(map: &BTreeMap<String, String>) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in map.iter().enumerate() {
+        if i > 0 {
+            s.push('|');
+        }
+        s.push_str(k);
+        s.push('=');
+        s.push_str(v);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_pipe_joined_in_key_order() {
+        let m: BTreeMap<String, String> = [("b", "2"), ("a", "1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(pipe_joined(&m), "a=1|b=2");
+        assert_eq!(pipe_joined(&BTreeMap::new()), "");
+    }
+}

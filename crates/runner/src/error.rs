@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+
+/// Why a run (or a collect) could not be carried out. Instance failures are not errors: they
+/// are outcomes in the run result.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("unsupported runner {runner:?} (this build supports local:exec)")]
+    UnsupportedRunner { runner: String },
+
+    #[error("invalid run configuration {key} = {value}: {reason}")]
+    InvalidConfig {
+        key: String,
+        value: String,
+        reason: String,
+    },
+
+    #[error("cannot start instance {group}[{index}] from {}", path.display())]
+    Spawn {
+        group: String,
+        index: u32,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("run id {run_id} matches {} runs under runner {runner}", matches.len())]
+    AmbiguousRun {
+        run_id: String,
+        runner: String,
+        matches: Vec<PathBuf>,
+    },
+}
+
+impl RunError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| RunError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
