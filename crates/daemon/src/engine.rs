@@ -128,8 +128,10 @@ struct Inner {
     sync: SyncEndpoint,
 }
 
+/// The sync service every run of this engine uses, and where instances reach it.
 #[derive(Debug, Clone)]
 struct SyncEndpoint {
+    service: tg_sync::SyncService,
     host: String,
     port: u16,
 }
@@ -160,10 +162,8 @@ impl Engine {
             home.root().display()
         )))?;
         let store = Store::open(&home.tasks_db())?;
-        let sync = SyncEndpoint {
-            host: "127.0.0.1".into(),
-            port: cfg.sync.port,
-        };
+        let shutdown = CancellationToken::new();
+        let sync = start_sync(&cfg, &shutdown).await?;
         let workers = cfg.daemon.scheduler.workers.max(1);
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -173,7 +173,7 @@ impl Engine {
                 queue: Mutex::new((BinaryHeap::new(), 0)),
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 workers: Mutex::new(Vec::new()),
                 sync,
             }),
@@ -651,8 +651,28 @@ impl Engine {
                 task.id, resolved.plan, resolved.case, resolved.runner, resolved.total_instances
             ),
         ));
+        // Lifecycle events instances publish to the run's `run_events` topic count towards the
+        // outcome together with what they print.
+        let prefix = format!(
+            "run:{}:plan:{}:case:{}",
+            task.id, resolved.plan, resolved.case
+        );
+        let mut sub = self.inner.sync.service.subscribe_events(&prefix);
+        let (sync_tx, sync_rx) = mpsc::unbounded_channel();
+        let forward = tokio::spawn(async move {
+            while let Some(item) = sub.next_item().await {
+                match serde_json::from_str::<tg_api::events::Event>(item.raw().get()) {
+                    Ok(ev) => {
+                        if sync_tx.send(ev).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::debug!("ignoring undecodable run event: {e}"),
+                }
+            }
+        });
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let run = tg_runner::run(run_input, tx, cancel.clone());
+        let run = tg_runner::run_with_sync_events(run_input, tx, cancel.clone(), sync_rx);
         tokio::pin!(run);
         let result = loop {
             tokio::select! {
@@ -662,6 +682,11 @@ impl Engine {
         };
         while let Ok(ev) = rx.try_recv() {
             render_event(log, ev);
+        }
+        forward.abort();
+        // The run is over: its states and topics are no longer needed.
+        if let Err(e) = self.inner.sync.service.drop_run(&task.id).await {
+            tracing::warn!("cannot drop sync state of run {}: {e}", task.id);
         }
         match result {
             Ok(out) => {
@@ -929,6 +954,48 @@ impl Engine {
             let _ = h.await;
         }
     }
+}
+
+/// Starts the sync service and its websocket listener on loopback. When the configured port
+/// is taken (a daemon or another embedded run is using it), it falls back to a free port:
+/// `local:exec` instances learn it from `SYNC_SERVICE_PORT`.
+async fn start_sync(
+    cfg: &EnvConfig,
+    shutdown: &CancellationToken,
+) -> Result<SyncEndpoint, EngineError> {
+    let host = "127.0.0.1";
+    let listener = match tokio::net::TcpListener::bind((host, cfg.sync.port)).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::info!(
+                "sync port {} is in use; the sync service uses a free port",
+                cfg.sync.port
+            );
+            tokio::net::TcpListener::bind((host, 0))
+                .await
+                .map_err(io_err("cannot start the sync service"))?
+        }
+        Err(e) => {
+            return Err(EngineError::Io {
+                context: format!("cannot start the sync service on {host}:{}", cfg.sync.port),
+                source: e,
+            });
+        }
+    };
+    let port = listener
+        .local_addr()
+        .map_err(io_err("cannot start the sync service"))?
+        .port();
+    let service = tg_sync::SyncService::spawn();
+    let stop = shutdown.clone();
+    tokio::spawn(tg_sync::serve(listener, service.clone(), async move {
+        stop.cancelled().await
+    }));
+    Ok(SyncEndpoint {
+        service,
+        host: host.to_owned(),
+        port,
+    })
 }
 
 struct TaskDone {

@@ -24,5 +24,5 @@ mod store;
 mod tasklog;
 
 pub use config::EnvConfig;
-pub use engine::{Engine, EngineError, PlanSource};
+pub use engine::{Engine, EngineError, Mode, PlanSource};
 pub use home::Home;
