@@ -1,8 +1,38 @@
-//! Builders turn a test plan's sources into an artifact the runners can start.
-//! (Being written: see the contract below.)
+//! Builders turn a test plan's sources into an artifact the runners can start: always the path
+//! of an executable file under the work directory, started with no arguments.
+//!
+//! This crate owns the `exec:*` builders (`exec:rust`, `exec:go`, `exec:generic`), their content
+//! addressed artifact cache, and the supervision of toolchain processes (progress streaming,
+//! cancellation by process group, failure tails). It does not resolve manifests or compositions
+//! (that is `tg-plan`), pick builders per group or de-duplicate builds (the daemon's engine), nor
+//! run artifacts (`tg-runner`). `docker:*` builders are not implemented.
+//!
+//! Modules:
+//! - `cache`: the cache key (sha256 over sources, builder, config, selectors, dependencies),
+//!   artifact naming, atomic installation and purging.
+//! - `sources`: walking, hashing and copying plan sources (skipping `target/`, `.git/`,
+//!   `node_modules/`).
+//! - `process`: running a toolchain command with streamed output, a tail for errors, and a
+//!   process-group kill on cancellation.
+//! - `config`: typed access to the coalesced build configuration map.
+//! - `rust`, `go`, `generic`: the three builders.
+
+mod cache;
+mod config;
+mod generic;
+mod go;
+mod process;
+mod rust;
+mod sources;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
+
+/// Builder ids this crate implements.
+pub const BUILDERS: &[&str] = &["exec:rust", "exec:go", "exec:generic"];
 
 /// What to build. The engine fills it from the resolved composition.
 #[derive(Debug, Clone)]
@@ -44,3 +74,103 @@ pub struct BuildOutput {
 
 /// Progress lines of a build (compiler output etc.), for the task log.
 pub type Progress = tokio::sync::mpsc::UnboundedSender<String>;
+
+/// Why a build did not produce an artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("builder {builder:?} is not supported (supported: {})", BUILDERS.join(", "))]
+    Unsupported { builder: String },
+    #[error("builder {builder}: bad config key {key:?}: expected {expected}")]
+    BadConfig {
+        builder: String,
+        key: String,
+        expected: String,
+    },
+    #[error(
+        "builder {builder} needs {program:?}, which could not be started (is it installed and on PATH?): {source}"
+    )]
+    Toolchain {
+        builder: String,
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("builder {builder}: build failed ({status}); last output lines:\n{tail}")]
+    Failed {
+        builder: String,
+        /// The toolchain's exit status, e.g. `exit status: 101`.
+        status: String,
+        /// The last lines (at most 20) the failing command printed.
+        tail: String,
+    },
+    #[error("build canceled")]
+    Canceled,
+    #[error("builder {builder}: the build succeeded but did not produce the executable {path}")]
+    MissingArtifact { builder: String, path: PathBuf },
+    #[error("could not {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BuildError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        BuildError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Runs blocking file-system work (hashing, copying) off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    path: &Path,
+    f: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BuildError::io(op, path, io::Error::other(e)))?
+}
+
+/// Builds `input` with the builder it names, or returns the cached artifact of an identical
+/// earlier build.
+pub async fn build(
+    input: &BuildInput,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<BuildOutput, BuildError> {
+    let kind = cache::Kind::from_id(&input.builder)?;
+    if cancel.is_cancelled() {
+        return Err(BuildError::Canceled);
+    }
+    tokio::fs::create_dir_all(&input.work_dir)
+        .await
+        .map_err(|e| BuildError::io("create work directory", &input.work_dir, e))?;
+    let tools = process::Tools {
+        builder: &input.builder,
+        progress,
+        cancel,
+    };
+    let out = match kind {
+        cache::Kind::Rust => rust::build(input, &tools).await?,
+        cache::Kind::Go => go::build(input, &tools).await?,
+        cache::Kind::Generic => generic::build(input, &tools).await?,
+    };
+    tracing::debug!(builder = %input.builder, plan = %input.plan, artifact = %out.artifact,
+        cached = out.cached, "build finished");
+    Ok(out)
+}
+
+/// Removes every cached artifact, build directory and incremental cache of `plan` that
+/// `builder` left in `work_dir`. Other plans and builders are untouched.
+pub async fn purge(builder: &str, plan: &str, work_dir: &Path) -> Result<(), BuildError> {
+    let kind = cache::Kind::from_id(builder)?;
+    let plan = plan.to_owned();
+    let dir = work_dir.to_owned();
+    blocking("purge", work_dir, move || cache::purge(kind, &plan, &dir)).await
+}
