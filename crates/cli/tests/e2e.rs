@@ -82,10 +82,7 @@ fn processes_of_run(run_id: &str) -> Vec<u32> {
             continue;
         };
         // Zombies have an empty environ and are no longer running anything.
-        if env
-            .split(|b| *b == 0)
-            .any(|kv| kv == needle.as_bytes())
-        {
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
             pids.push(pid);
         }
     }
@@ -104,13 +101,27 @@ fn go_placebo_cases_give_the_right_outcome_and_exit_code() {
 
     // ok, three instances: success, the scraped lines, no process left.
     let out = home.tg(&[
-        "run", "single", "--plan", "placebo", "--testcase", "ok", "--builder", "exec:go",
-        "--runner", "local:exec", "--instances", "3", "--wait",
+        "run",
+        "single",
+        "--plan",
+        "placebo",
+        "--testcase",
+        "ok",
+        "--builder",
+        "exec:go",
+        "--runner",
+        "local:exec",
+        "--instances",
+        "3",
+        "--wait",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let id = queued_id(&out);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("run finished with outcome = success (single:3/3)"), "{s}");
+    assert!(
+        s.contains("run finished with outcome = success (single:3/3)"),
+        "{s}"
+    );
     for i in 0..3 {
         assert!(s.contains(&format!("OK << single[{i:03}] >>")), "{s}");
     }
@@ -139,8 +150,19 @@ fn go_placebo_cases_give_the_right_outcome_and_exit_code() {
     ] {
         let started = Instant::now();
         let mut args = vec![
-            "run", "single", "--plan", "placebo", "--testcase", case, "--builder", "exec:go",
-            "--runner", "local:exec", "--instances", "2", "--wait",
+            "run",
+            "single",
+            "--plan",
+            "placebo",
+            "--testcase",
+            case,
+            "--builder",
+            "exec:go",
+            "--runner",
+            "local:exec",
+            "--instances",
+            "2",
+            "--wait",
         ];
         args.extend(extra);
         let out = home.tg(&args);
@@ -151,10 +173,16 @@ fn go_placebo_cases_give_the_right_outcome_and_exit_code() {
             s.contains("run finished with outcome = failure (single:0/2)"),
             "{case}: {s}"
         );
-        assert!(s.contains(&format!("result default[{id}]: failure")), "{case}: {s}");
+        assert!(
+            s.contains(&format!("result default[{id}]: failure")),
+            "{case}: {s}"
+        );
         assert_no_process_left(&id);
         if case == "stall" {
-            assert!(s.contains("run canceled after reaching the task timeout"), "{s}");
+            assert!(
+                s.contains("run canceled after reaching the task timeout"),
+                "{s}"
+            );
             assert!(started.elapsed() < Duration::from_secs(120));
         }
     }
@@ -162,8 +190,19 @@ fn go_placebo_cases_give_the_right_outcome_and_exit_code() {
     // Params: manifest defaults pass, a bad value fails, precedence of --tp over defaults.
     let params = |tp: &[&str]| {
         let mut args = vec![
-            "run", "single", "--plan", "placebo", "--testcase", "params", "--builder", "exec:go",
-            "--runner", "local:exec", "--instances", "1", "--wait",
+            "run",
+            "single",
+            "--plan",
+            "placebo",
+            "--testcase",
+            "params",
+            "--builder",
+            "exec:go",
+            "--runner",
+            "local:exec",
+            "--instances",
+            "1",
+            "--wait",
         ];
         for p in tp {
             args.push("--tp");
@@ -175,11 +214,12 @@ fn go_placebo_cases_give_the_right_outcome_and_exit_code() {
     assert_eq!(params(&["answer=41"]).status.code(), Some(1));
     assert!(params(&["answer=41", "word=any"]).status.success());
 
-    // `status` and `tasks` know the runs.
+    // `status` and `tasks` know the runs (`id` is the first, successful run).
     let out = home.tg(&["status", "-t", &id]);
     assert!(out.status.success(), "{}", text(&out));
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("Outcome:\tfailure"), "{s}");
+    assert!(s.contains("Status:\t\tcomplete"), "{s}");
+    assert!(s.contains("Outcome:\tsuccess"), "{s}");
     let out = home.tg(&["tasks"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
 }
@@ -245,8 +285,20 @@ fn collect_yields_the_archive_layout() {
     home.import("example-python");
     let archive = home.path().join("out.tgz");
     let out = home.tg(&[
-        "run", "single", "--plan", "example-python", "--testcase", "ok", "--builder",
-        "exec:generic", "--runner", "local:exec", "-i", "2", "--collect", "-o",
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "ok",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:exec",
+        "-i",
+        "2",
+        "--collect",
+        "-o",
         archive.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
@@ -259,7 +311,14 @@ fn collect_yields_the_archive_layout() {
 
     // `collect` of the same run gives the same layout; an unknown run is an error.
     let again = home.path().join("again.tgz");
-    let out = home.tg(&["collect", &id, "--runner", "local:exec", "-o", again.to_str().unwrap()]);
+    let out = home.tg(&[
+        "collect",
+        &id,
+        "--runner",
+        "local:exec",
+        "-o",
+        again.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(tgz_entries(&again).contains(&format!("{id}/single/1/run.out")));
     let out = home.tg(&["collect", "cv0000000000000000aa", "--runner", "local:exec"]);
@@ -288,8 +347,20 @@ fn rust_plan_builds_with_exec_rust_and_the_second_build_is_cached() {
     home.import("example-rust");
     let run = || {
         home.tg(&[
-            "run", "single", "--plan", "example-rust", "--testcase", "ok", "--builder",
-            "exec:rust", "--runner", "local:exec", "-i", "2", "--build-cfg", "profile=dev",
+            "run",
+            "single",
+            "--plan",
+            "example-rust",
+            "--testcase",
+            "ok",
+            "--builder",
+            "exec:rust",
+            "--runner",
+            "local:exec",
+            "-i",
+            "2",
+            "--build-cfg",
+            "profile=dev",
             "--wait",
         ])
     };
@@ -300,7 +371,10 @@ fn rust_plan_builds_with_exec_rust_and_the_second_build_is_cached() {
     assert!(second.status.success(), "{}", text(&second));
     let s = String::from_utf8_lossy(&second.stdout);
     assert!(s.contains("\"cached\": true"), "{s}");
-    assert!(s.contains("run finished with outcome = success (single:2/2)"), "{s}");
+    assert!(
+        s.contains("run finished with outcome = success (single:2/2)"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -309,28 +383,70 @@ fn bad_run_requests_fail_with_one_clear_line() {
     home.import("example-python");
     // Instance count outside the test case's range.
     let out = home.tg(&[
-        "run", "single", "--plan", "example-python", "--testcase", "ok", "--builder",
-        "exec:generic", "--runner", "local:exec", "-i", "5000",
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "ok",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:exec",
+        "-i",
+        "5000",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("outside of allowable range"), "{all}");
     assert!(!all.contains("panicked"), "{all}");
     // Unknown test case.
     let out = home.tg(&[
-        "run", "single", "--plan", "example-python", "--testcase", "nope", "--builder",
-        "exec:generic", "--runner", "local:exec", "-i", "1",
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "nope",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:exec",
+        "-i",
+        "1",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("nope"), "{all}");
     // A runner we do not have: a clear not-supported error.
     let out = home.tg(&[
-        "run", "single", "--plan", "example-python", "--testcase", "ok", "--builder",
-        "exec:generic", "--runner", "local:docker", "-i", "1",
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "ok",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:docker",
+        "-i",
+        "1",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("local:docker"), "{all}");
 }
 
@@ -414,8 +530,18 @@ fn daemon_keeps_tasks_across_a_restart_and_checks_tokens() {
     let mut ids = Vec::new();
     for case in ["ok", "fail"] {
         let out = home.tg(&[
-            "run", "single", "--plan", "example-python", "--testcase", case, "--builder",
-            "exec:generic", "--runner", "local:exec", "-i", "1",
+            "run",
+            "single",
+            "--plan",
+            "example-python",
+            "--testcase",
+            case,
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "-i",
+            "1",
         ]);
         assert!(out.status.success(), "{}", text(&out));
         ids.push(queued_id(&out));
@@ -451,7 +577,10 @@ fn daemon_keeps_tasks_across_a_restart_and_checks_tokens() {
     assert!(out.status.success(), "{}", text(&out));
     let s = String::from_utf8_lossy(&out.stdout);
     for id in &ids {
-        let line = s.lines().find(|l| l.contains(id.as_str())).unwrap_or_else(|| panic!("{id} missing:\n{s}"));
+        let line = s
+            .lines()
+            .find(|l| l.contains(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} missing:\n{s}"));
         assert!(line.contains("complete"), "{line}");
     }
     let out = home.tg(&["status", "-t", &ids[0]]);
@@ -481,8 +610,19 @@ fn terminate_kills_a_running_embedded_run() {
     let child = home
         .cmd()
         .args([
-            "run", "single", "--plan", "sleeper", "--testcase", "sleep", "--builder",
-            "exec:generic", "--runner", "local:exec", "-i", "3", "--wait",
+            "run",
+            "single",
+            "--plan",
+            "sleeper",
+            "--testcase",
+            "sleep",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "-i",
+            "3",
+            "--wait",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -508,5 +648,9 @@ fn terminate_kills_a_running_embedded_run() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert_no_process_left(&run_id);
     let out = home.tg(&["status", "-t", &run_id]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Outcome:\tcanceled"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Outcome:\tcanceled"),
+        "{}",
+        text(&out)
+    );
 }

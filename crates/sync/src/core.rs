@@ -1,0 +1,1112 @@
+//! The sync semantics as a pure, synchronous state machine: no tokio, no I/O, no clock.
+//!
+//! Inputs are requests tagged with the connection they came from; outputs are [`Outgoing`]
+//! replies addressed to connections. Counters ("states") and topics are global and outlive the
+//! connections that touched them; barrier waiters and subscriptions belong to a connection and
+//! end with it (or with an `is_cancel` for their id).
+//!
+//! Costs: a signal releases its waiters in O(released · log waiters) because waiters are kept
+//! ordered by target; a publish costs O(subscribers) Arc clones; a subscribe replays the history
+//! as O(history) Arc clones, never copying the payload text.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+
+use serde_json::value::RawValue;
+use tg_api::sync::{Op, Request, Response};
+
+/// Identifies a connection (or an in-process client) to the core.
+pub type ConnId = u64;
+
+/// One published item, shared by the topic history and every delivery of it.
+#[derive(Debug)]
+pub struct Item {
+    raw: Box<RawValue>,
+    /// The item as a JSON string literal (the `subscribe` field is double-encoded), computed at
+    /// most once however many subscribers receive it.
+    encoded: OnceLock<Box<str>>,
+}
+
+impl Item {
+    pub fn new(raw: Box<RawValue>) -> Self {
+        Item {
+            raw,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The item's JSON text, exactly as published.
+    pub fn raw(&self) -> &RawValue {
+        &self.raw
+    }
+
+    /// The item's JSON text encoded as a JSON string, as it appears in a `subscribe` field.
+    pub fn encoded(&self) -> &str {
+        self.encoded
+            .get_or_init(|| json_string(self.raw.get()).into_boxed_str())
+    }
+}
+
+/// What the service answers to one request (or one subscription item).
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Published(u64),
+    Signalled(u64),
+    BarrierReached,
+    Item(Arc<Item>),
+    /// A plain-text message; it is JSON-encoded on the wire.
+    Error(String),
+}
+
+/// A reply addressed to a connection.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub conn: ConnId,
+    pub id: Arc<str>,
+    pub reply: Reply,
+}
+
+impl Outgoing {
+    pub fn to_response(&self) -> Response {
+        let id = self.id.to_string();
+        match &self.reply {
+            Reply::Published(seq) => Response::published(id, *seq),
+            Reply::Signalled(seq) => Response::signalled(id, *seq),
+            Reply::BarrierReached => Response::barrier_reached(id),
+            Reply::Item(item) => Response::item(id, item.raw()),
+            Reply::Error(msg) => Response::error(id, msg),
+        }
+    }
+
+    /// The wire text of this reply; identical to serialising [`Outgoing::to_response`], but
+    /// without building an intermediate `Response` (subscription items are hot).
+    pub fn encode(&self) -> String {
+        let tail_len = match &self.reply {
+            Reply::Item(item) => item.encoded().len(),
+            _ => 24,
+        };
+        let mut s = String::with_capacity(80 + self.id.len() + tail_len);
+        s.push_str("{\"id\":");
+        s.push_str(&json_string(&self.id));
+        match &self.reply {
+            Reply::Published(seq) => {
+                s.push_str(",\"error\":\"\",\"publish\":{\"seq\":");
+                s.push_str(&seq.to_string());
+                s.push_str("},\"subscribe\":\"\",\"signal_entry\":null}");
+            }
+            Reply::Signalled(seq) => {
+                s.push_str(",\"error\":\"\",\"publish\":null,\"subscribe\":\"\",\"signal_entry\":{\"seq\":");
+                s.push_str(&seq.to_string());
+                s.push_str("}}");
+            }
+            Reply::BarrierReached => {
+                s.push_str(
+                    ",\"error\":\"\",\"publish\":null,\"subscribe\":\"\",\"signal_entry\":null}",
+                );
+            }
+            Reply::Item(item) => {
+                s.push_str(",\"error\":\"\",\"publish\":null,\"subscribe\":");
+                s.push_str(item.encoded());
+                s.push_str(",\"signal_entry\":null}");
+            }
+            Reply::Error(_) => {
+                // Rare; go through serde so the double encoding stays in one place.
+                return serde_json::to_string(&self.to_response()).unwrap_or_default();
+            }
+        }
+        s
+    }
+}
+
+fn json_string(text: &str) -> String {
+    // Serialising a str cannot fail; the fallback only keeps this path free of panics.
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// What [`Core::handle`] did with a request, for the driver's logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Applied,
+    Cancelled,
+    /// The request named no operation; nothing was done and nothing is sent.
+    NoOp,
+}
+
+/// Counts of what the core holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub states: usize,
+    pub topics: usize,
+    pub waiters: usize,
+    pub subscriptions: usize,
+    /// Connections that currently hold a waiter or a subscription.
+    pub active_connections: usize,
+}
+
+/// What [`Core::drop_prefix`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub states: usize,
+    pub topics: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    conn: ConnId,
+    id: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    count: u64,
+    /// Keyed by (target, token): the smallest target is always first, and the token keeps
+    /// equal targets apart and lets a cancel find its waiter in O(log n).
+    waiters: BTreeMap<(i64, u64), Waiter>,
+}
+
+#[derive(Debug, Default)]
+struct Topic {
+    items: Vec<Arc<Item>>,
+    subs: BTreeMap<u64, Waiter>,
+}
+
+#[derive(Debug, Clone)]
+enum Handle {
+    Barrier {
+        state: Arc<str>,
+        target: i64,
+        token: u64,
+    },
+    Subscription {
+        topic: Arc<str>,
+        token: u64,
+    },
+}
+
+impl Handle {
+    fn token(&self) -> u64 {
+        match self {
+            Handle::Barrier { token, .. } | Handle::Subscription { token, .. } => *token,
+        }
+    }
+}
+
+/// The sync service state: counters with barrier waiters, topics with history and subscribers.
+#[derive(Debug, Default)]
+pub struct Core {
+    states: HashMap<Arc<str>, State>,
+    topics: HashMap<Arc<str>, Topic>,
+    /// Per connection, its live waiters and subscriptions by request id (ids may repeat).
+    conns: HashMap<ConnId, HashMap<Arc<str>, Vec<Handle>>>,
+    next_token: u64,
+    waiters: usize,
+    subscriptions: usize,
+}
+
+impl Core {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one request from `conn`, appending the replies to send to `out`.
+    pub fn handle(&mut self, conn: ConnId, req: Request, out: &mut Vec<Outgoing>) -> Handled {
+        if req.is_cancel {
+            self.cancel(conn, &req.id);
+            return Handled::Cancelled;
+        }
+        let id: Arc<str> = Arc::from(req.id.as_str());
+        match req.into_op() {
+            Some(op) => {
+                self.apply(conn, id, op, out);
+                Handled::Applied
+            }
+            None => Handled::NoOp,
+        }
+    }
+
+    /// Applies one operation from `conn` with request id `id`.
+    pub fn apply(&mut self, conn: ConnId, id: Arc<str>, op: Op, out: &mut Vec<Outgoing>) {
+        match op {
+            Op::Publish(p) => self.publish(conn, id, &p.topic, p.payload, out),
+            Op::Subscribe(s) => self.subscribe(conn, id, &s.topic, out),
+            Op::Barrier(b) => self.barrier(conn, id, &b.state, b.target, out),
+            Op::SignalEntry(s) => self.signal_entry(conn, id, &s.state, out),
+        }
+    }
+
+    pub fn publish(
+        &mut self,
+        conn: ConnId,
+        id: Arc<str>,
+        topic: &str,
+        payload: Box<RawValue>,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let item = Arc::new(Item::new(payload));
+        self.ensure_topic(topic);
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        t.items.push(Arc::clone(&item));
+        let seq = t.items.len() as u64;
+        out.reserve(1 + t.subs.len());
+        out.push(Outgoing {
+            conn,
+            id,
+            reply: Reply::Published(seq),
+        });
+        for sub in t.subs.values() {
+            out.push(Outgoing {
+                conn: sub.conn,
+                id: Arc::clone(&sub.id),
+                reply: Reply::Item(Arc::clone(&item)),
+            });
+        }
+    }
+
+    pub fn subscribe(&mut self, conn: ConnId, id: Arc<str>, topic: &str, out: &mut Vec<Outgoing>) {
+        let token = self.token();
+        let key = self.ensure_topic(topic);
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        out.reserve(t.items.len());
+        for item in &t.items {
+            out.push(Outgoing {
+                conn,
+                id: Arc::clone(&id),
+                reply: Reply::Item(Arc::clone(item)),
+            });
+        }
+        t.subs.insert(
+            token,
+            Waiter {
+                conn,
+                id: Arc::clone(&id),
+            },
+        );
+        self.subscriptions += 1;
+        self.add_handle(conn, id, Handle::Subscription { topic: key, token });
+    }
+
+    pub fn barrier(
+        &mut self,
+        conn: ConnId,
+        id: Arc<str>,
+        state: &str,
+        target: i64,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let count = self.count(state);
+        if target <= clamp(count) {
+            out.push(Outgoing {
+                conn,
+                id,
+                reply: Reply::BarrierReached,
+            });
+            return;
+        }
+        let token = self.token();
+        let key = self.ensure_state(state);
+        let Some(s) = self.states.get_mut(state) else {
+            return;
+        };
+        s.waiters.insert(
+            (target, token),
+            Waiter {
+                conn,
+                id: Arc::clone(&id),
+            },
+        );
+        self.waiters += 1;
+        self.add_handle(
+            conn,
+            id,
+            Handle::Barrier {
+                state: key,
+                target,
+                token,
+            },
+        );
+    }
+
+    pub fn signal_entry(
+        &mut self,
+        conn: ConnId,
+        id: Arc<str>,
+        state: &str,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.ensure_state(state);
+        let Some(s) = self.states.get_mut(state) else {
+            return;
+        };
+        s.count = s.count.saturating_add(1);
+        let count = s.count;
+        out.push(Outgoing {
+            conn,
+            id,
+            reply: Reply::Signalled(count),
+        });
+        let mut released = Vec::new();
+        while let Some(entry) = s.waiters.first_entry() {
+            if entry.key().0 > clamp(count) {
+                break;
+            }
+            let ((_, token), waiter) = entry.remove_entry();
+            released.push((token, waiter));
+        }
+        self.waiters = self.waiters.saturating_sub(released.len());
+        out.reserve(released.len());
+        for (token, waiter) in released {
+            self.remove_handle(waiter.conn, &waiter.id, token);
+            out.push(Outgoing {
+                conn: waiter.conn,
+                id: waiter.id,
+                reply: Reply::BarrierReached,
+            });
+        }
+    }
+
+    /// Stops the barrier(s) and subscription(s) `conn` started with request id `id`. Unknown ids
+    /// are ignored. Nothing is sent.
+    pub fn cancel(&mut self, conn: ConnId, id: &str) {
+        let Some(handles) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(list) = handles.remove(id) else {
+            return;
+        };
+        if handles.is_empty() {
+            self.conns.remove(&conn);
+        }
+        for h in list {
+            self.detach(&h);
+        }
+    }
+
+    /// Forgets a connection: its waiters and subscriptions end; counters and topics stay.
+    pub fn disconnect(&mut self, conn: ConnId) {
+        let Some(handles) = self.conns.remove(&conn) else {
+            return;
+        };
+        for h in handles.into_values().flatten() {
+            self.detach(&h);
+        }
+    }
+
+    /// Removes every state and topic whose key starts with `prefix` (a finished run's
+    /// `run:<id>:`), together with their waiters and subscriptions, which get no reply.
+    pub fn drop_prefix(&mut self, prefix: &str) -> Dropped {
+        let state_keys: Vec<Arc<str>> = self
+            .states
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        let topic_keys: Vec<Arc<str>> = self
+            .topics
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        for key in &state_keys {
+            if let Some(s) = self.states.remove(key) {
+                self.waiters = self.waiters.saturating_sub(s.waiters.len());
+                for ((_, token), w) in s.waiters {
+                    self.remove_handle(w.conn, &w.id, token);
+                }
+            }
+        }
+        for key in &topic_keys {
+            if let Some(t) = self.topics.remove(key) {
+                self.subscriptions = self.subscriptions.saturating_sub(t.subs.len());
+                for (token, w) in t.subs {
+                    self.remove_handle(w.conn, &w.id, token);
+                }
+            }
+        }
+        Dropped {
+            states: state_keys.len(),
+            topics: topic_keys.len(),
+        }
+    }
+
+    /// The current count of a state (0 if it was never signalled).
+    pub fn count(&self, state: &str) -> u64 {
+        self.states.get(state).map_or(0, |s| s.count)
+    }
+
+    /// A topic's full history, oldest first.
+    pub fn history(&self, topic: &str) -> &[Arc<Item>] {
+        self.topics.get(topic).map_or(&[], |t| t.items.as_slice())
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        CoreStats {
+            states: self.states.len(),
+            topics: self.topics.len(),
+            waiters: self.waiters,
+            subscriptions: self.subscriptions,
+            active_connections: self.conns.len(),
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token = self.next_token.wrapping_add(1);
+        self.next_token
+    }
+
+    /// Creates the state on first use and returns its shared key. The entry API is avoided
+    /// because it would allocate a key on every call.
+    fn ensure_state(&mut self, state: &str) -> Arc<str> {
+        if let Some((k, _)) = self.states.get_key_value(state) {
+            return Arc::clone(k);
+        }
+        let key: Arc<str> = Arc::from(state);
+        self.states.insert(Arc::clone(&key), State::default());
+        key
+    }
+
+    fn ensure_topic(&mut self, topic: &str) -> Arc<str> {
+        if let Some((k, _)) = self.topics.get_key_value(topic) {
+            return Arc::clone(k);
+        }
+        let key: Arc<str> = Arc::from(topic);
+        self.topics.insert(Arc::clone(&key), Topic::default());
+        key
+    }
+
+    fn add_handle(&mut self, conn: ConnId, id: Arc<str>, handle: Handle) {
+        self.conns
+            .entry(conn)
+            .or_default()
+            .entry(id)
+            .or_default()
+            .push(handle);
+    }
+
+    /// Forgets the connection's record of a waiter or subscription that ended on the state or
+    /// topic side (released, or its key dropped).
+    fn remove_handle(&mut self, conn: ConnId, id: &str, token: u64) {
+        let Some(handles) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(list) = handles.get_mut(id) {
+            list.retain(|h| h.token() != token);
+            if list.is_empty() {
+                handles.remove(id);
+            }
+        }
+        if handles.is_empty() {
+            self.conns.remove(&conn);
+        }
+    }
+
+    /// Removes a waiter or subscription from its state or topic (the connection side is gone).
+    fn detach(&mut self, handle: &Handle) {
+        match handle {
+            Handle::Barrier {
+                state,
+                target,
+                token,
+            } => {
+                if let Some(s) = self.states.get_mut(&**state)
+                    && s.waiters.remove(&(*target, *token)).is_some()
+                {
+                    self.waiters = self.waiters.saturating_sub(1);
+                }
+            }
+            Handle::Subscription { topic, token } => {
+                if let Some(t) = self.topics.get_mut(&**topic)
+                    && t.subs.remove(token).is_some()
+                {
+                    self.subscriptions = self.subscriptions.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+fn clamp(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
+
+    fn send(core: &mut Core, conn: ConnId, json: &str) -> Vec<(ConnId, String)> {
+        let req: Request = serde_json::from_str(json).unwrap();
+        let mut out = Vec::new();
+        core.handle(conn, req, &mut out);
+        out.iter().map(|o| (o.conn, o.encode())).collect()
+    }
+
+    fn publish(topic: &str, id: &str, payload: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","is_cancel":false,"publish":{{"topic":"{topic}","payload":{payload}}}}}"#
+        )
+    }
+
+    fn subscribe(topic: &str, id: &str) -> String {
+        format!(r#"{{"id":"{id}","subscribe":{{"topic":"{topic}"}}}}"#)
+    }
+
+    fn barrier(state: &str, id: &str, target: i64) -> String {
+        format!(r#"{{"id":"{id}","barrier":{{"state":"{state}","target":{target}}}}}"#)
+    }
+
+    fn signal(state: &str, id: &str) -> String {
+        format!(r#"{{"id":"{id}","signal_entry":{{"state":"{state}"}}}}"#)
+    }
+
+    fn reached(id: &str) -> String {
+        format!(r#"{{"id":"{id}","error":"","publish":null,"subscribe":"","signal_entry":null}}"#)
+    }
+
+    fn signalled(id: &str, seq: u64) -> String {
+        format!(
+            r#"{{"id":"{id}","error":"","publish":null,"subscribe":"","signal_entry":{{"seq":{seq}}}}}"#
+        )
+    }
+
+    fn published(id: &str, seq: u64) -> String {
+        format!(
+            r#"{{"id":"{id}","error":"","publish":{{"seq":{seq}}},"subscribe":"","signal_entry":null}}"#
+        )
+    }
+
+    fn item(id: &str, encoded: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","error":"","publish":null,"subscribe":{encoded},"signal_entry":null}}"#
+        )
+    }
+
+    #[test]
+    fn publish_numbers_items_and_feeds_live_subscribers() {
+        let mut core = Core::new();
+        assert_eq!(send(&mut core, 1, &subscribe("t", "6")), vec![]);
+        assert_eq!(
+            send(&mut core, 2, &publish("t", "4", r#""16.0.0.3:4001""#)),
+            vec![
+                (2, published("4", 1)),
+                (1, item("6", r#""\"16.0.0.3:4001\"""#))
+            ]
+        );
+        assert_eq!(
+            send(&mut core, 2, &publish("t", "5", r#"{"a":[1,2]}"#)),
+            vec![(2, published("5", 2)), (1, item("6", r#""{\"a\":[1,2]}""#))]
+        );
+        assert_eq!(core.history("t").len(), 2);
+    }
+
+    #[test]
+    fn late_subscribers_replay_full_history_each() {
+        let mut core = Core::new();
+        for (i, p) in ["1", "\"two\"", "{\"three\":3}"].iter().enumerate() {
+            send(&mut core, 1, &publish("t", &i.to_string(), p));
+        }
+        let want = vec![
+            (2, item("7", r#""1""#)),
+            (2, item("7", r#""\"two\"""#)),
+            (2, item("7", r#""{\"three\":3}""#)),
+        ];
+        assert_eq!(send(&mut core, 2, &subscribe("t", "7")), want);
+        // A second subscription on the same connection gets its own full stream.
+        let second: Vec<_> = send(&mut core, 2, &subscribe("t", "8"));
+        assert_eq!(second.len(), 3);
+        assert!(
+            second
+                .iter()
+                .all(|(c, s)| *c == 2 && s.starts_with(r#"{"id":"8""#))
+        );
+        // The publisher's own subscription sees its own items too.
+        let out = send(&mut core, 2, &publish("t", "9", "null"));
+        assert_eq!(
+            out,
+            vec![
+                (2, published("9", 4)),
+                (2, item("7", r#""null""#)),
+                (2, item("8", r#""null""#))
+            ]
+        );
+    }
+
+    #[test]
+    fn topics_and_states_are_separate_namespaces() {
+        let mut core = Core::new();
+        send(&mut core, 1, &publish("k", "0", "1"));
+        assert_eq!(
+            send(&mut core, 1, &signal("k", "1")),
+            vec![(1, signalled("1", 1))]
+        );
+        assert_eq!(core.count("k"), 1);
+        assert_eq!(core.history("k").len(), 1);
+    }
+
+    #[test]
+    fn signal_entry_counts_from_one() {
+        let mut core = Core::new();
+        for n in 1..=5u64 {
+            let id = n.to_string();
+            assert_eq!(
+                send(&mut core, n, &signal("s", &id)),
+                vec![(n, signalled(&id, n))]
+            );
+        }
+        assert_eq!(core.count("s"), 5);
+        assert_eq!(core.count("other"), 0);
+    }
+
+    #[test]
+    fn barrier_already_reached_answers_at_once() {
+        let mut core = Core::new();
+        send(&mut core, 1, &signal("s", "0"));
+        send(&mut core, 1, &signal("s", "1"));
+        assert_eq!(
+            send(&mut core, 2, &barrier("s", "3", 2)),
+            vec![(2, reached("3"))]
+        );
+        assert_eq!(
+            send(&mut core, 2, &barrier("s", "4", 1)),
+            vec![(2, reached("4"))]
+        );
+        assert_eq!(core.stats().waiters, 0);
+    }
+
+    #[test]
+    fn zero_and_negative_targets_answer_at_once_even_on_unknown_states() {
+        let mut core = Core::new();
+        assert_eq!(
+            send(&mut core, 1, &barrier("new", "0", 0)),
+            vec![(1, reached("0"))]
+        );
+        assert_eq!(
+            send(&mut core, 1, &barrier("new", "1", -7)),
+            vec![(1, reached("1"))]
+        );
+        assert_eq!(
+            send(&mut core, 1, &barrier("new", "2", i64::MIN)),
+            vec![(1, reached("2"))]
+        );
+        assert_eq!(core.stats().waiters, 0);
+    }
+
+    #[test]
+    fn barrier_fires_on_the_signal_that_reaches_it_and_only_once() {
+        let mut core = Core::new();
+        assert_eq!(send(&mut core, 1, &barrier("s", "10", 3)), vec![]);
+        assert_eq!(send(&mut core, 2, &barrier("s", "11", 2)), vec![]);
+        assert_eq!(
+            send(&mut core, 3, &signal("s", "0")),
+            vec![(3, signalled("0", 1))]
+        );
+        assert_eq!(
+            send(&mut core, 3, &signal("s", "1")),
+            vec![(3, signalled("1", 2)), (2, reached("11"))]
+        );
+        assert_eq!(
+            send(&mut core, 3, &signal("s", "2")),
+            vec![(3, signalled("2", 3)), (1, reached("10"))]
+        );
+        assert_eq!(
+            send(&mut core, 3, &signal("s", "3")),
+            vec![(3, signalled("3", 4))]
+        );
+        assert_eq!(core.stats().waiters, 0);
+        assert_eq!(core.stats().active_connections, 0);
+    }
+
+    #[test]
+    fn cancel_stops_barrier_and_subscription_and_sends_nothing() {
+        let mut core = Core::new();
+        send(&mut core, 1, &barrier("s", "1", 1));
+        send(&mut core, 1, &subscribe("t", "2"));
+        // Same id on another connection is someone else's.
+        send(&mut core, 2, &barrier("s", "1", 1));
+        assert_eq!(send(&mut core, 1, r#"{"id":"1","is_cancel":true}"#), vec![]);
+        assert_eq!(send(&mut core, 1, r#"{"id":"2","is_cancel":true}"#), vec![]);
+        assert_eq!(
+            send(&mut core, 1, r#"{"id":"99","is_cancel":true}"#),
+            vec![]
+        );
+        assert_eq!(send(&mut core, 9, r#"{"id":"1","is_cancel":true}"#), vec![]);
+        assert_eq!(
+            send(&mut core, 3, &signal("s", "0")),
+            vec![(3, signalled("0", 1)), (2, reached("1"))]
+        );
+        assert_eq!(
+            send(&mut core, 3, &publish("t", "1", "1")),
+            vec![(3, published("1", 1))]
+        );
+        let stats = core.stats();
+        assert_eq!((stats.waiters, stats.subscriptions), (0, 0));
+    }
+
+    #[test]
+    fn cancel_with_a_body_only_cancels() {
+        let mut core = Core::new();
+        let out = send(
+            &mut core,
+            1,
+            r#"{"id":"1","is_cancel":true,"signal_entry":{"state":"s"}}"#,
+        );
+        assert_eq!(out, vec![]);
+        assert_eq!(core.count("s"), 0);
+    }
+
+    #[test]
+    fn disconnect_drops_waiters_and_subscriptions_but_keeps_state() {
+        let mut core = Core::new();
+        send(&mut core, 1, &signal("s", "0"));
+        send(&mut core, 1, &publish("t", "1", "\"x\""));
+        send(&mut core, 1, &barrier("s", "2", 3));
+        send(&mut core, 1, &subscribe("t", "3"));
+        send(&mut core, 2, &barrier("s", "2", 2));
+        core.disconnect(1);
+        core.disconnect(1);
+        core.disconnect(42);
+        assert_eq!(
+            send(&mut core, 2, &signal("s", "5")),
+            vec![(2, signalled("5", 2)), (2, reached("2"))]
+        );
+        assert_eq!(
+            send(&mut core, 3, &signal("s", "0")),
+            vec![(3, signalled("0", 3))]
+        );
+        assert_eq!(
+            send(&mut core, 3, &publish("t", "1", "1")),
+            vec![(3, published("1", 2))]
+        );
+        assert_eq!(core.count("s"), 3);
+        let stats = core.stats();
+        assert_eq!(
+            (stats.waiters, stats.subscriptions, stats.active_connections),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn drop_prefix_removes_only_that_run() {
+        let mut core = Core::new();
+        send(&mut core, 1, &signal("run:a:plan:p:case:c:states:x", "0"));
+        send(
+            &mut core,
+            1,
+            &publish("run:a:plan:p:case:c:topics:t", "1", "1"),
+        );
+        send(
+            &mut core,
+            1,
+            &barrier("run:a:plan:p:case:c:states:x", "2", 5),
+        );
+        send(
+            &mut core,
+            2,
+            &subscribe("run:a:plan:p:case:c:run_events", "3"),
+        );
+        send(&mut core, 1, &signal("run:ab:plan:p:case:c:states:x", "4"));
+        send(
+            &mut core,
+            1,
+            &publish("run:b:plan:p:case:c:topics:t", "5", "1"),
+        );
+        let dropped = core.drop_prefix("run:a:");
+        assert_eq!(
+            dropped,
+            Dropped {
+                states: 1,
+                topics: 2
+            }
+        );
+        assert_eq!(core.count("run:a:plan:p:case:c:states:x"), 0);
+        assert_eq!(core.count("run:ab:plan:p:case:c:states:x"), 1);
+        assert!(core.history("run:a:plan:p:case:c:topics:t").is_empty());
+        assert_eq!(core.history("run:b:plan:p:case:c:topics:t").len(), 1);
+        let stats = core.stats();
+        assert_eq!(
+            (
+                stats.states,
+                stats.topics,
+                stats.waiters,
+                stats.subscriptions,
+                stats.active_connections
+            ),
+            (1, 1, 0, 0, 0)
+        );
+        // Cancelling or closing what was dropped is harmless.
+        send(&mut core, 1, r#"{"id":"2","is_cancel":true}"#);
+        core.disconnect(2);
+    }
+
+    #[test]
+    fn requests_without_an_operation_do_nothing() {
+        let mut core = Core::new();
+        let mut out = Vec::new();
+        let req: Request = serde_json::from_str(r#"{"id":"1","publish":null}"#).unwrap();
+        assert_eq!(core.handle(1, req, &mut out), Handled::NoOp);
+        assert!(out.is_empty());
+        assert_eq!(core.stats(), CoreStats::default());
+    }
+
+    #[test]
+    fn payload_text_is_kept_verbatim() {
+        let mut core = Core::new();
+        let payload = r#"{"big":12345678901234567890,"f":1.0,"e":1e-7,"h":"\u003c&"}"#;
+        send(&mut core, 1, &publish("t", "0", payload));
+        assert_eq!(core.history("t")[0].raw().get(), payload);
+        let out = send(&mut core, 2, &subscribe("t", "1"));
+        let resp: Response = serde_json::from_str(&out[0].1).unwrap();
+        assert_eq!(resp.subscribe, payload);
+    }
+
+    #[test]
+    fn fast_encoding_matches_serde() {
+        let item = Arc::new(Item::new(raw(r#"{"q":"a\"b\\c\n","u":"é😀"}"#)));
+        for id in ["0", "18446744073709551615", "we\"ird\\id\u{1}", "ünï"] {
+            for reply in [
+                Reply::Published(7),
+                Reply::Signalled(u64::MAX),
+                Reply::BarrierReached,
+                Reply::Item(Arc::clone(&item)),
+                Reply::Error("it \"broke\"".into()),
+            ] {
+                let o = Outgoing {
+                    conn: 1,
+                    id: Arc::from(id),
+                    reply,
+                };
+                assert_eq!(o.encode(), serde_json::to_string(&o.to_response()).unwrap());
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum BOp {
+        Signal(usize),
+        Barrier {
+            conn: u64,
+            state: usize,
+            target: i64,
+        },
+        Disconnect(u64),
+    }
+
+    fn bop() -> impl Strategy<Value = BOp> {
+        prop_oneof![
+            3 => (0..3usize).prop_map(BOp::Signal),
+            3 => (0..4u64, 0..3usize, -2..12i64)
+                .prop_map(|(conn, state, target)| BOp::Barrier { conn, state, target }),
+            1 => (0..4u64).prop_map(BOp::Disconnect),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum TOp {
+        Publish(usize),
+        Subscribe { conn: u64, topic: usize },
+        Disconnect(u64),
+    }
+
+    fn top() -> impl Strategy<Value = TOp> {
+        prop_oneof![
+            4 => (0..2usize).prop_map(TOp::Publish),
+            2 => (0..4u64, 0..2usize).prop_map(|(conn, topic)| TOp::Subscribe { conn, topic }),
+            1 => (0..4u64).prop_map(TOp::Disconnect),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum AnyOp {
+        Frame(u64, String),
+        Disconnect(u64),
+        DropPrefix(String),
+    }
+
+    fn any_op() -> impl Strategy<Value = AnyOp> {
+        let key = prop_oneof![
+            Just("run:a:k".to_owned()),
+            Just("run:b:k".to_owned()),
+            ".{0,6}"
+        ];
+        let id = prop_oneof![Just("1".to_owned()), Just("2".to_owned()), ".{0,4}"];
+        let frame = (any::<bool>(), 0..5u8, key, id, any::<i64>()).prop_map(
+            |(cancel, kind, key, id, target)| {
+                let id = serde_json::to_string(&id).unwrap();
+                let key = serde_json::to_string(&key).unwrap();
+                let op = match kind {
+                    0 => format!(r#""publish":{{"topic":{key},"payload":[{target}]}}"#),
+                    1 => format!(r#""subscribe":{{"topic":{key}}}"#),
+                    2 => format!(r#""barrier":{{"state":{key},"target":{target}}}"#),
+                    3 => format!(r#""signal_entry":{{"state":{key}}}"#),
+                    _ => r#""publish":null"#.to_owned(),
+                };
+                format!(r#"{{"id":{id},"is_cancel":{cancel},{op}}}"#)
+            },
+        );
+        prop_oneof![
+            6 => (0..3u64, frame).prop_map(|(c, f)| AnyOp::Frame(c, f)),
+            1 => (0..3u64).prop_map(AnyOp::Disconnect),
+            1 => prop_oneof![Just("run:a:".to_owned()), Just(String::new()), ".{0,3}"]
+                .prop_map(AnyOp::DropPrefix),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn signal_entries_hand_out_one_to_n_exactly_once(conns in prop::collection::vec(0..50u64, 1..200)) {
+            let mut core = Core::new();
+            let mut seqs = Vec::new();
+            for (i, conn) in conns.iter().enumerate() {
+                let mut out = Vec::new();
+                core.signal_entry(*conn, Arc::from(i.to_string().as_str()), "s", &mut out);
+                prop_assert_eq!(out.len(), 1);
+                prop_assert_eq!(out[0].conn, *conn);
+                match out[0].reply {
+                    Reply::Signalled(seq) => seqs.push(seq),
+                    ref other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            seqs.sort_unstable();
+            prop_assert_eq!(seqs, (1..=conns.len() as u64).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn arbitrary_request_sequences_keep_the_books_straight(ops in prop::collection::vec(any_op(), 0..200)) {
+            let mut core = Core::new();
+            for op in ops {
+                let mut out = Vec::new();
+                match op {
+                    AnyOp::Frame(conn, frame) => {
+                        let req: Request = serde_json::from_str(&frame).unwrap();
+                        core.handle(conn, req, &mut out);
+                    }
+                    AnyOp::Disconnect(conn) => core.disconnect(conn),
+                    AnyOp::DropPrefix(prefix) => {
+                        core.drop_prefix(&prefix);
+                    }
+                }
+                for o in &out {
+                    let wire = o.encode();
+                    let back: Response = serde_json::from_str(&wire).unwrap();
+                    prop_assert!(back.kind() != tg_api::sync::ResponseKind::Mixed);
+                }
+                // The counters agree with what the states and topics really hold.
+                let waiters: usize = core.states.values().map(|s| s.waiters.len()).sum();
+                let subs: usize = core.topics.values().map(|t| t.subs.len()).sum();
+                let handles: usize = core.conns.values().flat_map(|h| h.values()).map(Vec::len).sum();
+                prop_assert_eq!(core.stats().waiters, waiters);
+                prop_assert_eq!(core.stats().subscriptions, subs);
+                prop_assert_eq!(handles, waiters + subs);
+            }
+        }
+
+        #[test]
+        fn barriers_fire_exactly_when_the_count_reaches_the_target(ops in prop::collection::vec(bop(), 0..120)) {
+            let mut core = Core::new();
+            let mut counts = [0i64; 3];
+            // Model: live waiters as (conn, id, state, target).
+            let mut live: Vec<(u64, String, usize, i64)> = Vec::new();
+            for (step, op) in ops.iter().enumerate() {
+                let id = step.to_string();
+                let mut out = Vec::new();
+                let mut expected: Vec<(u64, String)> = Vec::new();
+                match *op {
+                    BOp::Signal(state) => {
+                        core.signal_entry(99, Arc::from(id.as_str()), &format!("s{state}"), &mut out);
+                        counts[state] += 1;
+                        prop_assert!(matches!(out.first().map(|o| &o.reply), Some(Reply::Signalled(n)) if *n as i64 == counts[state]));
+                        out.remove(0);
+                        live.retain(|(conn, wid, s, target)| {
+                            if *s == state && *target <= counts[state] {
+                                expected.push((*conn, wid.clone()));
+                                false
+                            } else {
+                                true
+                            }
+                        });
+                    }
+                    BOp::Barrier { conn, state, target } => {
+                        core.barrier(conn, Arc::from(id.as_str()), &format!("s{state}"), target, &mut out);
+                        if target <= counts[state] {
+                            expected.push((conn, id.clone()));
+                        } else {
+                            live.push((conn, id.clone(), state, target));
+                        }
+                    }
+                    BOp::Disconnect(conn) => {
+                        core.disconnect(conn);
+                        live.retain(|(c, ..)| *c != conn);
+                    }
+                }
+                let mut got: Vec<(u64, String)> = out
+                    .iter()
+                    .map(|o| {
+                        assert!(matches!(o.reply, Reply::BarrierReached));
+                        (o.conn, o.id.to_string())
+                    })
+                    .collect();
+                got.sort();
+                expected.sort();
+                prop_assert_eq!(got, expected);
+                prop_assert_eq!(core.stats().waiters, live.len());
+            }
+        }
+
+        #[test]
+        fn every_subscriber_sees_every_item_once_in_order(ops in prop::collection::vec(top(), 0..150)) {
+            let mut core = Core::new();
+            let mut published: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+            // (conn, sub id) -> (topic, items received, still live)
+            let mut subs: HashMap<(u64, String), (usize, Vec<String>, bool)> = HashMap::new();
+            for (step, op) in ops.iter().enumerate() {
+                let id = step.to_string();
+                let mut out = Vec::new();
+                match *op {
+                    TOp::Publish(topic) => {
+                        let payload = format!("{{\"n\":{step}}}");
+                        core.publish(7, Arc::from(id.as_str()), &format!("t{topic}"), raw(&payload), &mut out);
+                        published[topic].push(payload);
+                        prop_assert!(matches!(out[0].reply, Reply::Published(n) if n as usize == published[topic].len()));
+                        out.remove(0);
+                    }
+                    TOp::Subscribe { conn, topic } => {
+                        core.subscribe(conn, Arc::from(id.as_str()), &format!("t{topic}"), &mut out);
+                        subs.insert((conn, id.clone()), (topic, Vec::new(), true));
+                    }
+                    TOp::Disconnect(conn) => {
+                        core.disconnect(conn);
+                        for ((c, _), sub) in subs.iter_mut() {
+                            if *c == conn {
+                                sub.2 = false;
+                            }
+                        }
+                    }
+                }
+                for o in out {
+                    let item = match o.reply {
+                        Reply::Item(item) => item,
+                        other => return Err(TestCaseError::fail(format!("unexpected {other:?}"))),
+                    };
+                    let sub = subs.get_mut(&(o.conn, o.id.to_string()));
+                    prop_assert!(sub.as_ref().is_some_and(|s| s.2), "delivery to a dead or unknown subscription");
+                    if let Some(sub) = sub {
+                        sub.1.push(item.raw().get().to_owned());
+                    }
+                }
+                // A live subscription has received exactly its topic's history so far.
+                for (topic, received, alive) in subs.values() {
+                    if *alive {
+                        prop_assert_eq!(received, &published[*topic]);
+                    }
+                }
+            }
+        }
+    }
+}

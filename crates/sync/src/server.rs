@@ -1,0 +1,216 @@
+//! The websocket driver: accepts connections and shuttles frames between them and the service.
+//!
+//! Compatibility decisions (see the sync protocol reference, traps T4-T9, T18):
+//! - any path, any `Host`/`Origin`, no subprotocol, no permessage-deflate (tungstenite never
+//!   negotiates it, so sdk-go falls back to plain frames);
+//! - requests as text or binary frames, with or without a trailing newline; responses as text;
+//! - messages up to 64 MiB; no idle or write timeouts on a live connection;
+//! - a close frame is echoed at once (sdk-go panics after success if it is not); EOF without a
+//!   close frame is an ordinary disconnect (sdk-rust never sends one);
+//! - bad frames are logged and ignored, and only ever affect their own connection.
+//!
+//! Each connection has a reader (its own task) that never waits on writes, and one writer task
+//! fed by the connection's unbounded outgoing queue.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use tg_api::sync::Request;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Request as HttpRequest, Response as HttpResponse,
+};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::core::{ConnId, Outgoing};
+use crate::service::{ConnHandle, SyncService};
+
+/// Largest request or response message accepted (the reference's 32 KiB broke big publishes).
+pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
+
+/// Go clients cannot read a message larger than this (nhooyr's default read limit).
+const GO_READ_LIMIT: usize = 32768;
+
+/// Bytes read from a socket at a time.
+pub(crate) const READ_BUFFER: usize = 8 << 10;
+
+/// How many queued replies the writer hands to the socket before flushing.
+const WRITE_BATCH: usize = 256;
+
+/// Serves the sync protocol on `listener` until `shutdown` resolves.
+///
+/// On shutdown the listener stops accepting; connections already open keep being served until
+/// their clients leave, because closing a live client kills it (trap T9).
+pub async fn serve(
+    listener: TcpListener,
+    service: SyncService,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(connection(stream, peer, service.clone()));
+                }
+                Err(error) => {
+                    // Typically EMFILE: back off briefly instead of spinning on the error.
+                    tracing::warn!(%error, "sync service accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    // A small read buffer: the tungstenite default (128 KiB) costs 1.3 GB at 10k connections,
+    // and requests are small; large ones simply take more reads.
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(MAX_MESSAGE_SIZE))
+        .max_frame_size(Some(MAX_MESSAGE_SIZE))
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, service: SyncService) {
+    let _ = stream.set_nodelay(true);
+    let is_go = Arc::new(AtomicBool::new(false));
+    let is_go_cb = Arc::clone(&is_go);
+    // The callback only looks: no subprotocol or extension is ever added to the 101 answer.
+    // Its error type is fixed by tungstenite's `Callback` trait.
+    #[allow(clippy::result_large_err)]
+    let callback = move |req: &HttpRequest, resp: HttpResponse| {
+        let go = req
+            .headers()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ua| ua.starts_with("Go-http-client"));
+        is_go_cb.store(go, Ordering::Relaxed);
+        Ok(resp)
+    };
+    let ws =
+        match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config()))
+            .await
+        {
+            Ok(ws) => ws,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "websocket handshake failed");
+                return;
+            }
+        };
+    let (sink, stream) = ws.split();
+    let (handle, rx) = service.open();
+    let conn = handle.id();
+    tracing::debug!(%peer, conn, "sync connection opened");
+    let (done_tx, done_rx) = oneshot::channel();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        done_rx,
+        conn,
+        is_go.load(Ordering::Relaxed),
+    ));
+    read_loop(stream, &handle).await;
+    drop(handle);
+    let _ = done_tx.send(());
+    let _ = writer.await;
+    tracing::debug!(%peer, conn, "sync connection closed");
+}
+
+async fn read_loop(mut stream: SplitStream<WebSocketStream<TcpStream>>, handle: &ConnHandle) {
+    while let Some(msg) = stream.next().await {
+        match msg {
+            Ok(Message::Text(text)) => on_frame(handle, text.as_bytes()),
+            Ok(Message::Binary(bytes)) => on_frame(handle, &bytes),
+            // Keep polling: the next read flushes tungstenite's close echo and then ends.
+            Ok(Message::Close(_)) => {}
+            // tungstenite answers pings itself.
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+            Err(error) => {
+                tracing::debug!(conn = handle.id(), %error, "sync connection read ended");
+                break;
+            }
+        }
+    }
+}
+
+fn on_frame(handle: &ConnHandle, bytes: &[u8]) {
+    match serde_json::from_slice::<Request>(bytes) {
+        // As the reference does: no operation, no answer.
+        Ok(req) if !req.is_cancel && !req.has_op() => {
+            tracing::debug!(conn = handle.id(), id = %req.id, "request names no operation; ignored");
+        }
+        Ok(req) => handle.send(req),
+        Err(error) => {
+            let preview = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]);
+            tracing::warn!(
+                conn = handle.id(),
+                %error,
+                len = bytes.len(),
+                %preview,
+                "ignoring malformed sync request"
+            );
+        }
+    }
+}
+
+type WsSink = SplitSink<WebSocketStream<TcpStream>, Message>;
+
+async fn write_loop(
+    mut sink: WsSink,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    done: oneshot::Receiver<()>,
+    conn: ConnId,
+    is_go: bool,
+) {
+    let work = async {
+        let mut warned = false;
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            let mut batch = 0;
+            while let Some(o) = next {
+                let text = o.encode();
+                if is_go && !warned && text.len() > GO_READ_LIMIT {
+                    warned = true;
+                    tracing::warn!(
+                        conn,
+                        len = text.len(),
+                        "response exceeds the 32768-byte read limit of Go clients; the client will likely die"
+                    );
+                }
+                if let Err(error) = sink.feed(Message::text(text)).await {
+                    tracing::debug!(conn, %error, "sync connection write failed");
+                    return;
+                }
+                batch += 1;
+                next = if batch < WRITE_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if let Err(error) = sink.flush().await {
+                tracing::debug!(conn, %error, "sync connection flush failed");
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = done => {}
+        () = work => {}
+    }
+    // The reader has ended (close frame or EOF): flush a pending close echo and let go. Bounded,
+    // because a peer that stopped reading must not pin this task.
+    let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+}

@@ -1,0 +1,647 @@
+//! The sync service over real websockets on 127.0.0.1, speaking as sdk-go, sdk-rust (HEAD and
+//! 0.1.x) and the crate's own client would.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tg_sync::{Client, SyncService, serve};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Bounds every wait so that a broken server fails a test instead of hanging it.
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn start() -> (SyncService, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = SyncService::spawn();
+    tokio::spawn(serve(listener, service.clone(), std::future::pending()));
+    (service, addr)
+}
+
+async fn ws(addr: SocketAddr) -> Ws {
+    // Big enough to read the 40 MB item back.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(tg_sync::server::MAX_MESSAGE_SIZE))
+        .max_frame_size(Some(tg_sync::server::MAX_MESSAGE_SIZE));
+    let (ws, _) =
+        tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/"), Some(config), true)
+            .await
+            .unwrap();
+    ws
+}
+
+async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+async fn send_binary(ws: &mut Ws, text: &str) {
+    ws.send(Message::binary(text.as_bytes().to_vec()))
+        .await
+        .unwrap();
+}
+
+/// The next data frame, which must be a text frame.
+async fn recv(ws: &mut Ws) -> String {
+    loop {
+        let msg = timeout(LIMIT, ws.next())
+            .await
+            .expect("no response in time")
+            .expect("connection ended")
+            .unwrap();
+        match msg {
+            Message::Text(t) => return t.as_str().to_owned(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn wait_until(
+    service: &SyncService,
+    what: &str,
+    pred: impl Fn(tg_sync::ServiceStats) -> bool,
+) {
+    let waited = timeout(LIMIT, async {
+        loop {
+            if pred(service.stats().await.unwrap()) {
+                return;
+            }
+            // The server has no event to await for "a peer vanished"; poll its stats.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+const K: &str = "run:c7fjstge5te621cen4i0:plan:example:case:sync";
+
+#[tokio::test]
+async fn exact_responses_for_each_op_go_style() {
+    let (_service, addr) = start().await;
+    let mut go = ws(addr).await;
+    // sdk-go: text frames, trailing newline, Go field order.
+    send_text(&mut go, &format!("{{\"id\":\"4\",\"is_cancel\":false,\"publish\":{{\"topic\":\"{K}:topics:addresses\",\"payload\":\"16.0.0.3:4001\"}}}}\n")).await;
+    assert_eq!(
+        recv(&mut go).await,
+        r#"{"id":"4","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#
+    );
+    send_text(&mut go, &format!("{{\"id\":\"6\",\"is_cancel\":false,\"subscribe\":{{\"topic\":\"{K}:topics:addresses\"}}}}\n")).await;
+    assert_eq!(
+        recv(&mut go).await,
+        r#"{"id":"6","error":"","publish":null,"subscribe":"\"16.0.0.3:4001\"","signal_entry":null}"#
+    );
+    send_text(&mut go, &format!("{{\"id\":\"8\",\"is_cancel\":false,\"signal_entry\":{{\"state\":\"{K}:states:ready\"}}}}\n")).await;
+    assert_eq!(
+        recv(&mut go).await,
+        r#"{"id":"8","error":"","publish":null,"subscribe":"","signal_entry":{"seq":1}}"#
+    );
+    send_text(&mut go, &format!("{{\"id\":\"7\",\"is_cancel\":false,\"barrier\":{{\"state\":\"{K}:states:ready\",\"target\":1}}}}\n")).await;
+    assert_eq!(
+        recv(&mut go).await,
+        r#"{"id":"7","error":"","publish":null,"subscribe":"","signal_entry":null}"#
+    );
+    // Negative targets (possible from Go) answer at once.
+    send_text(&mut go, &format!("{{\"id\":\"9\",\"is_cancel\":false,\"barrier\":{{\"state\":\"{K}:states:never\",\"target\":-1}}}}\n")).await;
+    assert_eq!(
+        recv(&mut go).await,
+        r#"{"id":"9","error":"","publish":null,"subscribe":"","signal_entry":null}"#
+    );
+}
+
+#[tokio::test]
+async fn sdk_rust_binary_requests_get_text_responses() {
+    let (_service, addr) = start().await;
+    let mut rust = ws(addr).await;
+    let transcript = [
+        (
+            r#"{"id":"0","is_cancel":false,"publish":{"topic":"run:r:plan:p:case:c:run_events","payload":{"stage_start_event":{"name":"network-initialized","group":"single"}}}}"#,
+            r#"{"id":"0","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#,
+        ),
+        (
+            r#"{"id":"1","is_cancel":false,"signal_entry":{"state":"run:r:plan:p:case:c:states:initialized_global"}}"#,
+            r#"{"id":"1","error":"","publish":null,"subscribe":"","signal_entry":{"seq":1}}"#,
+        ),
+        (
+            r#"{"id":"2","is_cancel":false,"barrier":{"state":"run:r:plan:p:case:c:states:initialized_global","target":1}}"#,
+            r#"{"id":"2","error":"","publish":null,"subscribe":"","signal_entry":null}"#,
+        ),
+        (
+            r#"{"id":"3","is_cancel":false,"subscribe":{"topic":"run:r:plan:p:case:c:run_events"}}"#,
+            r#"{"id":"3","error":"","publish":null,"subscribe":"{\"stage_start_event\":{\"name\":\"network-initialized\",\"group\":\"single\"}}","signal_entry":null}"#,
+        ),
+    ];
+    for (request, response) in transcript {
+        send_binary(&mut rust, request).await;
+        assert_eq!(recv(&mut rust).await, response);
+    }
+}
+
+#[tokio::test]
+async fn null_ops_and_missing_is_cancel_are_accepted() {
+    let (_service, addr) = start().await;
+    let mut legacy = ws(addr).await;
+    // sdk-rust 0.1.x: text frames, explicit nulls, no is_cancel.
+    send_text(
+        &mut legacy,
+        r#"{"id":"0","publish":null,"subscribe":null,"barrier":null,"signal_entry":{"state":"s"}}"#,
+    )
+    .await;
+    assert_eq!(
+        recv(&mut legacy).await,
+        r#"{"id":"0","error":"","publish":null,"subscribe":"","signal_entry":{"seq":1}}"#
+    );
+    send_text(&mut legacy, r#"{"id":"1","publish":null,"subscribe":null,"barrier":{"state":"s","target":1},"signal_entry":null}"#).await;
+    assert_eq!(
+        recv(&mut legacy).await,
+        r#"{"id":"1","error":"","publish":null,"subscribe":"","signal_entry":null}"#
+    );
+}
+
+#[tokio::test]
+async fn payloads_survive_verbatim() {
+    let (_service, addr) = start().await;
+    let mut a = ws(addr).await;
+    let mut b = ws(addr).await;
+    let payload = r#"{"Addrs":["/ip4/16.0.0.2/tcp/4001"],"ID":"Qm1","big":12345678901234567890,"html":"<a&b>","go":"\u003c"}"#;
+    send_binary(
+        &mut a,
+        &format!(r#"{{"id":"7","is_cancel":false,"publish":{{"topic":"t","payload":{payload}}}}}"#),
+    )
+    .await;
+    recv(&mut a).await;
+    send_binary(
+        &mut b,
+        r#"{"id":"0","is_cancel":false,"subscribe":{"topic":"t"}}"#,
+    )
+    .await;
+    let resp: serde_json::Value = serde_json::from_str(&recv(&mut b).await).unwrap();
+    assert_eq!(resp["subscribe"].as_str().unwrap(), payload);
+}
+
+#[tokio::test]
+async fn close_handshake_is_answered() {
+    let (service, addr) = start().await;
+    let mut go = ws(addr).await;
+    send_text(
+        &mut go,
+        "{\"id\":\"0\",\"is_cancel\":false,\"signal_entry\":{\"state\":\"s\"}}\n",
+    )
+    .await;
+    recv(&mut go).await;
+    go.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    })))
+    .await
+    .unwrap();
+    // sdk-go waits at most 5 s for the echo; LIMIT only keeps a broken server from hanging us.
+    let echo = timeout(LIMIT, go.next()).await.expect("no close echo");
+    match echo {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(timeout(LIMIT, go.next()).await.unwrap().is_none());
+    wait_until(&service, "the closed connection is gone", |s| {
+        s.connections == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn abrupt_disconnect_mid_barrier_leaves_others_served() {
+    let (service, addr) = start().await;
+    let mut gone = ws(addr).await;
+    let mut other = ws(addr).await;
+    send_binary(
+        &mut gone,
+        r#"{"id":"0","is_cancel":false,"barrier":{"state":"s","target":2}}"#,
+    )
+    .await;
+    send_binary(
+        &mut gone,
+        r#"{"id":"1","is_cancel":false,"subscribe":{"topic":"t"}}"#,
+    )
+    .await;
+    send_binary(
+        &mut other,
+        r#"{"id":"0","is_cancel":false,"barrier":{"state":"s","target":2}}"#,
+    )
+    .await;
+    wait_until(&service, "both barriers wait", |s| s.waiters == 2).await;
+    // sdk-rust style exit: the TCP connection just drops, no close frame.
+    drop(gone);
+    wait_until(&service, "the dropped connection's waiter is gone", |s| {
+        s.waiters == 1 && s.subscriptions == 0 && s.connections == 1
+    })
+    .await;
+    send_binary(
+        &mut other,
+        r#"{"id":"1","is_cancel":false,"signal_entry":{"state":"s"}}"#,
+    )
+    .await;
+    send_binary(
+        &mut other,
+        r#"{"id":"2","is_cancel":false,"signal_entry":{"state":"s"}}"#,
+    )
+    .await;
+    send_binary(
+        &mut other,
+        r#"{"id":"3","is_cancel":false,"publish":{"topic":"t","payload":1}}"#,
+    )
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(recv(&mut other).await);
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            r#"{"id":"0","error":"","publish":null,"subscribe":"","signal_entry":null}"#,
+            r#"{"id":"1","error":"","publish":null,"subscribe":"","signal_entry":{"seq":1}}"#,
+            r#"{"id":"2","error":"","publish":null,"subscribe":"","signal_entry":{"seq":2}}"#,
+            r#"{"id":"3","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn malformed_frames_are_ignored_and_hurt_nobody() {
+    let (_service, addr) = start().await;
+    let mut bad = ws(addr).await;
+    let mut good = ws(addr).await;
+    send_binary(
+        &mut good,
+        r#"{"id":"0","is_cancel":false,"barrier":{"state":"s","target":1}}"#,
+    )
+    .await;
+    for junk in [
+        "not json",
+        "null",
+        "[1,2]",
+        r#"{"id":"1"}"#,
+        r#"{"id":"2","is_cancel":false,"teleport":{"to":"mars"}}"#,
+        r#"{"id":3,"signal_entry":{"state":"s"}}"#,
+        r#"{"id":"4","barrier":{"state":"s","target":"many"}}"#,
+        r#"{"id":"5","publish":{"payload":1}}"#,
+    ] {
+        send_text(&mut bad, junk).await;
+        send_binary(&mut bad, junk).await;
+    }
+    bad.send(Message::binary(vec![0xff, 0xfe, 0x00]))
+        .await
+        .unwrap();
+    // The bad connection is still open and served; the good one was never disturbed.
+    send_text(&mut bad, r#"{"id":"9","signal_entry":{"state":"s"}}"#).await;
+    assert_eq!(
+        recv(&mut bad).await,
+        r#"{"id":"9","error":"","publish":null,"subscribe":"","signal_entry":{"seq":1}}"#
+    );
+    assert_eq!(
+        recv(&mut good).await,
+        r#"{"id":"0","error":"","publish":null,"subscribe":"","signal_entry":null}"#
+    );
+}
+
+#[tokio::test]
+async fn huge_frames_on_one_connection_do_not_stall_another() {
+    let (_service, addr) = start().await;
+    let mut big = ws(addr).await;
+    let mut small = ws(addr).await;
+    let junk = vec![b'x'; 40 << 20];
+    let blob = "y".repeat(40 << 20);
+    let publish =
+        format!(r#"{{"id":"1","is_cancel":false,"publish":{{"topic":"big","payload":"{blob}"}}}}"#);
+    let big_task = tokio::spawn(async move {
+        big.send(Message::binary(junk)).await.unwrap();
+        big.send(Message::binary(publish.into_bytes()))
+            .await
+            .unwrap();
+        let resp = recv(&mut big).await;
+        (big, resp)
+    });
+    for i in 0..20 {
+        send_binary(
+            &mut small,
+            &format!(r#"{{"id":"{i}","signal_entry":{{"state":"small"}}}}"#),
+        )
+        .await;
+        let resp: serde_json::Value = serde_json::from_str(&recv(&mut small).await).unwrap();
+        assert_eq!(resp["signal_entry"]["seq"], i + 1);
+    }
+    let (_big, resp) = timeout(LIMIT, big_task).await.unwrap().unwrap();
+    assert_eq!(
+        resp,
+        r#"{"id":"1","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#
+    );
+    // The 40 MB item is delivered whole to a subscriber.
+    send_binary(&mut small, r#"{"id":"99","subscribe":{"topic":"big"}}"#).await;
+    let item: serde_json::Value = serde_json::from_str(&recv(&mut small).await).unwrap();
+    assert_eq!(item["subscribe"].as_str().unwrap().len(), blob.len() + 2);
+}
+
+#[tokio::test]
+async fn any_path_odd_host_and_no_negotiated_extras() {
+    let (_service, addr) = start().await;
+    for (path, host, extras) in [
+        ("/", "...", false),
+        ("/foo", "...", false),
+        ("/a/b?c=d", "example.invalid", true),
+    ] {
+        let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+        let headers = req.headers_mut();
+        headers.insert("host", host.parse().unwrap());
+        if extras {
+            // What sdk-go sends: deflate offered, Go user agent, an origin.
+            headers.insert(
+                "sec-websocket-extensions",
+                "permessage-deflate; client_no_context_takeover; server_no_context_takeover"
+                    .parse()
+                    .unwrap(),
+            );
+            headers.insert("user-agent", "Go-http-client/1.1".parse().unwrap());
+            headers.insert("origin", "http://elsewhere.invalid".parse().unwrap());
+        }
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut ws, resp) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 101);
+        assert!(resp.headers().get("sec-websocket-protocol").is_none());
+        assert!(resp.headers().get("sec-websocket-extensions").is_none());
+        send_binary(
+            &mut ws,
+            r#"{"id":"0","is_cancel":false,"signal_entry":{"state":"paths"}}"#,
+        )
+        .await;
+        assert!(recv(&mut ws).await.contains(r#""signal_entry":{"seq":"#));
+    }
+}
+
+#[tokio::test]
+async fn sdk_rust_handshake_bytes_are_accepted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_service, addr) = start().await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"GET / HTTP/1.1\r\nHost: ...\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: sKdPobNUhCjhD5E1kCa9qw==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        timeout(LIMIT, tcp.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"));
+    assert!(head.contains("connection: upgrade"));
+    // RFC 6455 accept value for the key above.
+    assert!(
+        head.contains("sec-websocket-accept: of+cm/+/x/iu2hz6fx9gbspdh7w="),
+        "{head}"
+    );
+    assert!(!head.contains("sec-websocket-protocol"));
+    assert!(!head.contains("sec-websocket-extensions"));
+}
+
+#[tokio::test]
+async fn one_connection_multiplexes_barriers_subscriptions_and_cancels() {
+    let (_service, addr) = start().await;
+    let mut sidecar = ws(addr).await;
+    send_binary(
+        &mut sidecar,
+        r#"{"id":"0","is_cancel":false,"barrier":{"state":"s","target":2}}"#,
+    )
+    .await;
+    send_binary(
+        &mut sidecar,
+        r#"{"id":"1","is_cancel":false,"subscribe":{"topic":"t"}}"#,
+    )
+    .await;
+    send_binary(
+        &mut sidecar,
+        r#"{"id":"2","is_cancel":false,"subscribe":{"topic":"t"}}"#,
+    )
+    .await;
+    send_binary(&mut sidecar, r#"{"id":"2","is_cancel":true}"#).await;
+    // The barrier and the subscriptions must not block this.
+    send_binary(
+        &mut sidecar,
+        r#"{"id":"3","is_cancel":false,"signal_entry":{"state":"s"}}"#,
+    )
+    .await;
+    assert_eq!(
+        recv(&mut sidecar).await,
+        r#"{"id":"3","error":"","publish":null,"subscribe":"","signal_entry":{"seq":1}}"#
+    );
+    send_binary(
+        &mut sidecar,
+        r#"{"id":"4","is_cancel":false,"publish":{"topic":"t","payload":"x"}}"#,
+    )
+    .await;
+    assert_eq!(
+        recv(&mut sidecar).await,
+        r#"{"id":"4","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#
+    );
+    // Only the live subscription (id 1) gets the item; the cancelled one (id 2) does not.
+    assert_eq!(
+        recv(&mut sidecar).await,
+        r#"{"id":"1","error":"","publish":null,"subscribe":"\"x\"","signal_entry":null}"#
+    );
+    send_binary(
+        &mut sidecar,
+        r#"{"id":"5","is_cancel":false,"signal_entry":{"state":"s"}}"#,
+    )
+    .await;
+    assert_eq!(
+        recv(&mut sidecar).await,
+        r#"{"id":"5","error":"","publish":null,"subscribe":"","signal_entry":{"seq":2}}"#
+    );
+    assert_eq!(
+        recv(&mut sidecar).await,
+        r#"{"id":"0","error":"","publish":null,"subscribe":"","signal_entry":null}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_waiter_barrier_over_thousand_sockets() {
+    const N: i64 = 1000;
+    let (service, addr) = start().await;
+    let url = format!("ws://{addr}");
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(Client::connect(&url).await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for c in &clients {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.signal_and_wait("run:x:states:all", N).await
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(timeout(LIMIT, t).await.unwrap().unwrap().unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
+    let stats = service.stats().await.unwrap();
+    assert_eq!(stats.waiters, 0);
+    assert_eq!(stats.connections, N as usize);
+}
+
+#[tokio::test]
+async fn client_pipelines_and_subscribes() {
+    let (_service, addr) = start().await;
+    let url = format!("ws://{addr}");
+    let a = Client::connect(&url).await.unwrap();
+    let b = Client::connect(&url).await.unwrap();
+    // A barrier in flight on `a` does not hold up its other requests.
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.barrier("go", 1).await })
+    };
+    assert_eq!(a.publish("t", &json!({"n": 1})).await.unwrap(), 1);
+    assert_eq!(a.publish("t", &json!("two")).await.unwrap(), 2);
+    let mut sub = b.subscribe("t").unwrap();
+    assert_eq!(sub.next().await.unwrap(), json!({"n": 1}));
+    assert_eq!(sub.next().await.unwrap(), json!("two"));
+    let seqs = futures::future::join_all((0..50).map(|_| b.signal_entry("many"))).await;
+    let mut seqs: Vec<u64> = seqs.into_iter().map(Result::unwrap).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+    assert_eq!(b.publish("t", &json!(3)).await.unwrap(), 3);
+    assert_eq!(sub.next().await.unwrap(), json!(3));
+    assert_eq!(b.signal_entry("go").await.unwrap(), 1);
+    timeout(LIMIT, waiting).await.unwrap().unwrap().unwrap();
+    a.close().await.unwrap();
+    assert!(a.signal_entry("after-close").await.is_err());
+}
+
+#[tokio::test]
+async fn in_process_api_events_stats_and_drop_run() {
+    let (service, addr) = start().await;
+    let prefix = "run:r1:plan:p:case:c";
+    let url = format!("ws://{addr}");
+    let instance = Client::connect(&url).await.unwrap();
+    instance
+        .publish(
+            &format!("{prefix}:run_events"),
+            &json!({"success_event": {"group": "single"}}),
+        )
+        .await
+        .unwrap();
+    let mut events = service.subscribe_events(prefix);
+    let first = timeout(LIMIT, events.next_item()).await.unwrap().unwrap();
+    assert_eq!(first.raw().get(), r#"{"success_event":{"group":"single"}}"#);
+    let raw = RawValue::from_string(r#"{"crash_event":{"groups":"g"}}"#.to_owned()).unwrap();
+    assert_eq!(
+        service
+            .publish(&format!("{prefix}:run_events"), raw)
+            .await
+            .unwrap(),
+        2
+    );
+    let second = timeout(LIMIT, events.next_item()).await.unwrap().unwrap();
+    assert_eq!(second.raw().get(), r#"{"crash_event":{"groups":"g"}}"#);
+
+    assert_eq!(
+        service
+            .signal_entry(&format!("{prefix}:states:a"))
+            .await
+            .unwrap(),
+        1
+    );
+    service
+        .barrier(&format!("{prefix}:states:a"), 1)
+        .await
+        .unwrap();
+    instance
+        .signal_entry("run:r2:plan:p:case:c:states:a")
+        .await
+        .unwrap();
+    let before = service.stats().await.unwrap();
+    assert_eq!((before.states, before.topics, before.keys), (2, 1, 3));
+
+    let dropped = service.drop_run("r1").await.unwrap();
+    assert_eq!((dropped.states, dropped.topics), (1, 1));
+    let after = service.stats().await.unwrap();
+    assert_eq!((after.keys, after.subscriptions), (1, 0));
+    // A dropped run starts from scratch if it is used again.
+    assert_eq!(
+        service
+            .signal_entry(&format!("{prefix}:states:a"))
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_keep_being_read_while_replies_back_up() {
+    let (_service, addr) = start().await;
+    let mut stuck = ws(addr).await;
+    let url = format!("ws://{addr}");
+    let publisher = Client::connect(&url).await.unwrap();
+    let observer = Client::connect(&url).await.unwrap();
+    // `stuck` subscribes and then never reads: ~64 MB of items pile up towards it, far more
+    // than the socket buffers hold, so the server's writes to it block.
+    send_binary(
+        &mut stuck,
+        r#"{"id":"0","is_cancel":false,"subscribe":{"topic":"flood"}}"#,
+    )
+    .await;
+    let chunk = json!("z".repeat(256 << 10));
+    for _ in 0..256 {
+        publisher.publish("flood", &chunk).await.unwrap();
+    }
+    // Its requests must still be read and applied.
+    for i in 1..=10 {
+        send_binary(
+            &mut stuck,
+            &format!(r#"{{"id":"{i}","signal_entry":{{"state":"seen"}}}}"#),
+        )
+        .await;
+    }
+    timeout(LIMIT, observer.barrier("seen", 10))
+        .await
+        .expect("requests of a connection with blocked writes were not read")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_but_keeps_live_connections() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = SyncService::spawn();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, service.clone(), async {
+        let _ = stopped.await;
+    }));
+    let live = Client::connect(&format!("ws://{addr}")).await.unwrap();
+    assert_eq!(live.signal_entry("s").await.unwrap(), 1);
+    stop.send(()).unwrap();
+    timeout(LIMIT, server).await.unwrap().unwrap();
+    // Closing a live client would kill it (trap T9): it keeps being served.
+    assert_eq!(live.signal_entry("s").await.unwrap(), 2);
+    assert!(Client::connect(&format!("ws://{addr}")).await.is_err());
+}
