@@ -1,0 +1,649 @@
+//! The `testground` binary's own behaviour: flags, errors, exit codes and the local commands
+//! (`plan`, `describe`, `version`), each test in a temporary `$TESTGROUND_HOME`. Nothing here
+//! builds or runs a plan (see `e2e.rs`), and nothing reaches an address other than loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::cargo_bin("testground").unwrap();
+        c.env("TESTGROUND_HOME", self.path())
+            .env_remove("LOG_LEVEL")
+            .env_remove("RUST_LOG")
+            .current_dir(self.path());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        let o = self.cmd().args(args).output().unwrap();
+        Out {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// A plan directory outside the home, ready to import.
+    fn plan_src(&self, name: &str, manifest: &str) -> PathBuf {
+        let dir = self.path().join("src").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.toml"), manifest).unwrap();
+        dir
+    }
+}
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Out {
+    /// The `error: ...` line: exactly one, no panic, no backtrace.
+    fn error_line(&self) -> &str {
+        assert!(!self.stderr.contains("panicked"), "{self}");
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{self}");
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "one error line expected:\n{self}");
+        assert!(lines[0].starts_with("error: "), "{self}");
+        lines[0]
+    }
+}
+
+const MANIFEST: &str = r#"
+name = "demo"
+
+[defaults]
+builder = "exec:go"
+runner = "local:exec"
+
+[builders."exec:go"]
+enabled = true
+
+[runners."local:exec"]
+enabled = true
+
+[[testcases]]
+name = "ping"
+instances = { min = 1, max = 4, default = 2 }
+
+[[testcases]]
+name = "storm"
+instances = { min = 2, max = 100 }
+  [testcases.params]
+  conn_count = { type = "int", desc = "number of sockets", default = 5 }
+  word = { type = "string", default = "never" }
+"#;
+
+#[test]
+fn bad_flags_are_usage_errors_on_one_line() {
+    let home = Home::new();
+    let out = home.run(&["run", "single", "--plan", "x", "--bogus"]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.error_line().contains("--bogus"), "{out}");
+
+    // A missing required flag names it.
+    let out = home.run(&["describe"]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.error_line().contains("--plan"), "{out}");
+
+    // A non-numeric instance count.
+    let out = home.run(&[
+        "run",
+        "single",
+        "-p",
+        "x",
+        "-t",
+        "y",
+        "-b",
+        "exec:go",
+        "-r",
+        "local:exec",
+        "-i",
+        "two",
+    ]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.error_line().contains("two"), "{out}");
+}
+
+#[test]
+fn unknown_command_is_a_usage_error() {
+    let home = Home::new();
+    let out = home.run(&["frobnicate"]);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.error_line().contains("frobnicate"), "{out}");
+}
+
+#[test]
+fn help_exits_zero() {
+    let home = Home::new();
+    let out = home.run(&["--help"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("run"), "{out}");
+}
+
+#[test]
+fn version_prints_the_original_lines() {
+    let home = Home::new();
+    let out = home.run(&["version"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "Testground", "{out}");
+    assert!(lines[1].starts_with("Git commit: "), "{out}");
+}
+
+#[test]
+fn run_single_for_a_missing_plan_names_the_plan() {
+    let home = Home::new();
+    let out = home.run(&[
+        "run",
+        "single",
+        "--plan",
+        "nope",
+        "--testcase",
+        "ping",
+        "--builder",
+        "exec:go",
+        "--runner",
+        "local:exec",
+        "--instances",
+        "1",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    let e = out.error_line();
+    assert!(e.contains("\"nope\"") && e.contains("plan import"), "{out}");
+    // The first lines every command prints.
+    assert!(
+        out.stdout.contains("\tINFO\tcreating home directory at ")
+            || out.stdout.contains("\tINFO\tusing home directory: "),
+        "{out}"
+    );
+    assert!(out.stdout.contains("no .env.toml found at "), "{out}");
+}
+
+#[test]
+fn malformed_manifest_error_names_the_file() {
+    let home = Home::new();
+    let src = home.plan_src("broken", "name = \"broken\"\n[[testcases]\nname = 1\n");
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    // The symlink is made before the manifest is read; the import then reports the manifest.
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("manifest.toml"), "{out}");
+    for args in [
+        vec!["describe", "--plan", "broken"],
+        vec![
+            "run",
+            "single",
+            "-p",
+            "broken",
+            "-t",
+            "ping",
+            "-b",
+            "exec:go",
+            "-r",
+            "local:exec",
+            "-i",
+            "1",
+        ],
+    ] {
+        let out = home.run(&args);
+        assert_eq!(out.code, Some(1), "{out}");
+        assert!(out.error_line().contains("manifest.toml"), "{out}");
+    }
+}
+
+#[test]
+fn import_list_describe_rm() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let dst = home.path().join("plans/demo");
+    assert!(dst.symlink_metadata().unwrap().file_type().is_symlink());
+    assert!(out.stdout.contains("created symlink "), "{out}");
+    assert!(
+        out.stdout
+            .contains("imported plans:\ndemo ping\ndemo storm\n"),
+        "{out}"
+    );
+
+    // Importing again: a warning, exit 0, nothing changed.
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains("\tWARN\tdestination dir already exists"),
+        "{out}"
+    );
+
+    // A nested suite/plan and a custom name.
+    let nested = home.plan_src("suite/inner", &MANIFEST.replace("\"demo\"", "\"inner\""));
+    let out = home.run(&[
+        "plan",
+        "import",
+        "--from",
+        nested.parent().unwrap().to_str().unwrap(),
+        "--name",
+        "suite",
+    ]);
+    assert_eq!(out.code, Some(0), "{out}");
+
+    let out = home.run(&["plan", "list"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.ends_with("demo\nsuite/inner\n"), "{out}");
+    let out = home.run(&["plan", "list", "--testcases"]);
+    assert!(
+        out.stdout.ends_with(
+            "demo        ping\ndemo        storm\nsuite/inner ping\nsuite/inner storm\n"
+        ),
+        "{out}"
+    );
+
+    let out = home.run(&["describe", "--plan", "demo"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let s = &out.stdout;
+    for want in [
+        "This test plan is called \"demo\".\n\n",
+        "It can be built with strategies: [exec:go].\n\n",
+        "It can be run with strategies: [local:exec].\n\n",
+        "It has 2 test cases.\n\n",
+        "TEST CASES:\n----------\n\n",
+        "- Test case: ping\n  Instances:\n    minimum: 1\n    maximum: 4\n  Parameters:\n\n",
+        "- Test case: storm\n",
+        "    conn_count | int    | number of sockets |  | default: 5\n",
+        "    word       | string |                   |  | default: never\n",
+    ] {
+        assert!(s.contains(want), "missing {want:?} in:\n{out}");
+    }
+    let out = home.run(&["describe", "--plan", "suite/inner"]);
+    assert!(out.stdout.contains("called \"inner\""), "{out}");
+
+    // rm asks first, removes the link only, never the sources.
+    let out = home.run(&["plan", "rm", "--plan", "demo"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains("really delete? pass --yes flag to confirm."),
+        "{out}"
+    );
+    assert!(dst.symlink_metadata().is_ok());
+    let out = home.run(&["plan", "rm", "--plan", "demo", "--yes"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("plan at {} removed.", dst.display())),
+        "{out}"
+    );
+    assert!(dst.symlink_metadata().is_err());
+    assert!(src.join("manifest.toml").exists());
+    let out = home.run(&["plan", "rm", "--plan", "demo", "--yes"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("not found"), "{out}");
+}
+
+#[test]
+fn import_rejects_git_and_remote_urls() {
+    let home = Home::new();
+    let out = home.run(&[
+        "plan",
+        "import",
+        "--git",
+        "--from",
+        "https://example.invalid/x.git",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("not supported yet"), "{out}");
+    let out = home.run(&["plan", "import", "--from", "https://example.invalid/x.git"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.error_line().contains("did you forget to pass --git?"),
+        "{out}"
+    );
+    let out = home.run(&["plan", "import", "--from", "/definitely/not/here"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("/definitely/not/here"), "{out}");
+}
+
+#[test]
+fn created_plans_are_importable_and_describable() {
+    let home = Home::new();
+    for (target, files) in [
+        ("go", vec!["go.mod", "main.go", "manifest.toml"]),
+        ("rust", vec!["Cargo.toml", "src/main.rs", "manifest.toml"]),
+    ] {
+        let name = format!("new-{target}");
+        let out = home.run(&[
+            "plan",
+            "create",
+            "--plan",
+            &name,
+            "--target",
+            target,
+            "--module",
+            "example.com/new",
+        ]);
+        assert_eq!(out.code, Some(0), "{out}");
+        let dir = home.path().join("plans").join(&name);
+        assert!(
+            out.stdout
+                .contains(&format!("new test plan created under: {}", dir.display())),
+            "{out}"
+        );
+        for f in files {
+            assert!(dir.join(f).is_file(), "{target}: {f} missing");
+        }
+        let out = home.run(&["describe", "--plan", &name]);
+        assert_eq!(out.code, Some(0), "{out}");
+        assert!(
+            out.stdout
+                .contains(&format!("This test plan is called \"{name}\".")),
+            "{out}"
+        );
+        assert!(out.stdout.contains("- Test case: quickstart"), "{out}");
+
+        // Moved out and imported back, it is still a plan.
+        let moved = home.path().join("moved").join(&name);
+        std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+        std::fs::rename(&dir, &moved).unwrap();
+        let out = home.run(&["plan", "import", "--from", moved.to_str().unwrap()]);
+        assert_eq!(out.code, Some(0), "{out}");
+        assert!(out.stdout.contains(&format!("{name} quickstart")), "{out}");
+    }
+    let go_mod = std::fs::read_to_string(home.path().join("moved/new-go/go.mod")).unwrap();
+    assert!(go_mod.contains("module example.com/new"));
+    assert!(go_mod.contains("github.com/testground/sdk-go v0.3.0"));
+    let main_go = std::fs::read_to_string(home.path().join("moved/new-go/main.go")).unwrap();
+    assert!(main_go.contains("run.Invoke("));
+    let cargo = std::fs::read_to_string(home.path().join("moved/new-rust/Cargo.toml")).unwrap();
+    assert!(cargo.contains("[workspace]"));
+    let manifest =
+        std::fs::read_to_string(home.path().join("moved/new-rust/manifest.toml")).unwrap();
+    assert!(manifest.contains("[builders.\"exec:rust\"]"));
+
+    let out = home.run(&["plan", "create", "--plan", "x", "--target", "cobol"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("cobol"), "{out}");
+    // new-go is taken by the import above.
+    let out = home.run(&["plan", "create", "--plan", "new-go"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("already exists"), "{out}");
+}
+
+#[test]
+fn rust_template_prints_a_success_event() {
+    let home = Home::new();
+    let out = home.run(&["plan", "create", "--plan", "r", "--target", "rust"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let main_rs = std::fs::read_to_string(home.path().join("plans/r/src/main.rs")).unwrap();
+    assert!(main_rs.contains("success_event"));
+}
+
+#[test]
+fn link_sdk_is_rejected_clearly() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    let out = home.run(&[
+        "build",
+        "single",
+        "-p",
+        "demo",
+        "-b",
+        "exec:go",
+        "--link-sdk",
+        "sdk",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.error_line().contains("--link-sdk is not supported yet"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_flag_values_name_the_flag() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    let base = [
+        "run",
+        "single",
+        "-p",
+        "demo",
+        "-t",
+        "ping",
+        "-b",
+        "exec:go",
+        "-r",
+        "local:exec",
+        "-i",
+        "1",
+    ];
+    for (flag, value) in [("--build-cfg", "novalue"), ("--tp", "=x"), ("--dep", "a=b")] {
+        let mut args = base.to_vec();
+        args.extend([flag, value]);
+        let out = home.run(&args);
+        assert_eq!(out.code, Some(1), "{out}");
+        let e = out.error_line();
+        assert!(
+            e.contains(flag.trim_start_matches('-')) || e.contains("test-param"),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn status_of_an_unknown_task_fails_clearly() {
+    let home = Home::new();
+    let out = home.run(&["status", "-t", "nonexistent"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("nonexistent"), "{out}");
+    assert!(
+        out.stdout
+            .contains("testground client initialized\t{\"addr\": \"embedded\"}"),
+        "{out}"
+    );
+}
+
+#[test]
+fn tasks_on_an_empty_home() {
+    let home = Home::new();
+    let out = home.run(&["tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == [
+                    "ID", "DATE", "TEST", "PLAN", "TEST", "CASE", "DURATION", "STATE", "TYPE"
+                ]),
+        "{out}"
+    );
+}
+
+#[test]
+fn terminate_needs_exactly_one_component() {
+    let home = Home::new();
+    let out = home.run(&["terminate"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.error_line().contains("specify something to terminate"),
+        "{out}"
+    );
+    let out = home.run(&["terminate", "--runner", "a", "--builder", "b"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("one at a time"), "{out}");
+}
+
+#[test]
+fn unreachable_endpoint_is_a_clear_error() {
+    let home = Home::new();
+    // Port 1 on loopback: nothing listens there.
+    let out = home.run(&["--endpoint", "http://127.0.0.1:1", "tasks"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.error_line()
+            .contains("cannot reach the daemon at http://127.0.0.1:1"),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("{\"addr\": \"http://127.0.0.1:1\"}"),
+        "{out}"
+    );
+}
+
+/// A daemon on a free loopback port, stopped (by its pid) when dropped.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(home: &Home, tokens: &[&str]) -> Daemon {
+        let tokens: Vec<String> = tokens.iter().map(|t| format!("{t:?}")).collect();
+        std::fs::write(
+            home.path().join(".env.toml"),
+            format!(
+                "[daemon]\nlisten = \"127.0.0.1:0\"\ntokens = [{}]\n[sync]\nport = 0\n",
+                tokens.join(", ")
+            ),
+        )
+        .unwrap();
+        let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("testground"))
+            .arg("daemon")
+            .env("TESTGROUND_HOME", home.path())
+            .env_remove("LOG_LEVEL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("daemon listening\t{\"addr\": \"").nth(1) {
+                    let _ = tx.send(rest.trim_end_matches("\"}").to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("daemon did not report its address");
+        Daemon { child, addr }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = StdCommand::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn remote_mode_talks_to_a_daemon() {
+    let home = Home::new();
+    let daemon = Daemon::start(&home, &[]);
+    let endpoint = format!("http://{}", daemon.addr);
+    let out = home.run(&["--endpoint", &endpoint, "tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("{{\"addr\": \"{endpoint}\"}}")),
+        "{out}"
+    );
+    assert!(out.stdout.contains("ID  DATE"), "{out}");
+
+    let out = home.run(&["--endpoint", &endpoint, "status", "-t", "nonexistent"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("nonexistent"), "{out}");
+
+    let out = home.run(&[
+        "--endpoint",
+        &endpoint,
+        "healthcheck",
+        "--runner",
+        "local:exec",
+    ]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout.contains("finished checking runner local:exec"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("Checks:\n"), "{out}");
+
+    let out = home.run(&[
+        "--endpoint",
+        &endpoint,
+        "collect",
+        "nonexistent",
+        "-r",
+        "local:exec",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stdout.contains("\tERROR\tno such testplan run"),
+        "{out}"
+    );
+    assert!(!home.path().join("nonexistent.tgz").exists());
+}
+
+#[test]
+fn remote_mode_sends_the_token() {
+    let home = Home::new();
+    let daemon = Daemon::start(&home, &["s3cret"]);
+    let endpoint = format!("http://{}", daemon.addr);
+    let out = home.run(&["--endpoint", &endpoint, "tasks"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("403"), "{out}");
+    // The client's token comes from the same .env.toml.
+    let env = home.path().join(".env.toml");
+    let text = std::fs::read_to_string(&env).unwrap();
+    std::fs::write(&env, format!("{text}[client]\ntoken = \"s3cret\"\n")).unwrap();
+    let out = home.run(&["--endpoint", &endpoint, "tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
+}
