@@ -8,7 +8,7 @@
 //!
 //! Modules:
 //! - [`home`]: `$TESTGROUND_HOME` layout.
-//! - [`config`]: `.env.toml`.
+//! - [`config`]: the `.env.toml` file.
 //! - [`engine`]: the engine: submit, queue, workers, build and run tasks, logs, collect.
 //! - `store`: SQLite task store.
 //! - `tasklog`: per-task log files that can be followed live.

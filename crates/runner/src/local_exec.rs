@@ -307,6 +307,23 @@ pub(crate) async fn run(
     })
 }
 
+/// Spawns `cmd`, retrying briefly on `ETXTBSY`: a freshly built artifact can still be open
+/// for writing in a child that another thread of this process forked before the builder
+/// closed it (the descriptor goes away at that child's exec).
+async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<tokio::process::Child> {
+    let mut delay = std::time::Duration::from_millis(5);
+    for _ in 0..8 {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    cmd.spawn()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,21 +371,4 @@ mod tests {
             Err(RunError::InvalidConfig { .. })
         ));
     }
-}
-
-/// Spawns `cmd`, retrying briefly on `ETXTBSY`: a freshly built artifact can still be open
-/// for writing in a child that another thread of this process forked before the builder
-/// closed it (the descriptor goes away at that child's exec).
-async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<tokio::process::Child> {
-    let mut delay = std::time::Duration::from_millis(5);
-    for _ in 0..8 {
-        match cmd.spawn() {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            other => return other,
-        }
-    }
-    cmd.spawn()
 }
