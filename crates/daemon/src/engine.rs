@@ -259,9 +259,7 @@ impl Engine {
             None => None,
         };
         if plan_dir.is_none() && !req.build_groups.is_empty() {
-            return Err(EngineError::BadRequest(
-                "plan directory not present".into(),
-            ));
+            return Err(EngineError::BadRequest("plan directory not present".into()));
         }
         req.plan_archive = None;
         let task = Task {
@@ -891,7 +889,12 @@ impl Engine {
         };
         for runner in runners {
             let mut buf = Vec::new();
-            match tg_runner::collect_outputs(&self.inner.home.outputs_dir(), &runner, run_id, &mut buf) {
+            match tg_runner::collect_outputs(
+                &self.inner.home.outputs_dir(),
+                &runner,
+                run_id,
+                &mut buf,
+            ) {
                 Ok(true) => return Ok(Some(buf)),
                 Ok(false) => {}
                 Err(e) => {
@@ -922,7 +925,11 @@ impl Engine {
             report.checks.push(HealthcheckItem {
                 name: name.into(),
                 status: if ok { "ok" } else { "failed" }.into(),
-                message: format!("{} {}", dir.display(), if ok { "exists" } else { "is missing" }),
+                message: format!(
+                    "{} {}",
+                    dir.display(),
+                    if ok { "exists" } else { "is missing" }
+                ),
             });
             if !ok && fix {
                 let r = std::fs::create_dir_all(&dir);
@@ -1007,16 +1014,20 @@ struct TaskDone {
 fn render_event(log: &mut LogWriter, ev: tg_runner::RunnerEvent) {
     match ev {
         tg_runner::RunnerEvent::Log(s) => log.line(&log_line("INFO", &s)),
-        tg_runner::RunnerEvent::Started { started, total } => {
-            log.line(&log_line("INFO", &format!("started {started}/{total} instances")))
-        }
+        tg_runner::RunnerEvent::Started { started, total } => log.line(&log_line(
+            "INFO",
+            &format!("started {started}/{total} instances"),
+        )),
         tg_runner::RunnerEvent::Instance(line) => log.line(&log_line("INFO", &line.render())),
     }
 }
 
 /// A daemon log line in the original's console format: `Jan  6 08:15:50.651158\tINFO\t<msg>`.
 pub fn log_line(level: &str, msg: &str) -> String {
-    format!("{}\t{level}\t{msg}", Utc::now().format("%b %e %H:%M:%S%.6f"))
+    format!(
+        "{}\t{level}\t{msg}",
+        Utc::now().format("%b %e %H:%M:%S%.6f")
+    )
 }
 
 fn push_state(task: &mut Task, state: TaskState) {

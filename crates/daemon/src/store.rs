@@ -91,7 +91,9 @@ impl Store {
     pub fn owner(&self, id: &str) -> Result<u32, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT owner_pid FROM tasks WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT owner_pid FROM tasks WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()?
             .unwrap_or(0))
     }
