@@ -115,8 +115,10 @@ fn queued_id(o: &Output) -> String {
     line.split_whitespace().last().unwrap().to_string()
 }
 
-/// A case where every instance must succeed: exit 0, N/N, and no panic in any run.err.
-fn assert_all_succeed(case: &str) {
+/// A case where every instance must succeed: exit 0, N/N, no panic in any run.err, and the
+/// plan's own completion message (`marker`) in the run.out of exactly `with_marker` instances,
+/// which proves the checks in the plan actually ran.
+fn assert_all_succeed(case: &str, marker: &str, with_marker: usize) {
     let home = Home::new();
     let (out, id) = home.run_single(case, N);
     assert!(out.status.success(), "{case}: {}", text(&out));
@@ -129,6 +131,10 @@ fn assert_all_succeed(case: &str) {
     );
     let panicked = home.panicked(&id, "single", N);
     assert!(panicked.is_empty(), "{case}: panics in {panicked:?}");
+    let marked = (0..N)
+        .filter(|&i| home.run_out(&id, "single", i).contains(marker))
+        .count();
+    assert_eq!(marked, with_marker, "{case}: instances with {marker:?}");
 }
 
 /// A case where the instance with GlobalSeq 1 must fail: exit 1, (N-1)/N.
@@ -163,7 +169,7 @@ fn seqs(run_out: &str) -> (usize, usize) {
 
 #[test]
 fn seq_global_seqs_are_a_permutation() {
-    assert_all_succeed("seq");
+    assert_all_succeed("seq", "compat seq: ", N);
 }
 
 #[test]
@@ -224,17 +230,26 @@ instances = {{ count = 10 }}
 
 #[test]
 fn barriers_ten_rounds() {
-    assert_all_succeed("barriers");
+    assert_all_succeed("barriers", "compat barriers: 10 rounds passed", N);
 }
 
 #[test]
 fn pubsub_all_to_all() {
-    assert_all_succeed("pubsub");
+    assert_all_succeed(
+        "pubsub",
+        &format!("compat pubsub: received all {N} items"),
+        N,
+    );
 }
 
 #[test]
 fn late_subscriber_gets_the_full_history() {
-    assert_all_succeed("late-subscriber");
+    // Only instance 1 subscribes late; it alone reports the replay.
+    assert_all_succeed(
+        "late-subscriber",
+        &format!("compat late-subscriber: replayed all {N} items"),
+        1,
+    );
 }
 
 #[test]

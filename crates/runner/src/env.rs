@@ -52,7 +52,16 @@ impl GroupEnv {
         put("SYNC_SERVICE_HOST", input.sync_host.clone());
         put("SYNC_SERVICE_PORT", input.sync_port.to_string());
         put("REDIS_HOST", "localhost".into());
-        put("INFLUXDB_URL", "http://localhost:8086".into());
+        // We run no InfluxDB: pointing the SDKs at one that is not there makes every sdk-go
+        // instance spend seconds retrying uploads at exit. Empty means "no metrics upload" to
+        // sdk-go and still satisfies sdk-rust, which requires the variable to be present.
+        // `--run-cfg influxdb_url=http://...` points instances at a real one.
+        let influx = input
+            .run_config
+            .get("influxdb_url")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        put("INFLUXDB_URL", influx.to_owned());
         GroupEnv {
             vars,
             group: group.id.clone(),
