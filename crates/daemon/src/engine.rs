@@ -279,6 +279,7 @@ impl Engine {
             }],
             task_type: req.task_type,
             composition: serde_json::to_value(&req.composition).unwrap_or_default(),
+            created_by: req.created_by.clone(),
             input: serde_json::to_value(StoredInput {
                 request: req,
                 sources: Sources { plan_dir },
@@ -286,12 +287,7 @@ impl Engine {
             .unwrap_or_default(),
             result: serde_json::Value::Null,
             error: String::new(),
-            created_by: Default::default(),
         };
-        let mut task = task;
-        if let Ok(input) = serde_json::from_value::<StoredInput>(task.input.clone()) {
-            task.created_by = input.request.created_by;
-        }
         {
             let q = lock(&self.inner.queue);
             if q.0.len() >= self.inner.cfg.daemon.scheduler.queue_size.max(1) {
@@ -450,10 +446,11 @@ impl Engine {
                 push_state(&mut task, TaskState::Canceled);
             }
         }
-        self.inner.store.put(&task, 0)?;
+        // Whatever happens to the store, followers must see the end of the log.
+        let stored = self.inner.store.put(&task, 0);
         log.finish();
         lock(&self.inner.running).remove(id);
-        Ok(())
+        Ok(stored?)
     }
 
     /// Builds the requested groups, once per distinct build, and fills their artifacts in.
