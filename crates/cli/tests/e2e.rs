@@ -654,3 +654,56 @@ fn terminate_kills_a_running_embedded_run() {
         text(&out)
     );
 }
+
+#[test]
+fn rust_sdk_example_plan_runs_through_the_engine() {
+    let home = Home::new();
+    home.import("example-sdk");
+    let run = |case: &str, n: &str| {
+        home.tg(&[
+            "run",
+            "single",
+            "--plan",
+            "example-sdk",
+            "--testcase",
+            case,
+            "--builder",
+            "exec:rust",
+            "--runner",
+            "local:exec",
+            "-i",
+            n,
+            "--build-cfg",
+            "profile=dev",
+            "--wait",
+        ])
+    };
+    // Barriers and all-to-all pub/sub through the engine's sync service.
+    let out = run("sync", "5");
+    assert!(out.status.success(), "{}", text(&out));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("run finished with outcome = success (single:5/5)"),
+        "{s}"
+    );
+    // Typed params from the manifest defaults, metrics files in the outputs.
+    let out = run("params", "1");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run("metrics", "1");
+    assert!(out.status.success(), "{}", text(&out));
+    let id = queued_id(&out);
+    let results = std::fs::read_to_string(home.path().join(format!(
+        "data/outputs/local_exec/example-sdk/{id}/single/0/results.out"
+    )))
+    .unwrap();
+    assert!(results.contains("\"measures\""), "{results}");
+    // A panic is a crash: not ok.
+    let out = run("panic", "2");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("run finished with outcome = failure (single:0/2)"),
+        "{s}"
+    );
+    assert!(s.contains("CRASH << single[000] >>"), "{s}");
+}
