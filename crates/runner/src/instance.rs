@@ -212,14 +212,7 @@ impl InstanceTask {
                         out.reader = None;
                     }
                     if !out.buf.is_empty() {
-                        let line = out.take_line();
-                        let event = parse_event_line(&line).map(|(_, e)| e);
-                        let report = InstanceReport::Stdout {
-                            instance: ordinal,
-                            elapsed: start.elapsed(),
-                            line,
-                            event,
-                        };
+                        let report = stdout_report(ordinal, start.elapsed(), out.take_line());
                         let _ = reports.send(report).await;
                     }
                 }
@@ -228,12 +221,7 @@ impl InstanceTask {
                         err.reader = None;
                     }
                     if !err.buf.is_empty() {
-                        let line = err.take_line();
-                        let report = InstanceReport::Stderr {
-                            instance: ordinal,
-                            elapsed: start.elapsed(),
-                            line,
-                        };
+                        let report = stderr_report(ordinal, start.elapsed(), err.take_line());
                         let _ = reports.send(report).await;
                     }
                 }
@@ -279,23 +267,11 @@ impl InstanceTask {
 
         // A partial line left behind when the pipes were abandoned still counts.
         if !out.buf.is_empty() {
-            let line = out.take_line();
-            let event = parse_event_line(&line).map(|(_, e)| e);
-            let report = InstanceReport::Stdout {
-                instance: ordinal,
-                elapsed: start.elapsed(),
-                line,
-                event,
-            };
+            let report = stdout_report(ordinal, start.elapsed(), out.take_line());
             let _ = reports.send(report).await;
         }
         if !err.buf.is_empty() {
-            let line = err.take_line();
-            let report = InstanceReport::Stderr {
-                instance: ordinal,
-                elapsed: start.elapsed(),
-                line,
-            };
+            let report = stderr_report(ordinal, start.elapsed(), err.take_line());
             let _ = reports.send(report).await;
         }
 
@@ -313,5 +289,23 @@ impl InstanceTask {
                 exit,
             })
             .await;
+    }
+}
+
+fn stdout_report(instance: usize, elapsed: Duration, line: String) -> InstanceReport {
+    let event = parse_event_line(&line).map(|(_, e)| e);
+    InstanceReport::Stdout {
+        instance,
+        elapsed,
+        line,
+        event,
+    }
+}
+
+fn stderr_report(instance: usize, elapsed: Duration, line: String) -> InstanceReport {
+    InstanceReport::Stderr {
+        instance,
+        elapsed,
+        line,
     }
 }
