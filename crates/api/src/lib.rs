@@ -12,6 +12,7 @@
 //! - [`events`]: the instance event lines (`start_event`, `success_event`, ...).
 //! - [`task`]: tasks, states, outcomes and run results, as stored and served by the daemon.
 //! - [`rpc`]: daemon HTTP request bodies and the streamed response chunks.
+//! - [`network`]: `network.Config`, `LinkShape`, `LinkRule`: what instances ask the sidecar for.
 //! - [`sync`]: sync service wire messages.
 //! - [`exit`]: the CLI's exit codes.
 
@@ -19,6 +20,7 @@ pub mod composition;
 pub mod events;
 pub mod exit;
 pub mod manifest;
+pub mod network;
 pub mod rpc;
 pub mod sync;
 pub mod task;

@@ -1,0 +1,1 @@
+//! Userspace network emulator core (to be written).

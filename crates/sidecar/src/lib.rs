@@ -1,0 +1,1 @@
+//! Sidecar (to be written).

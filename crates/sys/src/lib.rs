@@ -1,0 +1,1 @@
+//! System interfaces (to be written).
