@@ -1,1 +1,33 @@
-//! System interfaces (to be written).
+//! `tg-sys` owns every direct contact between Testground's `local:netns` runner and the
+//! Linux kernel: network namespaces (held by file descriptors, never bind-mounted, so a
+//! crashed owner leaves nothing behind), TUN devices, rtnetlink configuration of links,
+//! addresses and routes, the jail a test instance is put into between `fork` and `exec`,
+//! and `/proc` scans used for leftover cleanup and test assertions. It is the only crate
+//! of the project allowed to use `unsafe`; everything it exports is a safe
+//! `std::io::Result` API. It does not decide anything: address plans, traffic shaping
+//! policy, packet forwarding and process supervision belong to the sidecar and runner.
+//!
+//! Modules:
+//! - [`netns`]: [`NetNs`] handles, running code inside a namespace, sysctls.
+//! - [`tun`]: [`Tun`] devices (raw IP packets, non-blocking).
+//! - [`netlink`]: [`Netlink`], an async rtnetlink handle bound to one namespace.
+//! - [`jail`]: [`Jail`], what a child process is put into before `exec`.
+//! - [`proc`]: which processes live in which network namespace.
+//! - [`error`]: errors that keep the errno while naming the failed operation.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod error;
+pub mod jail;
+pub mod netlink;
+pub mod netns;
+pub mod proc;
+pub mod tun;
+
+pub use error::{ContextError, errno};
+pub use jail::Jail;
+pub use netlink::Netlink;
+pub use netns::{NetNs, write_sysctl};
+pub use proc::{all_netns_inodes, netns_inode_of, pids_in_netns};
+pub use tun::Tun;

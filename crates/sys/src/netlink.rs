@@ -1,0 +1,268 @@
+//! Async rtnetlink configuration of one namespace's links, addresses and routes.
+//!
+//! A netlink socket talks to the namespace it was created in, for its whole life. So
+//! [`Netlink::open`] creates the socket on a helper thread inside the namespace and then
+//! drives it from the caller's tokio runtime; afterwards no thread needs to be in the
+//! namespace. Requests on one handle may be issued concurrently (they are multiplexed by
+//! sequence number over the one socket).
+
+use std::fmt::Display;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{
+    AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
+
+use crate::error::{with_context, with_context_kind};
+use crate::netns::NetNs;
+
+/// An rtnetlink handle whose socket lives in one namespace. The connection task runs on
+/// the tokio runtime that was current in [`Netlink::open`] and ends when this handle
+/// (and every clone of [`Netlink::handle`]) is dropped.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+impl std::fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netlink").finish_non_exhaustive()
+    }
+}
+
+/// Turns an rtnetlink error into an `io::Error` that keeps the errno (EEXIST →
+/// `AlreadyExists`, ENODEV/ENOENT → `NotFound`, EPERM → `PermissionDenied`, ...) and
+/// names the operation.
+fn nl_error(what: impl Display) -> impl FnOnce(rtnetlink::Error) -> io::Error {
+    move |err| match err {
+        rtnetlink::Error::NetlinkError(ref msg) if msg.code.is_some() => {
+            let code = msg.code.map_or(0, |c| c.get()).abs();
+            let os = io::Error::from_raw_os_error(code);
+            // std files ENODEV under "uncategorized"; for netlink it always means
+            // "no such interface", which callers want to match as NotFound.
+            let kind = if code == libc::ENODEV {
+                io::ErrorKind::NotFound
+            } else {
+                os.kind()
+            };
+            with_context_kind(kind, os, what.to_string())
+        }
+        other => with_context(io::Error::other(other), what.to_string()),
+    }
+}
+
+impl Netlink {
+    /// A handle whose socket lives in `ns` (the socket is created inside `ns.run(..)`,
+    /// then its connection task is spawned on the current tokio runtime).
+    ///
+    /// Blocks the calling thread briefly (one helper thread spawn). Fails if called
+    /// outside a tokio runtime.
+    pub async fn open(ns: &NetNs) -> io::Result<Netlink> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| io::Error::other(format!("Netlink::open needs a tokio runtime: {e}")))?;
+        // The socket is registered with the runtime's reactor while the helper thread
+        // (in `ns`) has the runtime entered; creation is what binds it to `ns`.
+        let (connection, handle, _unsolicited) = ns
+            .run(move || {
+                let _guard = runtime.enter();
+                rtnetlink::new_connection()
+            })?
+            .map_err(|e| with_context(e, "opening rtnetlink socket"))?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    /// The underlying rtnetlink handle, for requests this type does not wrap (it talks
+    /// to the same namespace).
+    pub fn handle(&self) -> &rtnetlink::Handle {
+        &self.handle
+    }
+
+    /// Index of interface `name`; `NotFound` if there is none.
+    pub async fn link_index(&self, name: &str) -> io::Result<u32> {
+        let what = format!("looking up interface {name}");
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl_error(&what))?;
+        match link {
+            Some(link) => Ok(link.header.index),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{what}: no such interface"),
+            )),
+        }
+    }
+
+    /// Every interface of the namespace as (index, name).
+    pub async fn links(&self) -> io::Result<Vec<(u32, String)>> {
+        let mut stream = self.handle.link().get().execute();
+        let mut links = Vec::new();
+        while let Some(link) = stream.try_next().await.map_err(nl_error("listing links"))? {
+            let name = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            links.push((link.header.index, name.unwrap_or_default()));
+        }
+        Ok(links)
+    }
+
+    /// Sets the interface administratively up.
+    pub async fn set_up(&self, index: u32) -> io::Result<()> {
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("setting link {index} up")))
+    }
+
+    /// Sets the interface administratively down.
+    pub async fn set_down(&self, index: u32) -> io::Result<()> {
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("setting link {index} down")))
+    }
+
+    /// Sets the interface MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> io::Result<()> {
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("setting mtu {mtu} on link {index}")))
+    }
+
+    /// Adds `addr/prefix` to the interface (with the subnet broadcast address).
+    pub async fn add_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        self.handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+            .map_err(nl_error(format!(
+                "adding address {addr}/{prefix} to link {index}"
+            )))
+    }
+
+    /// Removes `addr/prefix` from the interface.
+    pub async fn del_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let message = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(addr, prefix)
+            .build();
+        self.handle
+            .address()
+            .del(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!(
+                "deleting address {addr}/{prefix} from link {index}"
+            )))
+    }
+
+    /// The route message shared by add and delete: the kernel only deletes a route whose
+    /// scope matches the request, so both must be built identically.
+    fn route_message(
+        dst: Ipv4Net,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> rtnetlink::packet_route::route::RouteMessage {
+        let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(oif);
+        match gateway {
+            // onlink: the gateway need not be inside a subnet configured on `oif`, so a
+            // /32 address on a point-to-point link can still route via its peer.
+            Some(gw) => builder.gateway(gw).onlink().build(),
+            None => builder.scope(RouteScope::Link).build(),
+        }
+    }
+
+    /// Adds a route to `dst` out of `oif`, via `gateway` if given (with the onlink flag
+    /// so a /32 peer works), else scope link. Host bits of `dst` are ignored.
+    pub async fn add_route(
+        &self,
+        dst: Ipv4Net,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> io::Result<()> {
+        self.handle
+            .route()
+            .add(Self::route_message(dst, gateway, oif))
+            .execute()
+            .await
+            .map_err(nl_error(describe_route("adding", dst, gateway, oif)))
+    }
+
+    /// Deletes the route [`Netlink::add_route`] would add with the same arguments.
+    pub async fn del_route(
+        &self,
+        dst: Ipv4Net,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> io::Result<()> {
+        self.handle
+            .route()
+            .del(Self::route_message(dst, gateway, oif))
+            .execute()
+            .await
+            .map_err(nl_error(describe_route("deleting", dst, gateway, oif)))
+    }
+
+    /// Creates a veth pair: `name` in this handle's namespace and `peer_name` directly
+    /// inside `peer_ns` (IFLA_NET_NS_FD on the peer), both down. Returns the index of
+    /// `name`.
+    pub async fn add_veth(&self, name: &str, peer_name: &str, peer_ns: &NetNs) -> io::Result<u32> {
+        // The fd is only read by the kernel while handling this request; `peer_ns` is
+        // borrowed until the request has been acknowledged, so it stays open.
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer_name.to_string())
+            .setns_by_fd(peer_ns.as_raw_fd())
+            .build();
+        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("creating veth {name} (peer {peer_name})")))?;
+        self.link_index(name).await
+    }
+
+    /// Deletes the interface (for a veth, both ends).
+    pub async fn del_link(&self, index: u32) -> io::Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl_error(format!("deleting link {index}")))
+    }
+}
+
+fn describe_route(verb: &str, dst: Ipv4Net, gateway: Option<Ipv4Addr>, oif: u32) -> String {
+    match gateway {
+        Some(gw) => format!("{verb} route {dst} via {gw} dev {oif} onlink"),
+        None => format!("{verb} route {dst} dev {oif} scope link"),
+    }
+}

@@ -1,0 +1,107 @@
+//! TUN devices: the data interface of a test instance.
+//!
+//! The device is created from a thread inside the target namespace so it is born there
+//! (moving it afterwards would need a netlink round trip and would briefly expose it in
+//! the runner's namespace). `IFF_NO_PI` means every read/write is exactly one raw IPv4
+//! or IPv6 packet, which is what the sidecar's packet pipeline wants.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::fcntl::{OFlag, open};
+use nix::sys::stat::Mode;
+
+use crate::error::nix_context;
+use crate::netns::NetNs;
+
+// TUNSETIFF reads an `ifreq` and writes the final name back into it, hence read-write.
+nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+
+/// A TUN device (IFF_TUN | IFF_NO_PI: raw IPv4/IPv6 packets) in some namespace,
+/// non-blocking. The device exists as long as this fd.
+#[derive(Debug)]
+pub struct Tun {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl Tun {
+    /// Creates TUN device `name` inside `ns` (open /dev/net/tun + TUNSETIFF from a thread
+    /// in `ns`), in non-blocking mode. The device is down and has no address; configure
+    /// it with [`crate::Netlink`]. Fails with EBUSY if another fd already holds a TUN
+    /// device of that name, EINVAL if a non-TUN interface has that name.
+    pub fn create(ns: &NetNs, name: &str) -> io::Result<Tun> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "invalid interface name {name:?} (1 to {} bytes, no NUL or '/')",
+                    libc::IFNAMSIZ - 1
+                ),
+            ));
+        }
+        ns.run(|| Self::create_here(name))?
+    }
+
+    fn create_here(name: &str) -> io::Result<Tun> {
+        let fd = open(
+            "/dev/net/tun",
+            OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| nix_context(e, "opening /dev/net/tun"))?;
+
+        // SAFETY: `ifreq` is a plain C struct (arrays, integers, a raw pointer in a
+        // union) for which all-zero bytes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // The last byte stays 0: `name` is shorter than IFNAMSIZ (checked by caller).
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: `fd` is an open /dev/net/tun descriptor and `req` is a valid, writable
+        // ifreq that outlives the call, as TUNSETIFF requires.
+        unsafe { tun_set_iff(fd.as_raw_fd(), &mut req) }
+            .map_err(|e| nix_context(e, format!("TUNSETIFF {name}")))?;
+
+        // The kernel writes back the name it used (relevant for patterns like "tun%d").
+        let actual: Vec<u8> = req
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Ok(Tun {
+            fd,
+            name: String::from_utf8_lossy(&actual).into_owned(),
+        })
+    }
+
+    /// The interface name, as the kernel has it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one packet into `buf`. `WouldBlock` when no packet is queued; a packet
+    /// larger than `buf` is truncated, so size `buf` to the MTU.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(nix::unistd::read(&self.fd, buf)?)
+    }
+
+    /// Writes one packet (a complete IPv4 or IPv6 datagram) to the kernel.
+    pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        Ok(nix::unistd::write(&self.fd, packet)?)
+    }
+}
+
+impl AsFd for Tun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Tun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
