@@ -1,1 +1,416 @@
-//! Userspace network emulator core (to be written).
+//! The sans-IO core of Testground's userspace network emulator.
+//!
+//! This crate owns the decisions: given IPv4 packets that test instances write to their TUN devices, it
+//! routes each one by destination address to another node of the run, applies the *sender's* egress shaping
+//! with Linux netem's semantics (filter, loss, duplication, corruption, bandwidth, latency, jitter,
+//! reordering), and says when each surviving packet is due at its receiver. It does not own any I/O: it
+//! never touches a TUN device, a socket, a clock or a thread. The sidecar reads packets, calls
+//! [`Emulator::send`] with the current time, sleeps until [`Emulator::next_deadline`], and writes what
+//! [`Emulator::poll`] releases. Nor does it translate Testground's `network.Config`; the sidecar maps it
+//! onto [`NodeConfig`].
+//!
+//! Randomness is seeded by the caller. Every link (a sender plus one of its rules, or its default) draws
+//! from its own ChaCha8 streams, seeded by mixing the emulator seed, the sender's [`NodeId`], the link's
+//! index in the node's configuration and how many times that node has been configured. Consequently the
+//! same seed and the same sequence of calls give identical results, and the fate of the n-th packet on a
+//! link depends only on the seed and that link's own packets: not on other links' traffic, nor on timing
+//! (apart from the bandwidth queue, whose tail drops depend on when packets are offered, as on a real link).
+//!
+//! Modules:
+//! - this file: [`Emulator`] (nodes, addresses, the per-packet pipeline), [`NodeId`], [`Delivery`],
+//!   [`NetemError`];
+//! - [`config`]: [`Shape`], [`Filter`], [`Rule`], [`NodeConfig`], what the caller configures;
+//! - [`link`]: [`Link`], one sender-to-rule path composing the stages;
+//! - [`stage`]: the stages themselves ([`stage::Loss`], [`stage::Duplicate`], [`stage::Corrupt`],
+//!   [`stage::Rate`], [`stage::Delay`]) and netem's correlated random trial [`stage::Chance`];
+//! - [`stats`]: [`Stats`], [`Verdict`], [`DropReason`];
+//! - [`packet`]: IPv4 header parsing, the internet checksum, the ICMP error a rejecting filter sends;
+//! - `sched` (private): the release schedule.
+
+pub mod config;
+pub mod link;
+pub mod packet;
+mod sched;
+pub mod stage;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::Ipv4Addr;
+
+pub use config::{Filter, NodeConfig, Rule, Shape};
+pub use link::{Link, Transmit};
+pub use stats::{DropReason, Stats, Verdict};
+
+/// Nanoseconds on a monotonic clock whose origin the caller picks.
+pub type Nanos = u64;
+
+/// A node of the run, chosen by the caller: the instance ordinal 0..N.
+///
+/// Ids index a vector, so they should be dense; ids above [`Emulator::MAX_NODE_ID`] are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+impl NodeId {
+    fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A packet released by [`Emulator::poll`], to be written to `to`'s TUN device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub to: NodeId,
+    pub packet: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetemError {
+    #[error("address {addr} is taken by node {by}")]
+    AddressTaken { addr: Ipv4Addr, by: NodeId },
+    #[error("unknown node {node}")]
+    UnknownNode { node: NodeId },
+    #[error("node {node} exists already")]
+    NodeExists { node: NodeId },
+    #[error("node id {node} is above the maximum {max}")]
+    NodeIdTooLarge { node: NodeId, max: u32 },
+}
+
+/// Hashes IPv4 addresses (as u32) with one folded multiplication.
+///
+/// Addresses are looked up once per packet; SipHash's DoS resistance buys nothing here (the caller assigns
+/// the addresses) and costs more than the rest of the routing decision.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by u32 keys; kept correct for completeness.
+        for &b in bytes {
+            self.write_u32(u32::from(b) ^ (self.0 as u32));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        let product = u128::from(u64::from(n) ^ self.0) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type AddrMap = HashMap<u32, NodeId, BuildHasherDefault<AddrHasher>>;
+
+/// SplitMix64's finaliser: a bijection whose every output bit depends on every input bit.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The seed of one link's random streams. Chained rather than XORed together so that, e.g., (node 1, link 2)
+/// and (node 2, link 1) do not collide.
+fn link_seed(seed: u64, node: NodeId, link: usize, generation: u64) -> u64 {
+    mix(mix(mix(mix(seed) ^ u64::from(node.0)) ^ link as u64) ^ generation)
+}
+
+/// A route from a sender to one of its links.
+struct Route {
+    net: u32,
+    mask: u32,
+    link: usize,
+}
+
+struct Node {
+    addr: Ipv4Addr,
+    config: NodeConfig,
+    /// How many times [`Emulator::configure`] was called for this node since it was added.
+    generation: u64,
+    /// The node's rules sorted by prefix length, longest first (stable, so the first of equal rules wins);
+    /// the first matching route is the longest-prefix match.
+    routes: Vec<Route>,
+    /// One link per rule, in the configuration's order, then the default link.
+    links: Vec<Link>,
+}
+
+impl Node {
+    fn new(addr: Ipv4Addr, config: NodeConfig, seed: u64, id: NodeId, generation: u64) -> Self {
+        let mut links: Vec<Link> = config
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Link::new(r.filter, &r.shape, link_seed(seed, id, i, generation)))
+            .collect();
+        links.push(Link::new(
+            config.filter,
+            &config.default,
+            link_seed(seed, id, config.rules.len(), generation),
+        ));
+        let mut routes: Vec<Route> = config
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route {
+                net: u32::from(r.subnet.network()),
+                mask: u32::from(r.subnet.netmask()),
+                link: i,
+            })
+            .collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.mask.count_ones()));
+        Self {
+            addr,
+            config,
+            generation,
+            routes,
+            links,
+        }
+    }
+
+    fn link_for(&mut self, dst: u32) -> &mut Link {
+        let i = self
+            .routes
+            .iter()
+            .find(|r| dst & r.mask == r.net)
+            .map_or(self.links.len() - 1, |r| r.link);
+        &mut self.links[i]
+    }
+}
+
+/// The emulator: the run's nodes, their links, and the packets in flight.
+pub struct Emulator {
+    seed: u64,
+    queue_limit: usize,
+    nodes: Vec<Option<Node>>,
+    by_addr: AddrMap,
+    sched: sched::Scheduler,
+    stats: Stats,
+}
+
+impl Emulator {
+    /// Largest accepted [`NodeId`]: ids index a vector, so a stray huge id must not allocate gigabytes.
+    pub const MAX_NODE_ID: u32 = (1 << 24) - 1;
+    /// netem's default `limit`.
+    pub const DEFAULT_QUEUE_LIMIT: usize = 1000;
+
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            queue_limit: Self::DEFAULT_QUEUE_LIMIT,
+            nodes: Vec::new(),
+            by_addr: AddrMap::default(),
+            sched: sched::Scheduler::default(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Packets a bandwidth-limited link may hold waiting for the wire; beyond it they are tail-dropped.
+    /// Default 1000 (netem's default limit). Applies to every link from the next packet on; 0 drops all
+    /// packets on bandwidth-limited links, like netem's `limit 0`.
+    pub fn set_queue_limit(&mut self, packets: usize) {
+        self.queue_limit = packets;
+    }
+
+    pub fn queue_limit(&self) -> usize {
+        self.queue_limit
+    }
+
+    /// Adds a node at `addr` with the default configuration (enabled, accept, unshaped).
+    pub fn add_node(&mut self, id: NodeId, addr: Ipv4Addr) -> Result<(), NetemError> {
+        if id.0 > Self::MAX_NODE_ID {
+            return Err(NetemError::NodeIdTooLarge {
+                node: id,
+                max: Self::MAX_NODE_ID,
+            });
+        }
+        if self.node(id).is_some() {
+            return Err(NetemError::NodeExists { node: id });
+        }
+        if let Some(&by) = self.by_addr.get(&u32::from(addr)) {
+            return Err(NetemError::AddressTaken { addr, by });
+        }
+        if self.nodes.len() <= id.index() {
+            self.nodes.resize_with(id.index() + 1, || None);
+        }
+        self.nodes[id.index()] = Some(Node::new(addr, NodeConfig::default(), self.seed, id, 0));
+        self.by_addr.insert(u32::from(addr), id);
+        Ok(())
+    }
+
+    /// Removes a node (no-op if unknown). Packets in flight to it are discarded when they fall due (counted in
+    /// [`Stats::discarded`]); packets it sent earlier still arrive.
+    pub fn remove_node(&mut self, id: NodeId) {
+        if let Some(node) = self.nodes.get_mut(id.index()).and_then(Option::take) {
+            self.by_addr.remove(&u32::from(node.addr));
+        }
+    }
+
+    /// Moves a node to a new address (the instance changed its IP). Errors if another node has it.
+    ///
+    /// Packets already in flight to the node are still delivered to it; their destination address is
+    /// whatever it was when sent, which the receiving kernel may no longer accept, as on a real network.
+    pub fn set_addr(&mut self, id: NodeId, addr: Ipv4Addr) -> Result<(), NetemError> {
+        let key = u32::from(addr);
+        match self.by_addr.get(&key) {
+            Some(&by) if by == id => return Ok(()),
+            Some(&by) => return Err(NetemError::AddressTaken { addr, by }),
+            None => {}
+        }
+        let node = self
+            .nodes
+            .get_mut(id.index())
+            .and_then(Option::as_mut)
+            .ok_or(NetemError::UnknownNode { node: id })?;
+        self.by_addr.remove(&u32::from(node.addr));
+        node.addr = addr;
+        self.by_addr.insert(key, id);
+        Ok(())
+    }
+
+    pub fn addr(&self, id: NodeId) -> Option<Ipv4Addr> {
+        self.node(id).map(|n| n.addr)
+    }
+
+    pub fn node_at(&self, addr: Ipv4Addr) -> Option<NodeId> {
+        self.by_addr.get(&u32::from(addr)).copied()
+    }
+
+    /// The node's current configuration.
+    pub fn config(&self, id: NodeId) -> Option<&NodeConfig> {
+        self.node(id).map(|n| &n.config)
+    }
+
+    /// Replaces the node's egress configuration; packets already scheduled keep their times.
+    ///
+    /// All of the node's links start afresh (new random streams, empty bandwidth queues, no correlation
+    /// memory), even those whose rule did not change: rules have no identity to carry state across, and a
+    /// fresh start keeps outcomes a function of the configuration sequence alone. One consequence: packets
+    /// still queued for the old wire do not delay packets sent under the new configuration.
+    pub fn configure(&mut self, id: NodeId, cfg: NodeConfig) -> Result<(), NetemError> {
+        let seed = self.seed;
+        let slot = self
+            .nodes
+            .get_mut(id.index())
+            .and_then(Option::as_mut)
+            .ok_or(NetemError::UnknownNode { node: id })?;
+        let generation = slot.generation + 1;
+        *slot = Node::new(slot.addr, cfg, seed, id, generation);
+        Ok(())
+    }
+
+    /// Offers an IPv4 packet (as read from the node's TUN, no packet-info header) sent by `from` at `now`.
+    pub fn send(&mut self, now: Nanos, from: NodeId, packet: Vec<u8>) -> Verdict {
+        self.stats.sent += 1;
+        let Some(hdr) = packet::parse_ipv4(&packet) else {
+            return self.dropped(DropReason::Malformed);
+        };
+        let Some(sender_enabled) = self.node(from).map(|n| n.config.enabled) else {
+            return self.dropped(DropReason::UnknownSender);
+        };
+        let dst = u32::from(hdr.dst);
+        let Some(&to) = self.by_addr.get(&dst) else {
+            return self.dropped(DropReason::NoRoute);
+        };
+        // by_addr only holds addresses of present nodes.
+        let receiver_enabled = self.node(to).is_some_and(|n| n.config.enabled);
+        if !sender_enabled || !receiver_enabled {
+            return self.dropped(DropReason::Disabled);
+        }
+        let Some(Some(sender)) = self.nodes.get_mut(from.index()) else {
+            unreachable!("sender looked up above");
+        };
+        let link = sender.link_for(dst);
+        match link.filter() {
+            Filter::Accept => {}
+            Filter::Drop => return self.dropped(DropReason::FilteredDrop),
+            Filter::Reject => {
+                self.stats.rejected += 1;
+                if !packet::may_send_icmp_error(&packet, &hdr) {
+                    return Verdict::Dropped(DropReason::Rejected);
+                }
+                self.stats.icmp_replies += 1;
+                self.sched
+                    .push(now, from, packet::admin_prohibited(&packet, &hdr));
+                return Verdict::Rejected;
+            }
+        }
+        if link.lose() {
+            return self.dropped(DropReason::Loss);
+        }
+        let copy = link.duplicate().then(|| packet.clone());
+        self.stats.duplicated += u64::from(copy.is_some());
+        let limit = self.queue_limit;
+        let mut scheduled = false;
+        for mut p in std::iter::once(packet).chain(copy) {
+            match link.transmit(now, &mut p, hdr.payload(), limit) {
+                Some(tx) => {
+                    self.stats.corrupted += u64::from(tx.corrupted);
+                    self.stats.reordered += u64::from(tx.reordered);
+                    self.sched.push(tx.due, to, p);
+                    scheduled = true;
+                }
+                None => self.stats.queue_full += 1,
+            }
+        }
+        if scheduled {
+            Verdict::Scheduled
+        } else {
+            Verdict::Dropped(DropReason::QueueFull)
+        }
+    }
+
+    /// The next packet due at or before `now`, in due-time order (ties broken by the order they were
+    /// scheduled, so it is deterministic). Call repeatedly until None.
+    pub fn poll(&mut self, now: Nanos) -> Option<Delivery> {
+        self.poll_timed(now).map(|(_, d)| d)
+    }
+
+    /// Like [`poll`](Self::poll), also returning the time the packet was due (≤ `now`).
+    pub fn poll_timed(&mut self, now: Nanos) -> Option<(Nanos, Delivery)> {
+        loop {
+            let e = self.sched.pop_due(now)?;
+            if self.node(e.to).is_some() {
+                self.stats.delivered += 1;
+                return Some((
+                    e.due,
+                    Delivery {
+                        to: e.to,
+                        packet: e.packet,
+                    },
+                ));
+            }
+            self.stats.discarded += 1;
+        }
+    }
+
+    /// When the next scheduled packet is due, if any.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        self.sched.next_due()
+    }
+
+    /// Packets scheduled and not yet polled.
+    pub fn in_flight(&self) -> usize {
+        self.sched.len()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(id.index()).and_then(Option::as_ref)
+    }
+
+    fn dropped(&mut self, reason: DropReason) -> Verdict {
+        self.stats.count_drop(reason);
+        Verdict::Dropped(reason)
+    }
+}
