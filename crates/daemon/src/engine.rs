@@ -638,6 +638,7 @@ impl Engine {
             sync_port: self.inner.sync.port,
             disable_metrics: resolved.disable_metrics,
             timeout,
+            sync_service: Some(self.inner.sync.service.clone()),
         };
         log.line(&log_line(
             "INFO",

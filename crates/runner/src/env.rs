@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
+use crate::netns::NetEnv;
 use crate::{RunGroup, RunInput};
 
 /// `local:exec` instances share the host network; the subnet is nominal.
@@ -23,6 +24,7 @@ impl GroupEnv {
         group: &RunGroup,
         total_instances: u32,
         start_time: &str,
+        net: &NetEnv,
     ) -> Self {
         let mut vars: Vec<(&'static str, OsString)> = Vec::with_capacity(32);
         // The only variables inherited from the host: PATH as in the original, HOME because
@@ -41,16 +43,16 @@ impl GroupEnv {
         put("TEST_GROUP_INSTANCE_COUNT", group.instances.to_string());
         put("TEST_INSTANCE_PARAMS", pipe_joined(&group.params));
         put("TEST_INSTANCE_ROLE", String::new());
-        put("TEST_SIDECAR", "false".into());
-        put("TEST_SUBNET", SUBNET.into());
+        put("TEST_SIDECAR", net.sidecar.to_string());
+        put("TEST_SUBNET", net.subnet.clone());
         put("TEST_START_TIME", start_time.to_string());
         put("TEST_CAPTURE_PROFILES", pipe_joined(&group.profiles));
         put("TEST_DISABLE_METRICS", input.disable_metrics.to_string());
         put("TEST_REPO", String::new());
         put("TEST_BRANCH", String::new());
         put("TEST_TAG", String::new());
-        put("SYNC_SERVICE_HOST", input.sync_host.clone());
-        put("SYNC_SERVICE_PORT", input.sync_port.to_string());
+        put("SYNC_SERVICE_HOST", net.sync_host.clone());
+        put("SYNC_SERVICE_PORT", net.sync_port.to_string());
         put("REDIS_HOST", "localhost".into());
         // We run no InfluxDB: pointing the SDKs at one that is not there makes every sdk-go
         // instance spend seconds retrying uploads at exit. Empty means "no metrics upload" to
@@ -69,6 +71,12 @@ impl GroupEnv {
         }
     }
 
+    /// `HOSTNAME` of instance `index`; under local:netns also its kernel hostname, which sdk-go
+    /// uses to name its network topic.
+    pub(crate) fn hostname(&self, index: u32) -> String {
+        format!("{}-{}-{}", self.group, index, self.short_run)
+    }
+
     /// The full environment of instance `index`.
     pub(crate) fn instance(
         &self,
@@ -79,10 +87,7 @@ impl GroupEnv {
         let own = [
             ("TEST_OUTPUTS_PATH", outputs.as_os_str().to_owned()),
             ("TEST_TEMP_PATH", temp.as_os_str().to_owned()),
-            (
-                "HOSTNAME",
-                format!("{}-{}-{}", self.group, index, self.short_run).into(),
-            ),
+            ("HOSTNAME", self.hostname(index).into()),
         ];
         self.vars.iter().cloned().chain(own)
     }

@@ -4,8 +4,21 @@ use std::path::PathBuf;
 /// are outcomes in the run result.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("unsupported runner {runner:?} (this build supports local:exec)")]
+    #[error("unsupported runner {runner:?} (this build supports local:exec and local:netns)")]
     UnsupportedRunner { runner: String },
+
+    #[error("local:netns cannot run here: {reason}")]
+    NetnsUnavailable { reason: String },
+
+    #[error("cannot set up the network of instance {group}[{index}]: {source}")]
+    Network {
+        group: String,
+        index: u32,
+        source: tg_sidecar::SidecarError,
+    },
+
+    #[error("cannot set up the run's network: {0}")]
+    RunNetwork(tg_sidecar::SidecarError),
 
     #[error("invalid run configuration {key} = {value}: {reason}")]
     InvalidConfig {

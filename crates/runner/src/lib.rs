@@ -1,15 +1,17 @@
 //! Runners start a run's instances, supervise them, decide each instance's outcome and keep
 //! their outputs.
 //!
-//! This crate owns the `local:exec` runner: host processes, one process group per instance, the
-//! `TEST_*` environment contract, stdout/stderr capture into typed events and into `run.out` /
-//! `run.err`, the run timeout and cancellation, outcome reconciliation, and the outputs archive
-//! (`collect`). It never prints: everything a user should see leaves through [`RunnerEvent`]s.
-//! It does not build artifacts (`tg-builder`), own tasks or the sync service (`tg-daemon`,
-//! `tg-sync`), or shape networks (`local:netns`, later).
+//! This crate owns the `local:exec` and `local:netns` runners: processes, one process group per
+//! instance, the `TEST_*` environment contract, stdout/stderr capture into typed events and into
+//! `run.out` / `run.err`, the run timeout and cancellation, outcome reconciliation, and the
+//! outputs archive (`collect`). `local:netns` is the same loop with each instance started inside
+//! the namespaces and jail its run's sidecar (`tg-sidecar`) builds. It never prints: everything a
+//! user should see leaves through [`RunnerEvent`]s. It does not build artifacts (`tg-builder`),
+//! own tasks or the sync service (`tg-daemon`, `tg-sync`), or move packets (`tg-sidecar`).
 //!
 //! Modules:
-//! - `local_exec`: the run loop: spawning, timeout, cancellation, the result.
+//! - `local_exec`: the run loop of both runners: spawning, timeout, cancellation, the result.
+//! - `netns`: what `local:netns` adds: privilege check, seed, the run's network.
 //! - `instance`: one task per instance: pipes, capture files, exit, killing its process group.
 //! - `supervisor`: the single actor owning every instance's state and deciding outcomes
 //!   ([`InstanceReport`] is its input).
@@ -23,6 +25,7 @@ mod error;
 mod instance;
 mod line;
 mod local_exec;
+mod netns;
 mod outputs;
 mod supervisor;
 
@@ -41,12 +44,12 @@ pub use outputs::{collect_outputs, outputs_dir};
 pub use supervisor::{Exit, InstanceReport, StopReason, Termination};
 
 /// Runner ids this crate implements.
-pub const RUNNERS: &[&str] = &["local:exec"];
+pub const RUNNERS: &[&str] = &["local:exec", "local:netns"];
 
 /// Builders whose artifacts a runner can execute, or `None` for an unknown runner.
 pub fn compatible_builders(runner: &str) -> Option<&'static [&'static str]> {
     match runner {
-        "local:exec" => Some(&["exec:rust", "exec:go", "exec:generic"]),
+        "local:exec" | "local:netns" => Some(&["exec:rust", "exec:go", "exec:generic"]),
         _ => None,
     }
 }
@@ -74,6 +77,9 @@ pub struct RunInput {
     pub disable_metrics: bool,
     /// Run timeout; the run is killed and fails when it elapses.
     pub timeout: Duration,
+    /// The sync service itself: `local:netns` serves it into each run's control network and
+    /// its sidecar signals and subscribes in-process. `local:exec` does not need it.
+    pub sync_service: Option<tg_sync::SyncService>,
 }
 
 /// One run group as the runner sees it.
@@ -135,7 +141,8 @@ pub async fn run_with_sync_events(
     sync_events: mpsc::UnboundedReceiver<Event>,
 ) -> Result<RunOutput, RunError> {
     match input.runner.as_str() {
-        "local:exec" => local_exec::run(input, events, cancel, sync_events).await,
+        "local:exec" => local_exec::run(input, events, cancel, sync_events, false).await,
+        "local:netns" => local_exec::run(input, events, cancel, sync_events, true).await,
         other => Err(RunError::UnsupportedRunner {
             runner: other.to_string(),
         }),

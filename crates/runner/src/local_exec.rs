@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::env::GroupEnv;
 use crate::instance::InstanceTask;
+use crate::netns::NetEnv;
 use crate::outputs::is_plain_component;
 use crate::supervisor::{Exit, InstanceReport, StopReason, Supervisor, Termination};
 use crate::{RunError, RunInput, RunOutput, RunnerEvent, outputs_dir};
@@ -101,8 +102,12 @@ pub(crate) async fn run(
     events: mpsc::UnboundedSender<RunnerEvent>,
     cancel: CancellationToken,
     mut sync_events: mpsc::UnboundedReceiver<Event>,
+    netns: bool,
 ) -> Result<RunOutput, RunError> {
     raise_nofile_limit();
+    if netns {
+        crate::netns::check_privileges()?;
+    }
     let timeout = effective_timeout(&input)?;
     let start = Instant::now();
     let deadline = timeout.map(|t| start + t);
@@ -135,6 +140,18 @@ pub(crate) async fn run(
         .tempdir()
         .map_err(RunError::io("create a temp dir in", std::env::temp_dir()))?;
 
+    // local:netns: the run's namespaces, pump and sync endpoint, torn down below however the
+    // run ends.
+    let mut net = if netns {
+        Some(crate::netns::create(&input, &temp_root.path().join(".net"), &events).await?)
+    } else {
+        None
+    };
+    let net_env = match &net {
+        Some(n) => NetEnv::netns(n),
+        None => NetEnv::exec(&input),
+    };
+
     let total: u32 = input.groups.iter().map(|g| g.instances).sum();
     let mut sup = Supervisor::new(&input.groups, events.clone());
     let (report_tx, mut reports) = mpsc::channel::<InstanceReport>(REPORT_QUEUE);
@@ -166,7 +183,7 @@ pub(crate) async fn run(
     let mut spawn_error = None;
 
     'groups: for group in &input.groups {
-        let env = GroupEnv::new(&input, group, total, &start_time);
+        let env = GroupEnv::new(&input, group, total, &start_time, &net_env);
         let artifact = absolute(&group.artifact);
         for index in 0..group.instances {
             if cancel.is_cancelled() || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -188,6 +205,26 @@ pub(crate) async fn run(
                 .process_group(0)
                 // The leader is reaped even if its task is aborted (GroupKill kills it).
                 .kill_on_drop(true);
+            let mut netns_inode = None;
+            if let Some(net) = &mut net {
+                match net
+                    .add_instance(ordinal as u32, &env.hostname(index), &outputs)
+                    .await
+                {
+                    Ok(inst) => {
+                        inst.jail.apply(&mut cmd);
+                        netns_inode = Some(inst.netns_inode);
+                    }
+                    Err(source) => {
+                        spawn_error = Some(RunError::Network {
+                            group: group.id.clone(),
+                            index,
+                            source,
+                        });
+                        break 'groups;
+                    }
+                }
+            }
             let child = match spawn_retrying_busy(&mut cmd).await {
                 Ok(c) => c,
                 Err(source) => {
@@ -200,6 +237,9 @@ pub(crate) async fn run(
                     break 'groups;
                 }
             };
+            if let (Some(net), Some(inode), Some(pid)) = (&mut net, netns_inode, child.id()) {
+                net.started(pid, inode);
+            }
             let task = InstanceTask {
                 ordinal,
                 child,
@@ -286,6 +326,28 @@ pub(crate) async fn run(
         sup.handle(r);
     }
 
+    if let Some(net) = net.take() {
+        if let Some(stats) = net.shutdown().await {
+            let _ = events.send(RunnerEvent::Log(format!(
+                "network: {} packets sent, {} delivered, {} dropped (loss {}, filtered {}, \
+                 rejected {}, queue full {}, no route {}, disabled {}), {} duplicated, \
+                 {} corrupted, {} reordered",
+                stats.sent,
+                stats.delivered,
+                stats.dropped(),
+                stats.loss,
+                stats.filtered_drop,
+                stats.rejected,
+                stats.queue_full,
+                stats.no_route,
+                stats.disabled,
+                stats.duplicated,
+                stats.corrupted,
+                stats.reordered
+            )));
+        }
+    }
+
     let elapsed = start.elapsed();
     let outcomes = sup.finish(elapsed);
     if let Err(e) = tokio::task::spawn_blocking(move || temp_root.close()).await {
@@ -342,6 +404,7 @@ mod tests {
             sync_port: 5050,
             disable_metrics: false,
             timeout: Duration::from_secs(600),
+            sync_service: None,
         }
     }
 

@@ -59,6 +59,7 @@ impl Fixture {
             sync_port: 5151,
             disable_metrics: true,
             timeout: Duration::from_secs(600),
+            sync_service: None,
         }
     }
 }

@@ -1,1 +1,632 @@
-//! Sidecar (to be written).
+//! The sidecar: the per-run network agent of the `local:netns` runner (DESIGN.md §5).
+//!
+//! For each run it builds a private control network (a namespace of its own where the sync
+//! service answers on `198.18.0.1:5050`, one veth per instance) and a data network that exists
+//! only in userspace: every instance's `eth1` is a TUN device whose other end is the run's
+//! packet pump, which routes and shapes packets with the `tg-netem` emulator. It signals
+//! `network-initialized` once per instance, then applies every `network.Config` the instance
+//! publishes on `network:<hostname>` and signals the config's `callback_state`.
+//!
+//! It does not spawn or supervise instance processes (`tg-runner` does, inside the [`Jail`]s
+//! this crate hands out), nor run the sync service (`tg-sync`; it only serves it into the
+//! control network). All `unsafe` (namespaces, TUN, netlink, jails) lives in `tg-sys`.
+//!
+//! Lifetime: namespaces are held by descriptors of this process and by the instances' processes,
+//! never bind-mounted, so the kernel frees them (and every interface in them) when the run's
+//! [`RunNetwork`] is shut down or this process dies; [`leftovers`] handles processes that
+//! outlive a killed owner.
+//!
+//! Modules:
+//! - `addr`: the address plan (data subnets, control and host-link addresses).
+//! - `config`: `network.Config` → emulator configuration, with validation.
+//! - `pump`: the packet pump thread (TUN devices ⇄ emulator, timerfd-driven, pcap capture).
+//! - [`leftovers`]: records and removes what a killed owner left behind.
+
+pub mod addr;
+mod config;
+pub mod leftovers;
+mod pump;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use tg_api::network::NetworkConfig;
+use tg_netem::{NodeId, Stats};
+use tg_sync::SyncService;
+use tg_sys::{Jail, NetNs, Netlink, Tun};
+use tokio::sync::{OnceCell, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use addr::{HOST_NAME, SYNC_ADDR, SYNC_NAME};
+pub use config::{ConfigError, Plan, plan};
+pub use pump::Pump;
+
+/// The port the sync service answers on inside every control network, whatever the host uses.
+pub const SYNC_PORT: u16 = 5050;
+
+/// Everything a run's network needs to know.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub run_id: String,
+    /// `run:<run>:plan:<plan>:case:<case>`: where the run's states and topics live.
+    pub sync_prefix: String,
+    pub sync: SyncService,
+    /// Seeds every impairment of the run.
+    pub seed: u64,
+    /// Write a pcap of each instance's data traffic.
+    pub capture: bool,
+    /// A directory private to the run (the hosts file goes there).
+    pub work_dir: PathBuf,
+    /// Where runs leave a record for [`leftovers::clean`].
+    pub state_dir: PathBuf,
+}
+
+/// Setting up or tearing down a run's network failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no free data subnet: 64 local:netns runs are already going in this process")]
+    NoSubnet,
+    #[error("too many instances for one data network (at most {max})")]
+    TooManyInstances { max: u32 },
+    #[error("the packet pump stopped")]
+    PumpGone,
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SidecarError {
+    let what = what.into();
+    move |source| SidecarError::Io { what, source }
+}
+
+impl From<pump::PumpGone> for SidecarError {
+    fn from(_: pump::PumpGone) -> Self {
+        SidecarError::PumpGone
+    }
+}
+
+/// What the runner needs to start an instance inside its network.
+#[derive(Debug)]
+pub struct Instance {
+    pub jail: Jail,
+    /// The instance's network namespace (a second handle; the agent keeps its own).
+    pub netns: NetNs,
+    pub data_addr: Ipv4Addr,
+    pub netns_inode: u64,
+}
+
+/// State shared by the run's agents.
+struct Shared {
+    subnet: Ipv4Net,
+    prefix: String,
+    sync: SyncService,
+    pump: Pump,
+    ctl: NetNs,
+    ctl_nl: Netlink,
+    /// Set up once, when the first instance asks for `allow_all`.
+    nat: OnceCell<Result<(), String>>,
+    log: mpsc::UnboundedSender<String>,
+}
+
+impl Shared {
+    fn log(&self, msg: String) {
+        let _ = self.log.send(msg);
+    }
+}
+
+/// A run's network: control namespace, sync endpoint, pump, and one agent per instance.
+pub struct RunNetwork {
+    shared: Arc<Shared>,
+    /// Held for the run's lifetime; frees the subnet on drop.
+    _lease: addr::SubnetLease,
+    agents: JoinSet<()>,
+    server: tokio::task::JoinHandle<()>,
+    stop_server: CancellationToken,
+    /// `None` once shut down.
+    record: Option<leftovers::Record>,
+    inodes: BTreeSet<u64>,
+    hosts: PathBuf,
+    capture: bool,
+    /// The host's end of the host link (kept for the hosts file and the log).
+    host_link: Option<addr::HostLink>,
+}
+
+impl std::fmt::Debug for RunNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunNetwork")
+            .field("subnet", &self.shared.subnet)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stable, well-spread number for `s` (FNV-1a), to pick a host-link slot per run.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl RunNetwork {
+    /// Builds the control network and starts the pump and the sync endpoint.
+    pub async fn create(
+        opts: Options,
+        log: mpsc::UnboundedSender<String>,
+    ) -> Result<RunNetwork, SidecarError> {
+        match leftovers::clean(&opts.state_dir) {
+            Ok(0) => {}
+            Ok(n) => {
+                let _ = log.send(format!(
+                    "removed {n} leftover processes of runs whose owner died"
+                ));
+            }
+            Err(e) => tracing::warn!("cannot check for leftovers: {e}"),
+        }
+        let lease = addr::SubnetLease::take().ok_or(SidecarError::NoSubnet)?;
+        let subnet = lease.subnet();
+        let record = leftovers::Record::create(&opts.state_dir, &opts.run_id).map_err(io_err(
+            format!("record the run in {}", opts.state_dir.display()),
+        ))?;
+
+        let ctl = NetNs::new().map_err(io_err("create the control namespace"))?;
+        let ctl_nl = Netlink::open(&ctl)
+            .await
+            .map_err(io_err("open netlink in the control namespace"))?;
+        let lo = ctl_nl.link_index("lo").await.map_err(io_err("find lo"))?;
+        ctl_nl.set_up(lo).await.map_err(io_err("set lo up"))?;
+        ctl_nl
+            .add_address(lo, SYNC_ADDR, 32)
+            .await
+            .map_err(io_err("add the sync address"))?;
+
+        let host_link = Self::host_link(&opts.run_id, &ctl, &ctl_nl).await?;
+
+        // The sync endpoint: a listener created inside the control namespace, served by the
+        // engine's one sync service.
+        let listener = ctl
+            .run(|| {
+                let l = std::net::TcpListener::bind((SYNC_ADDR, SYNC_PORT))?;
+                l.set_nonblocking(true)?;
+                Ok::<_, io::Error>(l)
+            })
+            .map_err(io_err("enter the control namespace"))?
+            .map_err(io_err(format!("listen on {SYNC_ADDR}:{SYNC_PORT}")))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(io_err("register the sync listener"))?;
+        let stop_server = CancellationToken::new();
+        let server = tokio::spawn(tg_sync::server::serve(
+            listener,
+            opts.sync.clone(),
+            stop_server.clone().cancelled_owned(),
+        ));
+
+        let pump = Pump::start(opts.seed, &opts.run_id).map_err(io_err("start the packet pump"))?;
+
+        let hosts = opts.work_dir.join("hosts");
+        let mut text = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{SYNC_ADDR}\t{SYNC_NAME}\n"
+        );
+        if let Some(h) = host_link {
+            text.push_str(&format!("{}\t{HOST_NAME}\n", h.host_addr()));
+        }
+        std::fs::create_dir_all(&opts.work_dir)
+            .and_then(|()| std::fs::write(&hosts, text))
+            .map_err(io_err(format!("write {}", hosts.display())))?;
+
+        Ok(RunNetwork {
+            shared: Arc::new(Shared {
+                subnet,
+                prefix: opts.sync_prefix.trim_end_matches(':').to_string(),
+                sync: opts.sync,
+                pump,
+                ctl,
+                ctl_nl,
+                nat: OnceCell::new(),
+                log,
+            }),
+            _lease: lease,
+            agents: JoinSet::new(),
+            server,
+            stop_server,
+            record: Some(record),
+            inodes: BTreeSet::new(),
+            hosts,
+            capture: opts.capture,
+            host_link,
+        })
+    }
+
+    /// Joins the control namespace to the host with a veth (`tgh<slot>` ⇄ `host0`), so that
+    /// `allow_all` instances can reach the host. A run that cannot get one still runs; only
+    /// `allow_all` will then fail, with a message.
+    async fn host_link(
+        run_id: &str,
+        ctl: &NetNs,
+        ctl_nl: &Netlink,
+    ) -> Result<Option<addr::HostLink>, SidecarError> {
+        let host = NetNs::current().map_err(io_err("open the host namespace"))?;
+        let host_nl = Netlink::open(&host)
+            .await
+            .map_err(io_err("open netlink in the host namespace"))?;
+        let first = (fnv(run_id) % u64::from(addr::HostLink::SLOTS)) as u32;
+        for i in 0..64 {
+            let link = addr::HostLink {
+                slot: (first + i) % addr::HostLink::SLOTS,
+            };
+            // Another run (of any process) holding the slot has the interface name already.
+            let idx = match host_nl.add_veth(&link.host_if(), "host0", ctl).await {
+                Ok(idx) => idx,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("create the host link")(e)),
+            };
+            host_nl
+                .add_address(idx, link.host_addr(), 30)
+                .await
+                .map_err(io_err("address the host link"))?;
+            host_nl
+                .set_up(idx)
+                .await
+                .map_err(io_err("set the host link up"))?;
+            let h0 = ctl_nl
+                .link_index("host0")
+                .await
+                .map_err(io_err("find host0"))?;
+            ctl_nl
+                .add_address(h0, link.ctl_addr(), 30)
+                .await
+                .map_err(io_err("address host0"))?;
+            ctl_nl.set_up(h0).await.map_err(io_err("set host0 up"))?;
+            ctl_nl
+                .add_route(
+                    Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("a /0 is valid"),
+                    Some(link.host_addr()),
+                    h0,
+                )
+                .await
+                .map_err(io_err("route the control namespace to the host"))?;
+            return Ok(Some(link));
+        }
+        Ok(None)
+    }
+
+    /// The run's data network (`TEST_SUBNET`).
+    pub fn subnet(&self) -> Ipv4Net {
+        self.shared.subnet
+    }
+
+    /// The hosts file instances see as `/etc/hosts`.
+    pub fn hosts_file(&self) -> &Path {
+        &self.hosts
+    }
+
+    /// The host's address on the run's host link, if it has one (`testground-host`).
+    pub fn host_addr(&self) -> Option<Ipv4Addr> {
+        self.host_link.map(|h| h.host_addr())
+    }
+
+    /// Builds instance `ordinal`'s namespace (control veth, data TUN), connects it to the pump,
+    /// signals its `network-initialized` and starts applying what it publishes on
+    /// `network:<hostname>`. `outputs` receives `data.pcap` when capture is on.
+    pub async fn add_instance(
+        &mut self,
+        ordinal: u32,
+        hostname: &str,
+        outputs: &Path,
+    ) -> Result<Instance, SidecarError> {
+        if ordinal >= addr::MAX_INSTANCES {
+            return Err(SidecarError::TooManyInstances {
+                max: addr::MAX_INSTANCES,
+            });
+        }
+        let sh = &self.shared;
+        let ns = NetNs::new().map_err(io_err("create an instance namespace"))?;
+        let ctl_if = format!("c{ordinal}");
+        let cidx = sh
+            .ctl_nl
+            .add_veth(&ctl_if, "eth0", &ns)
+            .await
+            .map_err(io_err(format!("create the control link {ctl_if}")))?;
+        sh.ctl_nl
+            .set_up(cidx)
+            .await
+            .map_err(io_err(format!("set {ctl_if} up")))?;
+        let caddr = addr::control_addr(ordinal);
+        sh.ctl_nl
+            .add_route(Ipv4Net::from(caddr), None, cidx)
+            .await
+            .map_err(io_err(format!("route to {caddr}")))?;
+
+        let tun = Tun::create(&ns, "eth1").map_err(io_err("create the data interface"))?;
+        let nl = Netlink::open(&ns)
+            .await
+            .map_err(io_err("open netlink in an instance namespace"))?;
+        let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
+        nl.set_up(lo).await.map_err(io_err("set lo up"))?;
+        let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
+        nl.add_address(eth0, caddr, 32)
+            .await
+            .map_err(io_err("address eth0"))?;
+        nl.set_up(eth0).await.map_err(io_err("set eth0 up"))?;
+        nl.add_route(Ipv4Net::from(SYNC_ADDR), None, eth0)
+            .await
+            .map_err(io_err("route to the sync service"))?;
+        let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
+        let daddr = addr::data_addr(sh.subnet, ordinal);
+        nl.add_address(eth1, daddr, sh.subnet.prefix_len())
+            .await
+            .map_err(io_err("address eth1"))?;
+        nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
+        drop(nl);
+
+        let id = NodeId(ordinal);
+        let capture = self.capture.then(|| outputs.join("data.pcap"));
+        sh.pump
+            .add(id, daddr, tun, capture)
+            .await?
+            .map_err(SidecarError::Other)?;
+
+        let jail = Jail::new(&ns, hostname, &self.hosts).map_err(io_err("prepare the jail"))?;
+        let netns_inode = ns.inode().map_err(io_err("read the namespace inode"))?;
+        self.inodes.insert(netns_inode);
+
+        let netns = ns
+            .try_clone()
+            .map_err(io_err("duplicate the namespace handle"))?;
+        let agent = Agent {
+            shared: self.shared.clone(),
+            id,
+            hostname: hostname.to_string(),
+            ns,
+            ctl_if,
+            addr: daddr,
+            allow_all: false,
+        };
+        self.agents.spawn(agent.run());
+        Ok(Instance {
+            jail,
+            netns,
+            data_addr: daddr,
+            netns_inode,
+        })
+    }
+
+    /// Notes a started instance process, for leftover removal should this process die.
+    pub fn started(&mut self, pid: u32, netns_inode: u64) {
+        if let Some(r) = &mut self.record
+            && let Err(e) = r.instance(pid as i32, netns_inode)
+        {
+            tracing::warn!("cannot record instance {pid}: {e}");
+        }
+    }
+
+    /// Tears the run's network down: kills whatever still lives in its namespaces, stops the
+    /// agents, the sync endpoint and the pump. Returns the emulator's counters.
+    pub async fn shutdown(mut self) -> Option<Stats> {
+        let inodes = std::mem::take(&mut self.inodes);
+        let killed = tokio::task::spawn_blocking(move || leftovers::kill_in_namespaces(&inodes))
+            .await
+            .unwrap_or(0);
+        if killed > 0 {
+            self.shared.log(format!(
+                "killed {killed} processes left in the run's namespaces"
+            ));
+        }
+        self.agents.abort_all();
+        while self.agents.join_next().await.is_some() {}
+        self.stop_server.cancel();
+        let _ = (&mut self.server).await;
+        let stats = self.shared.pump.stop().await;
+        if let Some(r) = self.record.take() {
+            r.remove();
+        }
+        stats
+    }
+}
+
+/// A network dropped without [`RunNetwork::shutdown`] (its run's future was dropped) still
+/// leaves nothing behind: processes in its namespaces are killed, the pump thread stops and
+/// closes the TUN devices, the sync endpoint closes, and the agents (holding the namespace
+/// handles) are aborted by their `JoinSet`.
+impl Drop for RunNetwork {
+    fn drop(&mut self) {
+        if self.record.is_none() {
+            return;
+        }
+        leftovers::kill_in_namespaces(&self.inodes);
+        self.stop_server.cancel();
+        self.shared.pump.stop_detached();
+        if let Some(r) = self.record.take() {
+            r.remove();
+        }
+    }
+}
+
+/// One instance's agent: owns its namespace handle and current network state.
+struct Agent {
+    shared: Arc<Shared>,
+    id: NodeId,
+    hostname: String,
+    ns: NetNs,
+    ctl_if: String,
+    addr: Ipv4Addr,
+    allow_all: bool,
+}
+
+impl Agent {
+    async fn run(mut self) {
+        let sh = self.shared.clone();
+        // One signal per instance, as each original sidecar did; instances wait for all N.
+        if let Err(e) = sh
+            .sync
+            .signal_entry(&format!("{}:states:network-initialized", sh.prefix))
+            .await
+        {
+            sh.log(format!(
+                "{}: cannot signal network-initialized: {e}",
+                self.hostname
+            ));
+            return;
+        }
+        let mut sub = sh
+            .sync
+            .subscribe(&format!("{}:topics:network:{}", sh.prefix, self.hostname));
+        while let Some(item) = sub.next_item().await {
+            let raw = item.raw().get();
+            let callback = match serde_json::from_str::<NetworkConfig>(raw) {
+                Ok(cfg) => {
+                    if let Err(e) = self.apply(&cfg).await {
+                        sh.log(format!(
+                            "network config of {} not applied: {e}",
+                            self.hostname
+                        ));
+                    }
+                    cfg.callback_state
+                }
+                Err(e) => {
+                    sh.log(format!(
+                        "network config of {} not applied: cannot decode it: {e}",
+                        self.hostname
+                    ));
+                    // Still release whoever waits on it: a bad config must not wedge the run.
+                    serde_json::from_str::<serde_json::Value>(raw)
+                        .ok()
+                        .and_then(|v| v.get("callback_state")?.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                }
+            };
+            if !callback.is_empty()
+                && let Err(e) = sh
+                    .sync
+                    .signal_entry(&format!("{}:states:{callback}", sh.prefix))
+                    .await
+            {
+                sh.log(format!("{}: cannot signal {callback}: {e}", self.hostname));
+            }
+        }
+    }
+
+    async fn apply(&mut self, cfg: &NetworkConfig) -> Result<(), String> {
+        let sh = self.shared.clone();
+        let plan = config::plan(cfg, sh.subnet, self.addr).map_err(|e| e.to_string())?;
+        for w in &plan.warnings {
+            sh.log(format!("network config of {}: {w}", self.hostname));
+        }
+        if let Some(new) = plan.new_addr {
+            sh.pump
+                .set_addr(self.id, new)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot move to {new}: {e}"))?;
+            let nl = Netlink::open(&self.ns).await.map_err(|e| e.to_string())?;
+            let eth1 = nl.link_index("eth1").await.map_err(|e| e.to_string())?;
+            let prefix = sh.subnet.prefix_len();
+            // The old address goes first: deleting a primary address also deletes the
+            // secondaries of its subnet, which the new one would be.
+            nl.del_address(eth1, self.addr, prefix)
+                .await
+                .map_err(|e| format!("remove {}: {e}", self.addr))?;
+            nl.add_address(eth1, new, prefix)
+                .await
+                .map_err(|e| format!("add {new}: {e}"))?;
+            self.addr = new;
+        }
+        sh.pump
+            .configure(self.id, plan.node)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if plan.allow_all != self.allow_all {
+            self.set_routing(plan.allow_all).await?;
+        }
+        Ok(())
+    }
+
+    /// `allow_all`: a default route over the control link, forwarded and masqueraded by the
+    /// control namespace to the host. `deny_all`: only the sync service's /32.
+    async fn set_routing(&mut self, allow_all: bool) -> Result<(), String> {
+        let sh = self.shared.clone();
+        if allow_all {
+            sh.nat
+                .get_or_init(|| async { enable_nat(&sh.ctl).await })
+                .await
+                .clone()?;
+        }
+        let value = if allow_all { "1" } else { "0" };
+        let ctl = sh.ctl.try_clone().map_err(|e| e.to_string())?;
+        let key = format!("net/ipv4/conf/{}/forwarding", self.ctl_if);
+        tokio::task::spawn_blocking(move || tg_sys::write_sysctl(&ctl, &key, value))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot set forwarding: {e}"))?;
+        let nl = Netlink::open(&self.ns).await.map_err(|e| e.to_string())?;
+        let eth0 = nl.link_index("eth0").await.map_err(|e| e.to_string())?;
+        let default = Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("a /0 is valid");
+        if allow_all {
+            nl.add_route(default, Some(SYNC_ADDR), eth0)
+                .await
+                .map_err(|e| format!("cannot add the default route: {e}"))?;
+        } else {
+            match nl.del_route(default, Some(SYNC_ADDR), eth0).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove the default route: {e}")),
+            }
+        }
+        self.allow_all = allow_all;
+        Ok(())
+    }
+}
+
+/// Masquerades what leaves the control namespace towards the host, so replies find their way
+/// back without the host knowing the run's control addresses (every run uses the same ones).
+/// Uses the `nft` tool once per run, inside the control namespace.
+async fn enable_nat(ctl: &NetNs) -> Result<(), String> {
+    let ctl2 = ctl.try_clone().map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        tg_sys::write_sysctl(&ctl2, "net/ipv4/conf/host0/forwarding", "1")
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot enable forwarding: {e}"))?;
+    let ruleset = "table ip testground {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"host0\" masquerade\n  }\n}\n";
+    // nsenter joins the namespace through this process's descriptor for it.
+    let ns_path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(ctl)
+    );
+    let mut child = tokio::process::Command::new("nsenter")
+        .arg(format!("--net={ns_path}"))
+        .args(["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("allow_all needs nsenter and nft (apt install nftables): {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin
+            .write_all(ruleset.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "allow_all needs nftables: nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}

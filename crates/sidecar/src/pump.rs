@@ -1,0 +1,387 @@
+//! The packet pump: one OS thread per run that owns the run's [`Emulator`] and every
+//! instance's TUN device. It reads what instances send, runs it through the emulator, and
+//! writes each packet to its destination's TUN when the emulator releases it.
+//!
+//! A dedicated thread rather than tokio tasks because latency accuracy is the product: packets
+//! are timestamped as soon as they are read, and releases are driven by a `timerfd` with
+//! nanosecond resolution instead of tokio's millisecond timer wheel. Everything else talks to the
+//! thread through [`Pump`] (commands over a channel plus a `mio` waker), so nothing is shared.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use pcap_file::DataLink;
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+use tg_netem::{Emulator, NetemError, NodeConfig, NodeId, Stats};
+use tg_sys::Tun;
+use tokio::sync::oneshot;
+
+const WAKER: Token = Token(usize::MAX);
+const TIMER: Token = Token(usize::MAX - 1);
+/// Larger than any packet a 1500-byte-MTU TUN can produce, with room for a raised MTU.
+const BUF: usize = 65_536;
+
+enum Cmd {
+    Add {
+        id: NodeId,
+        addr: Ipv4Addr,
+        tun: Tun,
+        capture: Option<PathBuf>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    SetAddr {
+        id: NodeId,
+        addr: Ipv4Addr,
+        reply: oneshot::Sender<Result<(), NetemError>>,
+    },
+    Configure {
+        id: NodeId,
+        cfg: NodeConfig,
+        reply: oneshot::Sender<Result<(), NetemError>>,
+    },
+    Stop {
+        reply: oneshot::Sender<Stats>,
+    },
+}
+
+/// The handle to a run's pump thread. Cloning shares the thread.
+#[derive(Clone)]
+pub struct Pump {
+    tx: std_mpsc::Sender<Cmd>,
+    waker: Arc<Waker>,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Pump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pump").finish_non_exhaustive()
+    }
+}
+
+/// The pump thread stopped (it only does so when told, or when its poller fails).
+#[derive(Debug, thiserror::Error)]
+#[error("the packet pump is not running")]
+pub struct PumpGone;
+
+impl Pump {
+    /// Starts the pump thread with an emulator seeded by `seed`.
+    pub fn start(seed: u64, name: &str) -> io::Result<Pump> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        poll.registry().register(
+            &mut SourceFd(&timer.as_fd().as_raw_fd()),
+            TIMER,
+            Interest::READABLE,
+        )?;
+        let (tx, rx) = std_mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("tg-pump-{name}"))
+            .spawn(move || {
+                let mut worker = Worker {
+                    emu: Emulator::new(seed),
+                    nodes: HashMap::new(),
+                    epoch: Instant::now(),
+                    armed: None,
+                    timer,
+                };
+                if let Err(e) = worker.run(poll, rx) {
+                    tracing::error!("packet pump failed: {e}");
+                }
+            })?;
+        Ok(Pump {
+            tx,
+            waker,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), PumpGone> {
+        self.tx.send(cmd).map_err(|_| PumpGone)?;
+        self.waker.wake().map_err(|_| PumpGone)
+    }
+
+    /// Connects an instance's TUN at `addr`; `capture` names a pcap file for its traffic.
+    pub async fn add(
+        &self,
+        id: NodeId,
+        addr: Ipv4Addr,
+        tun: Tun,
+        capture: Option<PathBuf>,
+    ) -> Result<Result<(), String>, PumpGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Add {
+            id,
+            addr,
+            tun,
+            capture,
+            reply,
+        })?;
+        rx.await.map_err(|_| PumpGone)
+    }
+
+    pub async fn set_addr(
+        &self,
+        id: NodeId,
+        addr: Ipv4Addr,
+    ) -> Result<Result<(), NetemError>, PumpGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::SetAddr { id, addr, reply })?;
+        rx.await.map_err(|_| PumpGone)
+    }
+
+    pub async fn configure(
+        &self,
+        id: NodeId,
+        cfg: NodeConfig,
+    ) -> Result<Result<(), NetemError>, PumpGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Configure { id, cfg, reply })?;
+        rx.await.map_err(|_| PumpGone)
+    }
+
+    /// Tells the thread to stop without waiting for it (for drop paths).
+    pub fn stop_detached(&self) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.send(Cmd::Stop { reply });
+    }
+
+    /// Stops the thread (closing every TUN, flushing captures) and returns the counters.
+    pub async fn stop(&self) -> Option<Stats> {
+        let (reply, rx) = oneshot::channel();
+        let stats = match self.send(Cmd::Stop { reply }) {
+            Ok(()) => rx.await.ok(),
+            Err(PumpGone) => None,
+        };
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        stats
+    }
+}
+
+struct Node {
+    tun: Tun,
+    capture: Option<PcapWriter<BufWriter<File>>>,
+}
+
+struct Worker {
+    emu: Emulator,
+    nodes: HashMap<NodeId, Node>,
+    epoch: Instant,
+    /// The deadline the timer is set for, to avoid re-arming it on every loop.
+    armed: Option<u64>,
+    timer: TimerFd,
+}
+
+fn token(id: NodeId) -> Token {
+    Token(id.0 as usize)
+}
+
+fn capture_packet(node: &mut Node, data: &[u8]) {
+    if let Some(w) = &mut node.capture {
+        let ts = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let pkt = PcapPacket::new(ts, data.len() as u32, data);
+        if let Err(e) = w.write_packet(&pkt) {
+            tracing::warn!("packet capture stopped: {e}");
+            node.capture = None;
+        }
+    }
+}
+
+impl Worker {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn run(&mut self, mut poll: Poll, rx: std_mpsc::Receiver<Cmd>) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut buf = vec![0u8; BUF];
+        let mut readable: Vec<NodeId> = Vec::new();
+        loop {
+            match poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {
+                        while let Ok(cmd) = rx.try_recv() {
+                            if let Some(stop) = self.command(&poll, cmd) {
+                                self.finish();
+                                let _ = stop.send(self.emu.stats().clone());
+                                return Ok(());
+                            }
+                        }
+                    }
+                    TIMER => {
+                        // Clears the expiration; EAGAIN when it was re-armed meanwhile.
+                        let _ = self.timer.wait();
+                        self.armed = None;
+                    }
+                    Token(t) => readable.push(NodeId(t as u32)),
+                }
+            }
+            for id in readable.drain(..) {
+                self.drain(id, &mut buf);
+            }
+            self.release()?;
+        }
+    }
+
+    /// Reads everything `id` has sent (edge-triggered: until the TUN is empty).
+    fn drain(&mut self, id: NodeId, buf: &mut [u8]) {
+        loop {
+            let Some(node) = self.nodes.get_mut(&id) else {
+                return;
+            };
+            match node.tun.recv(buf) {
+                Ok(n) => {
+                    let data = &buf[..n];
+                    capture_packet(node, data);
+                    let now = self.now();
+                    self.emu.send(now, id, data.to_vec());
+                    // Packets due now (unshaped links, ICMP rejects) go out before the next
+                    // read, so an unshaped link adds no batching delay.
+                    self.deliver(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("reading the data interface of instance {}: {e}", id.0);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, now: u64) {
+        while let Some(d) = self.emu.poll(now) {
+            if let Some(node) = self.nodes.get_mut(&d.to) {
+                capture_packet(node, &d.packet);
+                // A full TUN queue drops the packet, as a full device queue would.
+                let _ = node.tun.send(&d.packet);
+            }
+        }
+    }
+
+    /// Delivers what is due and arms the timer for the next deadline.
+    fn release(&mut self) -> io::Result<()> {
+        loop {
+            let now = self.now();
+            self.deliver(now);
+            let Some(next) = self.emu.next_deadline() else {
+                if self.armed.take().is_some() {
+                    self.timer.unset().map_err(io::Error::from)?;
+                }
+                return Ok(());
+            };
+            let now = self.now();
+            if next <= now {
+                continue;
+            }
+            if self.armed != Some(next) {
+                let wait = Duration::from_nanos(next - now);
+                self.timer
+                    .set(
+                        Expiration::OneShot(TimeSpec::from_duration(wait)),
+                        TimerSetTimeFlags::empty(),
+                    )
+                    .map_err(io::Error::from)?;
+                self.armed = Some(next);
+            }
+            return Ok(());
+        }
+    }
+
+    /// Applies a command; returns the reply channel when it is `Stop`.
+    fn command(&mut self, poll: &Poll, cmd: Cmd) -> Option<oneshot::Sender<Stats>> {
+        match cmd {
+            Cmd::Add {
+                id,
+                addr,
+                tun,
+                capture,
+                reply,
+            } => {
+                let r = self.add(poll, id, addr, tun, capture);
+                let _ = reply.send(r);
+            }
+            Cmd::SetAddr { id, addr, reply } => {
+                let _ = reply.send(self.emu.set_addr(id, addr));
+            }
+            Cmd::Configure { id, cfg, reply } => {
+                let _ = reply.send(self.emu.configure(id, cfg));
+            }
+            Cmd::Stop { reply } => return Some(reply),
+        }
+        None
+    }
+
+    fn add(
+        &mut self,
+        poll: &Poll,
+        id: NodeId,
+        addr: Ipv4Addr,
+        tun: Tun,
+        capture: Option<PathBuf>,
+    ) -> Result<(), String> {
+        self.emu.add_node(id, addr).map_err(|e| e.to_string())?;
+        let capture = match capture {
+            None => None,
+            Some(path) => {
+                let file = File::create(&path)
+                    .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                let header = PcapHeader {
+                    datalink: DataLink::RAW,
+                    ..Default::default()
+                };
+                Some(
+                    PcapWriter::with_header(BufWriter::new(file), header)
+                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+                )
+            }
+        };
+        poll.registry()
+            .register(
+                &mut SourceFd(&tun.as_raw_fd()),
+                token(id),
+                Interest::READABLE,
+            )
+            .map_err(|e| format!("cannot watch the data interface: {e}"))?;
+        self.nodes.insert(id, Node { tun, capture });
+        // Anything it sent before registration would otherwise wait for the next edge.
+        let mut buf = vec![0u8; BUF];
+        self.drain(id, &mut buf);
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        for (_, mut node) in self.nodes.drain() {
+            if let Some(w) = node.capture.take() {
+                let mut inner = w.into_writer();
+                let _ = std::io::Write::flush(&mut inner);
+            }
+        }
+    }
+}

@@ -1,0 +1,649 @@
+//! The sidecar through real sockets: instance namespaces are built by [`RunNetwork`], sockets
+//! are opened inside them, configs are published on `network:<hostname>` exactly as an SDK does,
+//! and each impairment is measured on the traffic. Needs root: skips with a reason otherwise,
+//! fails instead when `TG_REQUIRE_PRIVILEGED=1`.
+//!
+//! Assertions are on behaviour with margins a loaded CI machine cannot break (a latency is never
+//! undershot, rates fall within statistical bounds); precise accuracy is in BENCHMARKS.md.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tg_sidecar::{Instance, Options, RunNetwork};
+use tg_sync::SyncService;
+use tokio::sync::mpsc;
+
+fn privileged() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        if std::env::var("TG_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+            panic!("TG_REQUIRE_PRIVILEGED=1 but these tests are not running as root");
+        }
+        eprintln!("skipping: sidecar tests need root (namespaces, TUN)");
+    }
+    root
+}
+
+struct Run {
+    net: RunNetwork,
+    sync: SyncService,
+    prefix: String,
+    instances: Vec<Instance>,
+    hostnames: Vec<String>,
+    _dir: tempfile::TempDir,
+    log: mpsc::UnboundedReceiver<String>,
+}
+
+async fn run_with(n: u32, seed: u64) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let sync = SyncService::spawn();
+    let run_id = format!("t{}", std::process::id()) + &format!("{:x}", fastrand_u64());
+    let prefix = format!("run:{run_id}:plan:p:case:c");
+    let (tx, log) = mpsc::unbounded_channel();
+    let mut net = RunNetwork::create(
+        Options {
+            run_id: run_id.clone(),
+            sync_prefix: prefix.clone(),
+            sync: sync.clone(),
+            seed,
+            capture: false,
+            work_dir: dir.path().join("net"),
+            state_dir: dir.path().join("state"),
+        },
+        tx,
+    )
+    .await
+    .expect("create the run network");
+    let mut instances = Vec::new();
+    let mut hostnames = Vec::new();
+    for i in 0..n {
+        let h = format!("single-{i}-{run_id}");
+        let out = dir.path().join(format!("out{i}"));
+        std::fs::create_dir_all(&out).unwrap();
+        instances.push(net.add_instance(i, &h, &out).await.expect("add instance"));
+        hostnames.push(h);
+    }
+    Run {
+        net,
+        sync,
+        prefix,
+        instances,
+        hostnames,
+        _dir: dir,
+        log,
+    }
+}
+
+async fn run(n: u32) -> Run {
+    run_with(n, 1).await
+}
+
+/// Distinct run ids for runs in one test process.
+fn fastrand_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Run {
+    fn addr(&self, i: usize) -> Ipv4Addr {
+        self.instances[i].data_addr
+    }
+
+    /// Publishes `config` as instance `i` would and waits for the sidecar's callback.
+    async fn configure(&self, i: usize, mut config: serde_json::Value) {
+        let state = format!("cfg-{i}-{}", fastrand_u64());
+        let obj = config.as_object_mut().unwrap();
+        obj.entry("network").or_insert(json!("default"));
+        obj.entry("enable").or_insert(json!(true));
+        obj.entry("default").or_insert(json!({}));
+        obj.insert("callback_state".into(), json!(state));
+        // Fill the LinkShape fields an SDK always sends.
+        let fill = |shape: &mut serde_json::Value| {
+            let m = shape.as_object_mut().unwrap();
+            for k in ["latency", "jitter", "bandwidth", "filter"] {
+                m.entry(k).or_insert(json!(0));
+            }
+            for k in [
+                "loss",
+                "corrupt",
+                "corrupt_corr",
+                "reorder",
+                "reorder_corr",
+                "duplicate",
+                "duplicate_corr",
+            ] {
+                m.entry(k).or_insert(json!(0.0));
+            }
+        };
+        fill(obj.get_mut("default").unwrap());
+        if let Some(rules) = obj.get_mut("rules").and_then(|r| r.as_array_mut()) {
+            for r in rules {
+                fill(r);
+            }
+        }
+        let topic = format!("{}:topics:network:{}", self.prefix, self.hostnames[i]);
+        let raw = serde_json::value::to_raw_value(&config).unwrap();
+        self.sync.publish(&topic, raw).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.sync
+                .barrier(&format!("{}:states:{state}", self.prefix), 1),
+        )
+        .await
+        .expect("the sidecar signals the callback state")
+        .unwrap();
+    }
+
+    fn udp(&self, i: usize, port: u16) -> UdpSocket {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let s = self.instances[i]
+            .netns
+            .run(move || UdpSocket::bind(addr))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s
+    }
+
+    fn listen(&self, i: usize, port: u16) -> TcpListener {
+        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        self.instances[i]
+            .netns
+            .run(move || TcpListener::bind(addr))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn connect(&self, i: usize, to: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+        self.instances[i]
+            .netns
+            .run(move || TcpStream::connect_timeout(&to, timeout))
+            .unwrap()
+    }
+
+    /// Round trips of one datagram from `i` to an echo on `j`.
+    fn udp_rtts(&self, i: usize, j: usize, port: u16, count: usize) -> Vec<Duration> {
+        let echo = self.udp(j, port);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], from);
+                }
+            }
+        });
+        let s = self.udp(i, 0);
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to = SocketAddr::from((self.addr(j), port));
+        let mut rtts = Vec::new();
+        let mut buf = [0u8; 64];
+        for k in 0..count as u32 {
+            let t0 = Instant::now();
+            s.send_to(&k.to_be_bytes(), to).unwrap();
+            loop {
+                let (n, _) = s.recv_from(&mut buf).expect("echo reply");
+                if n == 4 && buf[..4] == k.to_be_bytes() {
+                    break;
+                }
+            }
+            rtts.push(t0.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        rtts
+    }
+
+    /// Sends `count` numbered datagrams from `i` to `j`, `gap` apart; returns the numbers
+    /// received, in arrival order (with duplicates), and the bytes of each.
+    fn blast(
+        &self,
+        i: usize,
+        j: usize,
+        port: u16,
+        count: u32,
+        size: usize,
+        gap: Duration,
+    ) -> Vec<(u32, Vec<u8>)> {
+        let rx = self.udp(j, port);
+        rx.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, _)) = rx.recv_from(&mut buf) {
+                let k = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                got.push((k, buf[..n].to_vec()));
+            }
+            got
+        });
+        let tx = self.udp(i, 0);
+        let to = SocketAddr::from((self.addr(j), port));
+        let mut payload = vec![0xa5u8; size];
+        let start = Instant::now();
+        for k in 0..count {
+            payload[..4].copy_from_slice(&k.to_be_bytes());
+            tx.send_to(&payload, to).unwrap();
+            if !gap.is_zero() {
+                let due = start + gap * (k + 1);
+                while Instant::now() < due {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        reader.join().unwrap()
+    }
+}
+
+fn ms(d: u64) -> u64 {
+    d * 1_000_000
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unshaped_instances_reach_each_other_and_nothing_else() {
+    if !privileged() {
+        return;
+    }
+    let r = run(2).await;
+    let l = r.listen(1, 7000);
+    let to = SocketAddr::from((r.addr(1), 7000));
+    let mut c = r.connect(0, to, Duration::from_secs(5)).expect("connect");
+    let (mut s, _) = l.accept().unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    // An address in the data subnet that no instance has: dropped, so the connect times out.
+    let nobody = SocketAddr::from((
+        Ipv4Addr::new(r.addr(0).octets()[0], r.addr(0).octets()[1], 9, 9),
+        7000,
+    ));
+    let e = r
+        .connect(0, nobody, Duration::from_millis(500))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    let stats = r.net.shutdown().await.expect("stats");
+    assert!(stats.delivered > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_is_never_undershot() {
+    if !privileged() {
+        return;
+    }
+    let r = run(2).await;
+    r.configure(0, json!({"default": {"latency": ms(30)}}))
+        .await;
+    let rtts = tokio::task::block_in_place(|| r.udp_rtts(0, 1, 7001, 10));
+    // Only instance 0 is shaped: each round trip crosses its egress once.
+    for rtt in &rtts {
+        assert!(*rtt >= Duration::from_millis(30), "rtt {rtt:?} < 30ms");
+        assert!(*rtt < Duration::from_millis(1000), "rtt {rtt:?}");
+    }
+    r.configure(1, json!({"default": {"latency": ms(20)}}))
+        .await;
+    let rtts = tokio::task::block_in_place(|| r.udp_rtts(0, 1, 7001, 10));
+    for rtt in &rtts {
+        assert!(*rtt >= Duration::from_millis(50), "rtt {rtt:?} < 30+20ms");
+    }
+    r.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jitter_spreads_delays() {
+    if !privileged() {
+        return;
+    }
+    let r = run(2).await;
+    r.configure(0, json!({"default": {"latency": ms(30), "jitter": ms(20)}}))
+        .await;
+    let rtts = tokio::task::block_in_place(|| r.udp_rtts(0, 1, 7002, 40));
+    let min = rtts.iter().min().unwrap();
+    let max = rtts.iter().max().unwrap();
+    assert!(*min >= Duration::from_millis(10), "min {min:?}");
+    // Uniform in [10, 50] ms: 40 samples spanning less than 15 ms is vanishingly unlikely.
+    assert!(
+        *max - *min > Duration::from_millis(15),
+        "spread {min:?}..{max:?}"
+    );
+    r.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_limits_throughput() {
+    if !privileged() {
+        return;
+    }
+    let r = run(2).await;
+    let bps = 8_000_000u64;
+    r.configure(0, json!({"default": {"bandwidth": bps}})).await;
+    // 2 s of traffic offered at ~2x the limit; the queue absorbs the excess up to its limit.
+    let size = 1000usize;
+    let got =
+        tokio::task::block_in_place(|| r.blast(0, 1, 7003, 4000, size, Duration::from_micros(500)));
+    // Receive-side rate over the interval between arrivals is not observable after the fact,
+    // so measure with a second, timed run below instead: here only check the drop happened.
+    assert!(got.len() < 4000, "the excess over the rate was dropped");
+    drop(got);
+    // Timed: bytes on the wire (IP + UDP headers included) per second at the receiver.
+    let rx = r.udp(1, 7004);
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let tx = r.udp(0, 0);
+    let to = SocketAddr::from((r.addr(1), 7004));
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        let mut first = None;
+        let mut last = Instant::now();
+        let mut bytes = 0u64;
+        let mut n_pk = 0u64;
+        while let Ok((n, _)) = rx.recv_from(&mut buf) {
+            let now = Instant::now();
+            if first.is_none() {
+                first = Some(now);
+            } else {
+                bytes += (n + 28) as u64;
+                n_pk += 1;
+            }
+            last = now;
+        }
+        (first.map(|f| last - f), bytes, n_pk)
+    });
+    tokio::task::block_in_place(|| {
+        let payload = vec![0u8; size];
+        let start = Instant::now();
+        // 1.5 s at 1.5x the rate.
+        for k in 0..1500u32 {
+            tx.send_to(&payload, to).unwrap();
+            let due = start + Duration::from_micros(1000) * (k + 1);
+            while Instant::now() < due {
+                std::thread::yield_now();
+            }
+        }
+    });
+    let (span, bytes, n_pk) = reader.join().unwrap();
+    let span = span.expect("received");
+    let rate = bytes as f64 * 8.0 / span.as_secs_f64();
+    assert!(n_pk > 500, "{n_pk} packets");
+    let err = (rate - bps as f64).abs() / bps as f64;
+    assert!(
+        err < 0.05,
+        "measured {rate:.0} bit/s vs {bps} (error {:.1}%)",
+        err * 100.0
+    );
+    r.net.shutdown().await;
+}
+
+fn distinct(got: &[(u32, Vec<u8>)]) -> std::collections::BTreeSet<u32> {
+    got.iter().map(|g| g.0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_duplicate_and_corrupt_rates() {
+    if !privileged() {
+        return;
+    }
+    let n = 3000u32;
+    let gap = Duration::from_micros(100);
+    let r = run(2).await;
+
+    r.configure(0, json!({"default": {"loss": 20.0}})).await;
+    let got = tokio::task::block_in_place(|| r.blast(0, 1, 7005, n, 200, gap));
+    let lost = 1.0 - distinct(&got).len() as f64 / n as f64;
+    assert!((0.16..0.24).contains(&lost), "loss {lost}");
+
+    r.configure(0, json!({"default": {"duplicate": 20.0}}))
+        .await;
+    let got = tokio::task::block_in_place(|| r.blast(0, 1, 7006, n, 200, gap));
+    assert_eq!(distinct(&got).len() as u32, n, "duplication loses nothing");
+    let dup = got.len() as f64 / n as f64 - 1.0;
+    assert!((0.16..0.24).contains(&dup), "duplicates {dup}");
+
+    // A corrupted datagram fails its UDP checksum in the receiving kernel and is discarded,
+    // as on a real link: the corruption rate shows as missing datagrams.
+    r.configure(0, json!({"default": {"corrupt": 20.0}})).await;
+    let got = tokio::task::block_in_place(|| r.blast(0, 1, 7007, n, 200, gap));
+    let corrupted = 1.0 - distinct(&got).len() as f64 / n as f64;
+    assert!((0.16..0.24).contains(&corrupted), "corrupt {corrupted}");
+    assert!(
+        got.iter().all(|(_, b)| b[4..].iter().all(|x| *x == 0xa5)),
+        "nothing corrupt delivered"
+    );
+    r.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reorder_lets_packets_jump_the_queue() {
+    if !privileged() {
+        return;
+    }
+    let r = run(2).await;
+    r.configure(0, json!({"default": {"latency": ms(10), "reorder": 25.0}}))
+        .await;
+    let n = 2000u32;
+    let got =
+        tokio::task::block_in_place(|| r.blast(0, 1, 7008, n, 100, Duration::from_micros(500)));
+    assert_eq!(got.len() as u32, n);
+    // A packet that skipped the delay overtakes the ~20 sent in the 10 ms before it: those
+    // arrive after it, behind a higher number.
+    let mut max = 0;
+    let mut late = 0;
+    for (k, _) in &got {
+        if *k < max {
+            late += 1;
+        }
+        max = max.max(*k);
+    }
+    let jumped = got.windows(2).filter(|w| w[1].0 < w[0].0).count();
+    assert!(late > 0 && jumped > 0);
+    let rate = jumped as f64 / n as f64;
+    // Each reordered packet starts one descent in the arrival order, unless two jump together.
+    assert!((0.15..0.30).contains(&rate), "reorder rate {rate}");
+    r.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_drop_reject_and_shape_per_subnet() {
+    if !privileged() {
+        return;
+    }
+    let r = run(3).await;
+    let _l1 = r.listen(1, 7010);
+    let _l2 = r.listen(2, 7010);
+    r.configure(
+        0,
+        json!({"rules": [
+            {"subnet": format!("{}/32", r.addr(1)), "filter": 2},
+            {"subnet": format!("{}/32", r.addr(2)), "filter": 1},
+        ]}),
+    )
+    .await;
+    let t0 = Instant::now();
+    let e = r
+        .connect(0, (r.addr(2), 7010).into(), Duration::from_secs(5))
+        .unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "reject fails at once, took {:?}: {e}",
+        t0.elapsed()
+    );
+    assert_ne!(e.kind(), ErrorKind::TimedOut, "{e}");
+    let e = r
+        .connect(0, (r.addr(1), 7010).into(), Duration::from_millis(1500))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "drop gives no answer: {e}");
+    // The other instances are not affected by instance 0's rules.
+    r.connect(1, (r.addr(2), 7010).into(), Duration::from_secs(5))
+        .expect("1 -> 2");
+
+    // Per-subnet shaping: two peers, two latencies.
+    r.configure(
+        0,
+        json!({"rules": [
+            {"subnet": format!("{}/32", r.addr(1)), "latency": ms(10)},
+            {"subnet": format!("{}/32", r.addr(2)), "latency": ms(60)},
+        ]}),
+    )
+    .await;
+    let to1 = tokio::task::block_in_place(|| r.udp_rtts(0, 1, 7011, 5));
+    let to2 = tokio::task::block_in_place(|| r.udp_rtts(0, 2, 7012, 5));
+    let m1 = *to1.iter().min().unwrap();
+    let m2 = *to2.iter().min().unwrap();
+    assert!(m1 >= Duration::from_millis(10), "{m1:?}");
+    assert!(m2 >= Duration::from_millis(60), "{m2:?}");
+    assert!(m2 > m1 + Duration::from_millis(30), "{m1:?} vs {m2:?}");
+    r.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_change_and_disable() {
+    if !privileged() {
+        return;
+    }
+    let r = run(2).await;
+    let _l = r.listen(1, 7020);
+    let old = r.addr(1);
+    let o = old.octets();
+    let new = Ipv4Addr::new(o[0], o[1], 1, 1);
+    r.configure(1, json!({"IPv4": format!("{new}/16")})).await;
+    r.connect(0, (new, 7020).into(), Duration::from_secs(5))
+        .expect("the new address answers");
+    let e = r
+        .connect(0, (old, 7020).into(), Duration::from_millis(500))
+        .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::TimedOut,
+        "the old address is gone: {e}"
+    );
+    // A taken or foreign address is refused without wedging: the callback still comes.
+    r.configure(1, json!({"IPv4": format!("{}/16", r.addr(0))}))
+        .await;
+    r.configure(1, json!({"IPv4": "10.1.2.3/16"})).await;
+    r.connect(0, (new, 7020).into(), Duration::from_secs(5))
+        .expect("still at the new address");
+
+    r.configure(1, json!({"enable": false})).await;
+    let e = r
+        .connect(0, (new, 7020).into(), Duration::from_millis(500))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "disabled: {e}");
+    r.configure(1, json!({"enable": true})).await;
+    r.connect(0, (new, 7020).into(), Duration::from_secs(5))
+        .expect("enabled again");
+    let mut log = r.log;
+    let mut lines = Vec::new();
+    while let Ok(l) = log.try_recv() {
+        lines.push(l);
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("10.1.2.3") && l.contains("outside")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("not applied")), "{lines:?}");
+    r.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_seed_same_loss_pattern() {
+    if !privileged() {
+        return;
+    }
+    let pattern = |seed: u64| async move {
+        let r = run_with(2, seed).await;
+        r.configure(0, json!({"default": {"loss": 30.0}})).await;
+        let got = tokio::task::block_in_place(|| {
+            r.blast(0, 1, 7030, 400, 100, Duration::from_micros(300))
+        });
+        r.net.shutdown().await;
+        distinct(&got)
+    };
+    let a = pattern(7).await;
+    let b = pattern(7).await;
+    let c = pattern(8).await;
+    assert!(a.len() < 400 && a.len() > 200);
+    assert_eq!(a, b, "same seed, same datagrams lost");
+    assert_ne!(a, c, "another seed, another pattern");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_runs_are_isolated() {
+    if !privileged() {
+        return;
+    }
+    let a = run(1).await;
+    let b = run(1).await;
+    assert_ne!(a.net.subnet(), b.net.subnet());
+    let _l = b.listen(0, 7040);
+    let e = a
+        .connect(0, (b.addr(0), 7040).into(), Duration::from_millis(700))
+        .unwrap_err();
+    // Another run's subnet is not even routed inside an instance; were it routed, the run's
+    // emulator would drop it (no instance of the run has that address).
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::NetworkUnreachable | ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    a.net.shutdown().await;
+    b.net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_policy_gates_the_host() {
+    if !privileged() {
+        return;
+    }
+    if std::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if std::env::var("TG_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+            panic!("nft is missing (apt install nftables)");
+        }
+        eprintln!("skipping: allow_all needs nft");
+        return;
+    }
+    let r = run(1).await;
+    let host = r.net.host_addr().expect("a host link");
+    // A server on the host side, on the run's own host link address only.
+    let server = TcpListener::bind((host, 0)).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let e = r
+        .connect(0, (host, port).into(), Duration::from_millis(700))
+        .unwrap_err();
+    assert_ne!(e.kind(), ErrorKind::ConnectionRefused, "deny_all: {e}");
+    // The sync service stays reachable under deny_all.
+    r.connect(
+        0,
+        (tg_sidecar::SYNC_ADDR, tg_sidecar::SYNC_PORT).into(),
+        Duration::from_secs(2),
+    )
+    .expect("the sync service");
+
+    r.configure(0, json!({"routing_policy": "allow_all"})).await;
+    let mut c = r
+        .connect(0, (host, port).into(), Duration::from_secs(2))
+        .expect("allow_all reaches the host");
+    let (mut s, _) = server.accept().unwrap();
+    s.write_all(b"hi").unwrap();
+    let mut buf = [0u8; 2];
+    c.read_exact(&mut buf).unwrap();
+
+    r.configure(0, json!({"routing_policy": "deny_all"})).await;
+    assert!(
+        r.connect(0, (host, port).into(), Duration::from_millis(700))
+            .is_err()
+    );
+    r.net.shutdown().await;
+}
