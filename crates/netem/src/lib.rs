@@ -16,6 +16,19 @@
 //! link depends only on the seed and that link's own packets: not on other links' traffic, nor on timing
 //! (apart from the bandwidth queue, whose tail drops depend on when packets are offered, as on a real link).
 //!
+//! Per packet the pipeline is: parse, route by destination address, pick the sender's link (longest-prefix
+//! rule, else the default), filter, loss, duplicate, then for the packet and its copy: corrupt, rate
+//! (bandwidth), delay (latency, jitter, reorder). Deviations from Linux netem, each deliberate:
+//! - loss comes before duplication (netem duplicates first, so a duplicated packet may lose one copy), and
+//!   the copy is scheduled after the original (netem enqueues it first);
+//! - the bandwidth stage serialises before the delay instead of netem's folding of the transmission time
+//!   into the delay of the last queued packet (see [`stage::Rate`]); its queue limit counts only packets
+//!   waiting for the wire, where netem's `limit` counts every packet held, delayed ones included;
+//! - corruption flips a bit in the payload only, never in the IP header (see [`stage::Corrupt`]);
+//! - jitter is uniform (netem's behaviour without a distribution table) and uncorrelated; reordering uses
+//!   gap 1 (what `tc ... reorder P%` sets); [`Shape`] has no loss correlation, so links use none;
+//! - filters are not netem's but Testground's (iptables-like drop/reject), evaluated before shaping.
+//!
 //! Modules:
 //! - this file: [`Emulator`] (nodes, addresses, the per-packet pipeline), [`NodeId`], [`Delivery`],
 //!   [`NetemError`];

@@ -7,35 +7,36 @@ use crate::{Nanos, NodeId};
 
 pub(crate) struct Entry {
     pub due: Nanos,
-    seq: u64,
     pub to: NodeId,
     pub packet: Vec<u8>,
 }
 
-impl Entry {
-    fn key(&self) -> (Nanos, u64) {
-        (self.due, self.seq)
-    }
+/// A lane entry: the packet with its ordering key.
+struct Queued {
+    seq: u64,
+    entry: Entry,
 }
 
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
+/// A heap entry: only the ordering key and where the packet is parked, so that sifting moves 24 bytes
+/// instead of the whole entry (with jitter, this cut the throughput example's time per packet by about a
+/// third: the heap of 10k packets in flight then fits in L2).
+#[derive(PartialEq, Eq)]
+struct Key {
+    due: Nanos,
+    seq: u64,
+    slot: u32,
 }
 
-impl Eq for Entry {}
-
-impl PartialOrd for Entry {
+impl PartialOrd for Key {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Entry {
+impl Ord for Key {
     /// Reversed, so that `BinaryHeap` (a max-heap) pops the earliest entry first.
     fn cmp(&self, other: &Self) -> Ordering {
-        other.key().cmp(&self.key())
+        (other.due, other.seq).cmp(&(self.due, self.seq))
     }
 }
 
@@ -47,25 +48,35 @@ impl Ord for Entry {
 /// seq only grows, so the global minimum is the smaller of their two fronts.
 #[derive(Default)]
 pub(crate) struct Scheduler {
-    lane: VecDeque<Entry>,
-    heap: BinaryHeap<Entry>,
+    lane: VecDeque<Queued>,
+    heap: BinaryHeap<Key>,
+    /// Packets of heap entries, indexed by `Key::slot`; `None` slots are listed in `free`.
+    parked: Vec<Option<Entry>>,
+    free: Vec<u32>,
     next_seq: u64,
 }
 
 impl Scheduler {
     pub fn push(&mut self, due: Nanos, to: NodeId, packet: Vec<u8>) {
-        let entry = Entry {
-            due,
-            seq: self.next_seq,
-            to,
-            packet,
-        };
+        let seq = self.next_seq;
         self.next_seq += 1;
-        if self.lane.back().is_none_or(|last| last.due <= due) {
-            self.lane.push_back(entry);
-        } else {
-            self.heap.push(entry);
+        let entry = Entry { due, to, packet };
+        if self.lane.back().is_none_or(|last| last.entry.due <= due) {
+            self.lane.push_back(Queued { seq, entry });
+            return;
         }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.parked[slot as usize] = Some(entry);
+                slot
+            }
+            None => {
+                self.parked.push(Some(entry));
+                // More than 4G packets in flight would exhaust memory long before the index.
+                (self.parked.len() - 1) as u32
+            }
+        };
+        self.heap.push(Key { due, seq, slot });
     }
 
     /// Whether the lane's front comes before the heap's (and exists).
@@ -74,29 +85,33 @@ impl Scheduler {
             (None, None) => None,
             (Some(_), None) => Some(true),
             (None, Some(_)) => Some(false),
-            (Some(l), Some(h)) => Some(l.key() < h.key()),
+            (Some(l), Some(h)) => Some((l.entry.due, l.seq) < (h.due, h.seq)),
         }
     }
 
     pub fn next_due(&self) -> Option<Nanos> {
-        match (self.lane.front(), self.heap.peek()) {
-            (Some(l), Some(h)) => Some(l.due.min(h.due)),
-            (l, h) => l.or(h).map(|e| e.due),
+        let lane = self.lane.front().map(|q| q.entry.due);
+        let heap = self.heap.peek().map(|k| k.due);
+        match (lane, heap) {
+            (Some(l), Some(h)) => Some(l.min(h)),
+            (l, h) => l.or(h),
         }
     }
 
     /// Removes and returns the earliest entry if it is due at or before `now`.
     pub fn pop_due(&mut self, now: Nanos) -> Option<Entry> {
         if self.lane_first()? {
-            if self.lane.front()?.due > now {
+            if self.lane.front()?.entry.due > now {
                 return None;
             }
-            self.lane.pop_front()
+            self.lane.pop_front().map(|q| q.entry)
         } else {
             if self.heap.peek()?.due > now {
                 return None;
             }
-            self.heap.pop()
+            let key = self.heap.pop()?;
+            self.free.push(key.slot);
+            self.parked[key.slot as usize].take()
         }
     }
 
