@@ -16,6 +16,25 @@
 //! link depends only on the seed and that link's own packets: not on other links' traffic, nor on timing
 //! (apart from the bandwidth queue, whose tail drops depend on when packets are offered, as on a real link).
 //!
+//! ```
+//! use std::net::Ipv4Addr;
+//! use tg_netem::{Emulator, NodeConfig, NodeId, Shape, Verdict};
+//!
+//! let mut emu = Emulator::new(42);
+//! emu.add_node(NodeId(0), Ipv4Addr::new(10, 0, 0, 1)).unwrap();
+//! emu.add_node(NodeId(1), Ipv4Addr::new(10, 0, 0, 2)).unwrap();
+//! let slow = Shape { latency: 5_000_000, ..Shape::default() };
+//! emu.configure(NodeId(0), NodeConfig { default: slow, ..NodeConfig::default() }).unwrap();
+//!
+//! // A minimal IPv4 header (checksum not needed by the emulator) from 10.0.0.1 to 10.0.0.2.
+//! let packet = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+//! assert_eq!(emu.send(1_000, NodeId(0), packet.clone()), Verdict::Scheduled);
+//! assert_eq!(emu.next_deadline(), Some(5_001_000));
+//! assert!(emu.poll(5_000_999).is_none());
+//! let delivery = emu.poll(5_001_000).unwrap();
+//! assert_eq!((delivery.to, delivery.packet), (NodeId(1), packet));
+//! ```
+//!
 //! Per packet the pipeline is: parse, route by destination address, pick the sender's link (longest-prefix
 //! rule, else the default), filter, loss, duplicate, then for the packet and its copy: corrupt, rate
 //! (bandwidth), delay (latency, jitter, reorder). Deviations from Linux netem, each deliberate:
@@ -259,7 +278,8 @@ impl Emulator {
     }
 
     /// Removes a node (no-op if unknown). Packets in flight to it are discarded when they fall due (counted in
-    /// [`Stats::discarded`]); packets it sent earlier still arrive.
+    /// [`Stats::discarded`]), unless a node with the same id has been added by then, which gets them; packets
+    /// it sent earlier still arrive.
     pub fn remove_node(&mut self, id: NodeId) {
         if let Some(node) = self.nodes.get_mut(id.index()).and_then(Option::take) {
             self.by_addr.remove(&u32::from(node.addr));
@@ -271,6 +291,9 @@ impl Emulator {
     /// Packets already in flight to the node are still delivered to it; their destination address is
     /// whatever it was when sent, which the receiving kernel may no longer accept, as on a real network.
     pub fn set_addr(&mut self, id: NodeId, addr: Ipv4Addr) -> Result<(), NetemError> {
+        if self.node(id).is_none() {
+            return Err(NetemError::UnknownNode { node: id });
+        }
         let key = u32::from(addr);
         match self.by_addr.get(&key) {
             Some(&by) if by == id => return Ok(()),
@@ -325,21 +348,18 @@ impl Emulator {
         let Some(hdr) = packet::parse_ipv4(&packet) else {
             return self.dropped(DropReason::Malformed);
         };
-        let Some(sender_enabled) = self.node(from).map(|n| n.config.enabled) else {
-            return self.dropped(DropReason::UnknownSender);
-        };
         let dst = u32::from(hdr.dst);
         let Some(&to) = self.by_addr.get(&dst) else {
             return self.dropped(DropReason::NoRoute);
         };
-        // by_addr only holds addresses of present nodes.
+        // by_addr only holds addresses of present nodes, so this is the receiver's own setting.
         let receiver_enabled = self.node(to).is_some_and(|n| n.config.enabled);
-        if !sender_enabled || !receiver_enabled {
+        let Some(Some(sender)) = self.nodes.get_mut(from.index()) else {
+            return self.dropped(DropReason::UnknownSender);
+        };
+        if !sender.config.enabled || !receiver_enabled {
             return self.dropped(DropReason::Disabled);
         }
-        let Some(Some(sender)) = self.nodes.get_mut(from.index()) else {
-            unreachable!("sender looked up above");
-        };
         let link = sender.link_for(dst);
         match link.filter() {
             Filter::Accept => {}
