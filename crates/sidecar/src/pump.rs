@@ -352,8 +352,11 @@ impl Worker {
             Some(path) => {
                 let file = File::create(&path)
                     .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                // Little-endian microsecond pcap: what tcpdump writes on x86 and every tool reads.
                 let header = PcapHeader {
                     datalink: DataLink::RAW,
+                    endianness: pcap_file::Endianness::Little,
+                    ts_resolution: pcap_file::TsResolution::MicroSecond,
                     ..Default::default()
                 };
                 Some(
