@@ -347,6 +347,13 @@ impl RunNetwork {
             .map_err(io_err(format!("route to {caddr}")))?;
 
         let tun = Tun::create(&ns, "eth1").map_err(io_err("create the data interface"))?;
+        // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
+        tun.set_persist(true)
+            .map_err(io_err("make the data interface persistent"))?;
+        // The data network is IPv4 only; without this every instance's kernel sends router
+        // solicitations and MLD reports into the emulator, which can only drop them.
+        tg_sys::write_sysctl(&ns, "net/ipv6/conf/eth1/disable_ipv6", "1")
+            .map_err(io_err("disable IPv6 on eth1"))?;
         let nl = Netlink::open(&ns)
             .await
             .map_err(io_err("open netlink in an instance namespace"))?;

@@ -16,6 +16,8 @@ use crate::netns::NetNs;
 
 // TUNSETIFF reads an `ifreq` and writes the final name back into it, hence read-write.
 nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+// TUNSETPERSIST takes its flag as the ioctl argument itself, not through a pointer.
+nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
 
 /// A TUN device (IFF_TUN | IFF_NO_PI: raw IPv4/IPv6 packets) in some namespace,
 /// non-blocking. The device exists as long as this fd.
@@ -75,6 +77,19 @@ impl Tun {
             fd,
             name: String::from_utf8_lossy(&actual).into_owned(),
         })
+    }
+
+    /// Makes the device outlive this descriptor: it is then destroyed with its namespace.
+    ///
+    /// Why: closing the last descriptor of a non-persistent TUN unregisters the device on the
+    /// spot, which costs an RCU grace period each (about 30 ms here), so closing 1,000 of them
+    /// one by one takes 30 s. A persistent device is instead removed when its namespace dies,
+    /// and the kernel tears dying namespaces down in batches with one grace period for all.
+    pub fn set_persist(&self, persist: bool) -> io::Result<()> {
+        // SAFETY: `fd` is a TUN descriptor attached by TUNSETIFF; the argument is an int flag.
+        unsafe { tun_set_persist(self.fd.as_raw_fd(), libc::c_int::from(persist)) }
+            .map_err(|e| nix_context(e, format!("TUNSETPERSIST {}", self.name)))?;
+        Ok(())
     }
 
     /// The interface name, as the kernel has it.
