@@ -12,11 +12,13 @@ import (
 	"github.com/testground/sdk-go/network"
 	"github.com/testground/sdk-go/run"
 	"github.com/testground/sdk-go/runtime"
+	"github.com/testground/sdk-go/sync"
 )
 
 // More test cases go here; the map keeps the plan open to them.
 var testcases = map[string]interface{}{
-	"ping-pong": run.InitializedTestCaseFn(pingpong),
+	"ping-pong":      run.InitializedTestCaseFn(pingpong),
+	"barrier-shaped": run.InitializedTestCaseFn(barrierShaped),
 }
 
 func main() {
@@ -161,5 +163,44 @@ func pingpong(runenv *runtime.RunEnv, initCtx *run.InitContext) error {
 	}
 
 	runenv.RecordMessage("ping RTT was %s [%s, %s]", rtt, rttMin, rttMax)
+	return nil
+}
+
+// barrierShaped is the scale benchmark's case: every instance shapes its data
+// link (latency, jitter, bandwidth, loss), which makes the sidecar apply one
+// config per instance and release a barrier of all of them, then the instances
+// pass `rounds` more barriers together and report how long that took.
+func barrierShaped(runenv *runtime.RunEnv, initCtx *run.InitContext) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 600*time.Second)
+	defer cancel()
+	client := initCtx.SyncClient
+	n := runenv.TestInstanceCount
+
+	start := time.Now()
+	initCtx.NetClient.MustConfigureNetwork(ctx, &network.Config{
+		Network: "default",
+		Enable:  true,
+		Default: network.LinkShape{
+			Latency:   20 * time.Millisecond,
+			Jitter:    5 * time.Millisecond,
+			Bandwidth: 10 << 20,
+			Loss:      1,
+		},
+		CallbackState: "shaped",
+		RoutingPolicy: network.DenyAll,
+	})
+	shaped := time.Since(start)
+
+	rounds := runenv.IntParam("rounds")
+	start = time.Now()
+	for i := 0; i < rounds; i++ {
+		if _, err := client.SignalAndWait(ctx, sync.State(fmt.Sprintf("round-%d", i)), n); err != nil {
+			return fmt.Errorf("round %d: %w", i, err)
+		}
+	}
+	passed := time.Since(start)
+	if initCtx.GlobalSeq == 1 {
+		runenv.RecordMessage("%d instances: shaping applied in %s, %d barrier rounds in %s", n, shaped, rounds, passed)
+	}
 	return nil
 }
