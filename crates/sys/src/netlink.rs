@@ -10,10 +10,12 @@ use std::fmt::Display;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, State};
+use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{
     AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
@@ -127,6 +129,56 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl_error(format!("setting link {index} up")))
+    }
+
+    /// Whether the kernel reports the interface operationally up (`IFLA_OPERSTATE` UP, or
+    /// UNKNOWN for devices without carrier reporting such as `lo`).
+    ///
+    /// After [`Netlink::set_up`] this turns true asynchronously: the kernel's linkwatch
+    /// worker handles the carrier-on event and only then attaches the device's queueing
+    /// discipline, so packets sent out of the device before that are silently dropped.
+    /// With thousands of links changing at once that can take seconds; wait for this
+    /// (see [`Netlink::wait_oper_up`]) before declaring an instance's network ready.
+    pub async fn is_oper_up(&self, index: u32) -> io::Result<bool> {
+        let what = format!("reading operstate of link {index}");
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl_error(&what))?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{what}: no such interface"),
+                )
+            })?;
+        Ok(link.attributes.iter().any(|a| {
+            matches!(
+                a,
+                LinkAttribute::OperState(State::Up) | LinkAttribute::OperState(State::Unknown)
+            )
+        }))
+    }
+
+    /// Polls [`Netlink::is_oper_up`] until it is true; `TimedOut` after `timeout`.
+    pub async fn wait_oper_up(&self, index: u32, timeout: Duration) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Linkwatch works in batches spaced up to a second apart; 10 ms polling adds
+        // little latency and few requests.
+        while !self.is_oper_up(index).await? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("link {index} not operationally up after {timeout:?}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     /// Sets the interface administratively down.
@@ -247,6 +299,61 @@ impl Netlink {
             .await
             .map_err(nl_error(format!("creating veth {name} (peer {peer_name})")))?;
         self.link_index(name).await
+    }
+
+    /// The interface's hardware address (6 bytes for a veth; empty for a TUN device,
+    /// which has none).
+    pub async fn link_mac(&self, index: u32) -> io::Result<Vec<u8>> {
+        let what = format!("reading hardware address of link {index}");
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl_error(&what))?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{what}: no such interface"),
+                )
+            })?;
+        Ok(link
+            .attributes
+            .into_iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(mac) => Some(mac),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
+    /// Adds (or replaces) a permanent neighbour entry: `addr` is at `mac` on the link,
+    /// so no ARP is needed. Pass an empty `mac` for links without hardware addresses
+    /// (TUN).
+    ///
+    /// Why: the kernel's IPv4 neighbour table limit (`gc_thresh3`, default 1024) counts
+    /// dynamic entries of *all* namespaces together and can only be raised from the
+    /// initial namespace. A thousand instances resolving even one neighbour each on two
+    /// links overflow it ("neighbour table overflow" in dmesg) and packets are dropped.
+    /// Permanent entries are not counted, so pin every neighbour the topology needs
+    /// (and route through one on-link gateway rather than many on-link destinations).
+    pub async fn add_neighbour(&self, index: u32, addr: Ipv4Addr, mac: &[u8]) -> io::Result<()> {
+        let mut request = self
+            .handle
+            .neighbours()
+            .add(index, IpAddr::V4(addr))
+            .state(NeighbourState::Permanent)
+            .replace();
+        if !mac.is_empty() {
+            request = request.link_layer_address(mac);
+        }
+        request
+            .execute()
+            .await
+            .map_err(nl_error(format!("adding neighbour {addr} on link {index}")))
     }
 
     /// Deletes the interface (for a veth, both ends).

@@ -29,6 +29,11 @@ const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 /// and by any process inside it. Nothing is bind-mounted under /run/netns: when the
 /// handle and the processes are gone the kernel frees the namespace and every interface
 /// in it, so a crashed owner leaves nothing behind.
+///
+/// Sockets and [`crate::Tun`] fds created inside the namespace pin it as well (the kernel
+/// holds a reference from each), so dropping the handle alone does not free a namespace
+/// whose TUN device is still open. All of them are fds, so a crashed owner still leaves
+/// nothing behind.
 pub struct NetNs {
     fd: OwnedFd,
 }

@@ -21,6 +21,13 @@ nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
 
 /// A TUN device (IFF_TUN | IFF_NO_PI: raw IPv4/IPv6 packets) in some namespace,
 /// non-blocking. The device exists as long as this fd.
+///
+/// The fd also keeps its namespace alive. Dropping it unregisters the device
+/// synchronously, which waits for RCU grace periods (~20-30 ms on the machines we
+/// measured); to tear down many instances, drop their `Tun`s from several threads at
+/// once so those waits overlap (1000 devices: ~32 s one by one, ~2.5 s from 16 threads).
+///
+/// For async use, wrap it in `tokio::io::unix::AsyncFd` (it implements `AsRawFd`).
 #[derive(Debug)]
 pub struct Tun {
     fd: OwnedFd,

@@ -39,8 +39,8 @@ fn ip_in(ns: &NetNs, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Two namespaces joined by a veth: (a, b, netlink of a, netlink of b, index in a,
-/// index in b), addresses 10.200.0.1/24 (a) and 10.200.0.2/24 (b), both up.
+/// Two namespaces joined by a veth `va` (in a) / `vb` (in b): (a, b, netlink of a,
+/// netlink of b), addresses 10.200.0.1/24 (a) and 10.200.0.2/24 (b), both up.
 async fn veth_pair() -> (NetNs, NetNs, Netlink, Netlink) {
     let a = NetNs::new().unwrap();
     let b = NetNs::new().unwrap();
@@ -58,8 +58,31 @@ async fn veth_pair() -> (NetNs, NetNs, Netlink, Netlink) {
     nl_b.add_address(ib, Ipv4Addr::new(10, 200, 0, 2), 24)
         .await
         .unwrap();
+    assert!(
+        !nl_a.is_oper_up(ia).await.unwrap(),
+        "veth must be created down"
+    );
     nl_a.set_up(ia).await.unwrap();
     nl_b.set_up(ib).await.unwrap();
+    // Traffic sent before the kernel has processed the carrier change would be dropped.
+    nl_a.wait_oper_up(ia, Duration::from_secs(10))
+        .await
+        .unwrap();
+    nl_b.wait_oper_up(ib, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Pinned neighbours: no ARP, and immune to the host-wide neighbour table filling up
+    // when other tests on this machine run many namespaces.
+    let mac_a = nl_a.link_mac(ia).await.unwrap();
+    let mac_b = nl_b.link_mac(ib).await.unwrap();
+    assert_eq!((mac_a.len(), mac_b.len()), (6, 6));
+    nl_a.add_neighbour(ia, Ipv4Addr::new(10, 200, 0, 2), &mac_b)
+        .await
+        .unwrap();
+    nl_b.add_neighbour(ib, Ipv4Addr::new(10, 200, 0, 1), &mac_a)
+        .await
+        .unwrap();
+    assert!(ip_in(&a, &["-4", "neigh", "show", "dev", "va"]).contains("PERMANENT"));
     (a, b, nl_a, nl_b)
 }
 
@@ -167,6 +190,13 @@ async fn tun_reads_and_writes_ip_packets() {
         "fresh tun must be non-blocking and empty"
     );
     nl.set_up(index).await.unwrap();
+    nl.wait_oper_up(index, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(nl.link_mac(index).await.unwrap().is_empty());
+    nl.add_neighbour(index, Ipv4Addr::new(10, 201, 0, 2), &[])
+        .await
+        .unwrap();
 
     // Outbound: the kernel routes a datagram for 10.201.0.2 into the TUN.
     let sock = ns
