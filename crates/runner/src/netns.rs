@@ -136,7 +136,6 @@ pub(crate) async fn create(
         capture,
         work_dir: work_dir.to_path_buf(),
         state_dir,
-        instances: input.groups.iter().map(|g| g.instances).sum(),
     };
     let net = RunNetwork::create(opts, log_tx)
         .await

@@ -64,8 +64,6 @@ pub struct Options {
     pub work_dir: PathBuf,
     /// Where runs leave a record for [`leftovers::clean`].
     pub state_dir: PathBuf,
-    /// How many instances the run will add (sizes host-wide kernel tables).
-    pub instances: u32,
 }
 
 /// Setting up or tearing down a run's network failed.
@@ -173,9 +171,6 @@ impl RunNetwork {
                 ));
             }
             Err(e) => tracing::warn!("cannot check for leftovers: {e}"),
-        }
-        if let Some(msg) = raise_neighbour_limits(opts.instances) {
-            let _ = log.send(msg);
         }
         let lease = addr::SubnetLease::take().ok_or(SidecarError::NoSubnet)?;
         let subnet = lease.subnet();
@@ -372,6 +367,26 @@ impl RunNetwork {
         nl.add_route(Ipv4Net::from(SYNC_ADDR), None, eth0)
             .await
             .map_err(io_err("route to the sync service"))?;
+        // Both ends of the control link know each other statically. Why: the kernel's ARP
+        // table is shared by every namespace and holds 1,024 dynamic entries by default; two
+        // per instance overflow it past about 500 instances and connections to the sync
+        // service then fail. Permanent entries are not counted.
+        let ctl_mac = sh
+            .ctl_nl
+            .link_mac(cidx)
+            .await
+            .map_err(io_err(format!("read the address of {ctl_if}")))?;
+        let eth0_mac = nl
+            .link_mac(eth0)
+            .await
+            .map_err(io_err("read the address of eth0"))?;
+        nl.add_neighbour(eth0, SYNC_ADDR, &ctl_mac)
+            .await
+            .map_err(io_err("pin the sync service's neighbour entry"))?;
+        sh.ctl_nl
+            .add_neighbour(cidx, caddr, &eth0_mac)
+            .await
+            .map_err(io_err(format!("pin the neighbour entry of {caddr}")))?;
         let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
         let daddr = addr::data_addr(sh.subnet, ordinal);
         nl.add_address(eth1, daddr, sh.subnet.prefix_len())
@@ -597,51 +612,6 @@ impl Agent {
         self.allow_all = allow_all;
         Ok(())
     }
-}
-
-/// Makes room in the kernel's neighbour (ARP) table for `instances` more instances.
-///
-/// The table is shared by every namespace of the machine, and each instance needs two entries
-/// (its own for the sync address, the control namespace's for it); past `gc_thresh3` (1,024 by
-/// default) the kernel refuses new entries and instances cannot reach the sync service. The
-/// limits only ever go up, and the change is reported in the run log.
-fn raise_neighbour_limits(instances: u32) -> Option<String> {
-    let base = Path::new("/proc/sys/net/ipv4/neigh/default");
-    let need = u64::from(instances) * 2;
-    let mut changed = Vec::new();
-    for (name, want) in [
-        ("gc_thresh2", need + 512),
-        // Room for other runs and the host's own neighbours.
-        ("gc_thresh3", need * 2 + 1024),
-    ] {
-        let path = base.join(name);
-        let Some(cur) = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if cur >= want {
-            continue;
-        }
-        match std::fs::write(&path, want.to_string()) {
-            Ok(()) => changed.push(format!("{name} {cur} -> {want}")),
-            Err(e) => {
-                return Some(format!(
-                    "cannot raise net.ipv4.neigh.default.{name} to {want} ({e}): instances \
-                     beyond about {} may not reach the sync service",
-                    cur / 2
-                ));
-            }
-        }
-    }
-    (!changed.is_empty()).then(|| {
-        format!(
-            "raised the host's neighbour table limits for {instances} instances \
-             (net.ipv4.neigh.default.{})",
-            changed.join(", ")
-        )
-    })
 }
 
 /// Masquerades what leaves the control namespace towards the host, so replies find their way

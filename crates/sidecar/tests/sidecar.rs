@@ -51,7 +51,6 @@ async fn run_with(n: u32, seed: u64) -> Run {
             capture: false,
             work_dir: dir.path().join("net"),
             state_dir: dir.path().join("state"),
-            instances: n,
         },
         tx,
     )
