@@ -10,13 +10,6 @@ pub enum RunError {
     #[error("local:netns cannot run here: {reason}")]
     NetnsUnavailable { reason: String },
 
-    #[error("cannot set up the network of instance {group}[{index}]: {source}")]
-    Network {
-        group: String,
-        index: u32,
-        source: tg_sidecar::SidecarError,
-    },
-
     #[error("cannot set up the run's network: {0}")]
     RunNetwork(tg_sidecar::SidecarError),
 

@@ -26,6 +26,10 @@ use crate::{RunError, RunInput, RunOutput, RunnerEvent, outputs_dir};
 /// output slows the instances (their pipes fill) instead of growing memory.
 const REPORT_QUEUE: usize = 4096;
 
+/// Instance networks built at a time under local:netns: past about 16 the kernel's own
+/// serialisation (rtnl) dominates (measured with tg-sys's netns-scale example).
+const NETNS_SETUP_CONCURRENCY: usize = 16;
+
 /// Thousands of instances need two pipes and up to two capture files each.
 fn raise_nofile_limit() {
     static ONCE: Once = Once::new();
@@ -175,6 +179,46 @@ pub(crate) async fn run(
         input.plan, input.case, input.run_id
     )));
 
+    // local:netns: every instance's network first, many at a time (netlink round trips and the
+    // kernel's device setup overlap); the processes then start one after the other.
+    let mut prepared = std::collections::VecDeque::new();
+    if let Some(n) = &mut net {
+        let mut specs = Vec::with_capacity(total as usize);
+        for group in &input.groups {
+            let env = GroupEnv::new(&input, group, total, &start_time, &net_env);
+            for index in 0..group.instances {
+                let outputs = run_dir.join(&group.id).join(index.to_string());
+                create_dir(&outputs)?;
+                specs.push(tg_sidecar::InstanceSpec {
+                    ordinal: specs.len() as u32,
+                    hostname: env.hostname(index),
+                    outputs,
+                });
+            }
+        }
+        let setup = Instant::now();
+        let count = specs.len();
+        let built = tokio::select! {
+            r = n.add_instances(specs, NETNS_SETUP_CONCURRENCY) => r,
+            _ = cancel.cancelled() => Ok(Vec::new()),
+        };
+        match built {
+            Ok(v) => {
+                let _ = events.send(RunnerEvent::Log(format!(
+                    "network: {count} instance networks ready in {:.2}s",
+                    setup.elapsed().as_secs_f64()
+                )));
+                prepared = v.into();
+            }
+            Err(e) => {
+                if let Some(n) = net.take() {
+                    n.shutdown().await;
+                }
+                return Err(RunError::RunNetwork(e));
+            }
+        }
+    }
+
     // Instance tasks; their ordinal by task id, to notice one that died without reporting.
     let mut tasks = JoinSet::new();
     let mut ordinals = std::collections::HashMap::new();
@@ -206,24 +250,13 @@ pub(crate) async fn run(
                 // The leader is reaped even if its task is aborted (GroupKill kills it).
                 .kill_on_drop(true);
             let mut netns_inode = None;
-            if let Some(net) = &mut net {
-                match net
-                    .add_instance(ordinal as u32, &env.hostname(index), &outputs)
-                    .await
-                {
-                    Ok(inst) => {
-                        inst.jail.apply(&mut cmd);
-                        netns_inode = Some(inst.netns_inode);
-                    }
-                    Err(source) => {
-                        spawn_error = Some(RunError::Network {
-                            group: group.id.clone(),
-                            index,
-                            source,
-                        });
-                        break 'groups;
-                    }
-                }
+            if net.is_some() {
+                // Built above, in the same order as this loop.
+                let Some(inst) = prepared.pop_front() else {
+                    break 'groups;
+                };
+                inst.jail.apply(&mut cmd);
+                netns_inode = Some(inst.netns_inode);
             }
             let child = match spawn_retrying_busy(&mut cmd).await {
                 Ok(c) => c,

@@ -323,108 +323,46 @@ impl RunNetwork {
         hostname: &str,
         outputs: &Path,
     ) -> Result<Instance, SidecarError> {
-        if ordinal >= addr::MAX_INSTANCES {
-            return Err(SidecarError::TooManyInstances {
-                max: addr::MAX_INSTANCES,
-            });
+        let (inst, agent) = prepare(
+            self.shared.clone(),
+            self.hosts.clone(),
+            self.capture,
+            InstanceSpec {
+                ordinal,
+                hostname: hostname.to_string(),
+                outputs: outputs.to_path_buf(),
+            },
+        )
+        .await?;
+        Ok(self.register(inst, agent))
+    }
+
+    /// [`RunNetwork::add_instance`] for many instances, `concurrency` of them being built at
+    /// a time (netlink round trips and the kernel's device setup overlap), in order.
+    pub async fn add_instances(
+        &mut self,
+        specs: Vec<InstanceSpec>,
+        concurrency: usize,
+    ) -> Result<Vec<Instance>, SidecarError> {
+        use futures::StreamExt;
+        let shared = self.shared.clone();
+        let hosts = self.hosts.clone();
+        let capture = self.capture;
+        let mut built = futures::stream::iter(specs)
+            .map(|spec| prepare(shared.clone(), hosts.clone(), capture, spec))
+            .buffered(concurrency.max(1));
+        let mut out = Vec::new();
+        while let Some(r) = built.next().await {
+            let (inst, agent) = r?;
+            out.push(self.register(inst, agent));
         }
-        let sh = &self.shared;
-        let ns = NetNs::new().map_err(io_err("create an instance namespace"))?;
-        let ctl_if = format!("c{ordinal}");
-        let cidx = sh
-            .ctl_nl
-            .add_veth(&ctl_if, "eth0", &ns)
-            .await
-            .map_err(io_err(format!("create the control link {ctl_if}")))?;
-        sh.ctl_nl
-            .set_up(cidx)
-            .await
-            .map_err(io_err(format!("set {ctl_if} up")))?;
-        let caddr = addr::control_addr(ordinal);
-        sh.ctl_nl
-            .add_route(Ipv4Net::from(caddr), None, cidx)
-            .await
-            .map_err(io_err(format!("route to {caddr}")))?;
+        Ok(out)
+    }
 
-        let tun = Tun::create(&ns, "eth1").map_err(io_err("create the data interface"))?;
-        // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
-        tun.set_persist(true)
-            .map_err(io_err("make the data interface persistent"))?;
-        // The data network is IPv4 only; without this every instance's kernel sends router
-        // solicitations and MLD reports into the emulator, which can only drop them.
-        tg_sys::write_sysctl(&ns, "net/ipv6/conf/eth1/disable_ipv6", "1")
-            .map_err(io_err("disable IPv6 on eth1"))?;
-        let nl = Netlink::open(&ns)
-            .await
-            .map_err(io_err("open netlink in an instance namespace"))?;
-        let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
-        nl.set_up(lo).await.map_err(io_err("set lo up"))?;
-        let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
-        nl.add_address(eth0, caddr, 32)
-            .await
-            .map_err(io_err("address eth0"))?;
-        nl.set_up(eth0).await.map_err(io_err("set eth0 up"))?;
-        nl.add_route(Ipv4Net::from(SYNC_ADDR), None, eth0)
-            .await
-            .map_err(io_err("route to the sync service"))?;
-        // Both ends of the control link know each other statically. Why: the kernel's ARP
-        // table is shared by every namespace and holds 1,024 dynamic entries by default; two
-        // per instance overflow it past about 500 instances and connections to the sync
-        // service then fail. Permanent entries are not counted.
-        let ctl_mac = sh
-            .ctl_nl
-            .link_mac(cidx)
-            .await
-            .map_err(io_err(format!("read the address of {ctl_if}")))?;
-        let eth0_mac = nl
-            .link_mac(eth0)
-            .await
-            .map_err(io_err("read the address of eth0"))?;
-        nl.add_neighbour(eth0, SYNC_ADDR, &ctl_mac)
-            .await
-            .map_err(io_err("pin the sync service's neighbour entry"))?;
-        sh.ctl_nl
-            .add_neighbour(cidx, caddr, &eth0_mac)
-            .await
-            .map_err(io_err(format!("pin the neighbour entry of {caddr}")))?;
-        let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
-        let daddr = addr::data_addr(sh.subnet, ordinal);
-        nl.add_address(eth1, daddr, sh.subnet.prefix_len())
-            .await
-            .map_err(io_err("address eth1"))?;
-        nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
-        drop(nl);
-
-        let id = NodeId(ordinal);
-        let capture = self.capture.then(|| outputs.join("data.pcap"));
-        sh.pump
-            .add(id, daddr, tun, capture)
-            .await?
-            .map_err(SidecarError::Other)?;
-
-        let jail = Jail::new(&ns, hostname, &self.hosts).map_err(io_err("prepare the jail"))?;
-        let netns_inode = ns.inode().map_err(io_err("read the namespace inode"))?;
-        self.inodes.insert(netns_inode);
-
-        let netns = ns
-            .try_clone()
-            .map_err(io_err("duplicate the namespace handle"))?;
-        let agent = Agent {
-            shared: self.shared.clone(),
-            id,
-            hostname: hostname.to_string(),
-            ns,
-            ctl_if,
-            addr: daddr,
-            allow_all: false,
-        };
+    fn register(&mut self, inst: Instance, agent: Agent) -> Instance {
+        self.inodes.insert(inst.netns_inode);
         self.agents.spawn(agent.run());
-        Ok(Instance {
-            jail,
-            netns,
-            data_addr: daddr,
-            netns_inode,
-        })
+        inst
     }
 
     /// Notes a started instance process, for leftover removal should this process die.
@@ -476,6 +414,134 @@ impl Drop for RunNetwork {
             r.remove();
         }
     }
+}
+
+/// What [`RunNetwork::add_instances`] needs to know of one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub ordinal: u32,
+    /// Its `HOSTNAME` and kernel hostname: names its `network:<hostname>` topic.
+    pub hostname: String,
+    /// Its outputs directory (for `data.pcap`).
+    pub outputs: PathBuf,
+}
+
+/// Builds one instance's network: namespace, control veth and route, TUN, addresses,
+/// the node in the emulator, its jail, and its (not yet started) agent.
+async fn prepare(
+    shared: Arc<Shared>,
+    hosts: PathBuf,
+    capture: bool,
+    spec: InstanceSpec,
+) -> Result<(Instance, Agent), SidecarError> {
+    let InstanceSpec {
+        ordinal,
+        hostname,
+        outputs,
+    } = spec;
+    if ordinal >= addr::MAX_INSTANCES {
+        return Err(SidecarError::TooManyInstances {
+            max: addr::MAX_INSTANCES,
+        });
+    }
+    let sh = &shared;
+    let ns = NetNs::new().map_err(io_err("create an instance namespace"))?;
+    let ctl_if = format!("c{ordinal}");
+    let cidx = sh
+        .ctl_nl
+        .add_veth(&ctl_if, "eth0", &ns)
+        .await
+        .map_err(io_err(format!("create the control link {ctl_if}")))?;
+    sh.ctl_nl
+        .set_up(cidx)
+        .await
+        .map_err(io_err(format!("set {ctl_if} up")))?;
+    let caddr = addr::control_addr(ordinal);
+    sh.ctl_nl
+        .add_route(Ipv4Net::from(caddr), None, cidx)
+        .await
+        .map_err(io_err(format!("route to {caddr}")))?;
+
+    let tun = Tun::create(&ns, "eth1").map_err(io_err("create the data interface"))?;
+    // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
+    tun.set_persist(true)
+        .map_err(io_err("make the data interface persistent"))?;
+    // The data network is IPv4 only; without this every instance's kernel sends router
+    // solicitations and MLD reports into the emulator, which can only drop them.
+    tg_sys::write_sysctl(&ns, "net/ipv6/conf/eth1/disable_ipv6", "1")
+        .map_err(io_err("disable IPv6 on eth1"))?;
+    let nl = Netlink::open(&ns)
+        .await
+        .map_err(io_err("open netlink in an instance namespace"))?;
+    let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
+    nl.set_up(lo).await.map_err(io_err("set lo up"))?;
+    let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
+    nl.add_address(eth0, caddr, 32)
+        .await
+        .map_err(io_err("address eth0"))?;
+    nl.set_up(eth0).await.map_err(io_err("set eth0 up"))?;
+    nl.add_route(Ipv4Net::from(SYNC_ADDR), None, eth0)
+        .await
+        .map_err(io_err("route to the sync service"))?;
+    // Both ends of the control link know each other statically. Why: the kernel's ARP
+    // table is shared by every namespace and holds 1,024 dynamic entries by default; two
+    // per instance overflow it past about 500 instances and connections to the sync
+    // service then fail. Permanent entries are not counted.
+    let ctl_mac = sh
+        .ctl_nl
+        .link_mac(cidx)
+        .await
+        .map_err(io_err(format!("read the address of {ctl_if}")))?;
+    let eth0_mac = nl
+        .link_mac(eth0)
+        .await
+        .map_err(io_err("read the address of eth0"))?;
+    nl.add_neighbour(eth0, SYNC_ADDR, &ctl_mac)
+        .await
+        .map_err(io_err("pin the sync service's neighbour entry"))?;
+    sh.ctl_nl
+        .add_neighbour(cidx, caddr, &eth0_mac)
+        .await
+        .map_err(io_err(format!("pin the neighbour entry of {caddr}")))?;
+    let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
+    let daddr = addr::data_addr(sh.subnet, ordinal);
+    nl.add_address(eth1, daddr, sh.subnet.prefix_len())
+        .await
+        .map_err(io_err("address eth1"))?;
+    nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
+    drop(nl);
+
+    let id = NodeId(ordinal);
+    let capture = capture.then(|| outputs.join("data.pcap"));
+    sh.pump
+        .add(id, daddr, tun, capture)
+        .await?
+        .map_err(SidecarError::Other)?;
+
+    let jail = Jail::new(&ns, &hostname, &hosts).map_err(io_err("prepare the jail"))?;
+    let netns_inode = ns.inode().map_err(io_err("read the namespace inode"))?;
+
+    let netns = ns
+        .try_clone()
+        .map_err(io_err("duplicate the namespace handle"))?;
+    let agent = Agent {
+        shared: shared.clone(),
+        id,
+        hostname,
+        ns,
+        ctl_if,
+        addr: daddr,
+        allow_all: false,
+    };
+    Ok((
+        Instance {
+            jail,
+            netns,
+            data_addr: daddr,
+            netns_inode,
+        },
+        agent,
+    ))
 }
 
 /// One instance's agent: owns its namespace handle and current network state.
