@@ -324,6 +324,11 @@ fn failure_and_timeout_leave_nothing() {
     let home = Home::new();
     home.script_plan("failing", "sh -c 'exit 3'");
     home.script_plan("sleeper", "sleep 600");
+    let out = home.tg(&["healthcheck", "--runner", "local:netns"]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    for check in ["- root: ok", "- tun-device: ok", "- nft: ok"] {
+        assert!(report.contains(check), "{check}: {}", text(&out));
+    }
     let before = host_state();
     let out = home.tg(&home.run_args("failing", "run", "exec:generic", "3"));
     assert!(!out.status.success());

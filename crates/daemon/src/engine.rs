@@ -941,6 +941,15 @@ impl Engine {
                 });
             }
         }
+        if runner == "local:netns" {
+            for (name, ok, message) in tg_runner::netns_health() {
+                report.checks.push(HealthcheckItem {
+                    name: name.into(),
+                    status: if ok { "ok" } else { "failed" }.into(),
+                    message,
+                });
+            }
+        }
         Ok(report)
     }
 

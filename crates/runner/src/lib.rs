@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::RunError;
 pub use line::{InstanceLine, LineKind};
+pub use netns::health as netns_health;
 pub use outputs::{collect_outputs, outputs_dir};
 pub use supervisor::{Exit, InstanceReport, StopReason, Termination};
 

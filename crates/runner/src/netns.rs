@@ -25,6 +25,46 @@ pub(crate) fn check_privileges() -> Result<(), RunError> {
     Ok(())
 }
 
+/// `testground healthcheck --runner local:netns`: what the runner needs from the machine, as
+/// (check, ok, message).
+pub fn health() -> Vec<(&'static str, bool, String)> {
+    let root = nix::unistd::geteuid().is_root();
+    let tun = Path::new("/dev/net/tun").exists();
+    let on_path = |tool: &str| {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false)
+    };
+    let nft = on_path("nft");
+    let nsenter = on_path("nsenter");
+    vec![
+        (
+            "root",
+            root,
+            if root {
+                "running as root".into()
+            } else {
+                "not root: namespaces, TUN devices and mounts need root".into()
+            },
+        ),
+        (
+            "tun-device",
+            tun,
+            format!("/dev/net/tun {}", if tun { "exists" } else { "is missing" }),
+        ),
+        (
+            "nft",
+            nft && nsenter,
+            if nft && nsenter {
+                "nft and nsenter found (routing_policy allow_all)".into()
+            } else {
+                "nft or nsenter not found: routing_policy allow_all will fail (apt install nftables)"
+                    .into()
+            },
+        ),
+    ]
+}
+
 fn invalid(key: &str, v: &serde_json::Value, reason: &str) -> RunError {
     RunError::InvalidConfig {
         key: key.into(),
