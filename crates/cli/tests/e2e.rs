@@ -1,93 +1,14 @@
 //! End-to-end tests: the real `testground` binary, real builds of the example plans, real
 //! instances, each test in its own temporary `$TESTGROUND_HOME`.
 
+mod common;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-impl Home {
-    fn new() -> Home {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(assert_cmd::cargo::cargo_bin("testground"));
-        c.env("TESTGROUND_HOME", self.path())
-            .env_remove("LOG_LEVEL")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn tg(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn import(&self, plan: &str) {
-        let from = repo().join("plans").join(plan);
-        let out = self.tg(&["plan", "import", "--from", from.to_str().unwrap()]);
-        assert!(out.status.success(), "import {plan}: {}", text(&out));
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// The id from `run is queued with ID: <id>`, which scripts take as awk's `$10`.
-fn queued_id(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let line = out
-        .lines()
-        .find(|l| l.contains("run is queued with ID: "))
-        .unwrap_or_else(|| panic!("no queued line in:\n{}", text(o)));
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fields.len(), 10, "awk $10 must be the id: {line:?}");
-    let id = fields[9].to_string();
-    assert_eq!(id.len(), 20, "run ids are xids: {id}");
-    id
-}
-
-/// Pids of live processes whose environment holds `TEST_RUN=<run_id>`.
-fn processes_of_run(run_id: &str) -> Vec<u32> {
-    let needle = format!("TEST_RUN={run_id}");
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(e.path().join("environ")) else {
-            continue;
-        };
-        // Zombies have an empty environ and are no longer running anything.
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+use common::{Home, processes_of_run, queued_id, text};
 
 fn assert_no_process_left(run_id: &str) {
     let left = processes_of_run(run_id);

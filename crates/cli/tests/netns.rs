@@ -6,11 +6,14 @@
 //! Needs root: skips with a reason otherwise, fails instead when `TG_REQUIRE_PRIVILEGED=1`.
 //! The tests take a lock so that the host-wide listings of one are not disturbed by another.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use common::{Home, processes_of_run, text};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -25,46 +28,19 @@ fn privileged() -> bool {
     root
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+/// What the local:netns tests add to [`Home`].
+trait NetnsHome {
+    fn script_plan(&self, name: &str, command: &str);
+    fn run_args<'a>(
+        &self,
+        plan: &'a str,
+        case: &'a str,
+        builder: &'a str,
+        n: &'a str,
+    ) -> Vec<&'a str>;
 }
 
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-impl Home {
-    fn new() -> Home {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(assert_cmd::cargo::cargo_bin("testground"));
-        c.env("TESTGROUND_HOME", self.path())
-            .env_remove("LOG_LEVEL")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn tg(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    fn import(&self, plan: &str) {
-        let from = repo().join("plans").join(plan);
-        let out = self.tg(&["plan", "import", "--from", from.to_str().unwrap()]);
-        assert!(out.status.success(), "import {plan}: {}", text(&out));
-    }
-
+impl NetnsHome for Home {
     /// A plan whose instances run `command` (exec:generic) under either runner.
     fn script_plan(&self, name: &str, command: &str) {
         // `plan import` names the plan after its directory.
@@ -106,15 +82,6 @@ impl Home {
             "--wait",
         ]
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn run_id_of(o: &Output) -> String {
@@ -163,24 +130,6 @@ fn host_state() -> HostState {
         links,
         mounts,
     }
-}
-
-/// Pids of live processes whose environment holds `TEST_RUN=<run_id>`.
-fn processes_of_run(run_id: &str) -> Vec<u32> {
-    let needle = format!("TEST_RUN={run_id}");
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(e.path().join("environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// Nothing of run `run_id` is left: processes, namespaces, host links, mounts. The kernel
