@@ -56,6 +56,8 @@ pub enum Command {
     /// Run a test plan (builds it first when needed).
     #[command(subcommand)]
     Run(RunCmd),
+    /// The original's standalone sidecar (docker, k8s); local:netns embeds its own.
+    Sidecar(SidecarArgs),
     /// Print the status of a task.
     Status(StatusArgs),
     /// List tasks.
@@ -64,6 +66,13 @@ pub enum Command {
     Terminate(TerminateArgs),
     /// Print version information.
     Version,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SidecarArgs {
+    /// Runner whose sidecar to run (the original accepted docker and k8s).
+    #[arg(long)]
+    pub runner: String,
 }
 
 #[derive(Debug, Subcommand)]

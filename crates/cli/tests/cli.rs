@@ -647,3 +647,12 @@ fn remote_mode_sends_the_token() {
     let out = home.run(&["--endpoint", &endpoint, "tasks"]);
     assert_eq!(out.code, Some(0), "{out}");
 }
+
+#[test]
+fn standalone_sidecar_is_rejected_clearly() {
+    let home = Home::new();
+    let out = home.run(&["sidecar", "--runner", "docker"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("not supported"), "{out}");
+    assert!(out.error_line().contains("local:netns"), "{out}");
+}
