@@ -74,7 +74,15 @@ impl GroupEnv {
     /// `HOSTNAME` of instance `index`; under local:netns also its kernel hostname, which sdk-go
     /// uses to name its network topic.
     pub(crate) fn hostname(&self, index: u32) -> String {
-        format!("{}-{}-{}", self.group, index, self.short_run)
+        // A kernel hostname holds at most 64 bytes; a long group id is cut so that the suffix
+        // that makes the name unique survives (a long id then needs no special case).
+        let suffix = format!("-{}-{}", index, self.short_run);
+        let room = 64usize.saturating_sub(suffix.len());
+        let mut group: String = self.group.clone();
+        while group.len() > room {
+            group.pop();
+        }
+        format!("{group}{suffix}")
     }
 
     /// The full environment of instance `index`.
@@ -110,6 +118,24 @@ fn pipe_joined(map: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostnames_fit_the_kernel_limit() {
+        let env = GroupEnv {
+            vars: Vec::new(),
+            group: "g".repeat(100),
+            short_run: "abcdefgh".into(),
+        };
+        let h = env.hostname(1234);
+        assert_eq!(h.len(), 64);
+        assert!(h.ends_with("-1234-abcdefgh"), "{h}");
+        let short = GroupEnv {
+            vars: Vec::new(),
+            group: "single".into(),
+            short_run: "abcdefgh".into(),
+        };
+        assert_eq!(short.hostname(0), "single-0-abcdefgh");
+    }
 
     #[test]
     fn params_are_pipe_joined_in_key_order() {
