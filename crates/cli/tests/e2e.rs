@@ -528,7 +528,7 @@ fn terminate_kills_a_running_embedded_run() {
     .unwrap();
     let out = home.tg(&["plan", "import", "--from", plan.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    let child = home
+    let mut child = home
         .cmd()
         .args([
             "run",
@@ -560,7 +560,12 @@ fn terminate_kills_a_running_embedded_run() {
                 break id;
             }
         }
-        assert!(Instant::now() < deadline, "run did not start: {s}");
+        if Instant::now() > deadline {
+            // Show why: the run's own output.
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("run did not start: {s}\n--- the run:\n{}", text(&out));
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
     let out = home.tg(&["terminate", "--runner", "local:exec"]);

@@ -322,8 +322,8 @@ fn start_sleepers(home: &Home) -> (Child, String) {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let _ = child.wait();
-            panic!("run did not start: {s}");
+            let out = child.wait_with_output().unwrap();
+            panic!("run did not start: {s}\n--- the run:\n{}", text(&out));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
