@@ -29,6 +29,29 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        // Several processes may open a new store at once (an embedded run and `testground
+        // tasks` next to it). Switching a fresh file to WAL needs an exclusive lock, and SQLite
+        // answers BUSY at once, without its busy handler, when that upgrade would deadlock with
+        // another connection: retry the whole opening for a while instead of failing the CLI.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match Self::try_open(path) {
+                Err(StoreError::Sql(e))
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(
+                            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                        )
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -124,4 +147,46 @@ fn decode(id: &str, data: &str) -> Result<Task, StoreError> {
         id: id.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_processes_may_create_the_store_at_once() {
+        // Child processes, not threads: the BUSY at the switch to WAL comes from file locks
+        // between processes. Each child opens the same fresh file; all must succeed.
+        if let Ok(path) = std::env::var("TG_STORE_OPEN_CHILD") {
+            Store::open(Path::new(&path)).expect("open in child");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        let exe = std::env::current_exe().unwrap();
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "store::tests::many_processes_may_create_the_store_at_once",
+                        "--nocapture",
+                    ])
+                    .env("TG_STORE_OPEN_CHILD", &path)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Store::open(&path).unwrap();
+    }
 }
