@@ -365,10 +365,24 @@ fn ctrl_c_terminate_and_a_killed_engine_leave_nothing() {
     child.wait().unwrap();
     let record = home.path().join(format!("data/netns/{id}.pids"));
     assert!(record.exists(), "the killed run left its record");
+    let temp_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("tg-{id}-")))
+            })
+            .collect()
+    };
+    assert_eq!(temp_dirs().len(), 1, "the killed run left its temp dir");
     assert_nothing_left(&id, &before);
     let mut args = home.run_args("sleeper", "run", "exec:generic", "1");
     args.extend(["--run-cfg", "run_timeout=1s"]);
     let out = home.tg(&args);
     assert!(!record.exists(), "the next run removed it: {}", text(&out));
+    assert!(temp_dirs().is_empty(), "and the killed run's temp dir");
     assert_nothing_left(&run_id_of(&out), &before);
 }

@@ -31,7 +31,9 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn create(state_dir: &Path, run_id: &str) -> io::Result<Record> {
+    /// `temp_dir` is the run's own scratch directory (its instances' `TEST_TEMP_PATH`s): a
+    /// killed owner cannot remove it, so the next cleaner does.
+    pub fn create(state_dir: &Path, run_id: &str, temp_dir: Option<&Path>) -> io::Result<Record> {
         fs::create_dir_all(state_dir)?;
         let path = state_dir.join(format!("{run_id}.pids"));
         let mut file = OpenOptions::new()
@@ -41,6 +43,10 @@ impl Record {
             .open(&path)?;
         let me = std::process::id() as i32;
         writeln!(file, "owner {me} {}", start_time(me).unwrap_or(0))?;
+        if let Some(dir) = temp_dir {
+            // Last field, so that a path with spaces survives.
+            writeln!(file, "dir {}", dir.display())?;
+        }
         Ok(Record { path, file })
     }
 
@@ -73,7 +79,12 @@ pub fn clean(state_dir: &Path) -> io::Result<usize> {
         };
         let mut owner_alive = false;
         let mut instances = Vec::new();
+        let mut dirs = Vec::new();
         for line in text.lines() {
+            if let Some(dir) = line.strip_prefix("dir ") {
+                dirs.push(PathBuf::from(dir));
+                continue;
+            }
             let f: Vec<&str> = line.split(' ').collect();
             match f.as_slice() {
                 ["owner", pid, started] => {
@@ -96,6 +107,16 @@ pub fn clean(state_dir: &Path) -> io::Result<usize> {
         }
         let inodes: std::collections::BTreeSet<u64> = instances.iter().map(|i| i.1).collect();
         killed += kill_in_namespaces(&inodes);
+        for dir in dirs {
+            // Only what a run created for itself: a `tg-<run_id>-*` temp directory.
+            let ours = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("tg-"));
+            if ours {
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
         let _ = fs::remove_file(&path);
     }
     Ok(killed)
@@ -137,12 +158,33 @@ mod tests {
     #[test]
     fn a_live_owner_keeps_its_record() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Record::create(dir.path(), "run1").unwrap();
+        let mut r = Record::create(dir.path(), "run1", None).unwrap();
         r.instance(i32::MAX, 1).unwrap();
         assert_eq!(clean(dir.path()).unwrap(), 0);
         assert!(dir.path().join("run1.pids").exists());
         r.remove();
         assert!(!dir.path().join("run1.pids").exists());
+    }
+
+    #[test]
+    fn a_dead_owner_temp_dir_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = dir.path().join("tg-run2-abc");
+        let other = dir.path().join("not-ours");
+        fs::create_dir_all(temp.join("single/0")).unwrap();
+        fs::create_dir_all(&other).unwrap();
+        fs::write(
+            dir.path().join("run2.pids"),
+            format!(
+                "owner 1 12345678\ndir {}\ndir {}\n",
+                temp.display(),
+                other.display()
+            ),
+        )
+        .unwrap();
+        clean(dir.path()).unwrap();
+        assert!(!temp.exists(), "the dead run's temp dir is gone");
+        assert!(other.exists(), "a directory the run did not create is kept");
     }
 
     #[test]

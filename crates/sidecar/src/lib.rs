@@ -174,9 +174,12 @@ impl RunNetwork {
         }
         let lease = addr::SubnetLease::take().ok_or(SidecarError::NoSubnet)?;
         let subnet = lease.subnet();
-        let record = leftovers::Record::create(&opts.state_dir, &opts.run_id).map_err(io_err(
-            format!("record the run in {}", opts.state_dir.display()),
-        ))?;
+        let record =
+            leftovers::Record::create(&opts.state_dir, &opts.run_id, opts.work_dir.parent())
+                .map_err(io_err(format!(
+                    "record the run in {}",
+                    opts.state_dir.display()
+                )))?;
 
         let ctl = NetNs::new().map_err(io_err("create the control namespace"))?;
         let ctl_nl = Netlink::open(&ctl)
