@@ -65,6 +65,29 @@ pub struct Stats {
     pub icmp_replies: u64,
 }
 
+/// One line for a run log: totals, then the drops by reason and the impairments.
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} packets sent, {} delivered, {} dropped (loss {}, filtered {}, rejected {}, \
+             queue full {}, no route {}, disabled {}), {} duplicated, {} corrupted, {} reordered",
+            self.sent,
+            self.delivered,
+            self.dropped(),
+            self.loss,
+            self.filtered_drop,
+            self.rejected,
+            self.queue_full,
+            self.no_route,
+            self.disabled,
+            self.duplicated,
+            self.corrupted,
+            self.reordered
+        )
+    }
+}
+
 impl Stats {
     /// All drops, whatever the reason.
     pub fn dropped(&self) -> u64 {

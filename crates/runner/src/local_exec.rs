@@ -362,23 +362,7 @@ pub(crate) async fn run(
     if let Some(net) = net.take()
         && let Some(stats) = net.shutdown().await
     {
-        let _ = events.send(RunnerEvent::Log(format!(
-            "network: {} packets sent, {} delivered, {} dropped (loss {}, filtered {}, \
-                 rejected {}, queue full {}, no route {}, disabled {}), {} duplicated, \
-                 {} corrupted, {} reordered",
-            stats.sent,
-            stats.delivered,
-            stats.dropped(),
-            stats.loss,
-            stats.filtered_drop,
-            stats.rejected,
-            stats.queue_full,
-            stats.no_route,
-            stats.disabled,
-            stats.duplicated,
-            stats.corrupted,
-            stats.reordered
-        )));
+        let _ = events.send(RunnerEvent::Log(format!("network: {stats}")));
     }
 
     let elapsed = start.elapsed();

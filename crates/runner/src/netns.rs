@@ -143,7 +143,7 @@ pub(crate) async fn create(
     work_dir: &Path,
     events: &mpsc::UnboundedSender<RunnerEvent>,
 ) -> Result<RunNetwork, RunError> {
-    check_privileges()?;
+    // The caller has checked the privileges before creating anything.
     let sync = input
         .sync_service
         .clone()

@@ -150,6 +150,11 @@ impl std::fmt::Debug for RunNetwork {
     }
 }
 
+/// `0.0.0.0/0`.
+fn default_route() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("a /0 is valid")
+}
+
 /// A stable, well-spread number for `s` (FNV-1a), to pick a host-link slot per run.
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -290,11 +295,7 @@ impl RunNetwork {
                 .map_err(io_err("address host0"))?;
             ctl_nl.set_up(h0).await.map_err(io_err("set host0 up"))?;
             ctl_nl
-                .add_route(
-                    Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("a /0 is valid"),
-                    Some(link.host_addr()),
-                    h0,
-                )
+                .add_route(default_route(), Some(link.host_addr()), h0)
                 .await
                 .map_err(io_err("route the control namespace to the host"))?;
             return Ok(Some(link));
@@ -305,11 +306,6 @@ impl RunNetwork {
     /// The run's data network (`TEST_SUBNET`).
     pub fn subnet(&self) -> Ipv4Net {
         self.shared.subnet
-    }
-
-    /// The hosts file instances see as `/etc/hosts`.
-    pub fn hosts_file(&self) -> &Path {
-        &self.hosts
     }
 
     /// The host's address on the run's host link, if it has one (`testground-host`).
@@ -666,7 +662,7 @@ impl Agent {
             .map_err(|e| format!("cannot set forwarding: {e}"))?;
         let nl = Netlink::open(&self.ns).await.map_err(|e| e.to_string())?;
         let eth0 = nl.link_index("eth0").await.map_err(|e| e.to_string())?;
-        let default = Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("a /0 is valid");
+        let default = default_route();
         if allow_all {
             nl.add_route(default, Some(SYNC_ADDR), eth0)
                 .await

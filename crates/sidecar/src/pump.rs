@@ -100,6 +100,7 @@ impl Pump {
                     epoch: Instant::now(),
                     armed: None,
                     timer,
+                    buf: vec![0u8; BUF],
                 };
                 if let Err(e) = worker.run(poll, rx) {
                     tracing::error!("packet pump failed: {e}");
@@ -189,6 +190,8 @@ struct Worker {
     /// The deadline the timer is set for, to avoid re-arming it on every loop.
     armed: Option<u64>,
     timer: TimerFd,
+    /// The one read buffer: a packet is copied out of it into the emulator.
+    buf: Vec<u8>,
 }
 
 fn token(id: NodeId) -> Token {
@@ -215,7 +218,6 @@ impl Worker {
 
     fn run(&mut self, mut poll: Poll, rx: std_mpsc::Receiver<Cmd>) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let mut buf = vec![0u8; BUF];
         let mut readable: Vec<NodeId> = Vec::new();
         loop {
             match poll.poll(&mut events, None) {
@@ -243,21 +245,21 @@ impl Worker {
                 }
             }
             for id in readable.drain(..) {
-                self.drain(id, &mut buf);
+                self.drain(id);
             }
             self.release()?;
         }
     }
 
     /// Reads everything `id` has sent (edge-triggered: until the TUN is empty).
-    fn drain(&mut self, id: NodeId, buf: &mut [u8]) {
+    fn drain(&mut self, id: NodeId) {
         loop {
             let Some(node) = self.nodes.get_mut(&id) else {
                 return;
             };
-            match node.tun.recv(buf) {
+            match node.tun.recv(&mut self.buf) {
                 Ok(n) => {
-                    let data = &buf[..n];
+                    let data = &self.buf[..n];
                     capture_packet(node, data);
                     let now = self.now();
                     self.emu.send(now, id, data.to_vec());
@@ -374,8 +376,7 @@ impl Worker {
             .map_err(|e| format!("cannot watch the data interface: {e}"))?;
         self.nodes.insert(id, Node { tun, capture });
         // Anything it sent before registration would otherwise wait for the next edge.
-        let mut buf = vec![0u8; BUF];
-        self.drain(id, &mut buf);
+        self.drain(id);
         Ok(())
     }
 
