@@ -131,6 +131,28 @@ impl Netlink {
             .map_err(nl_error(format!("setting link {index} up")))
     }
 
+    /// The link message of interface `index`; `what` names the operation in errors.
+    async fn get_link(
+        &self,
+        index: u32,
+        what: &str,
+    ) -> io::Result<rtnetlink::packet_route::link::LinkMessage> {
+        self.handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl_error(what))?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{what}: no such interface"),
+                )
+            })
+    }
+
     /// Whether the kernel reports the interface operationally up (`IFLA_OPERSTATE` UP, or
     /// UNKNOWN for devices without carrier reporting such as `lo`).
     ///
@@ -141,21 +163,7 @@ impl Netlink {
     /// (see [`Netlink::wait_oper_up`]) before declaring an instance's network ready.
     pub async fn is_oper_up(&self, index: u32) -> io::Result<bool> {
         let what = format!("reading operstate of link {index}");
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(index)
-            .execute()
-            .try_next()
-            .await
-            .map_err(nl_error(&what))?
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{what}: no such interface"),
-                )
-            })?;
+        let link = self.get_link(index, &what).await?;
         Ok(link.attributes.iter().any(|a| {
             matches!(
                 a,
@@ -305,21 +313,7 @@ impl Netlink {
     /// which has none).
     pub async fn link_mac(&self, index: u32) -> io::Result<Vec<u8>> {
         let what = format!("reading hardware address of link {index}");
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(index)
-            .execute()
-            .try_next()
-            .await
-            .map_err(nl_error(&what))?
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{what}: no such interface"),
-                )
-            })?;
+        let link = self.get_link(index, &what).await?;
         Ok(link
             .attributes
             .into_iter()
