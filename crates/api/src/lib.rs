@@ -8,6 +8,7 @@
 //!
 //! Modules:
 //! - [`manifest`]: `manifest.toml` (test plan manifest).
+//! - [`artifact`]: artifact kinds (executable, image) shared by builders and runners.
 //! - [`composition`]: `composition.toml` and the synthetic composition of `single` commands.
 //! - [`events`]: the instance event lines (`start_event`, `success_event`, ...).
 //! - [`task`]: tasks, states, outcomes and run results, as stored and served by the daemon.
@@ -16,6 +17,7 @@
 //! - [`sync`]: sync service wire messages.
 //! - [`exit`]: the CLI's exit codes.
 
+pub mod artifact;
 pub mod composition;
 pub mod events;
 pub mod exit;

@@ -34,6 +34,16 @@ use tokio_util::sync::CancellationToken;
 /// Builder ids this crate implements.
 pub const BUILDERS: &[&str] = &["exec:rust", "exec:go", "exec:generic"];
 
+/// The kind of artifact builder `id` produces, or `None` for an unknown builder.
+pub fn artifact_kind(id: &str) -> Option<tg_api::artifact::ArtifactKind> {
+    use tg_api::artifact::ArtifactKind;
+    match id {
+        "exec:rust" | "exec:go" | "exec:generic" => Some(ArtifactKind::Executable),
+        "docker:go" | "docker:generic" | "docker:node" | "docker:rust" => Some(ArtifactKind::Image),
+        _ => None,
+    }
+}
+
 /// What to build. The engine fills it from the resolved composition.
 #[derive(Debug, Clone)]
 pub struct BuildInput {

@@ -12,6 +12,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tg_api::rpc::TasksFilters;
 use tg_api::task::Task;
 
+use crate::engine::owner::Owner;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("task store: {0}")]
@@ -68,6 +70,20 @@ impl Store {
             );
             CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);",
         )?;
+        // Added after the first release: an owner is its pid and its start time.
+        let has_start: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('tasks') WHERE name = 'owner_start'")?
+            .exists([])?;
+        if !has_start {
+            match conn.execute_batch(
+                "ALTER TABLE tasks ADD COLUMN owner_start INTEGER NOT NULL DEFAULT 0",
+            ) {
+                // Another process added it meanwhile.
+                Err(rusqlite::Error::SqliteFailure(_, Some(m)))
+                    if m.contains("duplicate column") => {}
+                other => other?,
+            }
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -78,16 +94,17 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Inserts or replaces a task. `owner_pid` is the process running it (0 when queued).
-    pub fn put(&self, task: &Task, owner_pid: u32) -> Result<(), StoreError> {
+    /// Inserts or replaces a task. `owner` is the process running it ([`Owner::NONE`] when
+    /// queued or finished).
+    pub(crate) fn put(&self, task: &Task, owner: Owner) -> Result<(), StoreError> {
         let data = serde_json::to_string(task).map_err(|source| StoreError::Corrupt {
             id: task.id.clone(),
             source,
         })?;
         let created = task.created().map(|c| c.to_rfc3339()).unwrap_or_default();
         self.conn().execute(
-            "INSERT OR REPLACE INTO tasks (id, created, state, type, plan, testcase, owner_pid, data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR REPLACE INTO tasks (id, created, state, type, plan, testcase, owner_pid, data, owner_start)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 task.id,
                 created,
@@ -95,8 +112,9 @@ impl Store {
                 task.task_type.to_string(),
                 task.plan,
                 task.case,
-                owner_pid,
-                data
+                owner.pid,
+                data,
+                owner.start as i64
             ],
         )?;
         Ok(())
@@ -110,15 +128,22 @@ impl Store {
         data.map(|d| decode(id, &d)).transpose()
     }
 
-    /// The pid of the process that runs the task (0 if none recorded).
-    pub fn owner(&self, id: &str) -> Result<u32, StoreError> {
+    /// The process that runs the task ([`Owner::NONE`] if none recorded).
+    pub(crate) fn owner(&self, id: &str) -> Result<Owner, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT owner_pid FROM tasks WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT owner_pid, owner_start FROM tasks WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(Owner {
+                        pid: r.get(0)?,
+                        start: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
             .optional()?
-            .unwrap_or(0))
+            .unwrap_or(Owner::NONE))
     }
 
     /// Tasks matching the filter, newest first.

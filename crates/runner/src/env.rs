@@ -5,11 +5,8 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
-use crate::netns::NetEnv;
-use crate::{RunGroup, RunInput};
-
-/// `local:exec` instances share the host network; the subnet is nominal.
-pub(crate) const SUBNET: &str = "127.1.0.0/16";
+use crate::launch::NetEnv;
+use crate::{RunConfig, RunGroup, RunInput};
 
 /// Variables shared by every instance of a group.
 pub(crate) struct GroupEnv {
@@ -21,6 +18,7 @@ pub(crate) struct GroupEnv {
 impl GroupEnv {
     pub(crate) fn new(
         input: &RunInput,
+        config: &RunConfig,
         group: &RunGroup,
         total_instances: u32,
         start_time: &str,
@@ -58,12 +56,10 @@ impl GroupEnv {
         // instance spend seconds retrying uploads at exit. Empty means "no metrics upload" to
         // sdk-go and still satisfies sdk-rust, which requires the variable to be present.
         // `--run-cfg influxdb_url=http://...` points instances at a real one.
-        let influx = input
-            .run_config
-            .get("influxdb_url")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default();
-        put("INFLUXDB_URL", influx.to_owned());
+        put(
+            "INFLUXDB_URL",
+            config.influxdb_url.clone().unwrap_or_default(),
+        );
         GroupEnv {
             vars,
             group: group.id.clone(),

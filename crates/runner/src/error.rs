@@ -4,8 +4,18 @@ use std::path::PathBuf;
 /// are outcomes in the run result.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("unsupported runner {runner:?} (this build supports local:exec and local:netns)")]
-    UnsupportedRunner { runner: String },
+    #[error("unknown runner {runner:?} (supported: {supported})")]
+    UnsupportedRunner { runner: String, supported: String },
+
+    #[error("runner {runner} is not supported yet by this build (supported: {supported})")]
+    NotSupported { runner: String, supported: String },
+
+    #[error("unknown run configuration key {key:?} for runner {runner} (known keys: {known})")]
+    UnknownConfigKey {
+        runner: String,
+        key: String,
+        known: String,
+    },
 
     #[error("local:netns cannot run here: {reason}")]
     NetnsUnavailable { reason: String },

@@ -1,36 +1,38 @@
 //! One task per instance: reads its stdout and stderr line by line (into reports and capture
-//! files), waits for its exit, stops it on timeout or cancel, and makes sure its process group
-//! is gone before reporting [`InstanceReport::Exited`], always its last report.
+//! files), waits for its exit, stops it on timeout or cancel, and makes sure it is gone before
+//! reporting [`InstanceReport::Exited`], always its last report.
 //!
 //! The task never waits unboundedly: a background child that keeps the pipes open after the
-//! instance exited gets [`DRAIN_GRACE`], then the group is killed, and after [`KILL_DRAIN`] the
-//! pipes are abandoned.
+//! instance exited gets [`DRAIN_GRACE`], then the instance is killed, and after [`KILL_DRAIN`]
+//! the pipes are abandoned. Nor does it buffer unboundedly: a line longer than [`MAX_LINE`] is
+//! cut there for parsing and display, and its rest goes to the capture file only.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tg_api::events::parse_event_line;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Child;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::launch::{Launched, Stop};
 use crate::supervisor::{Exit, InstanceReport, StopReason, Termination};
 
 /// Between SIGTERM and SIGKILL when the runner stops an instance.
 pub(crate) const TERM_GRACE: Duration = Duration::from_secs(2);
 /// How long an exited instance's pipes may stay open (held by its children).
 pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// How long to keep reading after killing the group, for children that escaped it.
+/// How long to keep reading after killing the instance, for children that escaped it.
 pub(crate) const KILL_DRAIN: Duration = Duration::from_secs(1);
+/// The longest line kept in memory: an event line is far shorter; anything longer is cut
+/// (the whole line is still in `run.out` / `run.err`).
+pub const MAX_LINE: usize = 64 * 1024;
 
-pub(crate) struct InstanceTask {
+pub(crate) struct InstanceTask<I> {
     pub(crate) ordinal: usize,
-    pub(crate) child: Child,
+    pub(crate) instance: I,
     pub(crate) outputs: PathBuf,
     pub(crate) start: Instant,
     pub(crate) reports: mpsc::Sender<InstanceReport>,
@@ -42,6 +44,8 @@ pub(crate) struct InstanceTask {
 struct Pipe<R> {
     reader: Option<BufReader<R>>,
     buf: Vec<u8>,
+    /// The current line grew past [`MAX_LINE`]: its rest is captured, not kept.
+    overlong: bool,
     capture: PathBuf,
     file: Option<BufWriter<File>>,
     write_failed: bool,
@@ -52,6 +56,7 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
         Pipe {
             reader: reader.map(BufReader::new),
             buf: Vec::with_capacity(256),
+            overlong: false,
             capture,
             file: None,
             write_failed: false,
@@ -62,12 +67,52 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
         self.reader.is_some()
     }
 
-    /// Reads up to and including the next newline into `buf`. Cancel safe: a partial line
-    /// stays in `buf` and the next call continues it.
+    /// Reads up to and including the next newline into `buf`, keeping at most [`MAX_LINE`]
+    /// bytes of a line in memory (the rest goes straight to the capture file). Returns 0 at
+    /// end of file, else a positive count; `buf` then holds a complete line, or a cut one when
+    /// it is full. Cancel safe: a partial line stays in `buf` and the next call continues it.
     async fn fill(&mut self) -> usize {
-        match &mut self.reader {
-            Some(r) => r.read_until(b'\n', &mut self.buf).await.unwrap_or(0),
-            None => std::future::pending().await,
+        if self.reader.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let Some(r) = &mut self.reader else {
+                return 0;
+            };
+            let chunk = match r.fill_buf().await {
+                Ok(c) => c,
+                Err(_) => return 0,
+            };
+            if chunk.is_empty() {
+                return 0;
+            }
+            let newline = chunk.iter().position(|b| *b == b'\n');
+            let take = newline.map_or(chunk.len(), |i| i + 1);
+            let mut line_done = newline.is_some();
+            if self.overlong {
+                // Past the cap: straight to the file, nothing kept.
+                let part = chunk[..take].to_vec();
+                r.consume(take);
+                self.capture_raw(&part);
+                if line_done {
+                    self.overlong = false;
+                    return take;
+                }
+                continue;
+            }
+            let room = MAX_LINE - self.buf.len();
+            if take > room {
+                self.buf.extend_from_slice(&chunk[..room]);
+                r.consume(room);
+                self.overlong = true;
+                line_done = true;
+            } else {
+                self.buf.extend_from_slice(&chunk[..take]);
+                r.consume(take);
+            }
+            if line_done {
+                return take.max(1);
+            }
         }
     }
 
@@ -87,6 +132,12 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
     }
 
     fn capture_bytes(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.capture_raw(&buf);
+        self.buf = buf;
+    }
+
+    fn capture_raw(&mut self, bytes: &[u8]) {
         if self.write_failed {
             return;
         }
@@ -100,7 +151,7 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
             }
         }
         if let Some(f) = &mut self.file
-            && let Err(e) = f.write_all(&self.buf)
+            && let Err(e) = f.write_all(bytes)
         {
             self.fail(e);
         }
@@ -136,25 +187,6 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
     }
 }
 
-/// Signals the instance's whole process group. Guarded so that a bogus id can never turn into
-/// `kill(0)` (our own group) or `kill(-1)` (everything we may signal).
-fn signal_group(pgid: Option<u32>, sig: Signal) {
-    if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1) {
-        // ESRCH (group already gone) is the common, expected case.
-        let _ = killpg(Pid::from_raw(pgid), sig);
-    }
-}
-
-/// Kills the process group when dropped: at the end of the task, and also when the task is
-/// aborted because the run itself was dropped, so no instance outlives its run.
-struct GroupKill(Option<u32>);
-
-impl Drop for GroupKill {
-    fn drop(&mut self) {
-        signal_group(self.0, Signal::SIGKILL);
-    }
-}
-
 async fn sleep_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -162,32 +194,18 @@ async fn sleep_opt(deadline: Option<Instant>) {
     }
 }
 
-fn termination(status: std::io::Result<std::process::ExitStatus>) -> Termination {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => Termination::Code(c),
-            (None, Some(sig)) => Termination::Signal(sig),
-            (None, None) => Termination::Unknown,
-        },
-        Err(_) => Termination::Unknown,
-    }
-}
-
-impl InstanceTask {
+impl<I: Launched> InstanceTask<I> {
     pub(crate) async fn run(self) {
         let InstanceTask {
             ordinal,
-            mut child,
+            mut instance,
             outputs,
             start,
             reports,
             mut stop,
         } = self;
-        let pgid = child.id();
-        let group_kill = GroupKill(pgid);
-        let mut out = Pipe::new(child.stdout.take(), outputs.join(".run.out.capture"));
-        let mut err = Pipe::new(child.stderr.take(), outputs.join(".run.err.capture"));
+        let mut out = Pipe::new(instance.take_stdout(), outputs.join(".run.out.capture"));
+        let mut err = Pipe::new(instance.take_stderr(), outputs.join(".run.err.capture"));
 
         let mut exit: Option<Termination> = None;
         let mut stopped: Option<StopReason> = None;
@@ -201,7 +219,7 @@ impl InstanceTask {
         if let Some(reason) = early {
             stop_seen = true;
             stopped = Some(reason);
-            signal_group(pgid, Signal::SIGTERM);
+            instance.stop(Stop::Term);
             kill_at = Some(Instant::now() + TERM_GRACE);
         }
 
@@ -225,8 +243,8 @@ impl InstanceTask {
                         let _ = reports.send(report).await;
                     }
                 }
-                status = child.wait(), if exit.is_none() => {
-                    exit = Some(termination(status));
+                status = instance.wait(), if exit.is_none() => {
+                    exit = Some(status);
                     kill_at = None;
                     drain_until = Some(Instant::now() + DRAIN_GRACE);
                 }
@@ -240,7 +258,7 @@ impl InstanceTask {
                     match reason {
                         Some(reason) if exit.is_none() => {
                             stopped = Some(reason);
-                            signal_group(pgid, Signal::SIGTERM);
+                            instance.stop(Stop::Term);
                             kill_at = Some(Instant::now() + TERM_GRACE);
                         }
                         Some(_) => {}
@@ -248,7 +266,7 @@ impl InstanceTask {
                     }
                 }
                 _ = sleep_opt(kill_at) => {
-                    signal_group(pgid, Signal::SIGKILL);
+                    instance.stop(Stop::Kill);
                     kill_at = None;
                 }
                 _ = sleep_opt(drain_until) => {
@@ -256,14 +274,15 @@ impl InstanceTask {
                         // Whatever still holds the pipes escaped the process group.
                         break;
                     }
-                    signal_group(pgid, Signal::SIGKILL);
+                    instance.stop(Stop::Kill);
                     drain_killed = true;
                     drain_until = Some(Instant::now() + KILL_DRAIN);
                 }
             }
         }
         // Children of the instance that outlived it (and closed or never had our pipes).
-        drop(group_kill);
+        instance.stop(Stop::Kill);
+        drop(instance);
 
         // A partial line left behind when the pipes were abandoned still counts.
         if !out.buf.is_empty() {

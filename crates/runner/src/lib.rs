@@ -1,18 +1,26 @@
 //! Runners start a run's instances, supervise them, decide each instance's outcome and keep
 //! their outputs.
 //!
-//! This crate owns the `local:exec` and `local:netns` runners: processes, one process group per
-//! instance, the `TEST_*` environment contract, stdout/stderr capture into typed events and into
-//! `run.out` / `run.err`, the run timeout and cancellation, outcome reconciliation, and the
-//! outputs archive (`collect`). `local:netns` is the same loop with each instance started inside
-//! the namespaces and jail its run's sidecar (`tg-sidecar`) builds. It never prints: everything a
+//! A runner is a [`Runner`]: its id, the artifact kinds it executes, the run-config keys it
+//! understands (parsed into a typed [`RunConfig`] when a task is submitted), its health checks,
+//! and `run`. The engine finds runners in the [`registry`] and never names one. Every runner
+//! shares one run loop (`run_loop`: timeout, cancel, supervisor, outcome) over an instance
+//! launcher (`launch`), so a new runner writes only how to start an instance. This crate has
+//! `local:exec` (host processes) and `local:netns` (the same, each instance inside the
+//! namespaces and jail its run's sidecar, `tg-sidecar`, builds). It never prints: everything a
 //! user should see leaves through [`RunnerEvent`]s. It does not build artifacts (`tg-builder`),
 //! own tasks or the sync service (`tg-daemon`, `tg-sync`), or move packets (`tg-sidecar`).
 //!
 //! Modules:
-//! - `local_exec`: the run loop of both runners: spawning, timeout, cancellation, the result.
-//! - `netns`: what `local:netns` adds: privilege check, seed, the run's network.
-//! - `instance`: one task per instance: pipes, capture files, exit, killing its process group.
+//! - `registry`: the runners, looked up by id.
+//! - `config`: [`RunConfig`] and the keys each runner understands.
+//! - `run_loop`: the shared loop: outputs, start, timeout, cancellation, the result.
+//! - `launch`: the launcher seam (`Launcher`, `Launched`).
+//! - `exec`: host processes (`local:exec`), also used by `netns`.
+//! - `netns`: what `local:netns` adds: privilege check, the run's network, jails.
+//! - `tracking`: a run's processes tracked (cgroup, or environment marker), and the removal of
+//!   what a killed engine left behind.
+//! - `instance`: one task per launched instance: pipes, capture files, exit, stop.
 //! - `supervisor`: the single actor owning every instance's state and deciding outcomes
 //!   ([`InstanceReport`] is its input).
 //! - `env`: the instance environment (`TEST_*`, `SYNC_SERVICE_*`, `HOSTNAME`).
@@ -20,39 +28,98 @@
 //! - `outputs`: the outputs layout and the `.tgz` collect archive.
 //! - `error`: [`RunError`].
 
+mod config;
 mod env;
 mod error;
+mod exec;
 mod instance;
+mod launch;
 mod line;
-mod local_exec;
 mod netns;
 mod outputs;
+pub mod registry;
+mod run_loop;
 mod supervisor;
+mod tracking;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use tg_api::artifact::ArtifactKind;
 use tg_api::events::Event;
 use tg_api::task::RunResult;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use config::{ConfigKey, RunConfig};
 pub use error::RunError;
+pub use instance::MAX_LINE;
 pub use line::{InstanceLine, LineKind};
-pub use netns::health as netns_health;
 pub use outputs::{collect_outputs, outputs_dir};
-pub use supervisor::{Exit, InstanceReport, StopReason, Termination};
+pub use registry::{get as runner, runners};
+pub use supervisor::{Exit, InstanceReport, OutcomeRule, StopReason, Termination};
+pub use tracking::clean_leftovers;
 
-/// Runner ids this crate implements.
-pub const RUNNERS: &[&str] = &["local:exec", "local:netns"];
+/// Capacity of a run's event stream: a reader slower than this slows the run down.
+pub const EVENT_QUEUE: usize = 1024;
 
-/// Builders whose artifacts a runner can execute, or `None` for an unknown runner.
-pub fn compatible_builders(runner: &str) -> Option<&'static [&'static str]> {
-    match runner {
-        "local:exec" | "local:netns" => Some(&["exec:rust", "exec:go", "exec:generic"]),
-        _ => None,
+/// One health check of a runner: (name, ok, message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub name: &'static str,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// A runner. Implementations are stateless: everything about a run is in its [`RunContext`].
+pub trait Runner: Send + Sync {
+    /// `local:exec`, ...
+    fn id(&self) -> &'static str;
+
+    /// The artifact kinds this runner can execute.
+    fn accepts(&self) -> &'static [ArtifactKind];
+
+    /// The run-config keys it understands.
+    fn config_keys(&self) -> Vec<ConfigKey>;
+
+    /// Parses a coalesced run configuration. Unknown keys named in `strict` (those the user
+    /// wrote for this run) are errors; other unknown keys are kept in
+    /// [`RunConfig::ignored`] to be warned about.
+    fn parse_config(
+        &self,
+        map: &serde_json::Map<String, serde_json::Value>,
+        strict: &BTreeSet<String>,
+    ) -> Result<RunConfig, RunError>;
+
+    /// What the runner needs from this machine.
+    fn healthcheck(&self) -> Vec<HealthCheck>;
+
+    /// Runs to completion. Returns `Ok` whatever the instances did (their fate is in
+    /// [`RunOutput::result`]; a fired cancel gives outcome `canceled`); `Err` only when the
+    /// run could not be carried out. No process of the run survives the returned future,
+    /// nor its drop.
+    fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>>;
+
+    /// `testground terminate --runner <id>`, beyond canceling the runner's tasks (which the
+    /// engine does): removes what runs of this runner whose engine died left behind. Returns
+    /// what it did.
+    fn terminate(&self, data_dir: &Path) -> Vec<String> {
+        clean_leftovers(&data_dir.join("runs"))
     }
+}
+
+/// Everything a run needs.
+pub struct RunContext {
+    pub input: RunInput,
+    /// `input.run_config` parsed by the runner (see [`Runner::parse_config`]).
+    pub config: RunConfig,
+    /// Where the run reports; bounded ([`EVENT_QUEUE`] is a good capacity).
+    pub events: mpsc::Sender<RunnerEvent>,
+    pub cancel: CancellationToken,
+    /// Events instances publish on the run's `run_events` sync topic.
+    pub sync_events: mpsc::Receiver<Event>,
 }
 
 /// Everything a runner needs to execute one run.
@@ -76,7 +143,8 @@ pub struct RunInput {
     pub sync_host: String,
     pub sync_port: u16,
     pub disable_metrics: bool,
-    /// Run timeout; the run is killed and fails when it elapses.
+    /// The default run timeout (the task timeout); `run_timeout` in the run config overrides
+    /// it. The run is killed and fails when it elapses.
     pub timeout: Duration,
     /// The sync service itself: `local:netns` serves it into each run's control network and
     /// its sidecar signals and subscribes in-process. `local:exec` does not need it.
@@ -115,37 +183,38 @@ pub enum RunnerEvent {
     Instance(InstanceLine),
 }
 
-/// Runs `input` to completion.
-///
-/// Returns `Ok` whatever the instances did (their fate is in [`RunOutput::result`]; a fired
-/// `cancel` gives outcome `canceled`); `Err` only when the run could not be carried out (unknown
-/// runner, bad configuration, an artifact that cannot be started, outputs that cannot be
-/// created). No process of the run survives the returned future, nor its drop.
+/// The sync key prefix of a run's states and topics.
+pub(crate) fn sync_prefix(input: &RunInput) -> String {
+    format!(
+        "run:{}:plan:{}:case:{}",
+        input.run_id, input.plan, input.case
+    )
+}
+
+/// Runs `input` on the runner it names, with its run config parsed leniently (unknown keys
+/// ignored), forwarding events to an unbounded channel: a convenience for tests and tools.
+/// The engine uses [`Runner::run`].
 pub async fn run(
     input: RunInput,
     events: mpsc::UnboundedSender<RunnerEvent>,
     cancel: CancellationToken,
 ) -> Result<RunOutput, RunError> {
-    let (_no_sync, sync_events) = mpsc::unbounded_channel();
-    run_with_sync_events(input, events, cancel, sync_events).await
-}
-
-/// [`run`], also counting the events instances publish on the run's `run_events` sync topic.
-///
-/// Those events name a group but not an instance, so they only ever credit successes that an
-/// instance's stdout did not show (a plan that publishes without printing); stdout and the exit
-/// status stay authoritative for every instance that printed its outcome.
-pub async fn run_with_sync_events(
-    input: RunInput,
-    events: mpsc::UnboundedSender<RunnerEvent>,
-    cancel: CancellationToken,
-    sync_events: mpsc::UnboundedReceiver<Event>,
-) -> Result<RunOutput, RunError> {
-    match input.runner.as_str() {
-        "local:exec" => local_exec::run(input, events, cancel, sync_events, false).await,
-        "local:netns" => local_exec::run(input, events, cancel, sync_events, true).await,
-        other => Err(RunError::UnsupportedRunner {
-            runner: other.to_string(),
-        }),
-    }
+    let runner = registry::get(&input.runner)?;
+    let config = runner.parse_config(&input.run_config, &BTreeSet::new())?;
+    let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+    let (_no_sync, sync_events) = mpsc::channel(1);
+    let forward = async move {
+        while let Some(e) = rx.recv().await {
+            let _ = events.send(e);
+        }
+    };
+    let run = runner.run(RunContext {
+        input,
+        config,
+        events: tx,
+        cancel,
+        sync_events,
+    });
+    let (out, ()) = tokio::join!(run, forward);
+    out
 }

@@ -1,12 +1,21 @@
-//! What `local:netns` adds to the shared run loop: the privilege check, the run's seed and
-//! capture settings, and the run's network (built by `tg-sidecar`).
+//! `local:netns`: the exec launcher plus, for each instance, the network, UTS and mount
+//! namespaces and jail its run's sidecar (`tg-sidecar`) builds; the privilege check, the run's
+//! seed and capture settings.
 
+use std::collections::VecDeque;
 use std::path::Path;
 
 use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT};
 use tokio::sync::mpsc;
 
-use crate::{RunError, RunInput, RunnerEvent};
+use crate::exec::{ExecInstance, ExecLauncher};
+use crate::launch::{InstanceSpec, LaunchContext, Launcher, NetEnv};
+use crate::supervisor::InstanceReport;
+use crate::{RunConfig, RunError, RunInput, RunnerEvent};
+
+/// Instance networks built at a time: past about 16 the kernel's own serialisation (rtnl)
+/// dominates (measured with tg-sys's netns-scale example).
+const NETNS_SETUP_CONCURRENCY: usize = 16;
 
 /// Namespaces, TUN devices and mounts need root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 pub(crate) fn check_privileges() -> Result<(), RunError> {
@@ -27,7 +36,7 @@ pub(crate) fn check_privileges() -> Result<(), RunError> {
 
 /// `testground healthcheck --runner local:netns`: what the runner needs from the machine, as
 /// (check, ok, message).
-pub fn health() -> Vec<(&'static str, bool, String)> {
+pub(crate) fn health() -> Vec<crate::HealthCheck> {
     let root = nix::unistd::geteuid().is_root();
     let tun = Path::new("/dev/net/tun").exists();
     let on_path = |tool: &str| {
@@ -38,110 +47,153 @@ pub fn health() -> Vec<(&'static str, bool, String)> {
     let nft = on_path("nft");
     let nsenter = on_path("nsenter");
     vec![
-        (
-            "root",
-            root,
-            if root {
+        crate::HealthCheck {
+            name: "root",
+            ok: root,
+            message: if root {
                 "running as root".into()
             } else {
                 "not root: namespaces, TUN devices and mounts need root".into()
             },
-        ),
-        (
-            "tun-device",
-            tun,
-            format!("/dev/net/tun {}", if tun { "exists" } else { "is missing" }),
-        ),
-        (
-            "nft",
-            nft && nsenter,
-            if nft && nsenter {
+        },
+        crate::HealthCheck {
+            name: "tun-device",
+            ok: tun,
+            message: format!("/dev/net/tun {}", if tun { "exists" } else { "is missing" }),
+        },
+        crate::HealthCheck {
+            name: "nft",
+            ok: nft && nsenter,
+            message: if nft && nsenter {
                 "nft and nsenter found (routing_policy allow_all)".into()
             } else {
                 "nft or nsenter not found: routing_policy allow_all will fail (apt install nftables)"
                     .into()
             },
-        ),
+        },
     ]
 }
 
-fn invalid(key: &str, v: &serde_json::Value, reason: &str) -> RunError {
-    RunError::InvalidConfig {
-        key: key.into(),
-        value: v.to_string(),
-        reason: reason.into(),
-    }
+/// A fresh seed when none was configured. No rand dependency for one number: the clock and
+/// pid vary enough between runs, and the seed is printed so that a run can be repeated.
+fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
 }
 
-/// `--run-cfg seed=N` (a number or a numeric string), else a fresh one.
-pub(crate) fn seed(input: &RunInput) -> Result<u64, RunError> {
-    match input.run_config.get("seed") {
-        None => {
-            // No rand dependency for one number: the clock and pid vary enough between runs,
-            // and the seed is printed so that a run can be repeated.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            Ok((t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32))
-        }
-        Some(v @ serde_json::Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| invalid("seed", v, "expected a non-negative integer")),
-        Some(v @ serde_json::Value::String(s)) => s
-            .trim()
-            .parse()
-            .map_err(|_| invalid("seed", v, "expected a non-negative integer")),
-        Some(v) => Err(invalid("seed", v, "expected a non-negative integer")),
-    }
+/// Starts instances inside the namespaces of the run's network.
+pub(crate) struct NetnsLauncher {
+    exec: ExecLauncher,
+    input: RunInput,
+    config: RunConfig,
+    net: Option<RunNetwork>,
+    events: Option<mpsc::Sender<RunnerEvent>>,
+    /// Built by `prepare`, in launch order.
+    prepared: VecDeque<tg_sidecar::Instance>,
 }
 
-/// `--run-cfg capture=true`.
-pub(crate) fn capture(input: &RunInput) -> Result<bool, RunError> {
-    match input.run_config.get("capture") {
-        None => Ok(false),
-        Some(serde_json::Value::Bool(b)) => Ok(*b),
-        Some(v @ serde_json::Value::String(s)) => match s.trim() {
-            "true" | "1" => Ok(true),
-            "false" | "0" | "" => Ok(false),
-            _ => Err(invalid("capture", v, "expected true or false")),
-        },
-        Some(v) => Err(invalid("capture", v, "expected true or false")),
-    }
-}
-
-/// The environment differences of a `local:netns` instance.
-pub(crate) struct NetEnv {
-    pub sidecar: bool,
-    pub subnet: String,
-    pub sync_host: String,
-    pub sync_port: u16,
-}
-
-impl NetEnv {
-    pub(crate) fn exec(input: &RunInput) -> NetEnv {
-        NetEnv {
-            sidecar: false,
-            subnet: crate::env::SUBNET.into(),
-            sync_host: input.sync_host.clone(),
-            sync_port: input.sync_port,
+impl NetnsLauncher {
+    pub(crate) fn new(input: RunInput, config: RunConfig) -> Self {
+        NetnsLauncher {
+            exec: ExecLauncher::new(&input),
+            input,
+            config,
+            net: None,
+            events: None,
+            prepared: VecDeque::new(),
         }
     }
+}
 
-    pub(crate) fn netns(net: &RunNetwork) -> NetEnv {
-        NetEnv {
+impl Launcher for NetnsLauncher {
+    type Instance = ExecInstance;
+
+    async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
+        check_privileges()?;
+        self.events = Some(ctx.events.clone());
+        self.exec.track(&ctx.temp_root)?;
+        let net = create(&self.input, &self.config, &ctx.temp_root.join(".net"), ctx).await?;
+        let env = NetEnv {
             sidecar: true,
             subnet: net.subnet().to_string(),
             sync_host: SYNC_NAME.into(),
             sync_port: SYNC_PORT,
+        };
+        self.net = Some(net);
+        Ok(env)
+    }
+
+    async fn prepare(&mut self, specs: &[InstanceSpec]) -> Result<(), RunError> {
+        let Some(net) = &mut self.net else {
+            return Ok(());
+        };
+        let sidecar_specs = specs
+            .iter()
+            .map(|s| tg_sidecar::InstanceSpec {
+                ordinal: s.ordinal as u32,
+                hostname: s.hostname.clone(),
+                outputs: s.outputs.clone(),
+            })
+            .collect::<Vec<_>>();
+        let setup = std::time::Instant::now();
+        let count = sidecar_specs.len();
+        let built = net
+            .add_instances(sidecar_specs, NETNS_SETUP_CONCURRENCY)
+            .await
+            .map_err(RunError::RunNetwork)?;
+        if let Some(events) = &self.events {
+            let _ = events
+                .send(RunnerEvent::Log(format!(
+                    "network: {count} instance networks ready in {:.2}s",
+                    setup.elapsed().as_secs_f64()
+                )))
+                .await;
         }
+        self.prepared = built.into();
+        Ok(())
+    }
+
+    async fn launch(&mut self, spec: &InstanceSpec) -> Result<ExecInstance, RunError> {
+        // Built by prepare, in the same order as the launches.
+        let Some(inst) = self.prepared.pop_front() else {
+            return Err(RunError::NetnsUnavailable {
+                reason: format!(
+                    "no network was prepared for instance {}[{}]",
+                    spec.group_id, spec.index
+                ),
+            });
+        };
+        let (mut cmd, artifact) = self.exec.command(spec);
+        inst.jail.apply(&mut cmd);
+        let child = self.exec.spawn(spec, cmd, artifact).await?;
+        if let (Some(net), Some(pid)) = (&mut self.net, child.pid()) {
+            net.started(pid, inst.netns_inode);
+        }
+        Ok(child)
+    }
+
+    async fn teardown(mut self) -> Option<String> {
+        self.prepared.clear();
+        // Processes first (the tracker's cgroup also holds instances that left their
+        // namespaces), then the network they used.
+        self.exec.finish().await;
+        let stats = match self.net.take() {
+            Some(net) => net.shutdown().await,
+            None => None,
+        };
+        stats.map(|s| format!("network: {s}"))
     }
 }
 
-/// Builds the run's network and forwards the sidecar's messages to the run log.
-pub(crate) async fn create(
+/// Builds the run's network and forwards the sidecar's messages: log lines to the run log,
+/// refused network configs to the supervisor (they fail their instance).
+async fn create(
     input: &RunInput,
+    config: &RunConfig,
     work_dir: &Path,
-    events: &mpsc::UnboundedSender<RunnerEvent>,
+    ctx: &LaunchContext,
 ) -> Result<RunNetwork, RunError> {
     // The caller has checked the privileges before creating anything.
     let sync = input
@@ -150,27 +202,47 @@ pub(crate) async fn create(
         .ok_or_else(|| RunError::NetnsUnavailable {
             reason: "no in-process sync service was given to the runner".into(),
         })?;
-    let seed = seed(input)?;
-    let capture = capture(input)?;
+    let seed = config.seed.unwrap_or_else(fresh_seed);
+    let capture = config.capture;
     let state_dir = input
         .outputs_root
         .parent()
         .unwrap_or(&input.outputs_root)
         .join("netns");
-    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
-    let fwd = events.clone();
+    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<tg_sidecar::SidecarEvent>();
+    let events = ctx.events.clone();
+    let reports = ctx.reports.clone();
     // Ends when the network (the last sender) is gone.
     tokio::spawn(async move {
         while let Some(m) = log_rx.recv().await {
-            let _ = fwd.send(RunnerEvent::Log(format!("sidecar: {m}")));
+            match m {
+                tg_sidecar::SidecarEvent::Log(m) => {
+                    let _ = events.send(RunnerEvent::Log(format!("sidecar: {m}"))).await;
+                }
+                tg_sidecar::SidecarEvent::ConfigRefused {
+                    ordinal,
+                    hostname,
+                    reason,
+                } => {
+                    let _ = events
+                        .send(RunnerEvent::Log(format!(
+                            "sidecar: {hostname}: network config refused: {reason}"
+                        )))
+                        .await;
+                    let _ = reports
+                        .send(InstanceReport::Refused {
+                            instance: ordinal as usize,
+                            elapsed: std::time::Duration::ZERO,
+                            reason: format!("network config refused: {reason}"),
+                        })
+                        .await;
+                }
+            }
         }
     });
     let opts = Options {
         run_id: input.run_id.clone(),
-        sync_prefix: format!(
-            "run:{}:plan:{}:case:{}",
-            input.run_id, input.plan, input.case
-        ),
+        sync_prefix: crate::sync_prefix(input),
         sync,
         seed,
         capture,
@@ -184,56 +256,17 @@ pub(crate) async fn create(
         .host_addr()
         .map(|a| format!(", host reachable under allow_all at {a} (testground-host)"))
         .unwrap_or_default();
-    let _ = events.send(RunnerEvent::Log(format!(
-        "network: data subnet {}, seed {seed} (repeat with --run-cfg seed={seed}){}{host}",
-        net.subnet(),
-        if capture {
-            ", capturing data traffic to data.pcap"
-        } else {
-            ""
-        }
-    )));
+    let _ = ctx
+        .events
+        .send(RunnerEvent::Log(format!(
+            "network: data subnet {}, seed {seed} (repeat with --run-cfg seed={seed}){}{host}",
+            net.subnet(),
+            if capture {
+                ", capturing data traffic to data.pcap"
+            } else {
+                ""
+            }
+        )))
+        .await;
     Ok(net)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-    use std::time::Duration;
-
-    fn input(config: serde_json::Value) -> RunInput {
-        RunInput {
-            run_id: "r".into(),
-            plan: "p".into(),
-            case: "c".into(),
-            runner: "local:netns".into(),
-            total_instances: 0,
-            groups: vec![],
-            run_config: config.as_object().cloned().unwrap_or_default(),
-            outputs_root: PathBuf::new(),
-            sync_host: "localhost".into(),
-            sync_port: 5050,
-            disable_metrics: false,
-            timeout: Duration::from_secs(600),
-            sync_service: None,
-        }
-    }
-
-    #[test]
-    fn seed_is_taken_from_the_run_config() {
-        assert_eq!(seed(&input(serde_json::json!({"seed": 42}))).unwrap(), 42);
-        assert_eq!(seed(&input(serde_json::json!({"seed": "7"}))).unwrap(), 7);
-        assert!(seed(&input(serde_json::json!({"seed": "x"}))).is_err());
-        assert!(seed(&input(serde_json::json!({"seed": -1}))).is_err());
-        assert!(seed(&input(serde_json::json!({}))).is_ok());
-    }
-
-    #[test]
-    fn capture_is_a_boolean() {
-        assert!(capture(&input(serde_json::json!({"capture": true}))).unwrap());
-        assert!(capture(&input(serde_json::json!({"capture": "true"}))).unwrap());
-        assert!(!capture(&input(serde_json::json!({}))).unwrap());
-        assert!(capture(&input(serde_json::json!({"capture": "yes please"}))).is_err());
-    }
 }

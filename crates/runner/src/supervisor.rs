@@ -8,9 +8,21 @@ use std::time::Duration;
 
 use tg_api::events::Event;
 use tg_api::task::GroupOutcome;
-use tokio::sync::mpsc;
 
 use crate::{InstanceLine, LineKind, RunGroup, RunnerEvent};
+
+/// Which evidence decides that an instance succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeRule {
+    /// `local:exec`: the instance's stdout events and exit status; a success published only
+    /// on the sync service credits a silent instance.
+    Stdout,
+    /// Runners with a sidecar, as the original's container runners: a group's successes are
+    /// those published on the run's `run_events` topic, and only instances that exited with
+    /// status 0 without reporting a failure can be credited with one. A success that was only
+    /// printed does not count (the original's regression test for issue 1349).
+    SyncEvents,
+}
 
 /// The supervisor's input.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +51,13 @@ pub enum InstanceReport {
     /// An event published on the run's `run_events` topic. It carries a group, not an
     /// instance.
     Sync(Event),
+    /// The runner found the instance cannot have passed (e.g. its sidecar refused a network
+    /// configuration it asked for): it fails whatever it reports afterwards.
+    Refused {
+        instance: usize,
+        elapsed: Duration,
+        reason: String,
+    },
 }
 
 /// How an instance process ended.
@@ -98,11 +117,14 @@ pub(crate) struct Supervisor {
     instances: Vec<InstanceState>,
     exited: usize,
     sync_successes: HashMap<String, u32>,
-    events: mpsc::UnboundedSender<RunnerEvent>,
+    rule: OutcomeRule,
+    /// Lines to hand to the run's event stream; the loop drains them (and waits for room in
+    /// the stream, so a slow reader slows the instances instead of growing memory).
+    pending: Vec<RunnerEvent>,
 }
 
 impl Supervisor {
-    pub(crate) fn new(groups: &[RunGroup], events: mpsc::UnboundedSender<RunnerEvent>) -> Self {
+    pub(crate) fn new(groups: &[RunGroup], rule: OutcomeRule) -> Self {
         let mut instances = Vec::new();
         for (g, group) in groups.iter().enumerate() {
             instances.extend((0..group.instances).map(|index| InstanceState {
@@ -116,8 +138,14 @@ impl Supervisor {
             instances,
             exited: 0,
             sync_successes: HashMap::new(),
-            events,
+            rule,
+            pending: Vec::new(),
         }
+    }
+
+    /// The events produced since the last call.
+    pub(crate) fn drain(&mut self) -> std::vec::Drain<'_, RunnerEvent> {
+        self.pending.drain(..)
     }
 
     pub(crate) fn exited(&self) -> usize {
@@ -205,12 +233,26 @@ impl Supervisor {
             // Failures and crashes published on the sync service are also printed by every
             // SDK, and sdk-go may publish a crash twice (T13): stdout is the reliable source.
             InstanceReport::Sync(_) => {}
+            InstanceReport::Refused {
+                instance,
+                elapsed,
+                reason,
+            } => {
+                let Some(state) = self.instances.get_mut(instance) else {
+                    return;
+                };
+                state.failed = true;
+                self.emit(instance, elapsed, LineKind::InternalErr, reason);
+            }
         }
     }
 
     /// Credits sync-only successes, then tallies ok/total per group. `elapsed` stamps the lines
     /// emitted for credited instances.
     pub(crate) fn finish(&mut self, elapsed: Duration) -> BTreeMap<String, GroupOutcome> {
+        if self.rule == OutcomeRule::SyncEvents {
+            return self.finish_from_sync_events();
+        }
         self.credit_sync_successes(elapsed);
         let mut outcomes: BTreeMap<String, GroupOutcome> = self
             .group_ids
@@ -225,6 +267,30 @@ impl Supervisor {
             if state.ok() {
                 tally.ok += 1;
             }
+        }
+        outcomes
+    }
+
+    /// [`OutcomeRule::SyncEvents`]: per group, the published successes, capped by the
+    /// instances that could have earned one.
+    fn finish_from_sync_events(&mut self) -> BTreeMap<String, GroupOutcome> {
+        let mut outcomes = BTreeMap::new();
+        for (g, group_id) in self.group_ids.clone().iter().enumerate() {
+            let members = || self.instances.iter().filter(move |s| s.group == g);
+            let total = members().count() as u32;
+            let eligible = members()
+                .filter(|s| s.exited_cleanly() && !s.failed)
+                .count() as u32;
+            let printed = members().filter(|s| s.success && !s.failed).count() as u32;
+            let published = self.sync_successes.get(group_id).copied().unwrap_or(0);
+            let ok = published.min(eligible);
+            if printed > published {
+                self.pending.push(RunnerEvent::Log(format!(
+                    "group {group_id}: {printed} instances printed success but {published} \
+                     published it on the run_events topic; only published successes count"
+                )));
+            }
+            outcomes.insert(group_id.clone(), GroupOutcome { ok, total });
         }
         outcomes
     }
@@ -260,10 +326,9 @@ impl Supervisor {
         }
     }
 
-    fn emit(&self, instance: usize, elapsed: Duration, kind: LineKind, text: String) {
+    fn emit(&mut self, instance: usize, elapsed: Duration, kind: LineKind, text: String) {
         let state = &self.instances[instance];
-        // A closed receiver means nobody listens any more; the run itself goes on.
-        let _ = self.events.send(RunnerEvent::Instance(InstanceLine {
+        self.pending.push(RunnerEvent::Instance(InstanceLine {
             group: self.group_ids[state.group].clone(),
             index: state.index,
             elapsed,
@@ -327,7 +392,14 @@ fn describe(t: Termination) -> String {
 mod tests {
     use super::*;
 
-    fn sup(counts: &[(&str, u32)]) -> (Supervisor, mpsc::UnboundedReceiver<RunnerEvent>) {
+    /// The supervisor and where its events go.
+    struct Rx(Vec<RunnerEvent>);
+
+    fn sup(counts: &[(&str, u32)]) -> (Supervisor, Rx) {
+        sup_with(counts, OutcomeRule::Stdout)
+    }
+
+    fn sup_with(counts: &[(&str, u32)], rule: OutcomeRule) -> (Supervisor, Rx) {
         let groups: Vec<RunGroup> = counts
             .iter()
             .map(|(id, n)| RunGroup {
@@ -338,8 +410,7 @@ mod tests {
                 profiles: BTreeMap::new(),
             })
             .collect();
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Supervisor::new(&groups, tx), rx)
+        (Supervisor::new(&groups, rule), Rx(Vec::new()))
     }
 
     fn out(instance: usize, event: Event) -> InstanceReport {
@@ -362,12 +433,14 @@ mod tests {
         }
     }
 
-    fn kinds(rx: &mut mpsc::UnboundedReceiver<RunnerEvent>) -> Vec<(u32, LineKind)> {
-        let mut v = Vec::new();
-        while let Ok(RunnerEvent::Instance(l)) = rx.try_recv() {
-            v.push((l.index, l.kind));
-        }
-        v
+    fn kinds(s: &mut Supervisor, rx: &mut Rx) -> Vec<(u32, LineKind)> {
+        rx.0.extend(s.drain());
+        rx.0.iter()
+            .filter_map(|e| match e {
+                RunnerEvent::Instance(l) => Some((l.index, l.kind)),
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
@@ -393,7 +466,7 @@ mod tests {
         let o = s.finish(Duration::ZERO);
         assert_eq!(o["g"], GroupOutcome { ok: 1, total: 5 });
         assert_eq!(
-            kinds(&mut rx),
+            kinds(&mut s, &mut rx),
             vec![
                 (0, LineKind::Ok),
                 (1, LineKind::Ok),
@@ -425,7 +498,7 @@ mod tests {
         let o = s.finish(Duration::ZERO);
         assert_eq!(o["a"], GroupOutcome { ok: 2, total: 3 });
         assert_eq!(o["b"], GroupOutcome { ok: 0, total: 1 });
-        let lines = kinds(&mut rx);
+        let lines = kinds(&mut s, &mut rx);
         assert_eq!(lines.last(), Some(&(1, LineKind::Ok)));
     }
 
@@ -448,12 +521,95 @@ mod tests {
             GroupOutcome { ok: 0, total: 2 }
         );
         assert_eq!(
-            kinds(&mut rx),
+            kinds(&mut s, &mut rx),
             vec![
                 (0, LineKind::Ok),
                 (0, LineKind::Timeout),
                 (1, LineKind::Killed)
             ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod sync_rule_tests {
+    use super::*;
+
+    fn groups(counts: &[(&str, u32)]) -> Vec<RunGroup> {
+        counts
+            .iter()
+            .map(|(id, n)| RunGroup {
+                id: id.to_string(),
+                instances: *n,
+                artifact: String::new(),
+                params: BTreeMap::new(),
+                profiles: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    fn exit0(instance: usize) -> InstanceReport {
+        InstanceReport::Exited {
+            instance,
+            elapsed: Duration::ZERO,
+            exit: Exit {
+                termination: Termination::Code(0),
+                stopped: None,
+            },
+        }
+    }
+
+    fn printed_ok(instance: usize) -> InstanceReport {
+        InstanceReport::Stdout {
+            instance,
+            elapsed: Duration::ZERO,
+            line: String::new(),
+            event: Some(Event::Success { group: "g".into() }),
+        }
+    }
+
+    #[test]
+    fn printed_success_without_a_published_one_fails() {
+        let mut s = Supervisor::new(&groups(&[("g", 2)]), OutcomeRule::SyncEvents);
+        s.handle(printed_ok(0));
+        s.handle(printed_ok(1));
+        s.handle(InstanceReport::Sync(Event::Success { group: "g".into() }));
+        s.handle(exit0(0));
+        s.handle(exit0(1));
+        assert_eq!(
+            s.finish(Duration::ZERO)["g"],
+            GroupOutcome { ok: 1, total: 2 }
+        );
+        assert!(
+            s.drain()
+                .any(|e| matches!(e, RunnerEvent::Log(l) if l.contains("published")))
+        );
+    }
+
+    #[test]
+    fn published_successes_need_a_clean_exit_and_no_refusal() {
+        let mut s = Supervisor::new(&groups(&[("g", 3)]), OutcomeRule::SyncEvents);
+        for _ in 0..5 {
+            s.handle(InstanceReport::Sync(Event::Success { group: "g".into() }));
+        }
+        s.handle(exit0(0));
+        s.handle(InstanceReport::Refused {
+            instance: 1,
+            elapsed: Duration::ZERO,
+            reason: "network config refused".into(),
+        });
+        s.handle(exit0(1));
+        s.handle(InstanceReport::Exited {
+            instance: 2,
+            elapsed: Duration::ZERO,
+            exit: Exit {
+                termination: Termination::Code(1),
+                stopped: None,
+            },
+        });
+        assert_eq!(
+            s.finish(Duration::ZERO)["g"],
+            GroupOutcome { ok: 1, total: 3 }
         );
     }
 }

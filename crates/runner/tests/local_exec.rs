@@ -609,7 +609,7 @@ async fn infrastructure_errors() {
 
     input.runner = "local:docker".into();
     let (out, _) = run_all(input).await;
-    assert!(matches!(out, Err(RunError::UnsupportedRunner { .. })));
+    assert!(matches!(out, Err(RunError::NotSupported { .. })));
 }
 
 /// For processes killed without anything to wait on (the run future was dropped): polls,

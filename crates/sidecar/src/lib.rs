@@ -116,12 +116,12 @@ struct Shared {
     ctl_nl: Netlink,
     /// Set up once, when the first instance asks for `allow_all`.
     nat: OnceCell<Result<(), String>>,
-    log: mpsc::UnboundedSender<String>,
+    log: mpsc::UnboundedSender<SidecarEvent>,
 }
 
 impl Shared {
     fn log(&self, msg: String) {
-        let _ = self.log.send(msg);
+        let _ = self.log.send(SidecarEvent::Log(msg));
     }
 }
 
@@ -166,14 +166,14 @@ impl RunNetwork {
     /// Builds the control network and starts the pump and the sync endpoint.
     pub async fn create(
         opts: Options,
-        log: mpsc::UnboundedSender<String>,
+        log: mpsc::UnboundedSender<SidecarEvent>,
     ) -> Result<RunNetwork, SidecarError> {
         match leftovers::clean(&opts.state_dir) {
             Ok(0) => {}
             Ok(n) => {
-                let _ = log.send(format!(
+                let _ = log.send(SidecarEvent::Log(format!(
                     "removed {n} leftover processes of runs whose owner died"
-                ));
+                )));
             }
             Err(e) => tracing::warn!("cannot check for leftovers: {e}"),
         }
@@ -395,6 +395,20 @@ impl RunNetwork {
         }
         stats
     }
+}
+
+/// What the sidecar tells its runner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SidecarEvent {
+    /// A line for the run log.
+    Log(String),
+    /// An instance's network config could not be decoded or applied: its callback state is
+    /// not signalled, and the instance must fail.
+    ConfigRefused {
+        ordinal: u32,
+        hostname: String,
+        reason: String,
+    },
 }
 
 /// A network dropped without [`RunNetwork::shutdown`] (its run's future was dropped) still

@@ -1,17 +1,28 @@
 //! The engine: accepts build and run tasks, queues them by priority, executes them on a
 //! bounded number of workers, and records their life cycle and logs.
 //!
-//! Life cycle of a task: `submit` validates the request against the plan's manifest, stores
-//! the task as `scheduled` and queues it; a worker marks it `processing`, builds the groups
-//! that need it (once per distinct build), runs it, and stores the final state: `complete`
-//! with a result, or `canceled` with an error (as in the original, any build or run error
-//! cancels the task). Everything a task prints goes to its log file, which `logs` follows.
+//! Life cycle of a task: `submit` validates the request against the plan's manifest and its
+//! runner (builders' artifact kinds, the typed run configuration), stores the task as
+//! `scheduled` and queues it; a worker marks it `processing`, builds the groups that need it
+//! (once per distinct build), runs it, and stores the final state: `complete` with a result, or
+//! `canceled` with an error (as in the original, any build or run error cancels the task).
+//! Everything that happens to a task is a typed [`TaskEvent`], rendered into its log file
+//! (which `logs` follows) and broadcast to live subscribers ([`Engine::subscribe`]).
+//!
+//! Embedded mode (the CLI with no daemon) and the daemon run this same code.
+//!
+//! Modules: `queue` (priority order), `build` (build phase), `run` (run phase), `events`
+//! (typed events and their rendering), `owner` (which process runs a task).
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
-use std::path::{Path, PathBuf};
+mod build;
+pub mod events;
+pub(crate) mod owner;
+mod queue;
+mod run;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chrono::Utc;
 use futures::stream::BoxStream;
@@ -19,14 +30,18 @@ use tg_api::composition::Composition;
 use tg_api::rpc::{
     Chunk, HealthcheckItem, HealthcheckReport, TaskRequest, TasksFilters, TerminateRequest,
 };
-use tg_api::task::{DatedState, Outcome, Task, TaskState, TaskType};
-use tokio::sync::{Notify, mpsc, watch};
+use tg_api::task::{DatedState, Task, TaskState, TaskType};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EnvConfig;
 use crate::home::Home;
 use crate::store::{Store, StoreError};
 use crate::tasklog::{LogProgress, LogReader, LogWriter, POLL};
+use events::{BROADCAST_CAPACITY, TaskEvents};
+pub use events::{Level, RunSummary, TaskEvent, log_line};
+use owner::Owner;
+use queue::TaskQueue;
 
 /// Where the plan sources of a request are.
 #[derive(Debug, Clone)]
@@ -49,6 +64,10 @@ pub enum EngineError {
     QueueFull,
     #[error("unknown runner: {runner} (supported: {supported})")]
     UnknownRunner { runner: String, supported: String },
+    #[error("{0}")]
+    Runner(#[from] tg_runner::RunError),
+    #[error("unknown builder {builder:?} in group {group}")]
+    UnknownBuilder { builder: String, group: String },
     #[error("runner {runner} is incompatible with builder {builder}")]
     Incompatible { runner: String, builder: String },
     #[error("runner {0} is disabled by config")]
@@ -87,40 +106,19 @@ struct Sources {
     plan_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-struct Queued {
-    priority: i32,
-    seq: u64,
-    id: String,
-}
-
-impl Ord for Queued {
-    /// Higher priority first, then first come first served.
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.priority
-            .cmp(&other.priority)
-            .then_with(|| other.seq.cmp(&self.seq))
-    }
-}
-
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 struct Running {
     cancel: CancellationToken,
     runner: String,
     builders: Vec<String>,
     progress: watch::Receiver<LogProgress>,
+    events: broadcast::Sender<Arc<TaskEvent>>,
 }
 
 struct Inner {
     home: Home,
     cfg: EnvConfig,
     store: Store,
-    queue: Mutex<(BinaryHeap<Queued>, u64)>,
+    queue: Mutex<TaskQueue>,
     wake: Notify,
     running: Mutex<HashMap<String, Running>>,
     shutdown: CancellationToken,
@@ -170,7 +168,7 @@ impl Engine {
                 home,
                 cfg,
                 store,
-                queue: Mutex::new((BinaryHeap::new(), 0)),
+                queue: Mutex::new(TaskQueue::default()),
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
                 shutdown,
@@ -193,27 +191,70 @@ impl Engine {
     }
 
     /// Tasks left `scheduled` or `processing` by a process that is gone: a daemon re-queues
-    /// the scheduled ones it owned; everything else is marked canceled with an explanation.
+    /// the scheduled ones it owned, in their original order; everything else is marked
+    /// canceled with an explanation. Processes and temp dirs of runs whose engine died are
+    /// removed.
     fn recover(&self, mode: Mode) -> Result<(), EngineError> {
-        let open = self.inner.store.list(&TasksFilters {
+        let data_dir = self.data_dir();
+        for line in tg_runner::clean_leftovers(&data_dir.join("runs")) {
+            tracing::warn!("{line}");
+        }
+        let mut open = self.inner.store.list(&TasksFilters {
             states: vec![TaskState::Scheduled, TaskState::Processing],
             ..Default::default()
         })?;
+        // The store lists newest first; the queue keeps submission order among equals.
+        open.reverse();
         for mut task in open {
             let owner = self.inner.store.owner(&task.id)?;
-            if owner != 0 && owner != std::process::id() && process_alive(owner) {
+            if !owner.is_none() && !owner.is_me() && owner.alive() {
                 continue;
             }
             if mode == Mode::Daemon && task.state() == TaskState::Scheduled {
                 self.enqueue(&task)?;
-                self.inner.store.put(&task, std::process::id())?;
+                self.inner.store.put(&task, Owner::me())?;
                 continue;
             }
             task.error = "the engine stopped before the task finished".into();
             push_state(&mut task, TaskState::Canceled);
-            self.inner.store.put(&task, 0)?;
+            self.inner.store.put(&task, Owner::NONE)?;
         }
         Ok(())
+    }
+
+    /// `$TESTGROUND_HOME/data`.
+    fn data_dir(&self) -> PathBuf {
+        let outputs = self.inner.home.outputs_dir();
+        outputs.parent().map(PathBuf::from).unwrap_or(outputs)
+    }
+
+    /// A task `processing` in another process that is gone (an embedded CLI that was killed)
+    /// never finishes by itself: mark it canceled. Returns the task as it now stands.
+    fn reap_if_orphaned(&self, mut task: Task) -> Task {
+        if task.state().is_final() {
+            return task;
+        }
+        if lock(&self.inner.running).contains_key(&task.id) {
+            return task;
+        }
+        let Ok(owner) = self.inner.store.owner(&task.id) else {
+            return task;
+        };
+        // Only running tasks: a queued task of a stopped daemon is resumed by its next start.
+        if task.state() == TaskState::Processing && !owner.alive() {
+            task.error = format!(
+                "the process that ran the task (pid {}) is gone; its instances were killed",
+                owner.pid
+            );
+            push_state(&mut task, TaskState::Canceled);
+            if let Err(e) = self.inner.store.put(&task, Owner::NONE) {
+                tracing::warn!("cannot mark task {} canceled: {e}", task.id);
+            }
+            for line in tg_runner::clean_leftovers(&self.data_dir().join("runs")) {
+                tracing::warn!("{line}");
+            }
+        }
+        task
     }
 
     /// Validates and queues a task; returns its id (also the run id).
@@ -239,7 +280,7 @@ impl Engine {
                         "cannot specify multiple run ids for now".into(),
                     ));
                 }
-                self.check_runner(comp)?;
+                self.check_runner(&req)?;
                 if let Some(bad) = req.build_groups.iter().find(|&&i| i >= comp.groups.len()) {
                     return Err(EngineError::BadRequest(format!(
                         "build group index {bad} out of range"
@@ -288,35 +329,30 @@ impl Engine {
             result: serde_json::Value::Null,
             error: String::new(),
         };
-        {
-            let q = lock(&self.inner.queue);
-            if q.0.len() >= self.inner.cfg.daemon.scheduler.queue_size.max(1) {
-                return Err(EngineError::QueueFull);
-            }
+        if lock(&self.inner.queue).len() >= self.inner.cfg.daemon.scheduler.queue_size.max(1) {
+            return Err(EngineError::QueueFull);
         }
-        self.inner.store.put(&task, std::process::id())?;
+        self.inner.store.put(&task, Owner::me())?;
         self.enqueue(&task)?;
         Ok(id)
     }
 
-    fn check_runner(&self, comp: &Composition) -> Result<(), EngineError> {
-        let runner = comp.global.runner.as_str();
-        let Some(builders) = tg_runner::compatible_builders(runner) else {
-            return Err(EngineError::UnknownRunner {
-                runner: runner.to_owned(),
-                supported: tg_runner::RUNNERS.join(", "),
-            });
-        };
+    /// The run's runner exists and is enabled, executes what the groups' builders produce,
+    /// and accepts the run configuration (a bad value, or an unknown key written for this run,
+    /// fails here, before anything is built).
+    fn check_runner(&self, req: &TaskRequest) -> Result<(), EngineError> {
+        let comp = &req.composition;
+        let runner = tg_runner::runner(&comp.global.runner)?;
         let disabled = self
             .inner
             .cfg
             .runners
-            .get(runner)
+            .get(runner.id())
             .and_then(|t| t.get("disabled"))
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         if disabled {
-            return Err(EngineError::RunnerDisabled(runner.to_owned()));
+            return Err(EngineError::RunnerDisabled(runner.id().to_owned()));
         }
         for g in &comp.groups {
             let builder = if g.builder.is_empty() {
@@ -324,37 +360,44 @@ impl Engine {
             } else {
                 &g.builder
             };
-            if !builders.contains(&builder.as_str()) {
+            // A group that is not built runs its given artifact.
+            if builder.is_empty() && !g.run.artifact.is_empty() {
+                continue;
+            }
+            let Some(kind) = tg_builder::artifact_kind(builder) else {
+                return Err(EngineError::UnknownBuilder {
+                    builder: builder.clone(),
+                    group: g.id.clone(),
+                });
+            };
+            if !runner.accepts().contains(&kind) {
                 return Err(EngineError::Incompatible {
-                    runner: runner.to_owned(),
+                    runner: runner.id().to_owned(),
                     builder: builder.clone(),
                 });
             }
         }
+        let run_id = run::run_id_of(req, comp);
+        let resolved =
+            tg_plan::resolve_run(comp, &req.manifest, &run_id, &self.inner.cfg.runners_json())?;
+        let strict: BTreeSet<String> = comp.global.run_config.keys().cloned().collect();
+        runner.parse_config(&resolved.run_config, &strict)?;
         Ok(())
     }
 
     fn enqueue(&self, task: &Task) -> Result<(), EngineError> {
-        let mut q = lock(&self.inner.queue);
-        q.1 += 1;
-        let seq = q.1;
-        q.0.push(Queued {
-            priority: task.priority,
-            seq,
-            id: task.id.clone(),
-        });
-        drop(q);
+        lock(&self.inner.queue).push(&task.id, task.priority);
         self.inner.wake.notify_one();
         Ok(())
     }
 
     async fn worker(&self) {
         loop {
-            let next = lock(&self.inner.queue).0.pop();
+            let next = lock(&self.inner.queue).pop();
             match next {
-                Some(q) => {
-                    if let Err(e) = self.execute(&q.id).await {
-                        tracing::error!("task {}: {e}", q.id);
+                Some(id) => {
+                    if let Err(e) = self.execute(&id).await {
+                        tracing::error!("task {id}: {e}");
                     }
                 }
                 None => {
@@ -379,8 +422,10 @@ impl Engine {
         }
         let input: StoredInput = serde_json::from_value(task.input.clone())
             .map_err(|e| EngineError::BadRequest(format!("stored task input: {e}")))?;
-        let (mut log, progress) = LogWriter::create(&self.inner.home.task_log(id))
+        let (log, progress) = LogWriter::create(&self.inner.home.task_log(id))
             .map_err(io_err("cannot create task log"))?;
+        let (events_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let mut events = TaskEvents::new(log, events_tx.clone());
         let cancel = self.inner.shutdown.child_token();
         let builders = input
             .request
@@ -402,15 +447,17 @@ impl Engine {
                 runner: task.runner.clone(),
                 builders,
                 progress,
+                events: events_tx,
             },
         );
         push_state(&mut task, TaskState::Processing);
-        self.inner.store.put(&task, std::process::id())?;
+        self.inner.store.put(&task, Owner::me())?;
+        events.emit(TaskEvent::State(TaskState::Processing));
 
         let timeout = self.inner.cfg.task_timeout();
         let outcome = match input.request.task_type {
             TaskType::Build => {
-                let work = self.do_build(&task, &input, &mut log, &cancel);
+                let work = self.do_build(&task, &input, &mut events, &cancel);
                 tokio::select! {
                     r = work => r,
                     _ = tokio::time::sleep(timeout) => {
@@ -419,7 +466,10 @@ impl Engine {
                     }
                 }
             }
-            TaskType::Run => self.do_run(&task, &input, &mut log, &cancel, timeout).await,
+            TaskType::Run => {
+                self.do_run(&task, &input, &mut events, &cancel, timeout)
+                    .await
+            }
         };
         match outcome {
             Ok(TaskDone {
@@ -441,276 +491,17 @@ impl Engine {
                 );
             }
             Err(e) => {
-                log.line(&log_line("ERROR", &format!("task failed: {e}")));
+                events.emit(TaskEvent::Failed(e.clone()));
                 task.error = e;
                 push_state(&mut task, TaskState::Canceled);
             }
         }
         // Whatever happens to the store, followers must see the end of the log.
-        let stored = self.inner.store.put(&task, 0);
-        log.finish();
+        let stored = self.inner.store.put(&task, Owner::NONE);
+        events.emit(TaskEvent::State(task.state()));
+        events.finish();
         lock(&self.inner.running).remove(id);
         Ok(stored?)
-    }
-
-    /// Builds the requested groups, once per distinct build, and fills their artifacts in.
-    async fn build_groups(
-        &self,
-        task: &Task,
-        input: &StoredInput,
-        log: &mut LogWriter,
-        cancel: &CancellationToken,
-    ) -> Result<Composition, String> {
-        let req = &input.request;
-        let mut comp = req.composition.clone();
-        if req.build_groups.is_empty() {
-            return Ok(comp);
-        }
-        let plan_dir = input
-            .sources
-            .plan_dir
-            .clone()
-            .ok_or("plan directory not present")?;
-        let builds = tg_plan::resolve_builds(&comp, &req.manifest, &self.inner.cfg.builders_json())
-            .map_err(|e| e.to_string())?;
-        let mut done: HashMap<String, String> = HashMap::new();
-        for b in builds
-            .iter()
-            .filter(|b| req.build_groups.contains(&b.group_index))
-        {
-            if let Some(artifact) = done.get(&b.key) {
-                comp.groups[b.group_index].run.artifact = artifact.clone();
-                continue;
-            }
-            let same: Vec<&str> = builds
-                .iter()
-                .filter(|o| o.key == b.key && req.build_groups.contains(&o.group_index))
-                .map(|o| o.group_id.as_str())
-                .collect();
-            log.line(&log_line(
-                "INFO",
-                &format!(
-                    "performing build for groups\t{{\"plan\": {:?}, \"groups\": {:?}, \"builder\": {:?}}}",
-                    task.plan, same, b.builder
-                ),
-            ));
-            let input = tg_builder::BuildInput {
-                build_id: xid::new().to_string(),
-                plan: req.manifest.name.replace('/', "-"),
-                plan_dir: plan_dir.clone(),
-                builder: b.builder.clone(),
-                config: b.config.clone(),
-                selectors: b.selectors.clone(),
-                dependencies: b
-                    .dependencies
-                    .iter()
-                    .map(|d| tg_builder::Dependency {
-                        module: d.module.clone(),
-                        target: d.target.clone(),
-                        version: d.version.clone(),
-                    })
-                    .collect(),
-                work_dir: self.inner.home.work_dir(),
-            };
-            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-            let build = tg_builder::build(&input, &tx, cancel);
-            tokio::pin!(build);
-            let started = std::time::Instant::now();
-            let out = loop {
-                tokio::select! {
-                    r = &mut build => break r,
-                    Some(line) = rx.recv() => log.line(&log_line("INFO", &format!("build: {line}"))),
-                }
-            };
-            while let Ok(line) = rx.try_recv() {
-                log.line(&log_line("INFO", &format!("build: {line}")));
-            }
-            match out {
-                Ok(o) => {
-                    log.line(&log_line(
-                        "INFO",
-                        &format!(
-                            "build succeeded\t{{\"plan\": {:?}, \"groups\": {:?}, \"builder\": {:?}, \"artifact\": {:?}, \"cached\": {}, \"took\": \"{:.1}s\"}}",
-                            task.plan,
-                            same,
-                            b.builder,
-                            o.artifact,
-                            o.cached,
-                            started.elapsed().as_secs_f64()
-                        ),
-                    ));
-                    comp.groups[b.group_index].run.artifact = o.artifact.clone();
-                    done.insert(b.key.clone(), o.artifact);
-                }
-                Err(e) => {
-                    return Err(format!("build failed for groups {same:?}: {e}"));
-                }
-            }
-        }
-        Ok(comp)
-    }
-
-    async fn do_build(
-        &self,
-        task: &Task,
-        input: &StoredInput,
-        log: &mut LogWriter,
-        cancel: &CancellationToken,
-    ) -> Result<TaskDone, String> {
-        let comp = self.build_groups(task, input, log, cancel).await?;
-        let artifacts: Vec<String> = comp.groups.iter().map(|g| g.run.artifact.clone()).collect();
-        Ok(TaskDone {
-            result: serde_json::to_value(artifacts).unwrap_or_default(),
-            composition: Some(comp),
-            canceled: false,
-        })
-    }
-
-    async fn do_run(
-        &self,
-        task: &Task,
-        input: &StoredInput,
-        log: &mut LogWriter,
-        cancel: &CancellationToken,
-        timeout: Duration,
-    ) -> Result<TaskDone, String> {
-        let comp = tokio::select! {
-            r = self.build_groups(task, input, log, cancel) => r?,
-            _ = tokio::time::sleep(timeout) => {
-                cancel.cancel();
-                return Err(format!("build canceled after reaching the task timeout ({}s)", timeout.as_secs()));
-            }
-        };
-        if cancel.is_cancelled() {
-            log.line(&log_line("WARN", "run canceled"));
-            return Ok(TaskDone {
-                result: serde_json::Value::Null,
-                composition: Some(comp),
-                canceled: true,
-            });
-        }
-        let req = &input.request;
-        let run_id = req
-            .run_ids
-            .first()
-            .cloned()
-            .or_else(|| comp.runs.first().map(|r| r.id.clone()))
-            .unwrap_or_else(|| "default".into());
-        let resolved = tg_plan::resolve_run(
-            &comp,
-            &req.manifest,
-            &run_id,
-            &self.inner.cfg.runners_json(),
-        )
-        .map_err(|e| e.to_string())?;
-        let groups = resolved
-            .groups
-            .iter()
-            .map(|g| {
-                let artifact = comp
-                    .groups
-                    .get(g.group_index)
-                    .map(|cg| cg.run.artifact.clone())
-                    .filter(|a| !a.is_empty())
-                    .unwrap_or_else(|| g.artifact.clone());
-                tg_runner::RunGroup {
-                    id: g.id.clone(),
-                    instances: g.instances,
-                    artifact,
-                    params: g.test_params.clone(),
-                    profiles: g.profiles.clone(),
-                }
-            })
-            .collect::<Vec<_>>();
-        if let Some(g) = groups.iter().find(|g| g.artifact.is_empty()) {
-            return Err(format!("group {} has no artifact to run", g.id));
-        }
-        let run_input = tg_runner::RunInput {
-            run_id: task.id.clone(),
-            plan: resolved.plan.clone(),
-            case: resolved.case.clone(),
-            runner: resolved.runner.clone(),
-            total_instances: resolved.total_instances,
-            groups,
-            run_config: resolved.run_config.clone(),
-            outputs_root: self.inner.home.outputs_dir(),
-            sync_host: self.inner.sync.host.clone(),
-            sync_port: self.inner.sync.port,
-            disable_metrics: resolved.disable_metrics,
-            timeout,
-            sync_service: Some(self.inner.sync.service.clone()),
-        };
-        log.line(&log_line(
-            "INFO",
-            &format!(
-                "starting run\t{{\"run_id\": {:?}, \"plan\": {:?}, \"case\": {:?}, \"runner\": {:?}, \"instances\": {}}}",
-                task.id, resolved.plan, resolved.case, resolved.runner, resolved.total_instances
-            ),
-        ));
-        // Lifecycle events instances publish to the run's `run_events` topic count towards the
-        // outcome together with what they print.
-        let prefix = format!(
-            "run:{}:plan:{}:case:{}",
-            task.id, resolved.plan, resolved.case
-        );
-        let mut sub = self.inner.sync.service.subscribe_events(&prefix);
-        let (sync_tx, sync_rx) = mpsc::unbounded_channel();
-        let forward = tokio::spawn(async move {
-            while let Some(item) = sub.next_item().await {
-                match serde_json::from_str::<tg_api::events::Event>(item.raw().get()) {
-                    Ok(ev) => {
-                        if sync_tx.send(ev).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => tracing::debug!("ignoring undecodable run event: {e}"),
-                }
-            }
-        });
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let run = tg_runner::run_with_sync_events(run_input, tx, cancel.clone(), sync_rx);
-        tokio::pin!(run);
-        let result = loop {
-            tokio::select! {
-                r = &mut run => break r,
-                Some(ev) = rx.recv() => render_event(log, ev),
-            }
-        };
-        while let Ok(ev) = rx.try_recv() {
-            render_event(log, ev);
-        }
-        forward.abort();
-        // The run is over: its states and topics are no longer needed.
-        if let Err(e) = self.inner.sync.service.drop_run(&task.id).await {
-            tracing::warn!("cannot drop sync state of run {}: {e}", task.id);
-        }
-        match result {
-            Ok(out) => {
-                let canceled = out.result.outcome == Outcome::Canceled;
-                if canceled {
-                    log.line(&log_line("WARN", "run canceled"));
-                } else {
-                    log.line(&log_line(
-                        "INFO",
-                        &format!(
-                            "run finished with {}\t{{\"run_id\": {:?}, \"plan\": {:?}, \"case\": {:?}, \"runner\": {:?}, \"instances\": {}}}",
-                            out.result,
-                            task.id,
-                            resolved.plan,
-                            resolved.case,
-                            resolved.runner,
-                            resolved.total_instances
-                        ),
-                    ));
-                }
-                Ok(TaskDone {
-                    result: serde_json::to_value(&out.result).unwrap_or_default(),
-                    composition: Some(comp),
-                    canceled,
-                })
-            }
-            Err(e) => Err(format!("run failed: {e}")),
-        }
     }
 
     /// The task's log: every progress chunk so far (and, when `follow`, until the task ends),
@@ -746,12 +537,15 @@ impl Engine {
                 }
                 let finished = match &progress {
                     Some(p) => p.borrow().done,
+                    // Run by another process: finished when stored so, or when that process
+                    // is gone (then it is marked canceled).
                     None => engine
                         .inner
                         .store
                         .get(&id)
                         .ok()
                         .flatten()
+                        .map(|t| engine.reap_if_orphaned(t))
                         .is_none_or(|t| t.state().is_final()),
                 };
                 if finished {
@@ -801,41 +595,56 @@ impl Engine {
             r.cancel.cancel();
             return true;
         }
-        let removed = {
-            let mut q = lock(&self.inner.queue);
-            let before = q.0.len();
-            q.0.retain(|e| e.id != task_id);
-            before != q.0.len()
-        };
-        let Ok(Some(mut task)) = self.inner.store.get(task_id) else {
+        let removed = lock(&self.inner.queue).remove(task_id);
+        let Ok(Some(task)) = self.inner.store.get(task_id) else {
             return false;
         };
         if task.state().is_final() {
             return false;
         }
+        // Its process is gone: nothing to ask, mark it canceled.
+        let mut task = self.reap_if_orphaned(task);
+        if task.state().is_final() {
+            return true;
+        }
+        let owner = self.inner.store.owner(task_id).unwrap_or(Owner::NONE);
         if removed || task.state() == TaskState::Scheduled {
-            let owner = self.inner.store.owner(task_id).unwrap_or(0);
-            if removed || owner == 0 || owner == std::process::id() || !process_alive(owner) {
+            if removed || owner.is_none() || owner.is_me() || !owner.alive() {
                 task.error = "canceled before it started".into();
                 push_state(&mut task, TaskState::Canceled);
-                return self.inner.store.put(&task, 0).is_ok();
+                return self.inner.store.put(&task, Owner::NONE).is_ok();
             }
         }
         // Running in another process (an embedded CLI): ask that process to cancel it, the
         // way Ctrl-C would.
-        let owner = self.inner.store.owner(task_id).unwrap_or(0);
-        owner != 0 && owner != std::process::id() && signal_owner(owner)
+        !owner.is_none() && !owner.is_me() && owner.ask_to_cancel()
     }
 
     pub fn status(&self, task_id: &str) -> Result<Task, EngineError> {
-        self.inner
+        let task = self
+            .inner
             .store
             .get(task_id)?
-            .ok_or_else(|| EngineError::NoSuchTask(task_id.to_owned()))
+            .ok_or_else(|| EngineError::NoSuchTask(task_id.to_owned()))?;
+        Ok(self.reap_if_orphaned(task))
     }
 
     pub fn tasks(&self, f: &TasksFilters) -> Result<Vec<Task>, EngineError> {
-        Ok(self.inner.store.list(f)?)
+        let tasks = self.inner.store.list(f)?;
+        Ok(tasks
+            .into_iter()
+            .map(|t| self.reap_if_orphaned(t))
+            // A reaped task may no longer match a state filter.
+            .filter(|t| f.states.is_empty() || f.states.contains(&t.state()))
+            .collect())
+    }
+
+    /// Live events of a running task of this engine (a dashboard, an exporter); `None` when
+    /// the task is not running here. The task log has the complete record.
+    pub fn subscribe(&self, task_id: &str) -> Option<broadcast::Receiver<Arc<TaskEvent>>> {
+        lock(&self.inner.running)
+            .get(task_id)
+            .map(|r| r.events.subscribe())
     }
 
     /// Cancels every task using the runner or builder named in the request.
@@ -876,6 +685,12 @@ impl Engine {
                 self.cancel(&t.id);
             }
         }
+        if !req.runner.is_empty() {
+            let runner = tg_runner::runner(&req.runner)?;
+            for line in runner.terminate(&self.data_dir()) {
+                tracing::warn!("{line}");
+            }
+        }
         Ok(())
     }
 
@@ -883,7 +698,10 @@ impl Engine {
     pub fn collect(&self, run_id: &str) -> Result<Option<Vec<u8>>, EngineError> {
         let runners: Vec<String> = match self.inner.store.get(run_id)? {
             Some(t) if !t.runner.is_empty() => vec![t.runner],
-            _ => tg_runner::RUNNERS.iter().map(|r| r.to_string()).collect(),
+            _ => tg_runner::runners()
+                .iter()
+                .map(|r| r.id().to_string())
+                .collect(),
         };
         for runner in runners {
             let mut buf = Vec::new();
@@ -907,12 +725,7 @@ impl Engine {
     }
 
     pub fn healthcheck(&self, runner: &str, fix: bool) -> Result<HealthcheckReport, EngineError> {
-        if tg_runner::compatible_builders(runner).is_none() {
-            return Err(EngineError::UnknownRunner {
-                runner: runner.to_owned(),
-                supported: tg_runner::RUNNERS.join(", "),
-            });
-        }
+        let runner = tg_runner::runner(runner)?;
         let mut report = HealthcheckReport::default();
         let dirs = [
             ("local-outputs-dir", self.inner.home.outputs_dir()),
@@ -941,14 +754,12 @@ impl Engine {
                 });
             }
         }
-        if runner == "local:netns" {
-            for (name, ok, message) in tg_runner::netns_health() {
-                report.checks.push(HealthcheckItem {
-                    name: name.into(),
-                    status: if ok { "ok" } else { "failed" }.into(),
-                    message,
-                });
-            }
+        for check in runner.healthcheck() {
+            report.checks.push(HealthcheckItem {
+                name: check.name.into(),
+                status: if check.ok { "ok" } else { "failed" }.into(),
+                message: check.message,
+            });
         }
         Ok(report)
     }
@@ -1018,25 +829,6 @@ struct TaskDone {
     canceled: bool,
 }
 
-fn render_event(log: &mut LogWriter, ev: tg_runner::RunnerEvent) {
-    match ev {
-        tg_runner::RunnerEvent::Log(s) => log.line(&log_line("INFO", &s)),
-        tg_runner::RunnerEvent::Started { started, total } => log.line(&log_line(
-            "INFO",
-            &format!("started {started}/{total} instances"),
-        )),
-        tg_runner::RunnerEvent::Instance(line) => log.line(&log_line("INFO", &line.render())),
-    }
-}
-
-/// A daemon log line in the original's console format: `Jan  6 08:15:50.651158\tINFO\t<msg>`.
-pub fn log_line(level: &str, msg: &str) -> String {
-    format!(
-        "{}\t{level}\t{msg}",
-        Utc::now().format("%b %e %H:%M:%S%.6f")
-    )
-}
-
 fn push_state(task: &mut Task, state: TaskState) {
     task.states.push(DatedState {
         created: Utc::now(),
@@ -1046,30 +838,4 @@ fn push_state(task: &mut Task, state: TaskState) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn process_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Sends SIGTERM to an embedded `testground` process so it cancels its task. Checks the
-/// command line first so a recycled pid is never signalled.
-fn signal_owner(pid: u32) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let is_ours = cmdline
-        .split(|b| *b == 0)
-        .next()
-        .map(|argv0| String::from_utf8_lossy(argv0).ends_with("testground"))
-        .unwrap_or(false);
-    if !is_ours {
-        return false;
-    }
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .is_ok()
 }

@@ -1,0 +1,175 @@
+//! Run tasks: build what is needed, resolve the run, hand it to its runner, and turn what the
+//! runner reports into task events.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tg_api::composition::Composition;
+use tg_api::task::{Outcome, Task};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{RunSummary, TaskEvent, TaskEvents};
+use super::{Engine, StoredInput, TaskDone};
+
+/// Events published on `run_events` waiting for the runner: a flood waits in the sync
+/// service's subscription rather than here.
+const SYNC_EVENT_QUEUE: usize = 1024;
+
+/// The run id a request runs: the one it names, else the composition's first `[[runs]]`.
+pub(super) fn run_id_of(req: &tg_api::rpc::TaskRequest, comp: &Composition) -> String {
+    req.run_ids
+        .first()
+        .cloned()
+        .or_else(|| comp.runs.first().map(|r| r.id.clone()))
+        .unwrap_or_else(|| "default".into())
+}
+
+impl Engine {
+    pub(super) async fn do_run(
+        &self,
+        task: &Task,
+        input: &StoredInput,
+        events: &mut TaskEvents,
+        cancel: &CancellationToken,
+        timeout: Duration,
+    ) -> Result<TaskDone, String> {
+        let comp = tokio::select! {
+            r = self.build_groups(task, input, events, cancel) => r?,
+            _ = tokio::time::sleep(timeout) => {
+                cancel.cancel();
+                return Err(format!("build canceled after reaching the task timeout ({}s)", timeout.as_secs()));
+            }
+        };
+        if cancel.is_cancelled() {
+            events.emit(TaskEvent::RunCanceled);
+            return Ok(TaskDone {
+                result: serde_json::Value::Null,
+                composition: Some(comp),
+                canceled: true,
+            });
+        }
+        let req = &input.request;
+        let run_id = run_id_of(req, &comp);
+        let resolved = tg_plan::resolve_run(
+            &comp,
+            &req.manifest,
+            &run_id,
+            &self.inner.cfg.runners_json(),
+        )
+        .map_err(|e| e.to_string())?;
+        let runner = tg_runner::runner(&resolved.runner).map_err(|e| e.to_string())?;
+        // Checked strictly at submission; what a manifest or .env.toml adds is only warned
+        // about (by the run loop).
+        let config = runner
+            .parse_config(&resolved.run_config, &BTreeSet::new())
+            .map_err(|e| e.to_string())?;
+        let groups = resolved
+            .groups
+            .iter()
+            .map(|g| {
+                let artifact = comp
+                    .groups
+                    .get(g.group_index)
+                    .map(|cg| cg.run.artifact.clone())
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| g.artifact.clone());
+                tg_runner::RunGroup {
+                    id: g.id.clone(),
+                    instances: g.instances,
+                    artifact,
+                    params: g.test_params.clone(),
+                    profiles: g.profiles.clone(),
+                }
+            })
+            .collect::<Vec<_>>();
+        if let Some(g) = groups.iter().find(|g| g.artifact.is_empty()) {
+            return Err(format!("group {} has no artifact to run", g.id));
+        }
+        let summary = RunSummary {
+            run_id: task.id.clone(),
+            plan: resolved.plan.clone(),
+            case: resolved.case.clone(),
+            runner: resolved.runner.clone(),
+            instances: resolved.total_instances,
+        };
+        let run_input = tg_runner::RunInput {
+            run_id: task.id.clone(),
+            plan: resolved.plan.clone(),
+            case: resolved.case.clone(),
+            runner: resolved.runner.clone(),
+            total_instances: resolved.total_instances,
+            groups,
+            run_config: resolved.run_config.clone(),
+            outputs_root: self.inner.home.outputs_dir(),
+            sync_host: self.inner.sync.host.clone(),
+            sync_port: self.inner.sync.port,
+            disable_metrics: resolved.disable_metrics,
+            timeout,
+            sync_service: Some(self.inner.sync.service.clone()),
+        };
+        events.emit(TaskEvent::RunStarted(summary.clone()));
+        // Lifecycle events instances publish to the run's `run_events` topic count towards the
+        // outcome together with what they print.
+        let prefix = format!(
+            "run:{}:plan:{}:case:{}",
+            task.id, resolved.plan, resolved.case
+        );
+        let mut sub = self.inner.sync.service.subscribe_events(&prefix);
+        let (sync_tx, sync_rx) = mpsc::channel(SYNC_EVENT_QUEUE);
+        let forward = tokio::spawn(async move {
+            while let Some(item) = sub.next_item().await {
+                match serde_json::from_str::<tg_api::events::Event>(item.raw().get()) {
+                    Ok(ev) => {
+                        if sync_tx.send(ev).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::debug!("ignoring undecodable run event: {e}"),
+                }
+            }
+        });
+        let (tx, mut rx) = mpsc::channel(tg_runner::EVENT_QUEUE);
+        let run = runner.run(tg_runner::RunContext {
+            input: run_input,
+            config,
+            events: tx,
+            cancel: cancel.clone(),
+            sync_events: sync_rx,
+        });
+        tokio::pin!(run);
+        let result = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                Some(ev) = rx.recv() => events.emit(TaskEvent::Runner(ev)),
+            }
+        };
+        while let Ok(ev) = rx.try_recv() {
+            events.emit(TaskEvent::Runner(ev));
+        }
+        forward.abort();
+        // The run is over: its states and topics are no longer needed.
+        if let Err(e) = self.inner.sync.service.drop_run(&task.id).await {
+            tracing::warn!("cannot drop sync state of run {}: {e}", task.id);
+        }
+        match result {
+            Ok(out) => {
+                let canceled = out.result.outcome == Outcome::Canceled;
+                if canceled {
+                    events.emit(TaskEvent::RunCanceled);
+                } else {
+                    events.emit(TaskEvent::RunFinished {
+                        run: summary,
+                        result: out.result.clone(),
+                    });
+                }
+                Ok(TaskDone {
+                    result: serde_json::to_value(&out.result).unwrap_or_default(),
+                    composition: Some(comp),
+                    canceled,
+                })
+            }
+            Err(e) => Err(format!("run failed: {e}")),
+        }
+    }
+}

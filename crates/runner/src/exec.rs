@@ -1,0 +1,264 @@
+//! `local:exec`: instances as host processes, each in its own process group and in the run's
+//! process tracker (a cgroup where possible), so that a run's processes die with the run, and
+//! with a killed engine at the engine's next start.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Once;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+use crate::launch::{InstanceSpec, LaunchContext, Launched, Launcher, NetEnv, Stop};
+use crate::supervisor::Termination;
+use crate::tracking::RunTracker;
+use crate::{RunError, RunInput};
+
+/// `local:exec` instances share the host network; the subnet is nominal.
+pub(crate) const SUBNET: &str = "127.1.0.0/16";
+
+/// Thousands of instances need two pipes and up to two capture files each.
+pub(crate) fn raise_nofile_limit() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) if soft < hard => {
+                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                    tracing::warn!(error = %e, "cannot raise the open files limit");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+        }
+    });
+}
+
+/// Where runs record what a killed engine would leave behind: `$TESTGROUND_HOME/data/runs`.
+pub(crate) fn state_dir(input: &RunInput) -> PathBuf {
+    input
+        .outputs_root
+        .parent()
+        .unwrap_or(&input.outputs_root)
+        .join("runs")
+}
+
+fn absolute(path: &str) -> PathBuf {
+    let p = Path::new(path);
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Starts host processes; the netns launcher adds its jail to the same commands.
+pub(crate) struct ExecLauncher {
+    sync_host: String,
+    sync_port: u16,
+    state_dir: PathBuf,
+    run_id: String,
+    tracker: Option<RunTracker>,
+}
+
+impl ExecLauncher {
+    pub(crate) fn new(input: &RunInput) -> Self {
+        ExecLauncher {
+            sync_host: input.sync_host.clone(),
+            sync_port: input.sync_port,
+            state_dir: state_dir(input),
+            run_id: input.run_id.clone(),
+            tracker: None,
+        }
+    }
+
+    /// Creates the run's process tracker. Idempotent.
+    pub(crate) fn track(&mut self, temp_root: &Path) -> Result<(), RunError> {
+        if self.tracker.is_some() {
+            return Ok(());
+        }
+        raise_nofile_limit();
+        let mut tracker = RunTracker::create(&self.state_dir, &self.run_id)
+            .map_err(RunError::io("record the run in", self.state_dir.clone()))?;
+        tracker
+            .add_temp_dir(temp_root)
+            .map_err(RunError::io("record the run in", self.state_dir.clone()))?;
+        self.tracker = Some(tracker);
+        Ok(())
+    }
+
+    /// The command of one instance, before spawning.
+    pub(crate) fn command(&self, spec: &InstanceSpec) -> (Command, PathBuf) {
+        let artifact = absolute(&spec.artifact);
+        let mut cmd = Command::new(&artifact);
+        cmd.env_clear()
+            .envs(spec.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            // The leader is reaped even if its task is aborted (the instance's drop kills it).
+            .kill_on_drop(true);
+        if let Some(t) = &self.tracker {
+            t.apply(&mut cmd);
+        }
+        (cmd, artifact)
+    }
+
+    pub(crate) async fn spawn(
+        &self,
+        spec: &InstanceSpec,
+        mut cmd: Command,
+        artifact: PathBuf,
+    ) -> Result<ExecInstance, RunError> {
+        match spawn_retrying_busy(&mut cmd).await {
+            Ok(child) => Ok(ExecInstance::new(child)),
+            Err(source) => Err(RunError::Spawn {
+                group: spec.group_id.clone(),
+                index: spec.index,
+                path: artifact,
+                source,
+            }),
+        }
+    }
+
+    pub(crate) async fn finish(self) {
+        if let Some(t) = self.tracker {
+            t.finish().await;
+        }
+    }
+}
+
+impl Launcher for ExecLauncher {
+    type Instance = ExecInstance;
+
+    async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
+        self.track(&ctx.temp_root)?;
+        Ok(NetEnv {
+            sidecar: false,
+            subnet: SUBNET.into(),
+            sync_host: self.sync_host.clone(),
+            sync_port: self.sync_port,
+        })
+    }
+
+    async fn prepare(&mut self, _specs: &[InstanceSpec]) -> Result<(), RunError> {
+        Ok(())
+    }
+
+    async fn launch(&mut self, spec: &InstanceSpec) -> Result<ExecInstance, RunError> {
+        let (cmd, artifact) = self.command(spec);
+        self.spawn(spec, cmd, artifact).await
+    }
+
+    async fn teardown(self) -> Option<String> {
+        self.finish().await;
+        None
+    }
+}
+
+/// A host process, leader of its own process group.
+pub(crate) struct ExecInstance {
+    child: Child,
+    pgid: Option<u32>,
+}
+
+impl ExecInstance {
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.pgid
+    }
+
+    fn new(child: Child) -> Self {
+        let pgid = child.id();
+        ExecInstance { child, pgid }
+    }
+
+    /// Signals the instance's whole process group. Guarded so that a bogus id can never turn
+    /// into `kill(0)` (our own group) or `kill(-1)` (everything we may signal).
+    fn signal(&self, sig: Signal) {
+        if let Some(pgid) = self
+            .pgid
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|p| *p > 1)
+        {
+            // ESRCH (group already gone) is the common, expected case.
+            let _ = killpg(Pid::from_raw(pgid), sig);
+        }
+    }
+}
+
+/// No instance outlives its run, even when its task is aborted because the run itself was
+/// dropped.
+impl Drop for ExecInstance {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+fn termination(status: std::io::Result<std::process::ExitStatus>) -> Termination {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => Termination::Code(c),
+            (None, Some(sig)) => Termination::Signal(sig),
+            (None, None) => Termination::Unknown,
+        },
+        Err(_) => Termination::Unknown,
+    }
+}
+
+/// One pipe type for both streams, as the instance task wants.
+pub(crate) enum ChildPipe {
+    Out(ChildStdout),
+    Err(ChildStderr),
+}
+
+impl tokio::io::AsyncRead for ChildPipe {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ChildPipe::Out(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+            ChildPipe::Err(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Launched for ExecInstance {
+    type Pipe = ChildPipe;
+
+    fn take_stdout(&mut self) -> Option<ChildPipe> {
+        self.child.stdout.take().map(ChildPipe::Out)
+    }
+
+    fn take_stderr(&mut self) -> Option<ChildPipe> {
+        self.child.stderr.take().map(ChildPipe::Err)
+    }
+
+    async fn wait(&mut self) -> Termination {
+        termination(self.child.wait().await)
+    }
+
+    fn stop(&mut self, how: Stop) {
+        self.signal(match how {
+            Stop::Term => Signal::SIGTERM,
+            Stop::Kill => Signal::SIGKILL,
+        });
+    }
+}
+
+/// Spawns `cmd`, retrying briefly on `ETXTBSY`: a freshly built artifact can still be open
+/// for writing in a child that another thread of this process forked before the builder
+/// closed it (the descriptor goes away at that child's exec).
+async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut delay = std::time::Duration::from_millis(5);
+    for _ in 0..8 {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    cmd.spawn()
+}

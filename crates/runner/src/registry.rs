@@ -1,0 +1,163 @@
+//! The runners this build has, looked up by id. The only place that names them.
+
+use std::collections::BTreeSet;
+
+use futures::future::BoxFuture;
+use tg_api::artifact::ArtifactKind;
+
+use crate::config::{COMMON_KEYS, ConfigKey, NETWORK_KEYS};
+use crate::exec::ExecLauncher;
+use crate::netns::NetnsLauncher;
+use crate::run_loop::{LoopOptions, run_loop};
+use crate::supervisor::OutcomeRule;
+use crate::{HealthCheck, RunConfig, RunContext, RunError, RunOutput, Runner};
+
+/// Runners of the original that this build does not have yet.
+const NOT_YET: &[&str] = &["local:docker", "cluster:k8s", "cluster:swarm"];
+
+/// `local:exec`: host processes, no shaping, outcomes from stdout.
+pub struct LocalExec;
+
+/// `local:netns`: host processes in namespaces, shaped by the userspace emulator, outcomes
+/// from the `run_events` topic.
+pub struct LocalNetns;
+
+static RUNNERS: [&dyn Runner; 2] = [&LocalExec, &LocalNetns];
+
+/// Every runner of this build.
+pub fn runners() -> &'static [&'static dyn Runner] {
+    &RUNNERS
+}
+
+/// The ids of [`runners`], comma separated, for messages.
+pub fn supported() -> String {
+    RUNNERS
+        .iter()
+        .map(|r| r.id())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The runner `id`, or an error that says what exists.
+pub fn get(id: &str) -> Result<&'static dyn Runner, RunError> {
+    if let Some(r) = RUNNERS.iter().find(|r| r.id() == id) {
+        return Ok(*r);
+    }
+    if NOT_YET.contains(&id) {
+        return Err(RunError::NotSupported {
+            runner: id.to_string(),
+            supported: supported(),
+        });
+    }
+    Err(RunError::UnsupportedRunner {
+        runner: id.to_string(),
+        supported: supported(),
+    })
+}
+
+fn keys(sets: &[&[ConfigKey]]) -> Vec<ConfigKey> {
+    sets.iter().flat_map(|s| s.iter().copied()).collect()
+}
+
+impl Runner for LocalExec {
+    fn id(&self) -> &'static str {
+        "local:exec"
+    }
+
+    fn accepts(&self) -> &'static [ArtifactKind] {
+        &[ArtifactKind::Executable]
+    }
+
+    fn config_keys(&self) -> Vec<ConfigKey> {
+        keys(&[COMMON_KEYS])
+    }
+
+    fn parse_config(
+        &self,
+        map: &serde_json::Map<String, serde_json::Value>,
+        strict: &BTreeSet<String>,
+    ) -> Result<RunConfig, RunError> {
+        crate::config::parse(self.id(), &[COMMON_KEYS], map, strict)
+    }
+
+    fn healthcheck(&self) -> Vec<HealthCheck> {
+        Vec::new()
+    }
+
+    fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
+        Box::pin(async move {
+            let launcher = ExecLauncher::new(&ctx.input);
+            run_loop(
+                launcher,
+                ctx,
+                LoopOptions {
+                    rule: OutcomeRule::Stdout,
+                },
+            )
+            .await
+        })
+    }
+}
+
+impl Runner for LocalNetns {
+    fn id(&self) -> &'static str {
+        "local:netns"
+    }
+
+    fn accepts(&self) -> &'static [ArtifactKind] {
+        &[ArtifactKind::Executable]
+    }
+
+    fn config_keys(&self) -> Vec<ConfigKey> {
+        keys(&[COMMON_KEYS, NETWORK_KEYS])
+    }
+
+    fn parse_config(
+        &self,
+        map: &serde_json::Map<String, serde_json::Value>,
+        strict: &BTreeSet<String>,
+    ) -> Result<RunConfig, RunError> {
+        crate::config::parse(self.id(), &[COMMON_KEYS, NETWORK_KEYS], map, strict)
+    }
+
+    fn healthcheck(&self) -> Vec<HealthCheck> {
+        crate::netns::health()
+    }
+
+    fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
+        Box::pin(async move {
+            let launcher = NetnsLauncher::new(ctx.input.clone(), ctx.config.clone());
+            run_loop(
+                launcher,
+                ctx,
+                LoopOptions {
+                    rule: OutcomeRule::SyncEvents,
+                },
+            )
+            .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_names_what_exists() {
+        assert_eq!(get("local:exec").unwrap().id(), "local:exec");
+        assert_eq!(get("local:netns").unwrap().id(), "local:netns");
+        match get("local:docker") {
+            Err(e @ RunError::NotSupported { .. }) => {
+                assert!(e.to_string().contains("not supported"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|r| r.id())),
+        }
+        match get("local:exex") {
+            Err(e @ RunError::UnsupportedRunner { .. }) => {
+                assert!(e.to_string().contains("local:exec, local:netns"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|r| r.id())),
+        }
+    }
+}
