@@ -654,7 +654,7 @@ impl Run {
         let (log, mut log_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(line) = log_rx.recv().await {
-                eprintln!("   [network] {line}");
+                eprintln!("   [network] {line:?}");
             }
         });
         let mut net = RunNetwork::create(

@@ -33,7 +33,7 @@ struct Run {
     instances: Vec<Instance>,
     hostnames: Vec<String>,
     _dir: tempfile::TempDir,
-    log: mpsc::UnboundedReceiver<String>,
+    log: mpsc::UnboundedReceiver<tg_sidecar::SidecarEvent>,
 }
 
 async fn run_with(n: u32, seed: u64) -> Run {
@@ -539,7 +539,10 @@ async fn ip_change_and_disable() {
     let mut log = r.log;
     let mut lines = Vec::new();
     while let Ok(l) = log.try_recv() {
-        lines.push(l);
+        lines.push(match l {
+            tg_sidecar::SidecarEvent::Log(l) => l,
+            other => format!("{other:?}"),
+        });
     }
     assert!(
         lines

@@ -608,12 +608,13 @@ impl Engine {
             return true;
         }
         let owner = self.inner.store.owner(task_id).unwrap_or(Owner::NONE);
-        if removed || task.state() == TaskState::Scheduled {
-            if removed || owner.is_none() || owner.is_me() || !owner.alive() {
-                task.error = "canceled before it started".into();
-                push_state(&mut task, TaskState::Canceled);
-                return self.inner.store.put(&task, Owner::NONE).is_ok();
-            }
+        if removed
+            || (task.state() == TaskState::Scheduled
+                && (owner.is_none() || owner.is_me() || !owner.alive()))
+        {
+            task.error = "canceled before it started".into();
+            push_state(&mut task, TaskState::Canceled);
+            return self.inner.store.put(&task, Owner::NONE).is_ok();
         }
         // Running in another process (an embedded CLI): ask that process to cancel it, the
         // way Ctrl-C would.
