@@ -158,6 +158,18 @@ pub fn decode_chunks(body: BoxStream<'static, Result<Vec<u8>>>) -> Chunks {
     .boxed()
 }
 
+/// The result of a response that is not shown (errors are returned).
+async fn consume_quietly(mut chunks: Chunks) -> Result<Value> {
+    while let Some(c) = chunks.next().await {
+        match c?.decode() {
+            Some(ChunkKind::Result(v)) => return Ok(v),
+            Some(ChunkKind::Error(m)) => bail!("{}", m.trim()),
+            _ => {}
+        }
+    }
+    bail!("the response ended before a result was sent")
+}
+
 fn once(c: Chunk) -> Chunks {
     stream::iter([Ok(c)]).boxed()
 }
@@ -301,11 +313,42 @@ impl Backend {
         }
     }
 
-    /// Asks the engine to cancel a task (embedded mode; remote tasks are canceled by dropping
-    /// the `/logs` connection opened with `cancel_with_context`).
-    pub fn cancel(&self, task_id: &str) {
-        if let Backend::Embedded(e) = self {
-            e.cancel(task_id);
+    /// Cancels a task. A daemon is sent `/terminate` with the task id; a daemon that does not
+    /// know that request cancels the task when its `/logs` connection (opened with
+    /// `cancel_with_context`) is dropped, so the log is then reopened without it and returned,
+    /// for the caller to follow to the end.
+    pub async fn cancel(&self, task_id: &str) -> Option<Chunks> {
+        match self {
+            Backend::Embedded(e) => {
+                e.cancel(task_id);
+                None
+            }
+            Backend::Remote(r) => {
+                let asked = match r.post("/terminate", &json!({ "task_id": task_id })).await {
+                    Ok(chunks) => consume_quietly(chunks).await.is_ok(),
+                    Err(_) => false,
+                };
+                if asked {
+                    return None;
+                }
+                let req = LogsRequest {
+                    task_id: task_id.into(),
+                    follow: true,
+                    cancel_with_context: false,
+                };
+                r.post("/logs", &req).await.ok()
+            }
+        }
+    }
+
+    /// [`Backend::close`], except after an escalated interrupt: the user asked to exit now, so an
+    /// in-process engine gets a moment to record the task and is then dropped with the runtime
+    /// (which kills its instances).
+    pub async fn close_after<T>(self, res: &Result<T>) {
+        if matches!(res, Err(e) if interrupted(e)) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.close()).await;
+        } else {
+            self.close().await;
         }
     }
 
@@ -317,15 +360,46 @@ impl Backend {
     }
 }
 
-/// What Ctrl-C does while a response is being printed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum OnInterrupt<'a> {
-    /// Default signal handling (the process dies).
-    Default,
-    /// Drop the response and fail (remote mode: the daemon cancels the task).
-    Abort,
-    /// Cancel this task in the embedded engine and keep printing until its final chunk.
-    Cancel(&'a str),
+/// The status of a command ended by a second Ctrl-C, or by a cancel that did not end the task
+/// within [`CANCEL_GRACE`]: 128 + SIGINT, as a shell reports a process killed by Ctrl-C.
+pub const INTERRUPTED_EXIT: i32 = 130;
+
+/// Whether `e` is the error of an escalated interrupt.
+pub fn interrupted(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::Exit>()
+        .is_some_and(|x| x.code == INTERRUPTED_EXIT)
+}
+
+/// How long a canceled task may take to end before the CLI stops waiting for it.
+pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One SIGINT/SIGTERM listener for a whole command. Signals are queued by the listener while
+/// nobody awaits it, so a Ctrl-C that arrives while output is being printed is not lost (a
+/// listener made anew on each pass of a loop misses the signals between passes).
+///
+/// SIGTERM counts as Ctrl-C: the engine cancels a task owned by an embedded CLI (e.g.
+/// `testground terminate` from another shell) by sending that CLI SIGTERM.
+pub struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    pub fn new() -> Result<Interrupts> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Interrupts {
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM (cancel-safe).
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 fn stdout_is_tty() -> bool {
@@ -334,80 +408,39 @@ fn stdout_is_tty() -> bool {
 }
 
 fn header(text: &str, color: &str) {
-    let mut out = std::io::stdout().lock();
     if stdout_is_tty() {
-        let _ = write!(out, "\n\x1b[1;{color}m{text}\x1b[0m\n");
+        crate::out::out!("\n\x1b[1;{color}m{text}\x1b[0m\n");
     } else {
-        let _ = write!(out, "\n{text}\n");
+        crate::out::out!("\n{text}\n");
     }
-    let _ = out.flush();
 }
 
-/// Prints a response the way the original client does (`>>> Server output:` before the first
-/// progress chunk, `>>> Result:` / `>>> Error:` at the end) and returns the result value.
-/// Binary chunks go to `binary` when given.
-pub async fn consume(
-    backend: &Backend,
-    mut chunks: Chunks,
-    mut binary: Option<&mut dyn Write>,
-    on_interrupt: OnInterrupt<'_>,
-) -> Result<Value> {
-    let mut seen_progress = false;
-    let mut interrupts = 0u32;
-    // The engine cancels a task owned by an embedded CLI (e.g. `testground terminate` from
-    // another shell) by sending that CLI SIGTERM; treat it like Ctrl-C while we own a task.
-    let mut sigterm = match on_interrupt {
-        OnInterrupt::Cancel(_) => {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
-        }
-        _ => None,
-    };
-    loop {
-        let next = if on_interrupt == OnInterrupt::Default {
-            chunks.next().await
-        } else {
-            let term = async {
-                match sigterm.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                c = chunks.next() => c,
-                _ = async { tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} } } => {
-                    interrupts += 1;
-                    match on_interrupt {
-                        OnInterrupt::Cancel(id) if interrupts == 1 => {
-                            crate::log::warn(format!(
-                                "interrupted: canceling task {id} (press Ctrl-C again to exit now)"
-                            ));
-                            backend.cancel(id);
-                            continue;
-                        }
-                        OnInterrupt::Cancel(_) => {
-                            std::process::exit(tg_api::exit::FAILURE);
-                        }
-                        _ => bail!("interrupted"),
-                    }
-                }
-            }
-        };
-        let Some(chunk) = next else {
-            bail!("the response ended before a result was sent");
-        };
-        let chunk = chunk?;
+/// What one chunk means to the printer.
+enum Step {
+    More,
+    Done(Value),
+}
+
+/// Prints chunks the way the original client does (`>>> Server output:` before the first
+/// progress chunk, `>>> Result:` / `>>> Error:` at the end).
+#[derive(Default)]
+struct Printer {
+    seen_progress: bool,
+}
+
+impl Printer {
+    fn chunk(&mut self, chunk: Chunk, binary: &mut Option<&mut dyn Write>) -> Result<Step> {
         let t = chunk.t;
         match chunk.decode() {
             Some(ChunkKind::Progress(bytes)) => {
-                if !seen_progress {
-                    seen_progress = true;
+                if !self.seen_progress {
+                    self.seen_progress = true;
                     header(">>> Server output:", "36");
                 }
                 let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&bytes);
-                let _ = out.flush();
+                if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
+                    crate::out::exit_if_broken_pipe(&e);
+                }
             }
             Some(ChunkKind::Binary(bytes)) => {
                 if let Some(w) = binary.as_mut() {
@@ -417,13 +450,88 @@ pub async fn consume(
             }
             Some(ChunkKind::Result(v)) => {
                 header(">>> Result:", "32");
-                return Ok(v);
+                return Ok(Step::Done(v));
             }
             Some(ChunkKind::Error(m)) => {
                 header(">>> Error:", "31");
                 bail!("{}", m.trim());
             }
             None => crate::log::debug(format!("ignoring a chunk of unknown type {t}")),
+        }
+        Ok(Step::More)
+    }
+}
+
+/// Prints a response and returns its result value. Binary chunks go to `binary` when given.
+/// A closed stdout ends the process quietly; Ctrl-C has its default effect.
+pub async fn consume(mut chunks: Chunks, mut binary: Option<&mut dyn Write>) -> Result<Value> {
+    let mut printer = Printer::default();
+    loop {
+        let Some(chunk) = chunks.next().await else {
+            bail!("the response ended before a result was sent");
+        };
+        if let Step::Done(v) = printer.chunk(chunk?, &mut binary)? {
+            return Ok(v);
+        }
+    }
+}
+
+/// Follows a task's log to its end, printing it, and returns the final result value (the
+/// task). The first Ctrl-C (or SIGTERM) cancels the task and keeps printing until it ends; a
+/// second one, or a task still running [`CANCEL_GRACE`] after the cancel, ends the command
+/// with [`INTERRUPTED_EXIT`] (an in-process engine's instances die with the process's runtime).
+pub async fn follow_task(
+    backend: &Backend,
+    task_id: &str,
+    interrupts: &mut Interrupts,
+) -> Result<Value> {
+    let mut chunks = backend.logs(task_id, true).await?;
+    let mut printer = Printer::default();
+    let mut canceled_at: Option<tokio::time::Instant> = None;
+    loop {
+        let grace = async {
+            match canceled_at {
+                Some(t) => tokio::time::sleep_until(t + CANCEL_GRACE).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            // Signals first: heavy output must not starve them.
+            biased;
+            () = interrupts.recv() => {
+                if canceled_at.is_some() {
+                    return Err(crate::Exit::new(
+                        INTERRUPTED_EXIT,
+                        format!("interrupted: stopped waiting for task {task_id}"),
+                    )
+                    .into());
+                }
+                crate::log::warn(format!(
+                    "interrupted: canceling task {task_id} (press Ctrl-C again to exit now)"
+                ));
+                canceled_at = Some(tokio::time::Instant::now());
+                if let Some(reopened) = backend.cancel(task_id).await {
+                    chunks = reopened;
+                }
+            }
+            () = grace => {
+                return Err(crate::Exit::new(
+                    INTERRUPTED_EXIT,
+                    format!(
+                        "interrupted: task {task_id} did not end within {}s of its cancel",
+                        CANCEL_GRACE.as_secs()
+                    ),
+                )
+                .into());
+            }
+            next = chunks.next() => {
+                let Some(chunk) = next else {
+                    bail!("the response ended before a result was sent");
+                };
+                if let Step::Done(v) = printer.chunk(chunk?, &mut None)? {
+                    return Ok(v);
+                }
+            }
         }
     }
 }

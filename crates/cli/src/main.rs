@@ -10,6 +10,7 @@
 //! - [`log`]: zap-console-style log lines on stdout (scraped by scripts).
 //! - [`client`]: remote/embedded backends and the chunk renderer.
 //! - [`cmd`]: one module per command family.
+//! - [`out`]: stdout writing that ends quietly on a closed pipe.
 //! - [`table`]: a small tabwriter.
 //! - [`templates`]: `plan create` templates.
 
@@ -17,6 +18,7 @@ mod cli;
 mod client;
 mod cmd;
 mod log;
+mod out;
 mod table;
 mod templates;
 

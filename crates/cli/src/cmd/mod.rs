@@ -16,13 +16,14 @@ use tg_daemon::{EnvConfig, Home};
 use crate::cli::{Cli, Command, GlobalArgs};
 use crate::client::{Backend, Remote};
 use crate::log;
+use crate::out::outln;
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.command {
         Command::Version => {
-            println!("Testground");
-            println!(
+            outln!("Testground");
+            outln!(
                 "Git commit: {}",
                 option_env!("TG_GIT_COMMIT").unwrap_or("dirty")
             );

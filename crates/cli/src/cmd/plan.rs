@@ -7,6 +7,7 @@ use tg_api::manifest::Manifest;
 
 use super::Ctx;
 use crate::cli::{DescribeArgs, PlanCmd, PlanCreateArgs, PlanImportArgs, PlanListArgs, PlanRmArgs};
+use crate::out::{out, outln};
 use crate::{log, table};
 
 pub fn plan(ctx: &Ctx, c: PlanCmd) -> Result<()> {
@@ -69,8 +70,8 @@ fn import(ctx: &Ctx, a: &PlanImportArgs) -> Result<()> {
             src.display()
         )
     })?;
-    println!("created symlink {} -> {}", dst.display(), src.display());
-    println!("imported plans:");
+    outln!("created symlink {} -> {}", dst.display(), src.display());
+    outln!("imported plans:");
     let plans = find_plans(&dst)?;
     let mut rows = Vec::new();
     for (rel, manifest) in plans {
@@ -83,7 +84,7 @@ fn import(ctx: &Ctx, a: &PlanImportArgs) -> Result<()> {
             rows.push(format!("{}\t{}", id.display(), tc.name));
         }
     }
-    print!("{}", table::render(&rows, 1, false));
+    out!("{}", table::render(&rows, 1, false));
     Ok(())
 }
 
@@ -135,7 +136,7 @@ fn list(ctx: &Ctx, a: &PlanListArgs) -> Result<()> {
     dirs.sort();
     if !a.testcases {
         for d in dirs {
-            println!("{}", d.display());
+            outln!("{}", d.display());
         }
         return Ok(());
     }
@@ -146,7 +147,7 @@ fn list(ctx: &Ctx, a: &PlanListArgs) -> Result<()> {
             rows.push(format!("{}\t{}", d.display(), tc.name));
         }
     }
-    print!("{}", table::render(&rows, 1, false));
+    out!("{}", table::render(&rows, 1, false));
     Ok(())
 }
 
@@ -165,7 +166,7 @@ fn rm(ctx: &Ctx, a: &PlanRmArgs) -> Result<()> {
         Err(_) => bail!("test plan {plan:?} not found at {}", dir.display()),
     };
     if !a.yes {
-        println!("really delete? pass --yes flag to confirm.");
+        outln!("really delete? pass --yes flag to confirm.");
         return Ok(());
     }
     // An imported plan is a symlink: remove the link, never the user's sources.
@@ -175,7 +176,7 @@ fn rm(ctx: &Ctx, a: &PlanRmArgs) -> Result<()> {
         std::fs::remove_dir_all(&dir)
     }
     .with_context(|| format!("cannot remove {}", dir.display()))?;
-    println!("plan at {} removed.", dir.display());
+    outln!("plan at {} removed.", dir.display());
     Ok(())
 }
 
@@ -209,7 +210,7 @@ fn create(ctx: &Ctx, a: &PlanCreateArgs) -> Result<()> {
         }
         std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
     }
-    println!("new test plan created under: {}", dir.display());
+    outln!("new test plan created under: {}", dir.display());
     Ok(())
 }
 
@@ -300,7 +301,7 @@ pub fn render_description(m: &Manifest) -> String {
 
 pub fn describe(ctx: &Ctx, a: &DescribeArgs) -> Result<()> {
     let (_, m) = ctx.plan(&a.plan)?;
-    print!("{}", render_description(&m));
+    out!("{}", render_description(&m));
     Ok(())
 }
 
