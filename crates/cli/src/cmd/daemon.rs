@@ -25,7 +25,7 @@ async fn signal() {
 
 pub async fn daemon(ctx: Ctx) -> Result<()> {
     let listen = ctx.cfg.daemon.listen.clone();
-    let tokens = ctx.cfg.daemon.tokens.clone();
+    let server_cfg = tg_daemon::server::ServerConfig::from_env(&ctx.cfg.daemon);
     let engine = tg_daemon::Engine::start_with(ctx.home.clone(), ctx.cfg.clone(), Mode::Daemon)
         .await
         .context("cannot start the engine")?;
@@ -36,10 +36,14 @@ pub async fn daemon(ctx: Ctx) -> Result<()> {
             return Err(e).with_context(|| format!("cannot listen on {listen}"));
         }
     };
-    let addr = listener
-        .local_addr()
+    let local = listener.local_addr().ok();
+    if let Some(w) = local.and_then(|a| tg_daemon::server::exposure_warning(&a, &server_cfg.tokens))
+    {
+        log::warn(w);
+    }
+    let addr = local
         .map(|a| a.to_string())
-        .unwrap_or_else(|_| listen.clone());
+        .unwrap_or_else(|| listen.clone());
     log::info_kv("listen and serve", &[("addr", addr.clone().into())]);
     log::info_kv("daemon listening", &[("addr", addr.into())]);
 
@@ -48,7 +52,7 @@ pub async fn daemon(ctx: Ctx) -> Result<()> {
         signal().await;
         let _ = stop_tx.send(());
     };
-    let served = tg_daemon::server::serve(listener, engine.clone(), tokens, shutdown).await;
+    let served = tg_daemon::server::serve(listener, engine.clone(), server_cfg, shutdown).await;
     if stop_rx.await.is_ok() {
         log::info("shutting down the daemon");
     }

@@ -75,6 +75,9 @@ impl Ctx {
         let (cfg, found) = EnvConfig::load(&env)?;
         if found {
             log::info(format!(".env.toml loaded from: {}", env.display()));
+            for w in &cfg.warnings {
+                log::warn(w);
+            }
         } else {
             log::info(format!(
                 "no .env.toml found at {}; running with defaults",

@@ -37,9 +37,7 @@ pub(super) async fn collect_to_file(
     let chunks = backend.outputs(runner, run_id).await?;
     let mut f =
         std::fs::File::create(file).with_context(|| format!("cannot create {}", file.display()))?;
-    let res = consume(chunks,
-        Some(&mut f as &mut dyn Write))
-    .await;
+    let res = consume(chunks, Some(&mut f as &mut dyn Write)).await;
     match res {
         Ok(Value::Bool(true)) => {
             f.flush()
