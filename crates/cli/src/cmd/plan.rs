@@ -59,20 +59,28 @@ fn import(ctx: &Ctx, a: &PlanImportArgs) -> Result<()> {
         );
         return Ok(());
     }
+    // Read every manifest before touching the home: a plan that does not load is not imported,
+    // so a failed import leaves nothing behind (a broken plan would make `plan list` fail).
+    let plans = find_plans(&src)?;
+    let created_parents = missing_ancestors(&ctx.home.plans_dir(), &dst);
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    std::os::unix::fs::symlink(&src, &dst).with_context(|| {
-        format!(
-            "cannot create symlink {} -> {}",
-            dst.display(),
-            src.display()
-        )
-    })?;
+    if let Err(e) = std::os::unix::fs::symlink(&src, &dst) {
+        for d in created_parents.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        return Err(e).with_context(|| {
+            format!(
+                "cannot create symlink {} -> {}",
+                dst.display(),
+                src.display()
+            )
+        });
+    }
     outln!("created symlink {} -> {}", dst.display(), src.display());
     outln!("imported plans:");
-    let plans = find_plans(&dst)?;
     let mut rows = Vec::new();
     for (rel, manifest) in plans {
         let id = if rel.as_os_str().is_empty() {
@@ -86,6 +94,20 @@ fn import(ctx: &Ctx, a: &PlanImportArgs) -> Result<()> {
     }
     out!("{}", table::render(&rows, 1, false));
     Ok(())
+}
+
+/// The directories between `root` (exclusive) and `path` (exclusive) that do not exist yet,
+/// outermost first: what `create_dir_all(path.parent())` will create.
+fn missing_ancestors(root: &Path, path: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = path
+        .ancestors()
+        .skip(1)
+        .take_while(|a| *a != root && a.starts_with(root))
+        .filter(|a| a.symlink_metadata().is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    out.reverse();
+    out
 }
 
 /// Directories below `root` (following symlinks) that hold a `manifest.toml`, as paths relative
@@ -140,14 +162,32 @@ fn list(ctx: &Ctx, a: &PlanListArgs) -> Result<()> {
         }
         return Ok(());
     }
+    // One broken plan must not hide the others: report it and list the rest.
     let mut rows = Vec::new();
+    let mut broken = 0usize;
     for d in dirs {
-        let m = tg_plan::load_manifest(&root.join(&d).join("manifest.toml"))?;
-        for tc in &m.testcases {
-            rows.push(format!("{}\t{}", d.display(), tc.name));
+        match tg_plan::load_manifest(&root.join(&d).join("manifest.toml")) {
+            Ok(m) => {
+                for tc in &m.testcases {
+                    rows.push(format!("{}\t{}", d.display(), tc.name));
+                }
+            }
+            Err(e) => {
+                broken += 1;
+                log::warn_kv(
+                    "cannot read test plan; skipped",
+                    &[
+                        ("plan", d.display().to_string().into()),
+                        ("error", e.to_string().into()),
+                    ],
+                );
+            }
         }
     }
     out!("{}", table::render(&rows, 1, false));
+    if broken > 0 {
+        bail!("{broken} test plan(s) could not be read (see the warnings above)");
+    }
     Ok(())
 }
 

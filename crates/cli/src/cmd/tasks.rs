@@ -12,7 +12,7 @@ use tg_api::task::{Task, TaskState, TaskType};
 use super::Ctx;
 use crate::cli::{CollectArgs, GlobalArgs, HealthcheckArgs, LogsArgs, StatusArgs, TerminateArgs};
 use crate::client::{Backend, consume};
-use crate::out::{out, outln};
+use crate::out::out;
 use crate::{log, table};
 
 /// Runs `f` with a backend and always lets the backend close, whatever `f` returns.
