@@ -199,9 +199,15 @@ fn malformed_manifest_error_names_the_file() {
     let home = Home::new();
     let src = home.plan_src("broken", "name = \"broken\"\n[[testcases]\nname = 1\n");
     let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
-    // The symlink is made before the manifest is read; the import then reports the manifest.
+    // The manifest is read before the plan is linked: a failed import leaves nothing behind.
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.error_line().contains("manifest.toml"), "{out}");
+    assert!(
+        home.path().join("plans/broken").symlink_metadata().is_err(),
+        "{out}"
+    );
+    // A plan that broke after its import (edited in place) is reported by file.
+    std::os::unix::fs::symlink(&src, home.path().join("plans/broken")).unwrap();
     for args in [
         vec!["describe", "--plan", "broken"],
         vec![
@@ -533,11 +539,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(home: &Home, tokens: &[&str]) -> Daemon {
+        Daemon::start_with(home, tokens, "")
+    }
+
+    /// `daemon_keys` are more `[daemon]` lines of `.env.toml`.
+    fn start_with(home: &Home, tokens: &[&str], daemon_keys: &str) -> Daemon {
         let tokens: Vec<String> = tokens.iter().map(|t| format!("{t:?}")).collect();
         std::fs::write(
             home.path().join(".env.toml"),
             format!(
-                "[daemon]\nlisten = \"127.0.0.1:0\"\ntokens = [{}]\n[sync]\nport = 0\n",
+                "[daemon]\nlisten = \"127.0.0.1:0\"\ntokens = [{}]\n{daemon_keys}[sync]\nport = 0\n",
                 tokens.join(", ")
             ),
         )
@@ -655,4 +666,225 @@ fn standalone_sidecar_is_rejected_clearly() {
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.error_line().contains("not supported"), "{out}");
     assert!(out.error_line().contains("local:netns"), "{out}");
+}
+
+// ---- input checked before anything runs ---------------------------------------------------
+
+/// `run single` of the `demo` plan (never built: every case here fails validation first).
+fn run_demo(home: &Home, extra: &[&str]) -> Out {
+    let mut args = vec![
+        "run",
+        "single",
+        "-p",
+        "demo",
+        "-b",
+        "exec:go",
+        "-r",
+        "local:exec",
+    ];
+    args.extend_from_slice(extra);
+    home.run(&args)
+}
+
+#[test]
+fn bad_test_params_cases_and_counts_name_the_choices() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+
+    let out = run_demo(
+        &home,
+        &["-t", "storm", "-i", "2", "--tp", "conn_count=many"],
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.error_line(),
+        "error: --test-param: test parameter \"conn_count\": expected an integer (type \"int\"), found \"many\""
+    );
+    let out = run_demo(&home, &["-t", "storm", "-i", "2", "--tp", "conn=5"]);
+    assert_eq!(
+        out.error_line(),
+        "error: --test-param: unknown test parameter \"conn\": test case storm has parameters [conn_count word]"
+    );
+    let out = run_demo(&home, &["-t", "strom", "-i", "2"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.error_line(),
+        "error: --testcase: test case strom not found in plan demo; its test cases: [ping storm]"
+    );
+    let out = run_demo(&home, &["-t", "ping", "-i", "0"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.error_line(),
+        "error: --instances: expected at least 1 instance; test case ping allows from 1 to 4 instances"
+    );
+    // Nothing was queued or built for any of them.
+    assert!(!out.stdout.contains("queued"), "{out}");
+
+    // A composition names the field.
+    let comp = home.path().join("c.toml");
+    let write = |params: &str| {
+        std::fs::write(
+            &comp,
+            format!(
+                "[global]\nplan = \"demo\"\ncase = \"storm\"\nbuilder = \"exec:go\"\nrunner = \"local:exec\"\n[[groups]]\nid = \"g\"\ninstances = {{ count = 2 }}\n[groups.run]\ntest_params = {{ {params} }}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write("conn_count = \"1.5\"");
+    let out = home.run(&["run", "composition", "-f", comp.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.error_line()
+            .contains("c.toml: groups[0].run.test_params.conn_count: test parameter \"conn_count\": expected an integer"),
+        "{out}"
+    );
+}
+
+#[test]
+fn plan_list_reports_a_broken_plan_and_lists_the_others() {
+    let home = Home::new();
+    let good = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", good.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let bad = home.plan_src("bad", "name = \"bad\"\n[[testcases]]\nname = 3\n");
+    let out = home.run(&["plan", "import", "--from", bad.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("testcases[0].name"), "{out}");
+    // Nothing was left behind: the list still works.
+    let out = home.run(&["plan", "list", "--testcases"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("demo ping"), "{out}");
+    // A plan that breaks after its import is reported; the others are still listed.
+    std::os::unix::fs::symlink(&bad, home.path().join("plans/bad")).unwrap();
+    let out = home.run(&["plan", "list", "--testcases"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stdout.contains("demo ping") && out.stdout.contains("demo storm"),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("WARN\tcannot read test plan; skipped\t{\"plan\": \"bad\""),
+        "{out}"
+    );
+    assert!(
+        out.error_line()
+            .contains("1 test plan(s) could not be read"),
+        "{out}"
+    );
+    // Nested import names: a failed import removes the directories it made.
+    let out = home.run(&[
+        "plan",
+        "import",
+        "--from",
+        bad.to_str().unwrap(),
+        "--name",
+        "suite/bad",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(!home.path().join("plans/suite").exists(), "{out}");
+}
+
+#[test]
+fn misspelt_env_toml_keys_are_warned_about() {
+    let home = Home::new();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        "[client]\nendpont = \"http://127.0.0.1:1\"\n[runners.\"local:exec\"]\nfree_form = 1\n",
+    )
+    .unwrap();
+    let out = home.run(&["tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let env = home.path().join(".env.toml");
+    assert!(
+        out.stdout.contains(&format!(
+            "WARN\t{}: unknown key client.endpont (ignored)",
+            env.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("free_form"), "{out}");
+    // The misspelt endpoint is not used: the command ran embedded.
+    assert!(out.stdout.contains("{\"addr\": \"embedded\"}"), "{out}");
+}
+
+#[test]
+fn a_closed_stdout_ends_commands_quietly() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    for args in [
+        vec!["version"],
+        vec!["plan", "list", "--testcases"],
+        vec!["describe", "--plan", "demo"],
+        vec!["tasks"],
+    ] {
+        // A pipe whose reader has gone: every write fails with EPIPE.
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let o = StdCommand::new(assert_cmd::cargo::cargo_bin("testground"))
+            .env("TESTGROUND_HOME", home.path())
+            .env_remove("LOG_LEVEL")
+            .env_remove("RUST_LOG")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.trim().is_empty(), "{args:?}: {stderr}");
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_request_over_the_daemons_body_limit_is_refused_clearly() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    // 64 KiB of sources that do not compress against a 16 KiB limit.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let blob: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("blob.bin"), blob).unwrap();
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let daemon = Daemon::start_with(&home, &[], "max_request_body = \"16KiB\"\n");
+    let endpoint = format!("http://{}", daemon.addr);
+    let out = home.run(&[
+        "--endpoint",
+        &endpoint,
+        "run",
+        "single",
+        "-p",
+        "demo",
+        "-t",
+        "ping",
+        "-b",
+        "exec:go",
+        "-r",
+        "local:exec",
+        "-i",
+        "1",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    let e = out.error_line();
+    assert!(e.contains("413"), "{out}");
+    assert!(
+        e.contains("max_request_body") && e.contains("16384 bytes"),
+        "{out}"
+    );
+    // Small requests still pass.
+    let out = home.run(&["--endpoint", &endpoint, "tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
 }
