@@ -633,3 +633,125 @@ fn rust_sdk_example_plan_runs_through_the_engine() {
     );
     assert!(s.contains("CRASH << single[000] >>"), "{s}");
 }
+
+#[test]
+fn ctrl_c_during_heavy_output_cancels_the_run_at_once() {
+    let home = Home::new();
+    // Two instances printing 200-byte lines in bursts: the CLI is busy printing all the time,
+    // which is when a listener made anew on each pass of its loop lost the signal.
+    let plan = home.path().join("chatty");
+    std::fs::create_dir_all(&plan).unwrap();
+    std::fs::write(
+        plan.join("spam.sh"),
+        "line=$(printf '%0200d' 0)\nwhile :; do\n  i=0\n  while [ $i -lt 200 ]; do echo \"$line\"; i=$((i+1)); done\n  sleep 0.01\ndone\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plan.join("manifest.toml"),
+        "name = \"chatty\"\n[builders.\"exec:generic\"]\nexec = \"sh spam.sh\"\n[runners.\"local:exec\"]\n[[testcases]]\nname = \"spam\"\ninstances = { min = 1, max = 10 }\n",
+    )
+    .unwrap();
+    let out = home.tg(&["plan", "import", "--from", plan.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut child = home
+        .cmd()
+        .args([
+            "run",
+            "single",
+            "--plan",
+            "chatty",
+            "--testcase",
+            "spam",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "-i",
+            "2",
+            "--wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stdout as fast as it comes; report the run id and the number of lines seen.
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (id_tx, id_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tail = Vec::new();
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("run is queued with ID: ").nth(1) {
+                    let _ = id_tx.send(rest.trim().to_string());
+                }
+                lines.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !line.ends_with("0000000000") {
+                    tail.push(line);
+                }
+            }
+            tail
+        })
+    };
+    let stop = |mut child: Child, why: &str| -> ! {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!("{why}\n{}", text(&out));
+    };
+    let Ok(run_id) = id_rx.recv_timeout(Duration::from_secs(60)) else {
+        stop(child, "the run was not queued");
+    };
+    // Both instances run and their output streams through the CLI.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = lines.load(std::sync::atomic::Ordering::Relaxed);
+        if processes_of_run(&run_id).len() >= 2 && seen > 5_000 {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop(child, &format!("no heavy output after 60 s ({seen} lines)"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let interrupted = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if interrupted.elapsed() > Duration::from_secs(2) {
+            stop(child, "the CLI did not exit within 2 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let elapsed = interrupted.elapsed();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let tail = reader.join().unwrap().join("\n");
+    assert_no_process_left(&run_id);
+    // The first Ctrl-C canceled the run, which then ended: the run's status, not a crash.
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "after {elapsed:?}\n{tail}\n--- stderr\n{stderr}"
+    );
+    assert!(tail.contains("interrupted: canceling task"), "{tail}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = home.tg(&["status", "-t", &run_id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Outcome:\tcanceled"),
+        "{}",
+        text(&out)
+    );
+}
