@@ -98,45 +98,49 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Splits a byte stream into chunks. Chunks are usually one per line, but the original sends
-/// them back to back without separators, so we parse JSON values from a growing buffer.
+/// them back to back without separators, so we parse JSON values from a growing buffer. Parsed
+/// bytes are dropped once per read, not once per chunk: a read holds thousands of chunks when
+/// instances print heavily, and moving the rest of the buffer after each would be quadratic.
 pub fn decode_chunks(body: BoxStream<'static, Result<Vec<u8>>>) -> Chunks {
     struct St {
         body: BoxStream<'static, Result<Vec<u8>>>,
         buf: Vec<u8>,
+        /// Where the unparsed bytes of `buf` start.
+        pos: usize,
         ended: bool,
     }
     let st = St {
         body,
         buf: Vec::new(),
+        pos: 0,
         ended: false,
     };
     stream::unfold(st, |mut st| async move {
         loop {
-            let start = st.buf.iter().position(|b| !b.is_ascii_whitespace());
-            match start {
-                None => st.buf.clear(),
-                Some(off) => {
-                    st.buf.drain(..off);
-                    let mut it = serde_json::Deserializer::from_slice(&st.buf).into_iter::<Chunk>();
-                    match it.next() {
-                        Some(Ok(c)) => {
-                            let used = it.byte_offset();
-                            st.buf.drain(..used);
-                            return Some((Ok(c), st));
-                        }
-                        Some(Err(e)) if e.is_eof() => {}
-                        Some(Err(e)) => {
-                            st.ended = true;
-                            st.buf.clear();
-                            return Some((
-                                Err(anyhow!("malformed response from the daemon: {e}")),
-                                st,
-                            ));
-                        }
-                        None => {}
+            let rest = &st.buf[st.pos..];
+            if let Some(off) = rest.iter().position(|b| !b.is_ascii_whitespace()) {
+                let start = st.pos + off;
+                let mut it =
+                    serde_json::Deserializer::from_slice(&st.buf[start..]).into_iter::<Chunk>();
+                match it.next() {
+                    Some(Ok(c)) => {
+                        st.pos = start + it.byte_offset();
+                        return Some((Ok(c), st));
                     }
+                    Some(Err(e)) if e.is_eof() => st.pos = start,
+                    Some(Err(e)) => {
+                        st.ended = true;
+                        st.buf.clear();
+                        st.pos = 0;
+                        return Some((Err(anyhow!("malformed response from the daemon: {e}")), st));
+                    }
+                    None => st.pos = st.buf.len(),
                 }
+            } else {
+                st.pos = st.buf.len();
             }
+            st.buf.drain(..st.pos);
+            st.pos = 0;
             if st.ended {
                 if st.buf.is_empty() {
                     return None;
@@ -313,30 +317,19 @@ impl Backend {
         }
     }
 
-    /// Cancels a task. A daemon is sent `/terminate` with the task id; a daemon that does not
-    /// know that request cancels the task when its `/logs` connection (opened with
-    /// `cancel_with_context`) is dropped, so the log is then reopened without it and returned,
-    /// for the caller to follow to the end.
-    pub async fn cancel(&self, task_id: &str) -> Option<Chunks> {
+    /// Cancels a task: in-process, or by a daemon's `/terminate` with the task id (a daemon
+    /// without it cancels a task when the `/logs` connection following it is dropped).
+    pub async fn cancel(&self, task_id: &str) {
         match self {
             Backend::Embedded(e) => {
                 e.cancel(task_id);
-                None
             }
             Backend::Remote(r) => {
-                let asked = match r.post("/terminate", &json!({ "task_id": task_id })).await {
-                    Ok(chunks) => consume_quietly(chunks).await.is_ok(),
-                    Err(_) => false,
-                };
-                if asked {
-                    return None;
+                if let Ok(chunks) = r.post("/terminate", &json!({ "task_id": task_id })).await
+                    && let Err(e) = consume_quietly(chunks).await
+                {
+                    crate::log::debug(format!("the daemon did not cancel {task_id}: {e:#}"));
                 }
-                let req = LogsRequest {
-                    task_id: task_id.into(),
-                    follow: true,
-                    cancel_with_context: false,
-                };
-                r.post("/logs", &req).await.ok()
             }
         }
     }
@@ -429,6 +422,13 @@ struct Printer {
 }
 
 impl Printer {
+    fn write(bytes: &[u8]) {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+            crate::out::exit_if_broken_pipe(&e);
+        }
+    }
+
     fn chunk(&mut self, chunk: Chunk, binary: &mut Option<&mut dyn Write>) -> Result<Step> {
         let t = chunk.t;
         match chunk.decode() {
@@ -437,10 +437,7 @@ impl Printer {
                     self.seen_progress = true;
                     header(">>> Server output:", "36");
                 }
-                let mut out = std::io::stdout().lock();
-                if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
-                    crate::out::exit_if_broken_pipe(&e);
-                }
+                Self::write(&bytes);
             }
             Some(ChunkKind::Binary(bytes)) => {
                 if let Some(w) = binary.as_mut() {
@@ -477,9 +474,9 @@ pub async fn consume(mut chunks: Chunks, mut binary: Option<&mut dyn Write>) -> 
 }
 
 /// Follows a task's log to its end, printing it, and returns the final result value (the
-/// task). The first Ctrl-C (or SIGTERM) cancels the task and keeps printing until it ends; a
-/// second one, or a task still running [`CANCEL_GRACE`] after the cancel, ends the command
-/// with [`INTERRUPTED_EXIT`] (an in-process engine's instances die with the process's runtime).
+/// task). The first Ctrl-C (or SIGTERM) cancels the task and waits for it to end; a second
+/// one, or a task still running [`CANCEL_GRACE`] after the cancel, ends the command with
+/// [`INTERRUPTED_EXIT`] (an in-process engine's instances die with the process's runtime).
 pub async fn follow_task(
     backend: &Backend,
     task_id: &str,
@@ -487,43 +484,11 @@ pub async fn follow_task(
 ) -> Result<Value> {
     let mut chunks = backend.logs(task_id, true).await?;
     let mut printer = Printer::default();
-    let mut canceled_at: Option<tokio::time::Instant> = None;
     loop {
-        let grace = async {
-            match canceled_at {
-                Some(t) => tokio::time::sleep_until(t + CANCEL_GRACE).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             // Signals first: heavy output must not starve them.
             biased;
-            () = interrupts.recv() => {
-                if canceled_at.is_some() {
-                    return Err(crate::Exit::new(
-                        INTERRUPTED_EXIT,
-                        format!("interrupted: stopped waiting for task {task_id}"),
-                    )
-                    .into());
-                }
-                crate::log::warn(format!(
-                    "interrupted: canceling task {task_id} (press Ctrl-C again to exit now)"
-                ));
-                canceled_at = Some(tokio::time::Instant::now());
-                if let Some(reopened) = backend.cancel(task_id).await {
-                    chunks = reopened;
-                }
-            }
-            () = grace => {
-                return Err(crate::Exit::new(
-                    INTERRUPTED_EXIT,
-                    format!(
-                        "interrupted: task {task_id} did not end within {}s of its cancel",
-                        CANCEL_GRACE.as_secs()
-                    ),
-                )
-                .into());
-            }
+            () = interrupts.recv() => break,
             next = chunks.next() => {
                 let Some(chunk) = next else {
                     bail!("the response ended before a result was sent");
@@ -533,6 +498,49 @@ pub async fn follow_task(
                 }
             }
         }
+    }
+    crate::log::warn(format!(
+        "interrupted: canceling task {task_id} (press Ctrl-C again to exit now)"
+    ));
+    backend.cancel(task_id).await;
+    // Instances may print faster than a terminal shows, so the log can be far behind the task:
+    // rather than render that backlog, stop reading it and wait for the task itself to end.
+    // (Dropping the log also cancels the task on a daemon that has no cancel by task id.)
+    drop(chunks);
+    let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
+    tokio::select! {
+        biased;
+        () = interrupts.recv() => Err(crate::Exit::new(
+            INTERRUPTED_EXIT,
+            format!("interrupted: stopped waiting for task {task_id}"),
+        )
+        .into()),
+        () = tokio::time::sleep_until(deadline) => Err(crate::Exit::new(
+            INTERRUPTED_EXIT,
+            format!(
+                "interrupted: task {task_id} did not end within {}s of its cancel",
+                CANCEL_GRACE.as_secs()
+            ),
+        )
+        .into()),
+        r = wait_until_final(backend, task_id) => {
+            let v = r?;
+            header(">>> Result:", "32");
+            Ok(v)
+        }
+    }
+}
+
+/// Polls a task's status until it has ended, and returns it.
+async fn wait_until_final(backend: &Backend, task_id: &str) -> Result<Value> {
+    loop {
+        let v = consume_quietly(backend.status(task_id).await?).await?;
+        let task: tg_api::task::Task = serde_json::from_value(v.clone())
+            .with_context(|| format!("cannot decode task {task_id}"))?;
+        if task.state().is_final() {
+            return Ok(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

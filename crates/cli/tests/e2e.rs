@@ -636,7 +636,30 @@ fn rust_sdk_example_plan_runs_through_the_engine() {
 
 #[test]
 fn ctrl_c_during_heavy_output_cancels_the_run_at_once() {
+    ctrl_c_cancels(&Home::new(), Duration::from_secs(2));
+}
+
+#[test]
+fn ctrl_c_of_a_daemon_client_cancels_its_run_at_once() {
     let home = Home::new();
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\n[sync]\nport = 0\n[client]\nendpoint = \"http://127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&home, port);
+    // The daemon records the end of a canceled run once it has written out what its instances
+    // printed, which takes seconds on a loaded machine: the CLI waits for that, up to its grace.
+    ctrl_c_cancels(&home, Duration::from_secs(12));
+    daemon.stop();
+}
+
+/// Runs a plan that prints heavily with `--wait`, sends the CLI SIGINT, and checks that it
+/// exits `within` with the canceled run's status and that no instance is left.
+fn ctrl_c_cancels(home: &Home, within: Duration) {
     // Two instances printing 200-byte lines in bursts: the CLI is busy printing all the time,
     // which is when a listener made anew on each pass of its loop lost the signal.
     let plan = home.path().join("chatty");
@@ -725,8 +748,11 @@ fn ctrl_c_during_heavy_output_cancels_the_run_at_once() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if interrupted.elapsed() > Duration::from_secs(2) {
-            stop(child, "the CLI did not exit within 2 s of SIGINT");
+        if interrupted.elapsed() > within {
+            stop(
+                child,
+                &format!("the CLI did not exit within {within:?} of SIGINT"),
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
