@@ -400,18 +400,24 @@ fn stdout_is_tty() -> bool {
     std::io::stdout().is_terminal()
 }
 
+/// A section header. Write errors are left to the output that follows (a closed stdout must
+/// not end the process in the middle of a task whose instances it runs).
 fn header(text: &str, color: &str) {
-    if stdout_is_tty() {
-        crate::out::out!("\n\x1b[1;{color}m{text}\x1b[0m\n");
+    let text = if stdout_is_tty() {
+        format!("\n\x1b[1;{color}m{text}\x1b[0m\n")
     } else {
-        crate::out::out!("\n{text}\n");
-    }
+        format!("\n{text}\n")
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// What one chunk means to the printer.
 enum Step {
     More,
     Done(Value),
+    /// Stdout was closed (`| head`): nobody reads the output any more.
+    Closed,
 }
 
 /// Prints chunks the way the original client does (`>>> Server output:` before the first
@@ -422,13 +428,6 @@ struct Printer {
 }
 
 impl Printer {
-    fn write(bytes: &[u8]) {
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
-            crate::out::exit_if_broken_pipe(&e);
-        }
-    }
-
     fn chunk(&mut self, chunk: Chunk, binary: &mut Option<&mut dyn Write>) -> Result<Step> {
         let t = chunk.t;
         match chunk.decode() {
@@ -437,7 +436,12 @@ impl Printer {
                     self.seen_progress = true;
                     header(">>> Server output:", "36");
                 }
-                Self::write(&bytes);
+                let mut out = std::io::stdout().lock();
+                if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush())
+                    && e.kind() == std::io::ErrorKind::BrokenPipe
+                {
+                    return Ok(Step::Closed);
+                }
             }
             Some(ChunkKind::Binary(bytes)) => {
                 if let Some(w) = binary.as_mut() {
@@ -467,8 +471,10 @@ pub async fn consume(mut chunks: Chunks, mut binary: Option<&mut dyn Write>) -> 
         let Some(chunk) = chunks.next().await else {
             bail!("the response ended before a result was sent");
         };
-        if let Step::Done(v) = printer.chunk(chunk?, &mut binary)? {
-            return Ok(v);
+        match printer.chunk(chunk?, &mut binary)? {
+            Step::Done(v) => return Ok(v),
+            Step::Closed => crate::out::exit_if_broken_pipe(&std::io::ErrorKind::BrokenPipe.into()),
+            Step::More => {}
         }
     }
 }
@@ -493,8 +499,12 @@ pub async fn follow_task(
                 let Some(chunk) = next else {
                     bail!("the response ended before a result was sent");
                 };
-                if let Step::Done(v) = printer.chunk(chunk?, &mut None)? {
-                    return Ok(v);
+                match printer.chunk(chunk?, &mut None)? {
+                    Step::Done(v) => return Ok(v),
+                    // Treated as Ctrl-C: the task is this process's to end, its instances
+                    // may live in this very process.
+                    Step::Closed => break,
+                    Step::More => {}
                 }
             }
         }

@@ -657,11 +657,9 @@ fn ctrl_c_of_a_daemon_client_cancels_its_run_at_once() {
     daemon.stop();
 }
 
-/// Runs a plan that prints heavily with `--wait`, sends the CLI SIGINT, and checks that it
-/// exits `within` with the canceled run's status and that no instance is left.
-fn ctrl_c_cancels(home: &Home, within: Duration) {
-    // Two instances printing 200-byte lines in bursts: the CLI is busy printing all the time,
-    // which is when a listener made anew on each pass of its loop lost the signal.
+/// Imports `chatty`: instances printing 200-byte lines in bursts, so that the CLI is busy
+/// printing all the time (when a listener made anew on each pass of its loop lost Ctrl-C).
+fn import_chatty(home: &Home) {
     let plan = home.path().join("chatty");
     std::fs::create_dir_all(&plan).unwrap();
     std::fs::write(
@@ -676,23 +674,79 @@ fn ctrl_c_cancels(home: &Home, within: Duration) {
     .unwrap();
     let out = home.tg(&["plan", "import", "--from", plan.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+const CHATTY_RUN: [&str; 13] = [
+    "run",
+    "single",
+    "--plan",
+    "chatty",
+    "--testcase",
+    "spam",
+    "--builder",
+    "exec:generic",
+    "--runner",
+    "local:exec",
+    "-i",
+    "2",
+    "--wait",
+];
+
+#[test]
+fn a_closed_stdout_cancels_an_embedded_run() {
+    let home = Home::new();
+    import_chatty(&home);
+    // A pipe whose reader has gone: the first output fails with EPIPE.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let started = Instant::now();
     let mut child = home
         .cmd()
-        .args([
-            "run",
-            "single",
-            "--plan",
-            "chatty",
-            "--testcase",
-            "spam",
-            "--builder",
-            "exec:generic",
-            "--runner",
-            "local:exec",
-            "-i",
-            "2",
-            "--wait",
-        ])
+        .args(CHATTY_RUN)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the CLI did not end with its stdout closed\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The run was canceled and waited for: its status, and no instance left behind.
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("outcome: canceled"), "{stderr}");
+    let out = home.tg(&["tasks"]);
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = listing
+        .lines()
+        .find(|l| l.contains("chatty"))
+        .unwrap_or_else(|| panic!("no chatty task in {listing}"));
+    let run_id = line.split_whitespace().next().unwrap();
+    assert!(line.contains("canceled"), "{line}");
+    assert_no_process_left(run_id);
+}
+
+/// Runs a plan that prints heavily with `--wait`, sends the CLI SIGINT, and checks that it
+/// exits `within` with the canceled run's status and that no instance is left.
+fn ctrl_c_cancels(home: &Home, within: Duration) {
+    import_chatty(home);
+    let mut child = home
+        .cmd()
+        .args(CHATTY_RUN)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
