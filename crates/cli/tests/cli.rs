@@ -2,86 +2,13 @@
 //! (`plan`, `describe`, `version`), each test in a temporary `$TESTGROUND_HOME`. Nothing here
 //! builds or runs a plan (see `e2e.rs`), and nothing reaches an address other than loopback.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::Command;
-
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-impl Home {
-    fn new() -> Home {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::cargo_bin("testground").unwrap();
-        c.env("TESTGROUND_HOME", self.path())
-            .env_remove("LOG_LEVEL")
-            .env_remove("RUST_LOG")
-            .current_dir(self.path());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        let o = self.cmd().args(args).output().unwrap();
-        Out {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    /// A plan directory outside the home, ready to import.
-    fn plan_src(&self, name: &str, manifest: &str) -> PathBuf {
-        let dir = self.path().join("src").join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("manifest.toml"), manifest).unwrap();
-        dir
-    }
-}
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Out {
-    /// The `error: ...` line: exactly one, no panic, no backtrace.
-    fn error_line(&self) -> &str {
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{self}");
-        let lines: Vec<&str> = self
-            .stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        assert_eq!(lines.len(), 1, "one error line expected:\n{self}");
-        assert!(lines[0].starts_with("error: "), "{self}");
-        lines[0]
-    }
-}
+use common::{Home, Out};
 
 const MANIFEST: &str = r#"
 name = "demo"
@@ -553,11 +480,9 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("testground"))
+        let mut child = home
+            .cmd()
             .arg("daemon")
-            .env("TESTGROUND_HOME", home.path())
-            .env_remove("LOG_LEVEL")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -580,7 +505,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = StdCommand::new("kill")
+        let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -826,12 +751,9 @@ fn a_closed_stdout_ends_commands_quietly() {
         // A pipe whose reader has gone: every write fails with EPIPE.
         let (reader, writer) = nix::unistd::pipe().unwrap();
         drop(reader);
-        let o = StdCommand::new(assert_cmd::cargo::cargo_bin("testground"))
-            .env("TESTGROUND_HOME", home.path())
-            .env_remove("LOG_LEVEL")
-            .env_remove("RUST_LOG")
+        let o = home
+            .cmd()
             .args(&args)
-            .stdin(Stdio::null())
             .stdout(Stdio::from(writer))
             .output()
             .unwrap();
