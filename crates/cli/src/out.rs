@@ -27,6 +27,12 @@ pub fn exit_if_broken_pipe(e: &std::io::Error) {
     }
 }
 
+/// Writes one line to stderr; a closed stderr is ignored (`eprintln!` would panic).
+pub fn error_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
 /// `print!` that does not panic on a closed stdout.
 macro_rules! out {
     ($($arg:tt)*) => {
