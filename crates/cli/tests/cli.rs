@@ -810,3 +810,181 @@ fn a_request_over_the_daemons_body_limit_is_refused_clearly() {
     let out = home.run(&["--endpoint", &endpoint, "tasks"]);
     assert_eq!(out.code, Some(0), "{out}");
 }
+
+/// A stand-in daemon on loopback whose task never ends: `/run` queues `FAKE_TASK`, `/logs`
+/// streams progress until the client goes away, `/terminate` is recorded and answered, and
+/// `/status` always says `processing`. Lets a test see what the CLI does when a cancel does not
+/// end the task.
+struct NeverEndingDaemon {
+    addr: String,
+    /// `(path, body)` of every request.
+    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+const FAKE_TASK: &str = "dc7fake0000000000000";
+
+impl NeverEndingDaemon {
+    fn start() -> NeverEndingDaemon {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let log = log.clone();
+                std::thread::spawn(move || Self::serve(conn, &log));
+            }
+        });
+        NeverEndingDaemon { addr, requests }
+    }
+
+    fn serve(
+        mut conn: std::net::TcpStream,
+        log: &std::sync::Mutex<Vec<(String, String)>>,
+    ) -> Option<()> {
+        use std::io::{Read, Write};
+        let mut reader = BufReader::new(conn.try_clone().ok()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).ok()?;
+        let path = request_line.split_whitespace().nth(1)?.to_string();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).ok()?;
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().ok()?;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        log.lock()
+            .unwrap()
+            .push((path.clone(), String::from_utf8_lossy(&body).into_owned()));
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n";
+        let task = format!(
+            r#"{{"priority":1,"id":"{FAKE_TASK}","states":[{{"created":"2026-01-01T00:00:00Z","state":"processing"}}],"type":"run"}}"#
+        );
+        let one = |result: String| {
+            let body = format!("{{\"t\":114,\"p\":{result}}}\n");
+            format!("{head}Content-Length: {}\r\n\r\n{body}", body.len())
+        };
+        match path.as_str() {
+            "/run" => conn
+                .write_all(one(format!("\"{FAKE_TASK}\"")).as_bytes())
+                .ok(),
+            "/terminate" => conn.write_all(one("\"Done\"".into()).as_bytes()).ok(),
+            "/status" => conn.write_all(one(task).as_bytes()).ok(),
+            "/logs" => {
+                // No length: the body runs until the connection closes. "hello\n" in base64.
+                conn.write_all(format!("{head}\r\n").as_bytes()).ok()?;
+                let burst = "{\"t\":112,\"p\":\"aGVsbG8K\"}\n".repeat(100);
+                loop {
+                    conn.write_all(burst.as_bytes()).ok()?;
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+}
+
+#[test]
+fn ctrl_c_twice_exits_with_the_interrupted_status_when_a_cancel_does_not_end_the_task() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let daemon = NeverEndingDaemon::start();
+    let endpoint = format!("http://{}", daemon.addr);
+    let mut child = home
+        .cmd()
+        .args([
+            "--endpoint",
+            &endpoint,
+            "run",
+            "single",
+            "-p",
+            "demo",
+            "-t",
+            "ping",
+            "-b",
+            "exec:go",
+            "-r",
+            "local:exec",
+            "-i",
+            "1",
+            "--wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = lines.clone();
+    std::thread::spawn(move || {
+        for _ in BufReader::new(stdout).lines().map_while(Result::ok) {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("heavy output", &|| {
+        lines.load(std::sync::atomic::Ordering::Relaxed) > 10_000
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    // The first Ctrl-C asks the daemon to cancel this one task, then waits for its end.
+    wait_for("the cancel and a status poll", &|| {
+        let paths = daemon.paths();
+        paths.iter().any(|p| p == "/terminate") && paths.iter().any(|p| p == "/status")
+    });
+    let terminate = daemon
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| p == "/terminate")
+        .map(|(_, b)| b.clone())
+        .unwrap();
+    assert_eq!(terminate, format!("{{\"task_id\":\"{FAKE_TASK}\"}}"));
+    assert!(child.try_wait().unwrap().is_none(), "it waits for the task");
+    // The second one stops waiting.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let interrupted = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            interrupted.elapsed() < Duration::from_secs(2),
+            "no exit within 2 s of the second Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!("error: interrupted: stopped waiting for task {FAKE_TASK}")
+    );
+}
