@@ -835,3 +835,54 @@ fn ctrl_c_cancels(home: &Home, within: Duration) {
         text(&out)
     );
 }
+
+#[test]
+fn a_daemon_removes_the_uploaded_sources_of_finished_tasks() {
+    let home = Home::new();
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\nkeep_sources = \"0s\"\n[sync]\nport = 0\n[client]\nendpoint = \"http://127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    home.import("example-python");
+    let daemon = Daemon::start(&home, port);
+    let out = home.tg(&[
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "ok",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:exec",
+        "-i",
+        "1",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = queued_id(&out);
+    // The sources were uploaded for this task; with keep_sources = 0s the next sweep (every
+    // second) removes them once the task has ended.
+    let sources = home.path().join("data/work/requests").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sources.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} still there after 20 s",
+            sources.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = daemon.stop();
+    assert!(
+        log.lines().any(
+            |l| l.contains("removed the uploaded sources of finished tasks") && l.contains(&id)
+        ),
+        "{log}"
+    );
+}

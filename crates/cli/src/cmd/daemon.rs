@@ -1,6 +1,9 @@
 //! `testground daemon`: the engine behind the HTTP API until SIGINT/SIGTERM.
 
 use anyhow::{Context, Result};
+use std::time::Duration;
+
+use tg_daemon::Engine;
 use tg_daemon::engine::Mode;
 
 use super::Ctx;
@@ -21,6 +24,38 @@ async fn signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
     }
+}
+
+/// Removes the uploaded sources of finished tasks once they are older than `[daemon]
+/// keep_sources`: at start, then periodically (every `keep`, between 1 s and 10 min). Sources
+/// of tasks the store does not know are kept (they may belong to a task being submitted).
+fn spawn_source_sweeper(engine: Engine, keep: Duration) -> tokio::task::JoinHandle<()> {
+    let every = keep.clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let e = engine.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                e.home().remove_old_requests(keep, |id| {
+                    e.status(id).is_ok_and(|t| t.state().is_final())
+                })
+            })
+            .await;
+            match swept {
+                Ok(Ok(ids)) if !ids.is_empty() => log::info_kv(
+                    "removed the uploaded sources of finished tasks",
+                    &[("tasks", ids.join(" ").into())],
+                ),
+                Ok(Err(e)) => log::warn_kv(
+                    "cannot remove the uploaded sources of finished tasks",
+                    &[("error", e.to_string().into())],
+                ),
+                _ => {}
+            }
+        }
+    })
 }
 
 pub async fn daemon(ctx: Ctx) -> Result<()> {
@@ -47,6 +82,8 @@ pub async fn daemon(ctx: Ctx) -> Result<()> {
     log::info_kv("listen and serve", &[("addr", addr.clone().into())]);
     log::info_kv("daemon listening", &[("addr", addr.into())]);
 
+    let sweeper = spawn_source_sweeper(engine.clone(), ctx.cfg.daemon.keep_sources);
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         signal().await;
@@ -56,6 +93,7 @@ pub async fn daemon(ctx: Ctx) -> Result<()> {
     if stop_rx.await.is_ok() {
         log::info("shutting down the daemon");
     }
+    sweeper.abort();
     // A second signal, or a shutdown that hangs, must not leave the operator stuck.
     let graceful = async {
         tokio::select! {
