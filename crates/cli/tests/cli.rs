@@ -742,11 +742,22 @@ fn a_closed_stdout_ends_commands_quietly() {
     let src = home.plan_src("demo", MANIFEST);
     let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
     assert_eq!(out.code, Some(0), "{out}");
+    let daemon = Daemon::start(&home, &[]);
+    let endpoint = format!("http://{}", daemon.addr);
     for args in [
         vec!["version"],
         vec!["plan", "list", "--testcases"],
         vec!["describe", "--plan", "demo"],
         vec!["tasks"],
+        // `testground tasks | head` in daemon mode panicked with a backtrace.
+        vec!["--endpoint", &endpoint, "tasks"],
+        vec![
+            "--endpoint",
+            &endpoint,
+            "healthcheck",
+            "--runner",
+            "local:exec",
+        ],
     ] {
         // A pipe whose reader has gone: every write fails with EPIPE.
         let (reader, writer) = nix::unistd::pipe().unwrap();
