@@ -98,45 +98,49 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Splits a byte stream into chunks. Chunks are usually one per line, but the original sends
-/// them back to back without separators, so we parse JSON values from a growing buffer.
+/// them back to back without separators, so we parse JSON values from a growing buffer. Parsed
+/// bytes are dropped once per read, not once per chunk: a read holds thousands of chunks when
+/// instances print heavily, and moving the rest of the buffer after each would be quadratic.
 pub fn decode_chunks(body: BoxStream<'static, Result<Vec<u8>>>) -> Chunks {
     struct St {
         body: BoxStream<'static, Result<Vec<u8>>>,
         buf: Vec<u8>,
+        /// Where the unparsed bytes of `buf` start.
+        pos: usize,
         ended: bool,
     }
     let st = St {
         body,
         buf: Vec::new(),
+        pos: 0,
         ended: false,
     };
     stream::unfold(st, |mut st| async move {
         loop {
-            let start = st.buf.iter().position(|b| !b.is_ascii_whitespace());
-            match start {
-                None => st.buf.clear(),
-                Some(off) => {
-                    st.buf.drain(..off);
-                    let mut it = serde_json::Deserializer::from_slice(&st.buf).into_iter::<Chunk>();
-                    match it.next() {
-                        Some(Ok(c)) => {
-                            let used = it.byte_offset();
-                            st.buf.drain(..used);
-                            return Some((Ok(c), st));
-                        }
-                        Some(Err(e)) if e.is_eof() => {}
-                        Some(Err(e)) => {
-                            st.ended = true;
-                            st.buf.clear();
-                            return Some((
-                                Err(anyhow!("malformed response from the daemon: {e}")),
-                                st,
-                            ));
-                        }
-                        None => {}
+            let rest = &st.buf[st.pos..];
+            if let Some(off) = rest.iter().position(|b| !b.is_ascii_whitespace()) {
+                let start = st.pos + off;
+                let mut it =
+                    serde_json::Deserializer::from_slice(&st.buf[start..]).into_iter::<Chunk>();
+                match it.next() {
+                    Some(Ok(c)) => {
+                        st.pos = start + it.byte_offset();
+                        return Some((Ok(c), st));
                     }
+                    Some(Err(e)) if e.is_eof() => st.pos = start,
+                    Some(Err(e)) => {
+                        st.ended = true;
+                        st.buf.clear();
+                        st.pos = 0;
+                        return Some((Err(anyhow!("malformed response from the daemon: {e}")), st));
+                    }
+                    None => st.pos = st.buf.len(),
                 }
+            } else {
+                st.pos = st.buf.len();
             }
+            st.buf.drain(..st.pos);
+            st.pos = 0;
             if st.ended {
                 if st.buf.is_empty() {
                     return None;
@@ -156,6 +160,18 @@ pub fn decode_chunks(body: BoxStream<'static, Result<Vec<u8>>>) -> Chunks {
         }
     })
     .boxed()
+}
+
+/// The result of a response that is not shown (errors are returned).
+async fn consume_quietly(mut chunks: Chunks) -> Result<Value> {
+    while let Some(c) = chunks.next().await {
+        match c?.decode() {
+            Some(ChunkKind::Result(v)) => return Ok(v),
+            Some(ChunkKind::Error(m)) => bail!("{}", m.trim()),
+            _ => {}
+        }
+    }
+    bail!("the response ended before a result was sent")
 }
 
 fn once(c: Chunk) -> Chunks {
@@ -301,11 +317,31 @@ impl Backend {
         }
     }
 
-    /// Asks the engine to cancel a task (embedded mode; remote tasks are canceled by dropping
-    /// the `/logs` connection opened with `cancel_with_context`).
-    pub fn cancel(&self, task_id: &str) {
-        if let Backend::Embedded(e) = self {
-            e.cancel(task_id);
+    /// Cancels a task: in-process, or by a daemon's `/terminate` with the task id (a daemon
+    /// without it cancels a task when the `/logs` connection following it is dropped).
+    pub async fn cancel(&self, task_id: &str) {
+        match self {
+            Backend::Embedded(e) => {
+                e.cancel(task_id);
+            }
+            Backend::Remote(r) => {
+                if let Ok(chunks) = r.post("/terminate", &json!({ "task_id": task_id })).await
+                    && let Err(e) = consume_quietly(chunks).await
+                {
+                    crate::log::debug(format!("the daemon did not cancel {task_id}: {e:#}"));
+                }
+            }
+        }
+    }
+
+    /// [`Backend::close`], except after an escalated interrupt: the user asked to exit now, so an
+    /// in-process engine gets a moment to record the task and is then dropped with the runtime
+    /// (which kills its instances).
+    pub async fn close_after<T>(self, res: &Result<T>) {
+        if matches!(res, Err(e) if interrupted(e)) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.close()).await;
+        } else {
+            self.close().await;
         }
     }
 
@@ -317,15 +353,46 @@ impl Backend {
     }
 }
 
-/// What Ctrl-C does while a response is being printed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum OnInterrupt<'a> {
-    /// Default signal handling (the process dies).
-    Default,
-    /// Drop the response and fail (remote mode: the daemon cancels the task).
-    Abort,
-    /// Cancel this task in the embedded engine and keep printing until its final chunk.
-    Cancel(&'a str),
+/// The status of a command ended by a second Ctrl-C, or by a cancel that did not end the task
+/// within [`CANCEL_GRACE`]: 128 + SIGINT, as a shell reports a process killed by Ctrl-C.
+pub const INTERRUPTED_EXIT: i32 = 130;
+
+/// Whether `e` is the error of an escalated interrupt.
+pub fn interrupted(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::Exit>()
+        .is_some_and(|x| x.code == INTERRUPTED_EXIT)
+}
+
+/// How long a canceled task may take to end before the CLI stops waiting for it.
+pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One SIGINT/SIGTERM listener for a whole command. Signals are queued by the listener while
+/// nobody awaits it, so a Ctrl-C that arrives while output is being printed is not lost (a
+/// listener made anew on each pass of a loop misses the signals between passes).
+///
+/// SIGTERM counts as Ctrl-C: the engine cancels a task owned by an embedded CLI (e.g.
+/// `testground terminate` from another shell) by sending that CLI SIGTERM.
+pub struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    pub fn new() -> Result<Interrupts> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Interrupts {
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM (cancel-safe).
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
 }
 
 fn stdout_is_tty() -> bool {
@@ -333,81 +400,48 @@ fn stdout_is_tty() -> bool {
     std::io::stdout().is_terminal()
 }
 
+/// A section header. Write errors are left to the output that follows (a closed stdout must
+/// not end the process in the middle of a task whose instances it runs).
 fn header(text: &str, color: &str) {
-    let mut out = std::io::stdout().lock();
-    if stdout_is_tty() {
-        let _ = write!(out, "\n\x1b[1;{color}m{text}\x1b[0m\n");
+    let text = if stdout_is_tty() {
+        format!("\n\x1b[1;{color}m{text}\x1b[0m\n")
     } else {
-        let _ = write!(out, "\n{text}\n");
-    }
-    let _ = out.flush();
+        format!("\n{text}\n")
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-/// Prints a response the way the original client does (`>>> Server output:` before the first
-/// progress chunk, `>>> Result:` / `>>> Error:` at the end) and returns the result value.
-/// Binary chunks go to `binary` when given.
-pub async fn consume(
-    backend: &Backend,
-    mut chunks: Chunks,
-    mut binary: Option<&mut dyn Write>,
-    on_interrupt: OnInterrupt<'_>,
-) -> Result<Value> {
-    let mut seen_progress = false;
-    let mut interrupts = 0u32;
-    // The engine cancels a task owned by an embedded CLI (e.g. `testground terminate` from
-    // another shell) by sending that CLI SIGTERM; treat it like Ctrl-C while we own a task.
-    let mut sigterm = match on_interrupt {
-        OnInterrupt::Cancel(_) => {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
-        }
-        _ => None,
-    };
-    loop {
-        let next = if on_interrupt == OnInterrupt::Default {
-            chunks.next().await
-        } else {
-            let term = async {
-                match sigterm.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                c = chunks.next() => c,
-                _ = async { tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} } } => {
-                    interrupts += 1;
-                    match on_interrupt {
-                        OnInterrupt::Cancel(id) if interrupts == 1 => {
-                            crate::log::warn(format!(
-                                "interrupted: canceling task {id} (press Ctrl-C again to exit now)"
-                            ));
-                            backend.cancel(id);
-                            continue;
-                        }
-                        OnInterrupt::Cancel(_) => {
-                            std::process::exit(tg_api::exit::FAILURE);
-                        }
-                        _ => bail!("interrupted"),
-                    }
-                }
-            }
-        };
-        let Some(chunk) = next else {
-            bail!("the response ended before a result was sent");
-        };
-        let chunk = chunk?;
+/// What one chunk means to the printer.
+enum Step {
+    More,
+    Done(Value),
+    /// Stdout was closed (`| head`): nobody reads the output any more.
+    Closed,
+}
+
+/// Prints chunks the way the original client does (`>>> Server output:` before the first
+/// progress chunk, `>>> Result:` / `>>> Error:` at the end).
+#[derive(Default)]
+struct Printer {
+    seen_progress: bool,
+}
+
+impl Printer {
+    fn chunk(&mut self, chunk: Chunk, binary: &mut Option<&mut dyn Write>) -> Result<Step> {
         let t = chunk.t;
         match chunk.decode() {
             Some(ChunkKind::Progress(bytes)) => {
-                if !seen_progress {
-                    seen_progress = true;
+                if !self.seen_progress {
+                    self.seen_progress = true;
                     header(">>> Server output:", "36");
                 }
                 let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&bytes);
-                let _ = out.flush();
+                if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush())
+                    && e.kind() == std::io::ErrorKind::BrokenPipe
+                {
+                    return Ok(Step::Closed);
+                }
             }
             Some(ChunkKind::Binary(bytes)) => {
                 if let Some(w) = binary.as_mut() {
@@ -417,7 +451,7 @@ pub async fn consume(
             }
             Some(ChunkKind::Result(v)) => {
                 header(">>> Result:", "32");
-                return Ok(v);
+                return Ok(Step::Done(v));
             }
             Some(ChunkKind::Error(m)) => {
                 header(">>> Error:", "31");
@@ -425,6 +459,98 @@ pub async fn consume(
             }
             None => crate::log::debug(format!("ignoring a chunk of unknown type {t}")),
         }
+        Ok(Step::More)
+    }
+}
+
+/// Prints a response and returns its result value. Binary chunks go to `binary` when given.
+/// A closed stdout ends the process quietly; Ctrl-C has its default effect.
+pub async fn consume(mut chunks: Chunks, mut binary: Option<&mut dyn Write>) -> Result<Value> {
+    let mut printer = Printer::default();
+    loop {
+        let Some(chunk) = chunks.next().await else {
+            bail!("the response ended before a result was sent");
+        };
+        match printer.chunk(chunk?, &mut binary)? {
+            Step::Done(v) => return Ok(v),
+            Step::Closed => crate::out::exit_if_broken_pipe(&std::io::ErrorKind::BrokenPipe.into()),
+            Step::More => {}
+        }
+    }
+}
+
+/// Follows a task's log to its end, printing it, and returns the final result value (the
+/// task). The first Ctrl-C (or SIGTERM) cancels the task and waits for it to end; a second
+/// one, or a task still running [`CANCEL_GRACE`] after the cancel, ends the command with
+/// [`INTERRUPTED_EXIT`] (an in-process engine's instances die with the process's runtime).
+pub async fn follow_task(
+    backend: &Backend,
+    task_id: &str,
+    interrupts: &mut Interrupts,
+) -> Result<Value> {
+    let mut chunks = backend.logs(task_id, true).await?;
+    let mut printer = Printer::default();
+    loop {
+        tokio::select! {
+            // Signals first: heavy output must not starve them.
+            biased;
+            () = interrupts.recv() => break,
+            next = chunks.next() => {
+                let Some(chunk) = next else {
+                    bail!("the response ended before a result was sent");
+                };
+                match printer.chunk(chunk?, &mut None)? {
+                    Step::Done(v) => return Ok(v),
+                    // Treated as Ctrl-C: the task is this process's to end, its instances
+                    // may live in this very process.
+                    Step::Closed => break,
+                    Step::More => {}
+                }
+            }
+        }
+    }
+    crate::log::warn(format!(
+        "interrupted: canceling task {task_id} (press Ctrl-C again to exit now)"
+    ));
+    backend.cancel(task_id).await;
+    // Instances may print faster than a terminal shows, so the log can be far behind the task:
+    // rather than render that backlog, stop reading it and wait for the task itself to end.
+    // (Dropping the log also cancels the task on a daemon that has no cancel by task id.)
+    drop(chunks);
+    let deadline = tokio::time::Instant::now() + CANCEL_GRACE;
+    tokio::select! {
+        biased;
+        () = interrupts.recv() => Err(crate::Exit::new(
+            INTERRUPTED_EXIT,
+            format!("interrupted: stopped waiting for task {task_id}"),
+        )
+        .into()),
+        () = tokio::time::sleep_until(deadline) => Err(crate::Exit::new(
+            INTERRUPTED_EXIT,
+            format!(
+                "interrupted: task {task_id} did not end within {}s of its cancel",
+                CANCEL_GRACE.as_secs()
+            ),
+        )
+        .into()),
+        r = wait_until_final(backend, task_id) => {
+            let v = r?;
+            header(">>> Result:", "32");
+            Ok(v)
+        }
+    }
+}
+
+/// Polls a task's status until it has ended, and returns it.
+async fn wait_until_final(backend: &Backend, task_id: &str) -> Result<Value> {
+    loop {
+        let v = consume_quietly(backend.status(task_id).await?).await?;
+        let task: tg_api::task::Task = serde_json::from_value(v.clone())
+            .with_context(|| format!("cannot decode task {task_id}"))?;
+        if task.state().is_final() {
+            return Ok(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`log`]: zap-console-style log lines on stdout (scraped by scripts).
 //! - [`client`]: remote/embedded backends and the chunk renderer.
 //! - [`cmd`]: one module per command family.
+//! - [`out`]: stdout writing that ends quietly on a closed pipe.
 //! - [`table`]: a small tabwriter.
 //! - [`templates`]: `plan create` templates.
 
@@ -17,6 +18,7 @@ mod cli;
 mod client;
 mod cmd;
 mod log;
+mod out;
 mod table;
 mod templates;
 
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
                 ErrorKind::DisplayHelp
                 | ErrorKind::DisplayVersion
                 | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    // Help on a closed stdout (`--help | head`) is not an error.
                     let _ = e.print();
                     ExitCode::from(
                         if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
@@ -118,7 +121,7 @@ fn main() -> ExitCode {
                     )
                 }
                 _ => {
-                    eprintln!("{}", usage_error(&e));
+                    out::error_line(&usage_error(&e));
                     ExitCode::from(exit::USAGE as u8)
                 }
             };
@@ -142,7 +145,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            out::error_line(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::from(exit::FAILURE as u8);
         }
     };
@@ -157,7 +160,7 @@ fn main() -> ExitCode {
                 None => (exit::FAILURE, format!("{e:#}")),
             };
             if !msg.is_empty() {
-                eprintln!("error: {}", one_line(&msg));
+                out::error_line(&format!("error: {}", one_line(&msg)));
             }
             ExitCode::from(code as u8)
         }

@@ -2,86 +2,13 @@
 //! (`plan`, `describe`, `version`), each test in a temporary `$TESTGROUND_HOME`. Nothing here
 //! builds or runs a plan (see `e2e.rs`), and nothing reaches an address other than loopback.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use assert_cmd::Command;
-
-struct Home {
-    dir: tempfile::TempDir,
-}
-
-impl Home {
-    fn new() -> Home {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::cargo_bin("testground").unwrap();
-        c.env("TESTGROUND_HOME", self.path())
-            .env_remove("LOG_LEVEL")
-            .env_remove("RUST_LOG")
-            .current_dir(self.path());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        let o = self.cmd().args(args).output().unwrap();
-        Out {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    /// A plan directory outside the home, ready to import.
-    fn plan_src(&self, name: &str, manifest: &str) -> PathBuf {
-        let dir = self.path().join("src").join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("manifest.toml"), manifest).unwrap();
-        dir
-    }
-}
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Out {
-    /// The `error: ...` line: exactly one, no panic, no backtrace.
-    fn error_line(&self) -> &str {
-        assert!(!self.stderr.contains("panicked"), "{self}");
-        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{self}");
-        let lines: Vec<&str> = self
-            .stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        assert_eq!(lines.len(), 1, "one error line expected:\n{self}");
-        assert!(lines[0].starts_with("error: "), "{self}");
-        lines[0]
-    }
-}
+use common::{Home, Out};
 
 const MANIFEST: &str = r#"
 name = "demo"
@@ -199,9 +126,15 @@ fn malformed_manifest_error_names_the_file() {
     let home = Home::new();
     let src = home.plan_src("broken", "name = \"broken\"\n[[testcases]\nname = 1\n");
     let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
-    // The symlink is made before the manifest is read; the import then reports the manifest.
+    // The manifest is read before the plan is linked: a failed import leaves nothing behind.
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.error_line().contains("manifest.toml"), "{out}");
+    assert!(
+        home.path().join("plans/broken").symlink_metadata().is_err(),
+        "{out}"
+    );
+    // A plan that broke after its import (edited in place) is reported by file.
+    std::os::unix::fs::symlink(&src, home.path().join("plans/broken")).unwrap();
     for args in [
         vec!["describe", "--plan", "broken"],
         vec![
@@ -533,20 +466,23 @@ struct Daemon {
 
 impl Daemon {
     fn start(home: &Home, tokens: &[&str]) -> Daemon {
+        Daemon::start_with(home, tokens, "")
+    }
+
+    /// `daemon_keys` are more `[daemon]` lines of `.env.toml`.
+    fn start_with(home: &Home, tokens: &[&str], daemon_keys: &str) -> Daemon {
         let tokens: Vec<String> = tokens.iter().map(|t| format!("{t:?}")).collect();
         std::fs::write(
             home.path().join(".env.toml"),
             format!(
-                "[daemon]\nlisten = \"127.0.0.1:0\"\ntokens = [{}]\n[sync]\nport = 0\n",
+                "[daemon]\nlisten = \"127.0.0.1:0\"\ntokens = [{}]\n{daemon_keys}[sync]\nport = 0\n",
                 tokens.join(", ")
             ),
         )
         .unwrap();
-        let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("testground"))
+        let mut child = home
+            .cmd()
             .arg("daemon")
-            .env("TESTGROUND_HOME", home.path())
-            .env_remove("LOG_LEVEL")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -569,7 +505,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = StdCommand::new("kill")
+        let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -655,4 +591,411 @@ fn standalone_sidecar_is_rejected_clearly() {
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.error_line().contains("not supported"), "{out}");
     assert!(out.error_line().contains("local:netns"), "{out}");
+}
+
+// ---- input checked before anything runs ---------------------------------------------------
+
+/// `run single` of the `demo` plan (never built: every case here fails validation first).
+fn run_demo(home: &Home, extra: &[&str]) -> Out {
+    let mut args = vec![
+        "run",
+        "single",
+        "-p",
+        "demo",
+        "-b",
+        "exec:go",
+        "-r",
+        "local:exec",
+    ];
+    args.extend_from_slice(extra);
+    home.run(&args)
+}
+
+#[test]
+fn bad_test_params_cases_and_counts_name_the_choices() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+
+    let out = run_demo(
+        &home,
+        &["-t", "storm", "-i", "2", "--tp", "conn_count=many"],
+    );
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.error_line(),
+        "error: --test-param: test parameter \"conn_count\": expected an integer (type \"int\"), found \"many\""
+    );
+    let out = run_demo(&home, &["-t", "storm", "-i", "2", "--tp", "conn=5"]);
+    assert_eq!(
+        out.error_line(),
+        "error: --test-param: unknown test parameter \"conn\": test case storm has parameters [conn_count word]"
+    );
+    let out = run_demo(&home, &["-t", "strom", "-i", "2"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.error_line(),
+        "error: --testcase: test case strom not found in plan demo; its test cases: [ping storm]"
+    );
+    let out = run_demo(&home, &["-t", "ping", "-i", "0"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(
+        out.error_line(),
+        "error: --instances: expected at least 1 instance; test case ping allows from 1 to 4 instances"
+    );
+    // Nothing was queued or built for any of them.
+    assert!(!out.stdout.contains("queued"), "{out}");
+
+    // A composition names the field.
+    let comp = home.path().join("c.toml");
+    let write = |params: &str| {
+        std::fs::write(
+            &comp,
+            format!(
+                "[global]\nplan = \"demo\"\ncase = \"storm\"\nbuilder = \"exec:go\"\nrunner = \"local:exec\"\n[[groups]]\nid = \"g\"\ninstances = {{ count = 2 }}\n[groups.run]\ntest_params = {{ {params} }}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write("conn_count = \"1.5\"");
+    let out = home.run(&["run", "composition", "-f", comp.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.error_line()
+            .contains("c.toml: groups[0].run.test_params.conn_count: test parameter \"conn_count\": expected an integer"),
+        "{out}"
+    );
+}
+
+#[test]
+fn plan_list_reports_a_broken_plan_and_lists_the_others() {
+    let home = Home::new();
+    let good = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", good.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let bad = home.plan_src("bad", "name = \"bad\"\n[[testcases]]\nname = 3\n");
+    let out = home.run(&["plan", "import", "--from", bad.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.error_line().contains("testcases[0].name"), "{out}");
+    // Nothing was left behind: the list still works.
+    let out = home.run(&["plan", "list", "--testcases"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("demo ping"), "{out}");
+    // A plan that breaks after its import is reported; the others are still listed.
+    std::os::unix::fs::symlink(&bad, home.path().join("plans/bad")).unwrap();
+    let out = home.run(&["plan", "list", "--testcases"]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stdout.contains("demo ping") && out.stdout.contains("demo storm"),
+        "{out}"
+    );
+    assert!(
+        out.stdout
+            .contains("WARN\tcannot read test plan; skipped\t{\"plan\": \"bad\""),
+        "{out}"
+    );
+    assert!(
+        out.error_line()
+            .contains("1 test plan(s) could not be read"),
+        "{out}"
+    );
+    // Nested import names: a failed import removes the directories it made.
+    let out = home.run(&[
+        "plan",
+        "import",
+        "--from",
+        bad.to_str().unwrap(),
+        "--name",
+        "suite/bad",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(!home.path().join("plans/suite").exists(), "{out}");
+}
+
+#[test]
+fn misspelt_env_toml_keys_are_warned_about() {
+    let home = Home::new();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        "[client]\nendpont = \"http://127.0.0.1:1\"\n[runners.\"local:exec\"]\nfree_form = 1\n",
+    )
+    .unwrap();
+    let out = home.run(&["tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let env = home.path().join(".env.toml");
+    assert!(
+        out.stdout.contains(&format!(
+            "WARN\t{}: unknown key client.endpont (ignored)",
+            env.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("free_form"), "{out}");
+    // The misspelt endpoint is not used: the command ran embedded.
+    assert!(out.stdout.contains("{\"addr\": \"embedded\"}"), "{out}");
+}
+
+#[test]
+fn a_closed_stdout_ends_commands_quietly() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let daemon = Daemon::start(&home, &[]);
+    let endpoint = format!("http://{}", daemon.addr);
+    for args in [
+        vec!["version"],
+        vec!["plan", "list", "--testcases"],
+        vec!["describe", "--plan", "demo"],
+        vec!["tasks"],
+        // `testground tasks | head` in daemon mode panicked with a backtrace.
+        vec!["--endpoint", &endpoint, "tasks"],
+        vec![
+            "--endpoint",
+            &endpoint,
+            "healthcheck",
+            "--runner",
+            "local:exec",
+        ],
+    ] {
+        // A pipe whose reader has gone: every write fails with EPIPE.
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let o = home
+            .cmd()
+            .args(&args)
+            .stdout(Stdio::from(writer))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.trim().is_empty(), "{args:?}: {stderr}");
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_request_over_the_daemons_body_limit_is_refused_clearly() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    // 64 KiB of sources that do not compress against a 16 KiB limit.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let blob: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("blob.bin"), blob).unwrap();
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let daemon = Daemon::start_with(&home, &[], "max_request_body = \"16KiB\"\n");
+    let endpoint = format!("http://{}", daemon.addr);
+    let out = home.run(&[
+        "--endpoint",
+        &endpoint,
+        "run",
+        "single",
+        "-p",
+        "demo",
+        "-t",
+        "ping",
+        "-b",
+        "exec:go",
+        "-r",
+        "local:exec",
+        "-i",
+        "1",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    let e = out.error_line();
+    assert!(e.contains("413"), "{out}");
+    assert!(
+        e.contains("max_request_body") && e.contains("16384 bytes"),
+        "{out}"
+    );
+    // Small requests still pass.
+    let out = home.run(&["--endpoint", &endpoint, "tasks"]);
+    assert_eq!(out.code, Some(0), "{out}");
+}
+
+/// A stand-in daemon on loopback whose task never ends: `/run` queues `FAKE_TASK`, `/logs`
+/// streams progress until the client goes away, `/terminate` is recorded and answered, and
+/// `/status` always says `processing`. Lets a test see what the CLI does when a cancel does not
+/// end the task.
+struct NeverEndingDaemon {
+    addr: String,
+    /// `(path, body)` of every request.
+    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+const FAKE_TASK: &str = "dc7fake0000000000000";
+
+impl NeverEndingDaemon {
+    fn start() -> NeverEndingDaemon {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let log = log.clone();
+                std::thread::spawn(move || Self::serve(conn, &log));
+            }
+        });
+        NeverEndingDaemon { addr, requests }
+    }
+
+    fn serve(
+        mut conn: std::net::TcpStream,
+        log: &std::sync::Mutex<Vec<(String, String)>>,
+    ) -> Option<()> {
+        use std::io::{Read, Write};
+        let mut reader = BufReader::new(conn.try_clone().ok()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).ok()?;
+        let path = request_line.split_whitespace().nth(1)?.to_string();
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).ok()?;
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().ok()?;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        log.lock()
+            .unwrap()
+            .push((path.clone(), String::from_utf8_lossy(&body).into_owned()));
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n";
+        let task = format!(
+            r#"{{"priority":1,"id":"{FAKE_TASK}","states":[{{"created":"2026-01-01T00:00:00Z","state":"processing"}}],"type":"run"}}"#
+        );
+        let one = |result: String| {
+            let body = format!("{{\"t\":114,\"p\":{result}}}\n");
+            format!("{head}Content-Length: {}\r\n\r\n{body}", body.len())
+        };
+        match path.as_str() {
+            "/run" => conn
+                .write_all(one(format!("\"{FAKE_TASK}\"")).as_bytes())
+                .ok(),
+            "/terminate" => conn.write_all(one("\"Done\"".into()).as_bytes()).ok(),
+            "/status" => conn.write_all(one(task).as_bytes()).ok(),
+            "/logs" => {
+                // No length: the body runs until the connection closes. "hello\n" in base64.
+                conn.write_all(format!("{head}\r\n").as_bytes()).ok()?;
+                let burst = "{\"t\":112,\"p\":\"aGVsbG8K\"}\n".repeat(100);
+                loop {
+                    conn.write_all(burst.as_bytes()).ok()?;
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+}
+
+#[test]
+fn ctrl_c_twice_exits_with_the_interrupted_status_when_a_cancel_does_not_end_the_task() {
+    let home = Home::new();
+    let src = home.plan_src("demo", MANIFEST);
+    let out = home.run(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let daemon = NeverEndingDaemon::start();
+    let endpoint = format!("http://{}", daemon.addr);
+    let mut child = home
+        .cmd()
+        .args([
+            "--endpoint",
+            &endpoint,
+            "run",
+            "single",
+            "-p",
+            "demo",
+            "-t",
+            "ping",
+            "-b",
+            "exec:go",
+            "-r",
+            "local:exec",
+            "-i",
+            "1",
+            "--wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = lines.clone();
+    std::thread::spawn(move || {
+        for _ in BufReader::new(stdout).lines().map_while(Result::ok) {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("heavy output", &|| {
+        lines.load(std::sync::atomic::Ordering::Relaxed) > 10_000
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    // The first Ctrl-C asks the daemon to cancel this one task, then waits for its end.
+    wait_for("the cancel and a status poll", &|| {
+        let paths = daemon.paths();
+        paths.iter().any(|p| p == "/terminate") && paths.iter().any(|p| p == "/status")
+    });
+    let terminate = daemon
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| p == "/terminate")
+        .map(|(_, b)| b.clone())
+        .unwrap();
+    assert_eq!(terminate, format!("{{\"task_id\":\"{FAKE_TASK}\"}}"));
+    assert!(child.try_wait().unwrap().is_none(), "it waits for the task");
+    // The second one stops waiting.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let interrupted = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            interrupted.elapsed() < Duration::from_secs(2),
+            "no exit within 2 s of the second Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!("error: interrupted: stopped waiting for task {FAKE_TASK}")
+    );
 }

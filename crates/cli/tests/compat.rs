@@ -3,50 +3,33 @@
 //! its own temporary `$TESTGROUND_HOME`; Go's build cache is shared, so rebuilding per home is
 //! cheap.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Output;
 use std::time::Instant;
+
+use common::{Home, queued_id, text};
 
 const PLAN: &str = "sync-compat";
 const N: usize = 30;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+/// A fresh home with sync-compat imported.
+fn compat_home() -> Home {
+    let home = Home::new();
+    home.import(PLAN);
+    home
 }
 
-struct Home {
-    dir: tempfile::TempDir,
+/// What the compatibility suite adds to [`Home`].
+trait CompatHome {
+    fn run_single(&self, case: &str, n: usize) -> (Output, String);
+    fn instance_dir(&self, id: &str, group: &str, i: usize) -> PathBuf;
+    fn panicked(&self, id: &str, group: &str, n: usize) -> Vec<usize>;
+    fn run_out(&self, id: &str, group: &str, i: usize) -> String;
 }
 
-impl Home {
-    /// A fresh home with sync-compat imported.
-    fn new() -> Home {
-        let home = Home {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let from = repo().join("plans").join(PLAN);
-        let out = home.tg(&["plan", "import", "--from", from.to_str().unwrap()]);
-        assert!(out.status.success(), "import: {}", text(&out));
-        home
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn tg(&self, args: &[&str]) -> Output {
-        Command::new(assert_cmd::cargo::cargo_bin("testground"))
-            .env("TESTGROUND_HOME", self.path())
-            .env_remove("LOG_LEVEL")
-            .stdin(Stdio::null())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
+impl CompatHome for Home {
     /// `run single` of one case with `n` instances; returns the output and the run id.
     fn run_single(&self, case: &str, n: usize) -> (Output, String) {
         let n = n.to_string();
@@ -96,30 +79,11 @@ impl Home {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// The id from `run is queued with ID: <id>`.
-fn queued_id(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let line = out
-        .lines()
-        .find(|l| l.contains("run is queued with ID: "))
-        .unwrap_or_else(|| panic!("no queued line in:\n{}", text(o)));
-    line.split_whitespace().last().unwrap().to_string()
-}
-
 /// A case where every instance must succeed: exit 0, N/N, no panic in any run.err, and the
 /// plan's own completion message (`marker`) in the run.out of exactly `with_marker` instances,
 /// which proves the checks in the plan actually ran.
 fn assert_all_succeed(case: &str, marker: &str, with_marker: usize) {
-    let home = Home::new();
+    let home = compat_home();
     let (out, id) = home.run_single(case, N);
     assert!(out.status.success(), "{case}: {}", text(&out));
     let s = String::from_utf8_lossy(&out.stdout);
@@ -139,7 +103,7 @@ fn assert_all_succeed(case: &str, marker: &str, with_marker: usize) {
 
 /// A case where the instance with GlobalSeq 1 must fail: exit 1, (N-1)/N.
 fn assert_one_fails(case: &str) -> (Home, String) {
-    let home = Home::new();
+    let home = compat_home();
     let (out, id) = home.run_single(case, N);
     assert_eq!(out.status.code(), Some(1), "{case}: {}", text(&out));
     let s = String::from_utf8_lossy(&out.stdout);
@@ -174,7 +138,7 @@ fn seq_global_seqs_are_a_permutation() {
 
 #[test]
 fn seq_group_seqs_are_a_permutation_per_group() {
-    let home = Home::new();
+    let home = compat_home();
     let comp = home.path().join("seq-groups.toml");
     std::fs::write(
         &comp,

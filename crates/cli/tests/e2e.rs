@@ -633,3 +633,256 @@ fn rust_sdk_example_plan_runs_through_the_engine() {
     );
     assert!(s.contains("CRASH << single[000] >>"), "{s}");
 }
+
+#[test]
+fn ctrl_c_during_heavy_output_cancels_the_run_at_once() {
+    ctrl_c_cancels(&Home::new(), Duration::from_secs(2));
+}
+
+#[test]
+fn ctrl_c_of_a_daemon_client_cancels_its_run_at_once() {
+    let home = Home::new();
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\n[sync]\nport = 0\n[client]\nendpoint = \"http://127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&home, port);
+    // The daemon records the end of a canceled run once it has written out what its instances
+    // printed, which takes seconds on a loaded machine: the CLI waits for that, up to its grace.
+    ctrl_c_cancels(&home, Duration::from_secs(12));
+    daemon.stop();
+}
+
+/// Imports `chatty`: instances printing 200-byte lines in bursts, so that the CLI is busy
+/// printing all the time (when a listener made anew on each pass of its loop lost Ctrl-C).
+fn import_chatty(home: &Home) {
+    let plan = home.path().join("chatty");
+    std::fs::create_dir_all(&plan).unwrap();
+    std::fs::write(
+        plan.join("spam.sh"),
+        "line=$(printf '%0200d' 0)\nwhile :; do\n  i=0\n  while [ $i -lt 200 ]; do echo \"$line\"; i=$((i+1)); done\n  sleep 0.01\ndone\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plan.join("manifest.toml"),
+        "name = \"chatty\"\n[builders.\"exec:generic\"]\nexec = \"sh spam.sh\"\n[runners.\"local:exec\"]\n[[testcases]]\nname = \"spam\"\ninstances = { min = 1, max = 10 }\n",
+    )
+    .unwrap();
+    let out = home.tg(&["plan", "import", "--from", plan.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+const CHATTY_RUN: [&str; 13] = [
+    "run",
+    "single",
+    "--plan",
+    "chatty",
+    "--testcase",
+    "spam",
+    "--builder",
+    "exec:generic",
+    "--runner",
+    "local:exec",
+    "-i",
+    "2",
+    "--wait",
+];
+
+#[test]
+fn a_closed_stdout_cancels_an_embedded_run() {
+    let home = Home::new();
+    import_chatty(&home);
+    // A pipe whose reader has gone: the first output fails with EPIPE.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let started = Instant::now();
+    let mut child = home
+        .cmd()
+        .args(CHATTY_RUN)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the CLI did not end with its stdout closed\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The run was canceled and waited for: its status, and no instance left behind.
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("outcome: canceled"), "{stderr}");
+    let out = home.tg(&["tasks"]);
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = listing
+        .lines()
+        .find(|l| l.contains("chatty"))
+        .unwrap_or_else(|| panic!("no chatty task in {listing}"));
+    let run_id = line.split_whitespace().next().unwrap();
+    assert!(line.contains("canceled"), "{line}");
+    assert_no_process_left(run_id);
+}
+
+/// Runs a plan that prints heavily with `--wait`, sends the CLI SIGINT, and checks that it
+/// exits `within` with the canceled run's status and that no instance is left.
+fn ctrl_c_cancels(home: &Home, within: Duration) {
+    import_chatty(home);
+    let mut child = home
+        .cmd()
+        .args(CHATTY_RUN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read stdout as fast as it comes; report the run id and the number of lines seen.
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (id_tx, id_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tail = Vec::new();
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(rest) = line.split("run is queued with ID: ").nth(1) {
+                    let _ = id_tx.send(rest.trim().to_string());
+                }
+                lines.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if !line.ends_with("0000000000") {
+                    tail.push(line);
+                }
+            }
+            tail
+        })
+    };
+    let stop = |mut child: Child, why: &str| -> ! {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!("{why}\n{}", text(&out));
+    };
+    let Ok(run_id) = id_rx.recv_timeout(Duration::from_secs(60)) else {
+        stop(child, "the run was not queued");
+    };
+    // Both instances run and their output streams through the CLI.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = lines.load(std::sync::atomic::Ordering::Relaxed);
+        if processes_of_run(&run_id).len() >= 2 && seen > 5_000 {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop(child, &format!("no heavy output after 60 s ({seen} lines)"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let interrupted = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if interrupted.elapsed() > within {
+            stop(
+                child,
+                &format!("the CLI did not exit within {within:?} of SIGINT"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let elapsed = interrupted.elapsed();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let tail = reader.join().unwrap().join("\n");
+    assert_no_process_left(&run_id);
+    // The first Ctrl-C canceled the run, which then ended: the run's status, not a crash.
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "after {elapsed:?}\n{tail}\n--- stderr\n{stderr}"
+    );
+    assert!(tail.contains("interrupted: canceling task"), "{tail}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = home.tg(&["status", "-t", &run_id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Outcome:\tcanceled"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_daemon_removes_the_uploaded_sources_of_finished_tasks() {
+    let home = Home::new();
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\nkeep_sources = \"0s\"\n[sync]\nport = 0\n[client]\nendpoint = \"http://127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    home.import("example-python");
+    let daemon = Daemon::start(&home, port);
+    let out = home.tg(&[
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "ok",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:exec",
+        "-i",
+        "1",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = queued_id(&out);
+    // The sources were uploaded for this task; with keep_sources = 0s the next sweep (every
+    // second) removes them once the task has ended.
+    let sources = home.path().join("data/work/requests").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sources.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} still there after 20 s",
+            sources.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = daemon.stop();
+    assert!(
+        log.lines().any(
+            |l| l.contains("removed the uploaded sources of finished tasks") && l.contains(&id)
+        ),
+        "{log}"
+    );
+}

@@ -2,7 +2,9 @@
 //!
 //! POST endpoints answer `200 application/json` with newline-separated JSON chunks
 //! (`tg_api::rpc::Chunk`): progress, binary, then exactly one result or error. Bearer tokens
-//! are checked on every route when configured.
+//! are checked on every route when configured. A request body larger than
+//! `[daemon] max_request_body` is refused with 413 before it is read (when it announces its
+//! length) or as soon as it grows past the limit.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,23 +33,57 @@ struct AppState {
     tokens: std::sync::Arc<Vec<String>>,
 }
 
+/// What the HTTP server is configured with (`[daemon]` of `.env.toml`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Bearer tokens; empty means no authentication.
+    pub tokens: Vec<String>,
+    /// The largest request body accepted, in bytes.
+    pub max_request_body: u64,
+}
+
+impl ServerConfig {
+    pub fn from_env(cfg: &crate::config::DaemonConfig) -> ServerConfig {
+        ServerConfig {
+            tokens: cfg.tokens.clone(),
+            max_request_body: cfg.max_request_body,
+        }
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Engine,
-    tokens: Vec<String>,
+    config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let max = config.max_request_body;
     let state = AppState {
         engine,
-        tokens: std::sync::Arc::new(tokens),
+        tokens: std::sync::Arc::new(config.tokens),
     };
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, max))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-fn router(state: AppState) -> Router {
+/// The warning the daemon prints at start when anyone on the network can reach it and use it:
+/// it listens on an address that is not loopback and has no tokens. Whoever submits a task runs
+/// code on this machine.
+pub fn exposure_warning(addr: &std::net::SocketAddr, tokens: &[String]) -> Option<String> {
+    if addr.ip().to_canonical().is_loopback() || !tokens.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the daemon listens on {addr}, which is not a loopback address, without [daemon] tokens: \
+         anyone who can reach it can run code on this machine; set tokens in .env.toml or \
+         listen on localhost"
+    ))
+}
+
+fn router(state: AppState, max_request_body: u64) -> Router {
+    let limit = usize::try_from(max_request_body).unwrap_or(usize::MAX);
     Router::new()
         .route("/build", post(submit))
         .route("/run", post(submit))
@@ -58,10 +94,46 @@ fn router(state: AppState) -> Router {
         .route("/terminate", post(terminate))
         .route("/healthcheck", post(healthcheck))
         .route("/build/purge", post(purge))
-        // Plan archives can be large; the daemon is meant for trusted clients (tokens).
-        .layer(DefaultBodyLimit::max(1 << 30))
+        // Bodies are buffered whole (a plan archive is one JSON string): bound them.
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(max_request_body, body_limit))
+        // Outermost: nobody without a token gets as far as uploading.
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
+}
+
+/// Refuses a request whose announced length is over the limit before its body is read, and
+/// explains the 413 that a body without a length gets when it grows past the limit.
+async fn body_limit(State(max): State<u64>, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(len) = announced.filter(|&len| len > max) {
+        return too_large(Some(len), max);
+    }
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return too_large(None, max);
+    }
+    resp
+}
+
+fn too_large(len: Option<u64>, max: u64) -> Response {
+    let size = match len {
+        Some(n) => format!("of {n} bytes "),
+        None => String::new(),
+    };
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body {size}is over the daemon's limit of {max} bytes; raise [daemon] \
+             max_request_body in the daemon's .env.toml, or leave large files out of the plan \
+             directory\n"
+        ),
+    )
+        .into_response()
 }
 
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
@@ -255,12 +327,36 @@ async fn outputs_get(State(st): State<AppState>, Query(q): Query<RunIdQuery>) ->
     }
 }
 
+/// `/terminate` body: the original's `runner` or `builder`, or (ours) one task's id, which the
+/// CLI sends when the user presses Ctrl-C while following a task.
+#[derive(Deserialize)]
+struct TerminateBody {
+    #[serde(default)]
+    task_id: String,
+    #[serde(flatten)]
+    req: TerminateRequest,
+}
+
 async fn terminate(State(st): State<AppState>, body: Bytes) -> Response {
-    let req: TerminateRequest = match parse(&body) {
+    let body: TerminateBody = match parse(&body) {
         Ok(r) => r,
         Err(e) => return *e,
     };
-    match st.engine.terminate(&req) {
+    if !body.task_id.is_empty() {
+        if !body.req.runner.is_empty() || !body.req.builder.is_empty() {
+            return one(Chunk::error(
+                "specify one of task_id, runner or builder to terminate".to_owned(),
+            ));
+        }
+        // A task that has already ended needs nothing; an unknown one is an error.
+        if !st.engine.cancel(&body.task_id)
+            && let Err(e) = st.engine.status(&body.task_id)
+        {
+            return one(Chunk::error(e.to_string()));
+        }
+        return one(Chunk::result(serde_json::Value::String("Done".into())));
+    }
+    match st.engine.terminate(&body.req) {
         Ok(()) => one(Chunk::result(serde_json::Value::String("Done".into()))),
         Err(e) => one(Chunk::error(e.to_string())),
     }
@@ -293,5 +389,24 @@ async fn purge(State(st): State<AppState>, body: Bytes) -> Response {
             "build purge succeeded".into(),
         ))),
         Err(e) => one(Chunk::error(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_open_daemon_on_the_network_is_warned_about() {
+        let open = |a: &str| exposure_warning(&a.parse().unwrap(), &[]);
+        assert!(open("127.0.0.1:8042").is_none());
+        assert!(open("[::1]:8042").is_none());
+        assert!(open("[::ffff:127.0.0.1]:8042").is_none());
+        let w = open("0.0.0.0:8042").unwrap();
+        assert!(w.contains("0.0.0.0:8042") && w.contains("tokens"), "{w}");
+        assert!(open("[::]:8042").is_some());
+        assert!(open("192.168.1.5:8042").is_some());
+        let with_token = exposure_warning(&"0.0.0.0:8042".parse().unwrap(), &["t".into()]);
+        assert!(with_token.is_none());
     }
 }

@@ -56,6 +56,10 @@ pub enum PlanError {
         value: String,
         message: String,
     },
+    /// A command-line value that is well-formed but not acceptable for the plan, such as a
+    /// `--test-param` the test case does not declare.
+    #[error("{flag}: {message}")]
+    Param { flag: String, message: String },
     #[error("cannot write composition as toml: {message}")]
     Serialize { message: String },
 }
@@ -90,7 +94,7 @@ impl PlanError {
     pub fn file(&self) -> Option<&str> {
         match self {
             PlanError::Read { file, .. } | PlanError::Invalid { file, .. } => Some(file),
-            PlanError::Flag { .. } | PlanError::Serialize { .. } => None,
+            PlanError::Flag { .. } | PlanError::Param { .. } | PlanError::Serialize { .. } => None,
         }
     }
 

@@ -13,7 +13,9 @@
 //! - `manifest`: [`load_manifest`], [`parse_manifest`].
 //! - `composition`: [`load_composition`], [`parse_composition`], [`to_toml`],
 //!   [`single_composition`].
-//! - `validate`: [`validate_for_build`], [`validate_for_run`].
+//! - `validate`: [`validate_for_build`], [`validate_for_run`], [`undeclared_test_params`].
+//! - `params`: test parameters checked against the test case's declarations
+//!   ([`check_param_value`]).
 //! - `resolve`: [`resolve_builds`], [`resolve_run`] and their results.
 //! - `flags`: command-line value parsing ([`parse_kv`], [`infer_typed`], [`parse_dep`]) and
 //!   [`encode_params`].
@@ -23,6 +25,7 @@ mod decode;
 pub mod error;
 mod flags;
 mod manifest;
+mod params;
 mod resolve;
 mod template;
 mod validate;
@@ -33,8 +36,9 @@ pub use composition::{
 pub use error::{Location, PlanError};
 pub use flags::{encode_params, infer_typed, parse_dep, parse_kv};
 pub use manifest::{load_manifest, parse_manifest};
+pub use params::check_value as check_param_value;
 pub use resolve::{ResolvedBuild, ResolvedRun, ResolvedRunGroup, resolve_builds, resolve_run};
-pub use validate::{validate_for_build, validate_for_run};
+pub use validate::{undeclared_test_params, validate_for_build, validate_for_run};
 
 /// A free-form configuration table.
 pub use tg_api::manifest::Map;

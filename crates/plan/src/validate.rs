@@ -2,13 +2,13 @@
 //! each error naming the file and the TOML field to fix.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use tg_api::composition::{Composition, Dependency, Instances, Run};
 use tg_api::manifest::{Manifest, TestCase};
 
-use crate::composition::{default_run, file_of};
-use crate::error::PlanError;
+use crate::composition::{SYNTHETIC_ORIGIN, default_run, file_of};
+use crate::error::{PlanError, Seg, format_path};
 
 /// Checks what a build needs: a plan, unique group ids, a supported builder for every group and
 /// well-formed dependency overrides. Case, runner, instances and runs are not looked at.
@@ -143,13 +143,37 @@ pub(crate) fn checked_runs<'m>(
             ));
         }
     }
-    let tc = m.testcase(&c.global.case).ok_or_else(|| {
-        PlanError::invalid(
-            file,
-            "global.case",
-            format!("test case {} not found in plan {}", c.global.case, m.name),
-        )
-    })?;
+    let synthetic = file == SYNTHETIC_ORIGIN;
+    let Some(tc) = m.testcase(&c.global.case) else {
+        let cases: Vec<&str> = m.testcases.iter().map(|tc| tc.name.as_str()).collect();
+        let message = format!(
+            "test case {} not found in plan {}; its test cases: [{}]",
+            c.global.case,
+            m.name,
+            cases.join(" ")
+        );
+        return Err(if synthetic {
+            PlanError::Param {
+                flag: "--testcase".to_owned(),
+                message,
+            }
+        } else {
+            PlanError::invalid(file, "global.case", message)
+        });
+    };
+    // `-i 0` of a `single` command: say what the flag allows, not which field of a composition
+    // the user never wrote is empty.
+    if synthetic && c.global.total_instances == 0 {
+        return Err(PlanError::Param {
+            flag: "--instances".to_owned(),
+            message: format!(
+                "expected at least 1 instance; test case {} allows from {} to {} instances",
+                tc.name,
+                tc.instances.min.max(1),
+                tc.instances.max
+            ),
+        });
+    }
     if m.runners.is_empty() {
         return Err(PlanError::invalid(
             crate::manifest::file_of(m),
@@ -168,6 +192,8 @@ pub(crate) fn checked_runs<'m>(
             ),
         ));
     }
+
+    check_test_params(c, tc)?;
 
     let (runs, generated) = effective_runs(c);
     let mut seen = HashSet::new();
@@ -207,6 +233,77 @@ pub(crate) fn checked_runs<'m>(
         counted.push(counts);
     }
     Ok((tc, counted))
+}
+
+/// Every test parameter set in the composition, with the field that sets it.
+fn test_param_layers(c: &Composition) -> Vec<(String, &str, &str)> {
+    let mut layers: Vec<(String, &BTreeMap<String, String>)> =
+        vec![("global.run".to_owned(), &c.global.run.test_params)];
+    for (i, g) in c.groups.iter().enumerate() {
+        layers.push((format!("groups[{i}].run"), &g.run.test_params));
+    }
+    for (i, run) in c.runs.iter().enumerate() {
+        layers.push((format!("runs[{i}]"), &run.test_params));
+        for (j, rg) in run.groups.iter().enumerate() {
+            layers.push((format!("runs[{i}].groups[{j}]"), &rg.test_params));
+        }
+    }
+    layers
+        .into_iter()
+        .flat_map(|(owner, params)| {
+            params.iter().map(move |(name, value)| {
+                let field = format!(
+                    "{owner}.test_params.{}",
+                    format_path(&[Seg::Key(name.clone())])
+                );
+                (field, name.as_str(), value.as_str())
+            })
+        })
+        .collect()
+}
+
+/// A declared test parameter's value must parse as its declared type. A parameter the test
+/// case does not declare is an error for `--test-param` (a typo the user can fix at once) and
+/// only a warning in a composition file ([`undeclared_test_params`]), which the original accepts
+/// and existing compositions rely on. Errors of a `single` command name `--test-param`, not the
+/// synthetic composition's fields the user never wrote.
+fn check_test_params(c: &Composition, tc: &TestCase) -> Result<(), PlanError> {
+    let file = file_of(c);
+    let synthetic = file == SYNTHETIC_ORIGIN;
+    for (field, name, value) in test_param_layers(c) {
+        if !synthetic && !tc.params.contains_key(name) {
+            continue;
+        }
+        let Some(message) = crate::params::problem(tc, name, value) else {
+            continue;
+        };
+        return Err(if synthetic {
+            PlanError::Param {
+                flag: "--test-param".to_owned(),
+                message,
+            }
+        } else {
+            PlanError::invalid(file, field, message)
+        });
+    }
+    Ok(())
+}
+
+/// One warning per test parameter the composition sets that its test case does not declare,
+/// naming the file, the field and the declared parameters. Empty when the case is unknown
+/// ([`validate_for_run`] reports that).
+pub fn undeclared_test_params(c: &Composition, m: &Manifest) -> Vec<String> {
+    let Some(tc) = m.testcase(&c.global.case) else {
+        return Vec::new();
+    };
+    let file = file_of(c);
+    test_param_layers(c)
+        .into_iter()
+        .filter(|(_, name, _)| !tc.params.contains_key(*name))
+        .filter_map(|(field, name, value)| {
+            crate::params::problem(tc, name, value).map(|m| format!("{file}: {field}: {m}"))
+        })
+        .collect()
 }
 
 /// Resolves each run-group to its group and instance count, and checks the run's total.

@@ -8,7 +8,8 @@ use tg_api::composition::{Composition, Dependency};
 use tg_api::manifest::Manifest;
 use tg_plan::{
     Map, PlanError, SingleSpec, load_composition, load_manifest, parse_composition, parse_manifest,
-    resolve_builds, resolve_run, single_composition, to_toml, validate_for_build, validate_for_run,
+    resolve_builds, resolve_run, single_composition, to_toml, undeclared_test_params,
+    validate_for_build, validate_for_run,
 };
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -388,7 +389,7 @@ fn every_validation_rule_names_file_and_field() {
             "unknown test case",
             &edit("case = \"ping/pong\"", "case = \"storm\""),
             Stage::Run,
-            "comp.toml: global.case: test case storm not found in plan suite/net",
+            "comp.toml: global.case: test case storm not found in plan suite/net; its test cases: [ping/pong]",
         ),
         case(
             "unsupported runner",
@@ -1056,5 +1057,101 @@ fn datetimes_in_config_become_strings() {
     assert_eq!(
         back.global.build_config["since"],
         json!("2024-01-02T03:04:05Z")
+    );
+}
+
+// ---------------------------------------------------------------- test parameters and flags
+
+fn single_spec(case: &str, instances: u32, tp: &[(&str, &str)]) -> SingleSpec {
+    SingleSpec {
+        plan: "net".into(),
+        case: case.into(),
+        builder: "exec:go".into(),
+        runner: "local:exec".into(),
+        instances,
+        test_params: params(tp),
+        ..SingleSpec::default()
+    }
+}
+
+#[test]
+fn test_param_flags_are_checked_against_the_declared_types() {
+    let m = manifest(MANIFEST);
+    let check = |tp: &[(&str, &str)]| {
+        let c = single_composition(single_spec("ping/pong", 2, tp));
+        let r = validate_for_run(&c, &m);
+        // Resolving validates too: a daemon that receives the composition refuses it as well.
+        assert_eq!(
+            r.is_ok(),
+            resolve_run(&c, &m, "default", &BTreeMap::new()).is_ok()
+        );
+        r.map_err(|e| e.to_string())
+    };
+    check(&[("n", "7"), ("p", "anything"), ("nodefault", "-3")]).unwrap();
+    assert_eq!(
+        check(&[("n", "forty-two")]).unwrap_err(),
+        "--test-param: test parameter \"n\": expected an integer (type \"int\"), found \"forty-two\""
+    );
+    assert_eq!(
+        check(&[("nn", "1")]).unwrap_err(),
+        "--test-param: unknown test parameter \"nn\": test case ping/pong has parameters [n nodefault p]"
+    );
+}
+
+#[test]
+fn composition_test_params_of_the_wrong_type_name_the_field() {
+    let m = manifest(MANIFEST);
+    let c = composition(&edit(
+        "id = \"b\"",
+        "id = \"b\"\nrun = { test_params = { n = \"five\" } }",
+    ));
+    let e = validate_for_run(&c, &m).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "comp.toml: groups[1].run.test_params.n: test parameter \"n\": expected an integer (type \"int\"), found \"five\""
+    );
+    assert_eq!(e.field(), Some("groups[1].run.test_params.n"));
+    // The run-group layer is checked too.
+    let c = composition(&format!(
+        "{}\n[[runs]]\nid = \"r\"\n[[runs.groups]]\nid = \"a\"\ntest_params = {{ n = \"1.5\" }}\n[[runs.groups]]\nid = \"b\"\n",
+        VALID
+    ));
+    let e = validate_for_run(&c, &m).unwrap_err().to_string();
+    assert!(
+        e.starts_with("comp.toml: runs[0].groups[0].test_params.n: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn undeclared_composition_test_params_are_warnings_naming_the_field() {
+    let m = manifest(MANIFEST);
+    let c = composition(&edit(
+        "id = \"b\"",
+        "id = \"b\"\nrun = { test_params = { undeclared = \"x\", n = \"3\" } }",
+    ));
+    validate_for_run(&c, &m).unwrap();
+    assert_eq!(
+        undeclared_test_params(&c, &m),
+        vec![
+            "comp.toml: groups[1].run.test_params.undeclared: unknown test parameter \"undeclared\": test case ping/pong has parameters [n nodefault p]"
+                .to_owned()
+        ]
+    );
+    assert!(undeclared_test_params(&composition(VALID), &m).is_empty());
+}
+
+#[test]
+fn zero_instances_and_unknown_cases_of_single_name_the_flag_and_the_choices() {
+    let m = manifest(MANIFEST);
+    let c = single_composition(single_spec("ping/pong", 0, &[]));
+    assert_eq!(
+        validate_for_run(&c, &m).unwrap_err().to_string(),
+        "--instances: expected at least 1 instance; test case ping/pong allows from 1 to 10 instances"
+    );
+    let c = single_composition(single_spec("storm", 1, &[]));
+    assert_eq!(
+        validate_for_run(&c, &m).unwrap_err().to_string(),
+        "--testcase: test case storm not found in plan suite/net; its test cases: [ping/pong]"
     );
 }

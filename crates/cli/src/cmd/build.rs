@@ -13,7 +13,7 @@ use super::Ctx;
 use crate::cli::{
     BuildCmd, BuildCompositionArgs, BuildPurgeArgs, BuildSingleArgs, GlobalArgs, SingleBuildFlags,
 };
-use crate::client::{Backend, OnInterrupt, consume};
+use crate::client::{Backend, Interrupts, consume, follow_task};
 use crate::log;
 
 pub async fn build(ctx: Ctx, g: &GlobalArgs, c: BuildCmd) -> Result<()> {
@@ -58,22 +58,21 @@ pub(super) async fn submit(
     plan_dir: Option<&Path>,
 ) -> Result<String> {
     let chunks = backend.submit(req, plan_dir).await?;
-    let v = consume(backend, chunks, None, OnInterrupt::Default).await?;
+    let v = consume(chunks, None).await?;
     match v {
         Value::String(id) if !id.is_empty() => Ok(id),
         other => Err(anyhow!("the daemon returned no task id (got {other})")),
     }
 }
 
-/// Follows a task's log to its end and returns the final task. Ctrl-C cancels the task.
-pub(super) async fn follow(backend: &Backend, task_id: &str) -> Result<Task> {
-    let chunks = backend.logs(task_id, true).await?;
-    let on_interrupt = if backend.is_embedded() {
-        OnInterrupt::Cancel(task_id)
-    } else {
-        OnInterrupt::Abort
-    };
-    let v = consume(backend, chunks, None, on_interrupt).await?;
+/// Follows a task's log to its end and returns the final task. Ctrl-C cancels the task (see
+/// [`follow_task`]).
+pub(super) async fn follow(
+    backend: &Backend,
+    task_id: &str,
+    interrupts: &mut Interrupts,
+) -> Result<Task> {
+    let v = follow_task(backend, task_id, interrupts).await?;
     serde_json::from_value(v).with_context(|| format!("cannot decode task {task_id}"))
 }
 
@@ -182,7 +181,8 @@ async fn run_build(
         if !waiting {
             return Ok(());
         }
-        let task = follow(&backend, &id).await?;
+        let mut interrupts = Interrupts::new()?;
+        let task = follow(&backend, &id, &mut interrupts).await?;
         log::info(format!("finished build with ID: {id}"));
         if !task.error.is_empty() || task.outcome() != Outcome::Success {
             let why = if task.error.is_empty() {
@@ -218,7 +218,7 @@ async fn run_build(
         Ok(())
     }
     .await;
-    backend.close().await;
+    backend.close_after(&res).await;
     res
 }
 
@@ -226,7 +226,7 @@ async fn purge(ctx: Ctx, g: &GlobalArgs, a: BuildPurgeArgs) -> Result<()> {
     let backend = ctx.backend(g).await?;
     let res = async {
         let chunks = backend.purge(&a.builder, &a.plan).await?;
-        consume(&backend, chunks, None, OnInterrupt::Default).await?;
+        consume(chunks, None).await?;
         log::info(format!(
             "finished purging testplan {} for builder {}",
             a.plan, a.builder

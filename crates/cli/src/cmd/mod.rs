@@ -16,13 +16,14 @@ use tg_daemon::{EnvConfig, Home};
 use crate::cli::{Cli, Command, GlobalArgs};
 use crate::client::{Backend, Remote};
 use crate::log;
+use crate::out::outln;
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.command {
         Command::Version => {
-            println!("Testground");
-            println!(
+            outln!("Testground");
+            outln!(
                 "Git commit: {}",
                 option_env!("TG_GIT_COMMIT").unwrap_or("dirty")
             );
@@ -74,6 +75,9 @@ impl Ctx {
         let (cfg, found) = EnvConfig::load(&env)?;
         if found {
             log::info(format!(".env.toml loaded from: {}", env.display()));
+            for w in &cfg.warnings {
+                log::warn(w);
+            }
         } else {
             log::info(format!(
                 "no .env.toml found at {}; running with defaults",

@@ -7,6 +7,7 @@ use tg_api::manifest::Manifest;
 
 use super::Ctx;
 use crate::cli::{DescribeArgs, PlanCmd, PlanCreateArgs, PlanImportArgs, PlanListArgs, PlanRmArgs};
+use crate::out::{out, outln};
 use crate::{log, table};
 
 pub fn plan(ctx: &Ctx, c: PlanCmd) -> Result<()> {
@@ -58,20 +59,28 @@ fn import(ctx: &Ctx, a: &PlanImportArgs) -> Result<()> {
         );
         return Ok(());
     }
+    // Read every manifest before touching the home: a plan that does not load is not imported,
+    // so a failed import leaves nothing behind (a broken plan would make `plan list` fail).
+    let plans = find_plans(&src)?;
+    let created_parents = missing_ancestors(&ctx.home.plans_dir(), &dst);
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    std::os::unix::fs::symlink(&src, &dst).with_context(|| {
-        format!(
-            "cannot create symlink {} -> {}",
-            dst.display(),
-            src.display()
-        )
-    })?;
-    println!("created symlink {} -> {}", dst.display(), src.display());
-    println!("imported plans:");
-    let plans = find_plans(&dst)?;
+    if let Err(e) = std::os::unix::fs::symlink(&src, &dst) {
+        for d in created_parents.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        return Err(e).with_context(|| {
+            format!(
+                "cannot create symlink {} -> {}",
+                dst.display(),
+                src.display()
+            )
+        });
+    }
+    outln!("created symlink {} -> {}", dst.display(), src.display());
+    outln!("imported plans:");
     let mut rows = Vec::new();
     for (rel, manifest) in plans {
         let id = if rel.as_os_str().is_empty() {
@@ -83,8 +92,22 @@ fn import(ctx: &Ctx, a: &PlanImportArgs) -> Result<()> {
             rows.push(format!("{}\t{}", id.display(), tc.name));
         }
     }
-    print!("{}", table::render(&rows, 1, false));
+    out!("{}", table::render(&rows, 1, false));
     Ok(())
+}
+
+/// The directories between `root` (exclusive) and `path` (exclusive) that do not exist yet,
+/// outermost first: what `create_dir_all(path.parent())` will create.
+fn missing_ancestors(root: &Path, path: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = path
+        .ancestors()
+        .skip(1)
+        .take_while(|a| *a != root && a.starts_with(root))
+        .filter(|a| a.symlink_metadata().is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    out.reverse();
+    out
 }
 
 /// Directories below `root` (following symlinks) that hold a `manifest.toml`, as paths relative
@@ -135,18 +158,36 @@ fn list(ctx: &Ctx, a: &PlanListArgs) -> Result<()> {
     dirs.sort();
     if !a.testcases {
         for d in dirs {
-            println!("{}", d.display());
+            outln!("{}", d.display());
         }
         return Ok(());
     }
+    // One broken plan must not hide the others: report it and list the rest.
     let mut rows = Vec::new();
+    let mut broken = 0usize;
     for d in dirs {
-        let m = tg_plan::load_manifest(&root.join(&d).join("manifest.toml"))?;
-        for tc in &m.testcases {
-            rows.push(format!("{}\t{}", d.display(), tc.name));
+        match tg_plan::load_manifest(&root.join(&d).join("manifest.toml")) {
+            Ok(m) => {
+                for tc in &m.testcases {
+                    rows.push(format!("{}\t{}", d.display(), tc.name));
+                }
+            }
+            Err(e) => {
+                broken += 1;
+                log::warn_kv(
+                    "cannot read test plan; skipped",
+                    &[
+                        ("plan", d.display().to_string().into()),
+                        ("error", e.to_string().into()),
+                    ],
+                );
+            }
         }
     }
-    print!("{}", table::render(&rows, 1, false));
+    out!("{}", table::render(&rows, 1, false));
+    if broken > 0 {
+        bail!("{broken} test plan(s) could not be read (see the warnings above)");
+    }
     Ok(())
 }
 
@@ -165,7 +206,7 @@ fn rm(ctx: &Ctx, a: &PlanRmArgs) -> Result<()> {
         Err(_) => bail!("test plan {plan:?} not found at {}", dir.display()),
     };
     if !a.yes {
-        println!("really delete? pass --yes flag to confirm.");
+        outln!("really delete? pass --yes flag to confirm.");
         return Ok(());
     }
     // An imported plan is a symlink: remove the link, never the user's sources.
@@ -175,7 +216,7 @@ fn rm(ctx: &Ctx, a: &PlanRmArgs) -> Result<()> {
         std::fs::remove_dir_all(&dir)
     }
     .with_context(|| format!("cannot remove {}", dir.display()))?;
-    println!("plan at {} removed.", dir.display());
+    outln!("plan at {} removed.", dir.display());
     Ok(())
 }
 
@@ -209,7 +250,7 @@ fn create(ctx: &Ctx, a: &PlanCreateArgs) -> Result<()> {
         }
         std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
     }
-    println!("new test plan created under: {}", dir.display());
+    outln!("new test plan created under: {}", dir.display());
     Ok(())
 }
 
@@ -300,7 +341,7 @@ pub fn render_description(m: &Manifest) -> String {
 
 pub fn describe(ctx: &Ctx, a: &DescribeArgs) -> Result<()> {
     let (_, m) = ctx.plan(&a.plan)?;
-    print!("{}", render_description(&m));
+    out!("{}", render_description(&m));
     Ok(())
 }
 

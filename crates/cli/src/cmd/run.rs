@@ -23,7 +23,7 @@ use super::build::{
 };
 use crate::Exit;
 use crate::cli::{GlobalArgs, RunCmd, RunCommonFlags, RunCompositionArgs, RunSingleArgs};
-use crate::client::Backend;
+use crate::client::{Backend, Interrupts, interrupted};
 use crate::log;
 
 pub async fn run(ctx: Ctx, g: &GlobalArgs, c: RunCmd) -> Result<()> {
@@ -150,10 +150,13 @@ struct RunRecord {
 
 async fn run_flow(ctx: &Ctx, g: &GlobalArgs, mut comp: Composition, flow: Flow<'_>) -> Result<()> {
     tg_plan::validate_for_run(&comp, &flow.manifest)?;
+    for w in tg_plan::undeclared_test_params(&comp, &flow.manifest) {
+        log::warn(w);
+    }
     comp.global.plan = flow.manifest.name.clone();
     let backend = ctx.backend(g).await?;
     let res = run_all(&backend, comp, &flow).await;
-    backend.close().await;
+    backend.close_after(&res).await;
     res
 }
 
@@ -194,6 +197,9 @@ async fn run_all(backend: &Backend, mut comp: Composition, flow: &Flow<'_>) -> R
     let mut records: Vec<RunRecord> = Vec::new();
     let mut aborted = false;
     let mut collect_failed: Option<String> = None;
+    // One listener for the whole flow, made when the first task is followed (until then
+    // Ctrl-C keeps its default effect).
+    let mut interrupts: Option<Interrupts> = None;
     if !build_groups.is_empty() {
         log::info(format!("test plan source at: {}", flow.plan_dir.display()));
     }
@@ -239,8 +245,14 @@ async fn run_all(backend: &Backend, mut comp: Composition, flow: &Flow<'_>) -> R
         if !waiting {
             return Ok(());
         }
-        let task = match follow(backend, &task_id).await {
+        let interrupts = match &mut interrupts {
+            Some(i) => i,
+            None => interrupts.insert(Interrupts::new()?),
+        };
+        let task = match follow(backend, &task_id, interrupts).await {
             Ok(t) => t,
+            // Escalated: stop now, without the remaining runs' bookkeeping.
+            Err(e) if interrupted(&e) => return Err(e),
             Err(e) => {
                 records.push(RunRecord {
                     run_id: run_id.clone(),

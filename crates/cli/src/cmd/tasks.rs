@@ -11,7 +11,8 @@ use tg_api::task::{Task, TaskState, TaskType};
 
 use super::Ctx;
 use crate::cli::{CollectArgs, GlobalArgs, HealthcheckArgs, LogsArgs, StatusArgs, TerminateArgs};
-use crate::client::{Backend, OnInterrupt, consume};
+use crate::client::{Backend, consume};
+use crate::out::out;
 use crate::{log, table};
 
 /// Runs `f` with a backend and always lets the backend close, whatever `f` returns.
@@ -36,13 +37,7 @@ pub(super) async fn collect_to_file(
     let chunks = backend.outputs(runner, run_id).await?;
     let mut f =
         std::fs::File::create(file).with_context(|| format!("cannot create {}", file.display()))?;
-    let res = consume(
-        backend,
-        chunks,
-        Some(&mut f as &mut dyn Write),
-        OnInterrupt::Default,
-    )
-    .await;
+    let res = consume(chunks, Some(&mut f as &mut dyn Write)).await;
     match res {
         Ok(Value::Bool(true)) => {
             f.flush()
@@ -133,9 +128,9 @@ fn status_block(t: &Task, extended: bool) -> String {
 pub async fn status(ctx: Ctx, g: &GlobalArgs, a: &StatusArgs) -> Result<()> {
     with_backend(&ctx, g, async move |b| {
         let chunks = b.status(&a.task).await?;
-        let v = consume(b, chunks, None, OnInterrupt::Default).await?;
+        let v = consume(chunks, None).await?;
         let t: Task = serde_json::from_value(v).context("cannot decode the task")?;
-        print!("{}", status_block(&t, a.extended));
+        out!("{}", status_block(&t, a.extended));
         Ok(())
     })
     .await
@@ -145,9 +140,9 @@ pub async fn logs(ctx: Ctx, g: &GlobalArgs, a: &LogsArgs) -> Result<()> {
     with_backend(&ctx, g, async move |b| {
         let chunks = b.logs(&a.task, a.follow).await?;
         // Following someone else's task: Ctrl-C stops following, it does not cancel.
-        let v = consume(b, chunks, None, OnInterrupt::Default).await?;
+        let v = consume(chunks, None).await?;
         let t: Task = serde_json::from_value(v).context("cannot decode the task")?;
-        print!("{}", status_block(&t, false));
+        out!("{}", status_block(&t, false));
         Ok(())
     })
     .await
@@ -192,12 +187,12 @@ pub async fn tasks(ctx: Ctx, g: &GlobalArgs) -> Result<()> {
             ..Default::default()
         };
         let chunks = b.tasks(&filters).await?;
-        let v = consume(b, chunks, None, OnInterrupt::Default).await?;
+        let v = consume(chunks, None).await?;
         let mut tasks: Vec<Task> =
             serde_json::from_value(v).context("cannot decode the task list")?;
         // Newest first; xids sort by creation time.
         tasks.sort_by(|a, b| b.created().cmp(&a.created()).then_with(|| b.id.cmp(&a.id)));
-        print!("{}", tasks_table(&tasks));
+        out!("{}", tasks_table(&tasks));
         Ok(())
     })
     .await
@@ -219,7 +214,7 @@ pub async fn terminate(ctx: Ctx, g: &GlobalArgs, a: &TerminateArgs) -> Result<()
     };
     with_backend(&ctx, g, async move |b| {
         let chunks = b.terminate(&TerminateRequest { runner, builder }).await?;
-        consume(b, chunks, None, OnInterrupt::Default).await?;
+        consume(chunks, None).await?;
         log::info(format!("all jobs terminated on component: {component}"));
         Ok(())
     })
@@ -247,11 +242,11 @@ fn report_text(r: &HealthcheckReport) -> String {
 pub async fn healthcheck(ctx: Ctx, g: &GlobalArgs, a: &HealthcheckArgs) -> Result<()> {
     with_backend(&ctx, g, async move |b| {
         let chunks = b.healthcheck(&a.runner, a.fix).await?;
-        let v = consume(b, chunks, None, OnInterrupt::Default).await?;
+        let v = consume(chunks, None).await?;
         let r: HealthcheckReport =
             serde_json::from_value(v).context("cannot decode the healthcheck report")?;
         log::info(format!("finished checking runner {}", a.runner));
-        print!("{}", report_text(&r));
+        out!("{}", report_text(&r));
         Ok(())
     })
     .await

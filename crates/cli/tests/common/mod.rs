@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end test binaries: a temporary `$TESTGROUND_HOME` driving the
+//! Helpers shared by the integration test binaries: a temporary `$TESTGROUND_HOME` driving the
 //! real `testground` binary, output rendering, and process listings. Each binary uses a
 //! different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
@@ -29,11 +29,14 @@ impl Home {
         self.dir.path()
     }
 
-    /// The `testground` binary with this home, no inherited log level, no stdin.
+    /// The `testground` binary with this home, no inherited log level, no stdin, run in the
+    /// home (files it writes by default, such as `<task>.tgz`, land there).
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(assert_cmd::cargo::cargo_bin("testground"));
         c.env("TESTGROUND_HOME", self.path())
             .env_remove("LOG_LEVEL")
+            .env_remove("RUST_LOG")
+            .current_dir(self.path())
             .stdin(Stdio::null());
         c
     }
@@ -42,11 +45,62 @@ impl Home {
         self.cmd().args(args).output().unwrap()
     }
 
+    /// [`Home::tg`] with the output as text.
+    pub fn run(&self, args: &[&str]) -> Out {
+        let o = self.tg(args);
+        Out {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// A plan directory outside the plans directory, ready to import.
+    pub fn plan_src(&self, name: &str, manifest: &str) -> PathBuf {
+        let dir = self.path().join("src").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.toml"), manifest).unwrap();
+        dir
+    }
+
     /// Imports `plans/<plan>` of this repository.
     pub fn import(&self, plan: &str) {
         let from = repo().join("plans").join(plan);
         let out = self.tg(&["plan", "import", "--from", from.to_str().unwrap()]);
         assert!(out.status.success(), "import {plan}: {}", text(&out));
+    }
+}
+
+/// A finished command's exit code and output.
+pub struct Out {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Out {
+    /// The `error: ...` line: exactly one, no panic, no backtrace.
+    pub fn error_line(&self) -> &str {
+        assert!(!self.stderr.contains("panicked"), "{self}");
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{self}");
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "one error line expected:\n{self}");
+        assert!(lines[0].starts_with("error: "), "{self}");
+        lines[0]
     }
 }
 
