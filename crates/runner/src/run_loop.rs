@@ -88,11 +88,12 @@ pub(crate) async fn run_loop<L: Launcher>(
         &input.run_id,
     );
     create_dir(&run_dir)?;
+    // 0700: other users cannot look into instances' scratch space.
     let temp_root = tempfile::Builder::new()
         .prefix(&format!("tg-{}-", input.run_id))
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(RunError::io("create a temp dir in", std::env::temp_dir()))?;
-    // (tempfile makes it 0700: other users cannot look into instances' scratch space.)
 
     let total: u32 = input.groups.iter().map(|g| g.instances).sum();
     let mut sup = Supervisor::new(&input.groups, opts.rule);
@@ -347,6 +348,7 @@ mod tests {
         launched: Vec<usize>,
         stops: Vec<(usize, Stop, Duration)>,
         teardowns: u32,
+        temp_root_mode: u32,
     }
 
     struct Fake {
@@ -368,7 +370,10 @@ mod tests {
     impl Launcher for Fake {
         type Instance = FakeInstance;
 
-        async fn start(&mut self, _ctx: &LaunchContext) -> Result<NetEnv, RunError> {
+        async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
+            use std::os::unix::fs::PermissionsExt;
+            self.log.lock().unwrap().temp_root_mode =
+                std::fs::metadata(&ctx.temp_root).unwrap().permissions().mode() & 0o777;
             Ok(NetEnv {
                 sidecar: false,
                 subnet: "127.1.0.0/16".into(),
@@ -585,6 +590,7 @@ mod tests {
         );
         let log = h.log.lock().unwrap();
         assert_eq!(log.launched, vec![0, 1, 2]);
+        assert_eq!(log.temp_root_mode, 0o700, "the run's temp dir is private");
         // Only the hung instance was stopped: TERM at the deadline, KILL one grace later.
         let hung: Vec<_> = log.stops.iter().filter(|s| s.0 == 1).collect();
         assert_eq!(hung[0].1, Stop::Term);
