@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use serde_json::value::RawValue;
 use tg_api::sync::{
-    BarrierRequest, Op, PublishRequest, Request, SignalEntryRequest, SubscribeRequest,
+    BarrierRequest, Op, PublishRequest, Request, RunKeys, SignalEntryRequest, SubscribeRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -158,13 +158,12 @@ impl SyncService {
     /// Subscribes to a run's events (`<run_prefix>:run_events`, where `run_prefix` is
     /// `run:<run>:plan:<plan>:case:<case>`), from the first event on.
     pub fn subscribe_events(&self, run_prefix: &str) -> Subscription {
-        let prefix = run_prefix.trim_end_matches(':');
-        self.subscribe(&format!("{prefix}:run_events"))
+        self.subscribe(&RunKeys::from_prefix(run_prefix).run_events())
     }
 
     /// Removes every key of run `run_id` (`run:<run_id>:...`). Call when the run has ended.
     pub async fn drop_run(&self, run_id: &str) -> Result<Dropped, ServiceError> {
-        self.drop_prefix(&format!("run:{run_id}:")).await
+        self.drop_prefix(&RunKeys::run_scope(run_id)).await
     }
 
     /// Removes every state and topic whose key starts with `prefix`.

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde_json::json;
-use tg_sync::{Client, SyncService, serve};
+use tg_sync::{SyncService, serve};
+use tg_sync_client::Client;
 use tokio::net::TcpListener;
 
 #[derive(Clone, Copy, Debug)]
