@@ -156,6 +156,20 @@ impl Request {
             || self.signal_entry.is_some()
     }
 
+    /// The state or topic the request names (of the operation [`Request::into_op`] would
+    /// choose); `None` for a cancel or a request without an operation.
+    pub fn key(&self) -> Option<&str> {
+        if let Some(p) = &self.publish {
+            Some(&p.topic)
+        } else if let Some(s) = &self.subscribe {
+            Some(&s.topic)
+        } else if let Some(b) = &self.barrier {
+            Some(&b.state)
+        } else {
+            self.signal_entry.as_ref().map(|s| s.state.as_str())
+        }
+    }
+
     /// Takes the operation out, choosing as the reference does when several are present:
     /// publish, then subscribe, then barrier, then signal_entry. `None` when there is none.
     pub fn into_op(self) -> Option<Op> {

@@ -13,10 +13,15 @@
 //! - [`service`]: [`SyncService`], the actor task that owns the core, plus its in-process API
 //!   (publish, signal, barrier, subscribe, run events, drop a run, stats).
 //! - [`server`]: [`serve`], the websocket driver (one reader and one writer task per connection).
+//! - [`limits`]: [`SyncLimits`], what one run may hold (bytes, connections), so that one run's
+//!   junk cannot exhaust the daemon for the others.
 
+mod admission;
 pub mod core;
+pub mod limits;
 pub mod server;
 pub mod service;
 
-pub use server::serve;
+pub use limits::{Limit, LimitExceeded, SyncLimits};
+pub use server::{raise_fd_limit, serve};
 pub use service::{ConnHandle, ServiceError, ServiceStats, Subscription, SyncService};
