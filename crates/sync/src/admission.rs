@@ -63,7 +63,7 @@ impl Admission {
             st.evicted += 1;
             let evicted = st.evicted;
             // One line per 1,024 closes: a flood of idle sockets must not flood the log too.
-            if evicted == 1 || evicted % 1024 == 0 {
+            if evicted == 1 || evicted.is_multiple_of(1024) {
                 tracing::warn!(
                     limit = self.max_unidentified,
                     closed_so_far = evicted,
