@@ -620,7 +620,7 @@ fn example_plan_sync_case_as_processes() {
     let children: Vec<_> = dirs
         .iter()
         .map(|dir| {
-            std::process::Command::new(&bin)
+            std::process::Command::new(bin)
                 .env_clear()
                 .envs(sync_vars(addr, N))
                 .env("TEST_PLAN", "example-sdk")
