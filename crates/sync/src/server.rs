@@ -35,7 +35,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Request as HttpRequest, Response as HttpResponse,
 };
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use tg_api::sync::RunKeys;
 
@@ -185,24 +186,26 @@ async fn connection(
         conn,
         is_go.load(Ordering::Relaxed),
     ));
-    read_loop(stream, &handle, &mut ticket).await;
+    let evicted = read_loop(stream, &handle, &mut ticket).await;
     drop(handle);
-    let _ = done_tx.send(());
+    let _ = done_tx.send(evicted);
     let _ = writer.await;
     tracing::debug!(%peer, conn, "sync connection closed");
 }
 
+/// Reads until the peer leaves; returns `true` if the connection is closed instead for being
+/// the oldest one that has sent no request.
 async fn read_loop(
     mut stream: SplitStream<WebSocketStream<TcpStream>>,
     handle: &ConnHandle,
     ticket: &mut Ticket,
-) {
+) -> bool {
     loop {
         let msg = tokio::select! {
             msg = stream.next() => msg,
             () = ticket.evicted() => {
                 tracing::debug!(conn = handle.id(), "closing a connection that sent no request");
-                break;
+                return true;
             }
         };
         let Some(msg) = msg else { break };
@@ -219,6 +222,7 @@ async fn read_loop(
             }
         }
     }
+    false
 }
 
 fn on_frame(handle: &ConnHandle, ticket: &mut Ticket, bytes: &[u8]) {
@@ -256,7 +260,7 @@ type WsSink = SplitSink<WebSocketStream<TcpStream>, Message>;
 async fn write_loop(
     mut sink: WsSink,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    done: oneshot::Receiver<()>,
+    done: oneshot::Receiver<bool>,
     conn: ConnId,
     is_go: bool,
 ) {
@@ -294,7 +298,22 @@ async fn write_loop(
     };
     tokio::select! {
         biased;
-        _ = done => {}
+        evicted = done => {
+            if evicted.unwrap_or(false) {
+                // Say why (1008, policy): the peer can tell this from a crash of the service.
+                let frame = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: "sync limit max_unidentified_connections: closed the oldest \
+                             connection that sent no request"
+                        .into(),
+                };
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    sink.send(Message::Close(Some(frame))),
+                )
+                .await;
+            }
+        }
         () = work => {}
     }
     // The reader has ended (close frame or EOF): flush a pending close echo and let go. Bounded,
