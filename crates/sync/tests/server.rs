@@ -900,8 +900,13 @@ async fn twenty_thousand_idle_sockets_cannot_keep_a_new_run_out() {
 
     // A new run's clients get in, signal and pass a barrier.
     let new = RunKeys::new("new", "p", "c");
-    let c1 = Client::connect(&url).await.unwrap();
-    let c2 = Client::connect(&url).await.unwrap();
+    let connect = || async {
+        timeout(LIMIT, Client::connect(&url))
+            .await
+            .expect("a new run could not connect behind 20,000 idle sockets")
+            .unwrap()
+    };
+    let (c1, c2) = (connect().await, connect().await);
     let (s1, s2) = timeout(
         LIMIT,
         futures::future::join(
