@@ -834,6 +834,17 @@ fn raise_nofile(need: u64) -> Result<(), String> {
     setrlimit(Resource::RLIMIT_NOFILE, need, hard).map_err(|e| e.to_string())
 }
 
+fn hard_nofile_at_least(need: u64) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
+    if hard < need {
+        return Err(format!(
+            "the hard open file limit is {hard}, the idle-socket helpers need {need}"
+        ));
+    }
+    Ok(())
+}
+
 /// Starts `sync-bench idle`: `plain` TCP connects and `websockets` silent websockets to `addr`,
 /// held until the returned child's stdin closes. Returns once they are all open.
 async fn idle_sockets(addr: SocketAddr, plain: usize, websockets: usize) -> tokio::process::Child {
@@ -869,7 +880,9 @@ async fn twenty_thousand_idle_sockets_cannot_keep_a_new_run_out() {
     let limits = SyncLimits::default();
     // The server end of every kept socket, plus what other tests of this binary open meanwhile.
     let need = (limits.max_unidentified_connections + 4096) as u64;
-    if let Err(reason) = raise_nofile(need) {
+    // Each helper raises its own soft limit to the hard one.
+    let helper_need = (PLAIN + SILENT_WEBSOCKETS + 64) as u64;
+    if let Err(reason) = raise_nofile(need).and_then(|()| hard_nofile_at_least(helper_need)) {
         eprintln!("skipping: {reason}");
         return;
     }
