@@ -14,6 +14,81 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::fmt;
 
+/// The sync keys of one run, laid out as sdk-go does: every key starts with the prefix
+/// `run:<run>:plan:<plan>:case:<case>`, followed by `:states:<name>` for a state (a counter with
+/// barriers), `:topics:<name>` for a topic, or `:run_events` for the run's event topic (outside
+/// the `topics:` namespace). Built here only, so that the SDK, the sidecar, the runners and the
+/// sync service agree on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RunKeys {
+    /// `run:<run>:plan:<plan>:case:<case>`, without a trailing `:`.
+    prefix: String,
+}
+
+impl RunKeys {
+    /// The keys of run `run` of test case `case` of plan `plan`.
+    pub fn new(run: &str, plan: &str, case: &str) -> Self {
+        RunKeys {
+            prefix: format!("run:{run}:plan:{plan}:case:{case}"),
+        }
+    }
+
+    /// Keys under an already built prefix (e.g. one handed over in a config). A trailing `:`
+    /// is dropped; the prefix is otherwise taken as is.
+    pub fn from_prefix(prefix: impl Into<String>) -> Self {
+        let mut prefix = prefix.into();
+        while prefix.ends_with(':') {
+            prefix.pop();
+        }
+        RunKeys { prefix }
+    }
+
+    /// `run:<run>:plan:<plan>:case:<case>`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The key of state (counter) `name`: `<prefix>:states:<name>`.
+    pub fn state(&self, name: &str) -> String {
+        format!("{}:states:{name}", self.prefix)
+    }
+
+    /// The key of topic `name`: `<prefix>:topics:<name>`.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}:topics:{name}", self.prefix)
+    }
+
+    /// The key of the run's event topic: `<prefix>:run_events`.
+    pub fn run_events(&self) -> String {
+        format!("{}:run_events", self.prefix)
+    }
+
+    /// The run id these keys belong to (`None` if the prefix is not a run prefix).
+    pub fn run_id(&self) -> Option<&str> {
+        Self::run_of(&self.prefix)
+    }
+
+    /// The prefix every key of run `run` starts with, whatever its plan and case: `run:<run>:`.
+    /// What the service drops when the run ends.
+    pub fn run_scope(run: &str) -> String {
+        format!("run:{run}:")
+    }
+
+    /// The run id a key belongs to: `x` for `run:x:...` (or for `run:x` itself). `None` for a
+    /// key outside any run, including an empty id (`run::...`).
+    pub fn run_of(key: &str) -> Option<&str> {
+        let rest = key.strip_prefix("run:")?;
+        let id = rest.split_once(':').map_or(rest, |(id, _)| id);
+        (!id.is_empty()).then_some(id)
+    }
+}
+
+impl fmt::Display for RunKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.prefix)
+    }
+}
+
 /// A request from a test instance (or any client) to the sync service.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
@@ -79,6 +154,20 @@ impl Request {
             || self.subscribe.is_some()
             || self.barrier.is_some()
             || self.signal_entry.is_some()
+    }
+
+    /// The state or topic the request names (of the operation [`Request::into_op`] would
+    /// choose); `None` for a cancel or a request without an operation.
+    pub fn key(&self) -> Option<&str> {
+        if let Some(p) = &self.publish {
+            Some(&p.topic)
+        } else if let Some(s) = &self.subscribe {
+            Some(&s.topic)
+        } else if let Some(b) = &self.barrier {
+            Some(&b.state)
+        } else {
+            self.signal_entry.as_ref().map(|s| s.state.as_str())
+        }
     }
 
     /// Takes the operation out, choosing as the reference does when several are present:
@@ -251,6 +340,32 @@ fn saturating_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_keys_layout_and_parsing() {
+        let k = RunKeys::new("c7fj", "example", "sync");
+        assert_eq!(k.prefix(), "run:c7fj:plan:example:case:sync");
+        assert_eq!(
+            k.state("ready"),
+            "run:c7fj:plan:example:case:sync:states:ready"
+        );
+        assert_eq!(
+            k.topic("peers"),
+            "run:c7fj:plan:example:case:sync:topics:peers"
+        );
+        assert_eq!(k.run_events(), "run:c7fj:plan:example:case:sync:run_events");
+        assert_eq!(k.run_id(), Some("c7fj"));
+        assert_eq!(k.to_string(), k.prefix());
+        assert_eq!(RunKeys::from_prefix("run:c7fj:plan:example:case:sync:"), k);
+        assert_eq!(RunKeys::run_scope("c7fj"), "run:c7fj:");
+        assert!(k.state("x").starts_with(&RunKeys::run_scope("c7fj")));
+        assert_eq!(RunKeys::run_of(&k.topic("t")), Some("c7fj"));
+        assert_eq!(RunKeys::run_of("run:x:states:all"), Some("x"));
+        assert_eq!(RunKeys::run_of("run:x"), Some("x"));
+        for outside in ["s", "", "run:", "run::plan", "runx:a", "RUN:a:b"] {
+            assert_eq!(RunKeys::run_of(outside), None, "{outside}");
+        }
+    }
 
     #[test]
     fn responses_serialise_all_five_keys() {

@@ -184,11 +184,42 @@ pub struct ClientConfig {
 pub struct SyncConfig {
     /// Port of the sync service (`SYNC_SERVICE_PORT` given to instances).
     pub port: u16,
+    /// Largest payload of one publish, in bytes.
+    pub max_payload_bytes: usize,
+    /// Most payload bytes one topic retains.
+    pub max_topic_bytes: usize,
+    /// Most bytes one run retains across its states, topics, barriers and subscriptions.
+    pub max_run_bytes: usize,
+    /// Most connections one run may have.
+    pub max_connections_per_run: usize,
+    /// Most connections that have not sent a request yet; the oldest is closed beyond it.
+    pub max_unidentified_connections: usize,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { port: 5050 }
+        let l = tg_sync::SyncLimits::default();
+        SyncConfig {
+            port: 5050,
+            max_payload_bytes: l.max_payload_bytes,
+            max_topic_bytes: l.max_topic_bytes,
+            max_run_bytes: l.max_run_bytes,
+            max_connections_per_run: l.max_connections_per_run,
+            max_unidentified_connections: l.max_unidentified_connections,
+        }
+    }
+}
+
+impl SyncConfig {
+    /// The sync service's limits.
+    pub fn limits(&self) -> tg_sync::SyncLimits {
+        tg_sync::SyncLimits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_topic_bytes: self.max_topic_bytes,
+            max_run_bytes: self.max_run_bytes,
+            max_connections_per_run: self.max_connections_per_run,
+            max_unidentified_connections: self.max_unidentified_connections,
+        }
     }
 }
 

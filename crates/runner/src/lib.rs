@@ -185,10 +185,9 @@ pub enum RunnerEvent {
 
 /// The sync key prefix of a run's states and topics.
 pub(crate) fn sync_prefix(input: &RunInput) -> String {
-    format!(
-        "run:{}:plan:{}:case:{}",
-        input.run_id, input.plan, input.case
-    )
+    tg_api::sync::RunKeys::new(&input.run_id, &input.plan, &input.case)
+        .prefix()
+        .to_string()
 }
 
 /// Runs `input` on the runner it names, with its run config parsed leniently (unknown keys

@@ -372,8 +372,11 @@ mod tests {
 
         async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
             use std::os::unix::fs::PermissionsExt;
-            self.log.lock().unwrap().temp_root_mode =
-                std::fs::metadata(&ctx.temp_root).unwrap().permissions().mode() & 0o777;
+            self.log.lock().unwrap().temp_root_mode = std::fs::metadata(&ctx.temp_root)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             Ok(NetEnv {
                 sidecar: false,
                 subnet: "127.1.0.0/16".into(),

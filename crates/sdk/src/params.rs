@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
+use tg_api::sync::RunKeys;
 
 /// The sync service host when `SYNC_SERVICE_HOST` is unset (the name the runners resolve).
 pub const DEFAULT_SYNC_HOST: &str = "testground-sync-service";
@@ -149,10 +150,12 @@ impl RunParams {
 
     /// The prefix of every sync key of this run: `run:<run>:plan:<plan>:case:<case>`.
     pub fn sync_prefix(&self) -> String {
-        format!(
-            "run:{}:plan:{}:case:{}",
-            self.test_run, self.test_plan, self.test_case
-        )
+        self.sync_keys().prefix().to_owned()
+    }
+
+    /// The sync keys of this run (states, topics, run events), laid out as sdk-go does.
+    pub fn sync_keys(&self) -> RunKeys {
+        RunKeys::new(&self.test_run, &self.test_plan, &self.test_case)
     }
 
     /// The sync service URL, `ws://host:port` as sdk-go builds it.

@@ -609,22 +609,18 @@ fn unreachable_sync_service_is_a_crash() {
     );
 }
 
-/// Runs the example plan's binary (plans/example-sdk, built separately with `cargo build`) as
-/// three processes of the `sync` case against an in-test sync server. Skipped unless
-/// `TG_SDK_EXAMPLE_BIN` names the binary: building a second crate from a test is too slow.
+/// Runs the example plan (plans/example-sdk/src/main.rs, which this package also builds as its
+/// `example-sdk` binary) as three processes of the `sync` case against an in-test sync server.
 #[test]
 fn example_plan_sync_case_as_processes() {
-    let Some(bin) = std::env::var_os("TG_SDK_EXAMPLE_BIN") else {
-        eprintln!("TG_SDK_EXAMPLE_BIN not set; skipping");
-        return;
-    };
+    let bin = env!("CARGO_BIN_EXE_example-sdk");
     const N: usize = 3;
     let addr = sync_server();
     let dirs: Vec<_> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
     let children: Vec<_> = dirs
         .iter()
         .map(|dir| {
-            std::process::Command::new(&bin)
+            std::process::Command::new(bin)
                 .env_clear()
                 .envs(sync_vars(addr, N))
                 .env("TEST_PLAN", "example-sdk")
@@ -638,10 +634,36 @@ fn example_plan_sync_case_as_processes() {
                 .unwrap()
         })
         .collect();
+    // A broken sync path must fail the test, not hang it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for mut child in children {
-        assert!(child.wait().unwrap().success());
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("an example-sdk instance did not finish within 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status}");
     }
+    let mut seen = BTreeSet::new();
     for dir in &dirs {
         assert_eq!(event_kinds(dir.path()).last().unwrap(), "success_event");
+        for e in events(dir.path()) {
+            if let Some(msg) = e["event"]["message_event"]["message"].as_str()
+                && msg.starts_with("instance ")
+            {
+                seen.insert(msg.to_owned());
+            }
+        }
     }
+    // Each instance saw everyone's publish, under distinct sequence numbers.
+    let want: BTreeSet<String> = (1..=N)
+        .map(|seq| format!("instance {seq} saw all {N} instances"))
+        .collect();
+    assert_eq!(seen, want);
 }

@@ -5,6 +5,12 @@
 //! connections that touched them; barrier waiters and subscriptions belong to a connection and
 //! end with it (or with an `is_cancel` for their id).
 //!
+//! Limits ([`SyncLimits`]): every state, topic, item, barrier waiter and subscription is charged
+//! to the run its key belongs to (`run:<id>:...`; other keys share one bucket), at its length plus
+//! a fixed estimate of its bookkeeping; a request that would take a run, or a topic, over its
+//! limit is answered with an error and changes nothing. What ends (a released barrier, a
+//! cancelled subscription, a dropped run) is credited back.
+//!
 //! Costs: a signal releases its waiters in O(released · log waiters) because waiters are kept
 //! ordered by target; a publish costs O(subscribers) Arc clones; a subscribe replays the history
 //! as O(history) Arc clones, never copying the payload text.
@@ -13,7 +19,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
 use serde_json::value::RawValue;
-use tg_api::sync::{Op, Request, Response};
+use tg_api::sync::{Op, Request, Response, RunKeys};
+
+use crate::limits::{Limit, LimitExceeded, SyncLimits};
+
+/// Charged per state or topic beyond its key: a map entry, the shared key and its bookkeeping.
+const KEY_OVERHEAD: u64 = 64;
+/// Charged per published item beyond its payload.
+const ITEM_OVERHEAD: u64 = 48;
+/// Charged per barrier waiter or subscription beyond its request id: its entry in the state or
+/// topic and the connection's record of it.
+const WAITER_OVERHEAD: u64 = 96;
 
 /// Identifies a connection (or an in-process client) to the core.
 pub type ConnId = u64;
@@ -167,6 +183,8 @@ struct State {
 #[derive(Debug, Default)]
 struct Topic {
     items: Vec<Arc<Item>>,
+    /// Sum of the items' payload lengths, for `max_topic_bytes`.
+    bytes: u64,
     subs: BTreeMap<u64, Waiter>,
 }
 
@@ -194,6 +212,11 @@ impl Handle {
 /// The sync service state: counters with barrier waiters, topics with history and subscribers.
 #[derive(Debug, Default)]
 pub struct Core {
+    limits: SyncLimits,
+    /// Bytes charged per run id ("" for keys outside any run); absent when zero.
+    usage: HashMap<Box<str>, u64>,
+    /// Requests refused since the last [`Core::take_limit_hits`].
+    hits: Vec<LimitExceeded>,
     states: HashMap<Arc<str>, State>,
     topics: HashMap<Arc<str>, Topic>,
     /// Per connection, its live waiters and subscriptions by request id (ids may repeat).
@@ -204,8 +227,33 @@ pub struct Core {
 }
 
 impl Core {
+    /// A core with the default [`SyncLimits`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A core that enforces `limits` (only the byte limits concern it).
+    pub fn with_limits(limits: SyncLimits) -> Self {
+        Core {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// The requests refused for a limit since the last call, oldest first (for the driver's
+    /// warnings; each was already answered with an error).
+    pub fn take_limit_hits(&mut self) -> Vec<LimitExceeded> {
+        std::mem::take(&mut self.hits)
+    }
+
+    /// Bytes charged to run `run` (`""`: keys outside any run).
+    pub fn run_bytes(&self, run: &str) -> u64 {
+        self.usage.get(run).copied().unwrap_or(0)
+    }
+
+    /// Bytes charged to all runs together.
+    pub fn retained_bytes(&self) -> u64 {
+        self.usage.values().sum()
     }
 
     /// Applies one request from `conn`, appending the replies to send to `out`.
@@ -242,12 +290,34 @@ impl Core {
         payload: Box<RawValue>,
         out: &mut Vec<Outgoing>,
     ) {
+        let len = payload.get().len() as u64;
+        let max_payload = self.limits.max_payload_bytes as u64;
+        if len > max_payload {
+            let run = bucket(topic);
+            let e = LimitExceeded::new(Limit::PayloadBytes, run, max_payload, 0, len);
+            return self.refuse(conn, id, e, out);
+        }
+        let (exists, held) = self
+            .topics
+            .get(topic)
+            .map_or((false, 0), |t| (true, t.bytes));
+        let max_topic = self.limits.max_topic_bytes as u64;
+        if held.saturating_add(len) > max_topic {
+            let mut e = LimitExceeded::new(Limit::TopicBytes, bucket(topic), max_topic, held, len);
+            e.topic = Some(topic.to_owned());
+            return self.refuse(conn, id, e, out);
+        }
+        let cost = len + ITEM_OVERHEAD + if exists { 0 } else { key_cost(topic) };
+        if let Err(e) = self.charge(topic, cost) {
+            return self.refuse(conn, id, e, out);
+        }
         let item = Arc::new(Item::new(payload));
         self.ensure_topic(topic);
         let Some(t) = self.topics.get_mut(topic) else {
             return;
         };
         t.items.push(Arc::clone(&item));
+        t.bytes += len;
         let seq = t.items.len() as u64;
         out.reserve(1 + t.subs.len());
         out.push(Outgoing {
@@ -265,6 +335,14 @@ impl Core {
     }
 
     pub fn subscribe(&mut self, conn: ConnId, id: Arc<str>, topic: &str, out: &mut Vec<Outgoing>) {
+        let new_key = if self.topics.contains_key(topic) {
+            0
+        } else {
+            key_cost(topic)
+        };
+        if let Err(e) = self.charge(topic, waiter_cost(&id) + new_key) {
+            return self.refuse(conn, id, e, out);
+        }
         let token = self.token();
         let key = self.ensure_topic(topic);
         let Some(t) = self.topics.get_mut(topic) else {
@@ -306,6 +384,14 @@ impl Core {
             });
             return;
         }
+        let new_key = if self.states.contains_key(state) {
+            0
+        } else {
+            key_cost(state)
+        };
+        if let Err(e) = self.charge(state, waiter_cost(&id) + new_key) {
+            return self.refuse(conn, id, e, out);
+        }
         let token = self.token();
         let key = self.ensure_state(state);
         let Some(s) = self.states.get_mut(state) else {
@@ -337,6 +423,13 @@ impl Core {
         state: &str,
         out: &mut Vec<Outgoing>,
     ) {
+        // Signalling an existing state costs nothing, so a run over its limit can still finish
+        // the barriers it has.
+        if !self.states.contains_key(state)
+            && let Err(e) = self.charge(state, key_cost(state))
+        {
+            return self.refuse(conn, id, e, out);
+        }
         self.ensure_state(state);
         let Some(s) = self.states.get_mut(state) else {
             return;
@@ -359,6 +452,7 @@ impl Core {
         self.waiters = self.waiters.saturating_sub(released.len());
         out.reserve(released.len());
         for (token, waiter) in released {
+            self.release(state, waiter_cost(&waiter.id));
             self.remove_handle(waiter.conn, &waiter.id, token);
             out.push(Outgoing {
                 conn: waiter.conn,
@@ -381,7 +475,7 @@ impl Core {
             self.conns.remove(&conn);
         }
         for h in list {
-            self.detach(&h);
+            self.detach(id, &h);
         }
     }
 
@@ -390,8 +484,10 @@ impl Core {
         let Some(handles) = self.conns.remove(&conn) else {
             return;
         };
-        for h in handles.into_values().flatten() {
-            self.detach(&h);
+        for (id, list) in handles {
+            for h in list {
+                self.detach(&id, &h);
+            }
         }
     }
 
@@ -413,17 +509,23 @@ impl Core {
         for key in &state_keys {
             if let Some(s) = self.states.remove(key) {
                 self.waiters = self.waiters.saturating_sub(s.waiters.len());
+                let mut cost = key_cost(key);
                 for ((_, token), w) in s.waiters {
+                    cost += waiter_cost(&w.id);
                     self.remove_handle(w.conn, &w.id, token);
                 }
+                self.release(key, cost);
             }
         }
         for key in &topic_keys {
             if let Some(t) = self.topics.remove(key) {
                 self.subscriptions = self.subscriptions.saturating_sub(t.subs.len());
+                let mut cost = key_cost(key) + t.bytes + ITEM_OVERHEAD * t.items.len() as u64;
                 for (token, w) in t.subs {
+                    cost += waiter_cost(&w.id);
                     self.remove_handle(w.conn, &w.id, token);
                 }
+                self.release(key, cost);
             }
         }
         Dropped {
@@ -503,8 +605,9 @@ impl Core {
         }
     }
 
-    /// Removes a waiter or subscription from its state or topic (the connection side is gone).
-    fn detach(&mut self, handle: &Handle) {
+    /// Removes a waiter or subscription (request id `id`) from its state or topic (the
+    /// connection side is gone).
+    fn detach(&mut self, id: &str, handle: &Handle) {
         match handle {
             Handle::Barrier {
                 state,
@@ -515,6 +618,7 @@ impl Core {
                     && s.waiters.remove(&(*target, *token)).is_some()
                 {
                     self.waiters = self.waiters.saturating_sub(1);
+                    self.release(state, waiter_cost(id));
                 }
             }
             Handle::Subscription { topic, token } => {
@@ -522,10 +626,62 @@ impl Core {
                     && t.subs.remove(token).is_some()
                 {
                     self.subscriptions = self.subscriptions.saturating_sub(1);
+                    self.release(topic, waiter_cost(id));
                 }
             }
         }
     }
+
+    /// Charges `bytes` to the run of `key`, unless that takes the run over `max_run_bytes`.
+    fn charge(&mut self, key: &str, bytes: u64) -> Result<(), LimitExceeded> {
+        let run = bucket(key);
+        let used = self.run_bytes(run);
+        let max = self.limits.max_run_bytes as u64;
+        if used.saturating_add(bytes) > max {
+            return Err(LimitExceeded::new(Limit::RunBytes, run, max, used, bytes));
+        }
+        match self.usage.get_mut(run) {
+            Some(u) => *u += bytes,
+            None => {
+                self.usage.insert(run.into(), bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// Credits `bytes` back to the run of `key`.
+    fn release(&mut self, key: &str, bytes: u64) {
+        let run = bucket(key);
+        if let Some(u) = self.usage.get_mut(run) {
+            *u = u.saturating_sub(bytes);
+            if *u == 0 {
+                self.usage.remove(run);
+            }
+        }
+    }
+
+    /// Answers a refused request with the limit's error and records the hit.
+    fn refuse(&mut self, conn: ConnId, id: Arc<str>, e: LimitExceeded, out: &mut Vec<Outgoing>) {
+        out.push(Outgoing {
+            conn,
+            id,
+            reply: Reply::Error(e.to_string()),
+        });
+        self.hits.push(e);
+    }
+}
+
+/// The run a key is charged to: its run id, or `""` for keys outside any run.
+fn bucket(key: &str) -> &str {
+    RunKeys::run_of(key).unwrap_or("")
+}
+
+fn key_cost(key: &str) -> u64 {
+    key.len() as u64 + KEY_OVERHEAD
+}
+
+fn waiter_cost(id: &str) -> u64 {
+    id.len() as u64 + WAITER_OVERHEAD
 }
 
 fn clamp(count: u64) -> i64 {
@@ -747,6 +903,147 @@ mod tests {
         );
         let stats = core.stats();
         assert_eq!((stats.waiters, stats.subscriptions), (0, 0));
+    }
+
+    fn error_of(wire: &str) -> String {
+        let resp: Response = serde_json::from_str(wire).unwrap();
+        assert_eq!(resp.kind(), tg_api::sync::ResponseKind::Error, "{wire}");
+        serde_json::from_str::<String>(&resp.error).unwrap()
+    }
+
+    #[test]
+    fn limits_refuse_with_a_named_error_and_change_nothing() {
+        let mut core = Core::with_limits(SyncLimits {
+            max_payload_bytes: 100,
+            max_topic_bytes: 250,
+            max_run_bytes: 2000,
+            ..SyncLimits::default()
+        });
+        let a = "run:a:plan:p:case:c";
+        let b = "run:b:plan:p:case:c";
+        let small = format!("\"{}\"", "x".repeat(98));
+        let big = format!("\"{}\"", "x".repeat(99));
+
+        // Payload: 101 bytes of JSON text is one too many.
+        let out = send(&mut core, 1, &publish(&format!("{a}:topics:t"), "1", &big));
+        assert_eq!(out.len(), 1);
+        let msg = error_of(&out[0].1);
+        assert!(
+            msg.contains("max_payload_bytes") && msg.contains("101"),
+            "{msg}"
+        );
+        assert!(core.history(&format!("{a}:topics:t")).is_empty());
+        assert_eq!(core.run_bytes("a"), 0);
+
+        // Topic: two 100-byte items fit in 250, a third does not.
+        for (i, seq) in [("2", 1), ("3", 2)] {
+            assert_eq!(
+                send(&mut core, 1, &publish(&format!("{a}:topics:t"), i, &small)),
+                vec![(1, published(i, seq))]
+            );
+        }
+        let out = send(
+            &mut core,
+            1,
+            &publish(&format!("{a}:topics:t"), "4", &small),
+        );
+        let msg = error_of(&out[0].1);
+        assert!(
+            msg.contains("max_topic_bytes") && msg.contains(":topics:t"),
+            "{msg}"
+        );
+        assert_eq!(core.history(&format!("{a}:topics:t")).len(), 2);
+
+        // Run: junk topics of run a fill its budget...
+        let mut refused = None;
+        for i in 0..100 {
+            let out = send(
+                &mut core,
+                1,
+                &publish(&format!("{a}:topics:junk{i}"), "5", &small),
+            );
+            if out[0].1.contains(r#""error":"\""#) {
+                refused = Some(error_of(&out[0].1));
+                break;
+            }
+        }
+        let msg = refused.expect("the run limit was never hit");
+        assert!(
+            msg.contains("max_run_bytes") && msg.contains(r#"run "a""#),
+            "{msg}"
+        );
+        // (Fill what is left with the smallest thing there is, a new state.)
+        for i in 0..100 {
+            let out = send(&mut core, 1, &signal(&format!("{a}:states:{i}"), "5"));
+            if out[0].1.contains(r#""error":"\""#) {
+                break;
+            }
+        }
+        let full = core.run_bytes("a");
+        assert!(full <= 2000);
+        // ...so nothing new of run a is accepted: states, barriers, subscriptions...
+        for req in [
+            signal(&format!("{a}:states:never-accepted"), "6"),
+            barrier(&format!("{a}:states:never-accepted"), "7", 1),
+            subscribe(&format!("{a}:topics:never-accepted"), "8"),
+        ] {
+            let out = send(&mut core, 1, &req);
+            assert!(error_of(&out[0].1).contains("max_run_bytes"));
+        }
+        assert_eq!(core.run_bytes("a"), full);
+        assert_eq!(core.count(&format!("{a}:states:never-accepted")), 0);
+        // ...while run b is untouched, and a's existing state can still be signalled.
+        assert_eq!(
+            send(&mut core, 2, &signal(&format!("{b}:states:s"), "0")),
+            vec![(2, signalled("0", 1))]
+        );
+        assert_eq!(
+            send(
+                &mut core,
+                2,
+                &publish(&format!("{b}:topics:t"), "1", &small)
+            ),
+            vec![(2, published("1", 1))]
+        );
+        let hits = core.take_limit_hits();
+        assert_eq!(
+            hits.iter().map(|h| h.limit).collect::<Vec<_>>(),
+            [
+                Limit::PayloadBytes,
+                Limit::TopicBytes,
+                Limit::RunBytes,
+                Limit::RunBytes,
+                Limit::RunBytes,
+                Limit::RunBytes,
+                Limit::RunBytes
+            ]
+        );
+        assert!(hits.iter().all(|h| h.run.as_deref() == Some("a")));
+
+        // Dropping the run gives everything back.
+        core.drop_prefix("run:a:");
+        assert_eq!(core.run_bytes("a"), 0);
+        assert!(core.run_bytes("b") > 0);
+        core.drop_prefix("run:b:");
+        assert_eq!(core.retained_bytes(), 0);
+    }
+
+    #[test]
+    fn waiters_and_subscriptions_are_charged_until_they_end() {
+        let mut core = Core::new();
+        send(&mut core, 1, &signal("run:a:states:s", "0"));
+        let base = core.run_bytes("a");
+        send(&mut core, 1, &barrier("run:a:states:s", "1", 2));
+        send(&mut core, 1, &subscribe("run:a:topics:t", "2"));
+        let busy = core.run_bytes("a");
+        assert!(busy > base);
+        // Released barrier and cancelled subscription are credited back; the topic key stays.
+        send(&mut core, 2, &signal("run:a:states:s", "0"));
+        send(&mut core, 1, r#"{"id":"2","is_cancel":true}"#);
+        assert_eq!(core.run_bytes("a"), base + key_cost("run:a:topics:t"));
+        send(&mut core, 1, &barrier("run:a:states:s", "3", 9));
+        core.disconnect(1);
+        assert_eq!(core.run_bytes("a"), base + key_cost("run:a:topics:t"));
     }
 
     #[test]
@@ -1004,6 +1301,20 @@ mod tests {
                 prop_assert_eq!(core.stats().waiters, waiters);
                 prop_assert_eq!(core.stats().subscriptions, subs);
                 prop_assert_eq!(handles, waiters + subs);
+                // The bytes charged per run are exactly what its keys, items and handles cost.
+                let mut want: HashMap<&str, u64> = HashMap::new();
+                for (k, st) in &core.states {
+                    *want.entry(bucket(k)).or_default() += key_cost(k)
+                        + st.waiters.values().map(|w| waiter_cost(&w.id)).sum::<u64>();
+                }
+                for (k, t) in &core.topics {
+                    *want.entry(bucket(k)).or_default() += key_cost(k)
+                        + t.items.iter().map(|i| i.raw().get().len() as u64 + ITEM_OVERHEAD).sum::<u64>()
+                        + t.subs.values().map(|w| waiter_cost(&w.id)).sum::<u64>();
+                }
+                want.retain(|_, v| *v > 0);
+                let got: HashMap<&str, u64> = core.usage.iter().map(|(k, v)| (&**k, *v)).collect();
+                prop_assert_eq!(got, want);
             }
         }
 

@@ -2,7 +2,8 @@
 //! spoken over websockets in the exact wire format of the original Go service, so that
 //! unmodified sdk-go and sdk-rust test plans coordinate through it.
 //!
-//! This crate owns the sync semantics, the websocket server and a client. It does not own the
+//! This crate owns the sync semantics and the websocket server; the protocol client is the
+//! `tg-sync-client` crate. It does not own the
 //! wire types (they are in `tg_api::sync`), nor run lifecycles: the engine decides when a run
 //! ends and calls [`SyncService::drop_run`].
 //!
@@ -12,13 +13,15 @@
 //! - [`service`]: [`SyncService`], the actor task that owns the core, plus its in-process API
 //!   (publish, signal, barrier, subscribe, run events, drop a run, stats).
 //! - [`server`]: [`serve`], the websocket driver (one reader and one writer task per connection).
-//! - [`client`]: [`Client`], a pipelining websocket client for tests, benchmarks and the daemon.
+//! - [`limits`]: [`SyncLimits`], what one run may hold (bytes, connections), so that one run's
+//!   junk cannot exhaust the daemon for the others.
 
-pub mod client;
+mod admission;
 pub mod core;
+pub mod limits;
 pub mod server;
 pub mod service;
 
-pub use client::{Client, ClientError, ClientSubscription};
-pub use server::serve;
+pub use limits::{Limit, LimitExceeded, SyncLimits};
+pub use server::{raise_fd_limit, serve};
 pub use service::{ConnHandle, ServiceError, ServiceStats, Subscription, SyncService};

@@ -4,7 +4,7 @@
 //! channel, and each connection has its own unbounded outgoing queue. Unbounded on purpose: a
 //! reader must never stall behind a slow writer (sdk-go gives every request write one second).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,11 +13,13 @@ use std::task::{Context, Poll};
 use futures::Stream;
 use serde_json::value::RawValue;
 use tg_api::sync::{
-    BarrierRequest, Op, PublishRequest, Request, SignalEntryRequest, SubscribeRequest,
+    BarrierRequest, Op, PublishRequest, Request, RunKeys, SignalEntryRequest, SubscribeRequest,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admission::Admission;
 use crate::core::{ConnId, Core, CoreStats, Dropped, Handled, Item, Outgoing, Reply};
+use crate::limits::{Limit, LimitExceeded, SyncLimits};
 
 /// The in-process API failed because the service actor is gone (its runtime shut down).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +43,10 @@ pub struct ServiceStats {
     pub connections: usize,
     pub waiters: usize,
     pub subscriptions: usize,
+    /// Bytes charged to all runs together (see [`SyncLimits::max_run_bytes`]).
+    pub retained_bytes: u64,
+    /// Network connections that have not sent a request yet.
+    pub unidentified_connections: usize,
 }
 
 enum Command {
@@ -54,6 +60,12 @@ enum Command {
     },
     Close {
         conn: ConnId,
+    },
+    /// Answers request `id` of `conn` with a limit's error, without applying it.
+    Reject {
+        conn: ConnId,
+        id: String,
+        hit: LimitExceeded,
     },
     DropPrefix {
         prefix: String,
@@ -69,6 +81,8 @@ enum Command {
 pub struct SyncService {
     tx: mpsc::UnboundedSender<Command>,
     next_conn: Arc<AtomicU64>,
+    limits: Arc<SyncLimits>,
+    admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for SyncService {
@@ -78,15 +92,37 @@ impl std::fmt::Debug for SyncService {
 }
 
 impl SyncService {
-    /// Starts the actor on the current tokio runtime. It stops when every handle (and every
-    /// connection opened from one) is dropped.
+    /// Starts the actor on the current tokio runtime with the default [`SyncLimits`]. It stops
+    /// when every handle (and every connection opened from one) is dropped.
     pub fn spawn() -> Self {
+        Self::spawn_with(SyncLimits::default())
+    }
+
+    /// Starts the actor on the current tokio runtime, enforcing `limits` (also in every
+    /// [`crate::serve`] of this service).
+    pub fn spawn_with(limits: SyncLimits) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(actor(rx));
+        let admission = Arc::new(Admission::new(&limits));
+        tokio::spawn(actor(
+            rx,
+            Core::with_limits(limits.clone()),
+            Arc::clone(&admission),
+        ));
         SyncService {
             tx,
             next_conn: Arc::new(AtomicU64::new(1)),
+            limits: Arc::new(limits),
+            admission,
         }
+    }
+
+    /// The limits this service enforces.
+    pub fn limits(&self) -> &SyncLimits {
+        &self.limits
+    }
+
+    pub(crate) fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// Opens a connection: requests go through the returned handle, replies come out of the
@@ -158,13 +194,12 @@ impl SyncService {
     /// Subscribes to a run's events (`<run_prefix>:run_events`, where `run_prefix` is
     /// `run:<run>:plan:<plan>:case:<case>`), from the first event on.
     pub fn subscribe_events(&self, run_prefix: &str) -> Subscription {
-        let prefix = run_prefix.trim_end_matches(':');
-        self.subscribe(&format!("{prefix}:run_events"))
+        self.subscribe(&RunKeys::from_prefix(run_prefix).run_events())
     }
 
     /// Removes every key of run `run_id` (`run:<run_id>:...`). Call when the run has ended.
     pub async fn drop_run(&self, run_id: &str) -> Result<Dropped, ServiceError> {
-        self.drop_prefix(&format!("run:{run_id}:")).await
+        self.drop_prefix(&RunKeys::run_scope(run_id)).await
     }
 
     /// Removes every state and topic whose key starts with `prefix`.
@@ -222,6 +257,16 @@ impl ConnHandle {
             req,
         });
     }
+
+    /// Answers request `id` with the error of `hit`, in order with the connection's other
+    /// replies, without applying the request; the service logs it as its own refusals.
+    pub(crate) fn reject(&self, id: String, hit: LimitExceeded) {
+        let _ = self.tx.send(Command::Reject {
+            conn: self.conn,
+            id,
+            hit,
+        });
+    }
 }
 
 impl Drop for ConnHandle {
@@ -267,8 +312,14 @@ impl Stream for Subscription {
     }
 }
 
-async fn actor(mut rx: mpsc::UnboundedReceiver<Command>) {
-    let mut core = Core::new();
+async fn actor(
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    mut core: Core,
+    admission: Arc<Admission>,
+) {
+    // (limit, run) pairs already warned about: a run flooding junk is named once per limit.
+    let mut warned: HashSet<(Limit, Option<String>)> = HashSet::new();
+    let mut hits: Vec<LimitExceeded> = Vec::new();
     let mut sinks: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
     let mut out: Vec<Outgoing> = Vec::new();
     let mut dead: Vec<ConnId> = Vec::new();
@@ -286,8 +337,18 @@ async fn actor(mut rx: mpsc::UnboundedReceiver<Command>) {
                 sinks.remove(&conn);
                 core.disconnect(conn);
             }
+            Command::Reject { conn, id, hit } => {
+                out.push(Outgoing {
+                    conn,
+                    id: Arc::from(id.as_str()),
+                    reply: Reply::Error(hit.to_string()),
+                });
+                hits.push(hit);
+            }
             Command::DropPrefix { prefix, reply } => {
                 let dropped = core.drop_prefix(&prefix);
+                // A run that is gone may be warned about afresh if its id comes back.
+                warned.clear();
                 tracing::debug!(%prefix, states = dropped.states, topics = dropped.topics, "dropped keys");
                 let _ = reply.send(dropped);
             }
@@ -306,7 +367,17 @@ async fn actor(mut rx: mpsc::UnboundedReceiver<Command>) {
                     connections: sinks.len(),
                     waiters,
                     subscriptions,
+                    retained_bytes: core.retained_bytes(),
+                    unidentified_connections: admission.unidentified(),
                 });
+            }
+        }
+        hits.extend(core.take_limit_hits());
+        for hit in hits.drain(..) {
+            if warned.insert((hit.limit, hit.run.clone())) {
+                tracing::warn!(run = hit.run.as_deref().unwrap_or(""), "{hit}");
+            } else {
+                tracing::debug!(run = hit.run.as_deref().unwrap_or(""), "{hit}");
             }
         }
         for o in out.drain(..) {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use serde_json::value::RawValue;
-use tg_sync::{Client, SyncService, serve};
+use tg_api::sync::RunKeys;
+use tg_sync::{SyncLimits, SyncService, serve};
+use tg_sync_client::{Client, ClientError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
@@ -22,9 +24,13 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const LIMIT: Duration = Duration::from_secs(30);
 
 async fn start() -> (SyncService, SocketAddr) {
+    start_with(SyncLimits::default()).await
+}
+
+async fn start_with(limits: SyncLimits) -> (SyncService, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = SyncService::spawn();
+    let service = SyncService::spawn_with(limits);
     tokio::spawn(serve(listener, service.clone(), std::future::pending()));
     (service, addr)
 }
@@ -523,17 +529,17 @@ async fn client_pipelines_and_subscribes() {
     assert_eq!(a.publish("t", &json!({"n": 1})).await.unwrap(), 1);
     assert_eq!(a.publish("t", &json!("two")).await.unwrap(), 2);
     let mut sub = b.subscribe("t").unwrap();
-    assert_eq!(sub.next().await.unwrap(), json!({"n": 1}));
-    assert_eq!(sub.next().await.unwrap(), json!("two"));
+    assert_eq!(sub.next_value().await.unwrap().unwrap(), json!({"n": 1}));
+    assert_eq!(sub.next_value().await.unwrap().unwrap(), json!("two"));
     let seqs = futures::future::join_all((0..50).map(|_| b.signal_entry("many"))).await;
     let mut seqs: Vec<u64> = seqs.into_iter().map(Result::unwrap).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
     assert_eq!(b.publish("t", &json!(3)).await.unwrap(), 3);
-    assert_eq!(sub.next().await.unwrap(), json!(3));
+    assert_eq!(sub.next_value().await.unwrap().unwrap(), json!(3));
     assert_eq!(b.signal_entry("go").await.unwrap(), 1);
     timeout(LIMIT, waiting).await.unwrap().unwrap().unwrap();
-    a.close().await.unwrap();
+    a.close().await;
     assert!(a.signal_entry("after-close").await.is_err());
 }
 
@@ -644,4 +650,310 @@ async fn shutdown_stops_accepting_but_keeps_live_connections() {
     // Closing a live client would kill it (trap T9): it keeps being served.
     assert_eq!(live.signal_entry("s").await.unwrap(), 2);
     assert!(Client::connect(&format!("ws://{addr}")).await.is_err());
+}
+
+/// The error text of a call refused by the service.
+fn remote_error<T: std::fmt::Debug>(r: Result<T, ClientError>) -> String {
+    match r {
+        Err(ClientError::Remote { message }) => message,
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_run_flooding_junk_topics_hits_its_limit_while_another_run_goes_on() {
+    const MAX_RUN: usize = 1 << 20;
+    let (service, addr) = start_with(SyncLimits {
+        max_run_bytes: MAX_RUN,
+        ..SyncLimits::default()
+    })
+    .await;
+    let url = format!("ws://{addr}");
+    let a = RunKeys::new("junk", "p", "c");
+    let b = RunKeys::new("good", "p", "c");
+    let flooder = Client::connect(&url).await.unwrap();
+    // Run b has work in flight before the flood starts.
+    let b1 = Client::connect(&url).await.unwrap();
+    let b2 = Client::connect(&url).await.unwrap();
+    let mut b_sub = b2.subscribe(&b.topic("t")).unwrap();
+    let b_waiting = {
+        let b1 = b1.clone();
+        let state = b.state("ready");
+        tokio::spawn(async move { b1.signal_and_wait(&state, 2).await })
+    };
+
+    let junk = json!("j".repeat(4096));
+    let mut refused = None;
+    for i in 0..10_000 {
+        match flooder.publish(&a.topic(&format!("junk{i}")), &junk).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(remote_error::<()>(Err(e)));
+                break;
+            }
+        }
+    }
+    let msg = refused.expect("a flood of 40 MB never hit a 1 MiB run limit");
+    assert!(msg.contains("max_run_bytes"), "{msg}");
+    assert!(msg.contains(r#"run "junk""#), "{msg}");
+    // Still refused; the flooder's connection itself stays up.
+    let msg = remote_error(flooder.publish(&a.topic("more-junk"), &junk).await);
+    assert!(msg.contains("max_run_bytes"), "{msg}");
+    let held = service.stats().await.unwrap().retained_bytes;
+    assert!(held <= MAX_RUN as u64 + 4096, "retains {held} bytes");
+
+    // Run b: barrier, publish and subscribe all work.
+    assert_eq!(b2.signal_entry(&b.state("ready")).await.unwrap(), 2);
+    timeout(LIMIT, b_waiting).await.unwrap().unwrap().unwrap();
+    assert_eq!(
+        b1.publish(&b.topic("t"), &json!({"ok": 1})).await.unwrap(),
+        1
+    );
+    let item = timeout(LIMIT, b_sub.next_value()).await.unwrap().unwrap();
+    assert_eq!(item.unwrap(), json!({"ok": 1}));
+
+    // Once the engine drops run a, its budget is free again.
+    service.drop_run("junk").await.unwrap();
+    assert_eq!(flooder.publish(&a.topic("again"), &junk).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn an_oversize_payload_is_refused_with_the_limit_named() {
+    let (service, addr) = start_with(SyncLimits {
+        max_payload_bytes: 1024,
+        ..SyncLimits::default()
+    })
+    .await;
+    let mut ws = ws(addr).await;
+    let topic = RunKeys::new("r", "p", "c").topic("t");
+    let payload = format!("\"{}\"", "x".repeat(2048));
+    send_binary(
+        &mut ws,
+        &format!(
+            r#"{{"id":"3","is_cancel":false,"publish":{{"topic":"{topic}","payload":{payload}}}}}"#
+        ),
+    )
+    .await;
+    let wire = recv(&mut ws).await;
+    // All five keys, the error JSON-encoded (sdk-rust parses it), nothing else set.
+    let resp: serde_json::Value = serde_json::from_str(&wire).unwrap();
+    assert_eq!(
+        resp.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["id", "error", "publish", "subscribe", "signal_entry"]
+    );
+    assert_eq!(resp["id"], "3");
+    assert_eq!(resp["publish"], serde_json::Value::Null);
+    assert_eq!(resp["subscribe"], "");
+    let error: String = serde_json::from_str(resp["error"].as_str().unwrap()).unwrap();
+    assert!(error.contains("max_payload_bytes"), "{error}");
+    assert!(error.contains("2050") && error.contains("1024"), "{error}");
+    // Nothing was stored, and the connection goes on.
+    send_binary(
+        &mut ws,
+        &format!(
+            r#"{{"id":"4","is_cancel":false,"publish":{{"topic":"{topic}","payload":"small"}}}}"#
+        ),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        r#"{"id":"4","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#
+    );
+    assert_eq!(service.stats().await.unwrap().topics, 1);
+    // The same through the client.
+    let c = Client::connect(&format!("ws://{addr}")).await.unwrap();
+    let msg = remote_error(c.publish(&topic, &json!("y".repeat(4096))).await);
+    assert!(msg.contains("max_payload_bytes"), "{msg}");
+}
+
+#[tokio::test]
+async fn connections_per_run_are_capped_without_touching_other_runs() {
+    let (_service, addr) = start_with(SyncLimits {
+        max_connections_per_run: 2,
+        ..SyncLimits::default()
+    })
+    .await;
+    let url = format!("ws://{addr}");
+    let r = RunKeys::new("capped", "p", "c");
+    let first = Client::connect(&url).await.unwrap();
+    let second = Client::connect(&url).await.unwrap();
+    let third = Client::connect(&url).await.unwrap();
+    assert_eq!(first.signal_entry(&r.state("s")).await.unwrap(), 1);
+    assert_eq!(second.signal_entry(&r.state("s")).await.unwrap(), 2);
+    let msg = remote_error(third.signal_entry(&r.state("s")).await);
+    assert!(msg.contains("max_connections_per_run"), "{msg}");
+    assert!(msg.contains(r#"run "capped""#), "{msg}");
+    // Another run is not affected; an identified connection may speak for other runs too (the
+    // sidecar multiplexes all runs on one socket).
+    let other = Client::connect(&url).await.unwrap();
+    assert_eq!(
+        other
+            .signal_entry(&RunKeys::new("other", "p", "c").state("s"))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        first
+            .signal_entry(&RunKeys::new("other", "p", "c").state("s"))
+            .await
+            .unwrap(),
+        2
+    );
+    // A place freed is usable by the refused connection.
+    first.close().await;
+    let seq = timeout(LIMIT, async {
+        loop {
+            match third.signal_entry(&r.state("s")).await {
+                Ok(seq) => return seq,
+                // The server may not have seen the close yet.
+                Err(ClientError::Remote { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(seq, 3);
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to at least `need`, within the hard limit.
+fn raise_nofile(need: u64) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
+    if soft >= need {
+        return Ok(());
+    }
+    if hard < need {
+        return Err(format!(
+            "the open file limit is {soft} (hard {hard}), this test needs {need}"
+        ));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, need, hard).map_err(|e| e.to_string())
+}
+
+fn hard_nofile_at_least(need: u64) -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
+    if hard < need {
+        return Err(format!(
+            "the hard open file limit is {hard}, the idle-socket helpers need {need}"
+        ));
+    }
+    Ok(())
+}
+
+/// Starts `sync-bench idle`: `plain` TCP connects and `websockets` silent websockets to `addr`,
+/// held until the returned child's stdin closes. Returns once they are all open.
+async fn idle_sockets(addr: SocketAddr, plain: usize, websockets: usize) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sync-bench"))
+        .args([
+            "idle",
+            &addr.to_string(),
+            &plain.to_string(),
+            &websockets.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("idle sockets not open in time")
+        .unwrap();
+    assert_eq!(ready.as_deref(), Some("ready"), "sync-bench idle failed");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_idle_sockets_cannot_keep_a_new_run_out() {
+    // Per helper process; two of them, so that neither needs more than 10,000 descriptors.
+    const PLAIN: usize = 9_800;
+    const SILENT_WEBSOCKETS: usize = 200;
+    // The oldest idle sockets, opened here so that the test sees them closed.
+    const LOCAL_SILENT: usize = 20;
+    let limits = SyncLimits::default();
+    // The server end of every kept socket, plus what other tests of this binary open meanwhile.
+    let need = (limits.max_unidentified_connections + 4096) as u64;
+    // Each helper raises its own soft limit to the hard one.
+    let helper_need = (PLAIN + SILENT_WEBSOCKETS + 64) as u64;
+    if let Err(reason) = raise_nofile(need).and_then(|()| hard_nofile_at_least(helper_need)) {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let (service, addr) = start_with(limits.clone()).await;
+    let url = format!("ws://{addr}");
+    // An identified client of an older run that then stays idle throughout: never closed.
+    let old = RunKeys::new("old", "p", "c");
+    let veteran = Client::connect(&url).await.unwrap();
+    assert_eq!(veteran.signal_entry(&old.state("s")).await.unwrap(), 1);
+
+    let mut silent = Vec::with_capacity(LOCAL_SILENT);
+    for _ in 0..LOCAL_SILENT {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (ws, _) =
+            tokio_tungstenite::client_async(format!("ws://{addr}/"), MaybeTlsStream::Plain(tcp))
+                .await
+                .unwrap();
+        silent.push(ws);
+    }
+    let helpers = [
+        idle_sockets(addr, PLAIN, SILENT_WEBSOCKETS).await,
+        idle_sockets(addr, PLAIN, SILENT_WEBSOCKETS).await,
+    ];
+    wait_until(&service, "the server has seen the idle sockets", |s| {
+        s.unidentified_connections == limits.max_unidentified_connections
+    })
+    .await;
+
+    // A new run's clients get in, signal and pass a barrier.
+    let new = RunKeys::new("new", "p", "c");
+    let connect = || async {
+        timeout(LIMIT, Client::connect(&url))
+            .await
+            .expect("a new run could not connect behind 20,000 idle sockets")
+            .unwrap()
+    };
+    let (c1, c2) = (connect().await, connect().await);
+    let (s1, s2) = timeout(
+        LIMIT,
+        futures::future::join(
+            c1.signal_and_wait(&new.state("ready"), 2),
+            c2.signal_and_wait(&new.state("ready"), 2),
+        ),
+    )
+    .await
+    .expect("a new run could not pass a barrier behind 20,000 idle sockets");
+    let mut seqs = [s1.unwrap(), s2.unwrap()];
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 2]);
+    // The oldest silent websockets were closed to make room; the idle veteran was not.
+    for ws in &mut silent {
+        let closed = timeout(LIMIT, ws.next()).await.expect("not closed");
+        match closed {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(frame.code, CloseCode::Policy);
+                assert!(frame.reason.contains("max_unidentified_connections"));
+            }
+            other => panic!("expected a close frame naming the limit, got {other:?}"),
+        }
+    }
+    assert_eq!(veteran.signal_entry(&old.state("s")).await.unwrap(), 2);
+    let stats = service.stats().await.unwrap();
+    assert!(stats.unidentified_connections <= limits.max_unidentified_connections);
+    for mut helper in helpers {
+        drop(helper.stdin.take());
+        assert!(
+            timeout(LIMIT, helper.wait())
+                .await
+                .unwrap()
+                .unwrap()
+                .success()
+        );
+    }
 }

@@ -812,7 +812,7 @@ async fn start_sync(
         .local_addr()
         .map_err(io_err("cannot start the sync service"))?
         .port();
-    let service = tg_sync::SyncService::spawn();
+    let service = tg_sync::SyncService::spawn_with(cfg.sync.limits());
     let stop = shutdown.clone();
     tokio::spawn(tg_sync::serve(listener, service.clone(), async move {
         stop.cancelled().await

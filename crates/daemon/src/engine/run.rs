@@ -111,11 +111,8 @@ impl Engine {
         events.emit(TaskEvent::RunStarted(summary.clone()));
         // Lifecycle events instances publish to the run's `run_events` topic count towards the
         // outcome together with what they print.
-        let prefix = format!(
-            "run:{}:plan:{}:case:{}",
-            task.id, resolved.plan, resolved.case
-        );
-        let mut sub = self.inner.sync.service.subscribe_events(&prefix);
+        let keys = tg_api::sync::RunKeys::new(&task.id, &resolved.plan, &resolved.case);
+        let mut sub = self.inner.sync.service.subscribe_events(keys.prefix());
         let (sync_tx, sync_rx) = mpsc::channel(SYNC_EVENT_QUEUE);
         let forward = tokio::spawn(async move {
             while let Some(item) = sub.next_item().await {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde_json::json;
-use tg_sync::{Client, SyncService, serve};
+use tg_sync::{SyncService, serve};
+use tg_sync_client::Client;
 use tokio::net::TcpListener;
 
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +43,41 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(fd_limit))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => runtime.block_on(run(fd_limit)),
+        [mode, addr, plain, websockets] if mode == "idle" => {
+            runtime.block_on(idle(addr, plain.parse()?, websockets.parse()?))
+        }
+        _ => anyhow::bail!("usage: sync-bench [idle <addr> <plain sockets> <silent websockets>]"),
+    }
+}
+
+/// `sync-bench idle <addr> <plain> <websockets>`: the idle-socket load of the sync service's
+/// tests, in a process of its own so that its descriptors do not count against the server's.
+/// Opens `websockets` websockets that complete the handshake and never send a request, then
+/// `plain` TCP connections that never start one; prints `ready` and holds them all until stdin
+/// closes.
+async fn idle(addr: &str, plain: usize, websockets: usize) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
+    let mut silent = Vec::with_capacity(websockets);
+    for _ in 0..websockets {
+        let tcp = TcpStream::connect(addr).await.context("connect")?;
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+            .await
+            .context("handshake")?;
+        silent.push(ws);
+    }
+    let mut sockets = Vec::with_capacity(plain);
+    for _ in 0..plain {
+        sockets.push(TcpStream::connect(addr).await.context("connect")?);
+    }
+    println!("ready");
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
+    drop((silent, sockets));
+    Ok(())
 }
 
 /// Raises RLIMIT_NOFILE as far as allowed; returns the soft limit in force.
