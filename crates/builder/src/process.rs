@@ -8,6 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::scratch::{BUILD_ID_ENV, BuildDir};
 use crate::{BuildError, Progress};
 
 /// How many trailing output lines a `Failed` error carries.
@@ -18,6 +19,8 @@ pub(crate) struct Tools<'a> {
     pub(crate) builder: &'a str,
     pub(crate) progress: &'a Progress,
     pub(crate) cancel: &'a CancellationToken,
+    /// The build's own directory; its marker tags every process the build starts.
+    pub(crate) scratch: &'a BuildDir,
 }
 
 /// Whether a command's stdout is progress (streamed) or data for the builder (captured).
@@ -78,6 +81,11 @@ impl Tools<'_> {
 
     /// Runs `cmd` to completion in its own process group. Output lines go to the progress
     /// channel (stdout only in [`Stdout::Stream`] mode); captured stdout is returned.
+    ///
+    /// The group is killed on cancellation and when the returned future is dropped; the
+    /// command itself is killed by the kernel if the engine dies; and it and all its
+    /// descendants carry the build's marker, by which the build directory's drop (or the next
+    /// build, after an engine's death) finds those that escaped the group.
     pub(crate) async fn run(
         &self,
         mut cmd: Command,
@@ -88,6 +96,8 @@ impl Tools<'_> {
         }
         let program = cmd.as_std().get_program().to_string_lossy().into_owned();
         self.progress(format!("$ {}", describe(&cmd)));
+        cmd.env(BUILD_ID_ENV, self.scratch.marker());
+        tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -200,6 +210,13 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc;
 
+    /// A scratch directory for tests that need [`Tools`].
+    fn scratch() -> (tempfile::TempDir, BuildDir) {
+        let work = tempfile::tempdir().unwrap();
+        let dir = BuildDir::create(work.path(), "test").unwrap();
+        (work, dir)
+    }
+
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");
         c.arg("-c").arg(script);
@@ -210,7 +227,9 @@ mod tests {
     async fn streams_lines_and_captures_stdout() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:generic",
             progress: &tx,
             cancel: &cancel,
@@ -238,7 +257,9 @@ mod tests {
     async fn failure_carries_status_and_last_lines() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:generic",
             progress: &tx,
             cancel: &cancel,
@@ -264,7 +285,9 @@ mod tests {
     async fn missing_program_is_a_toolchain_error() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:go",
             progress: &tx,
             cancel: &cancel,
@@ -284,7 +307,9 @@ mod tests {
     async fn a_background_straggler_does_not_hang_the_build() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:generic",
             progress: &tx,
             cancel: &cancel,

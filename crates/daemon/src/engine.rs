@@ -534,13 +534,13 @@ impl Engine {
                             task.plan,
                             same,
                             b.builder,
-                            o.artifact,
+                            o.artifact.to_string(),
                             o.cached,
                             started.elapsed().as_secs_f64()
                         ),
                     ));
-                    comp.groups[b.group_index].run.artifact = o.artifact.clone();
-                    done.insert(b.key.clone(), o.artifact);
+                    comp.groups[b.group_index].run.artifact = o.artifact.to_string();
+                    done.insert(b.key.clone(), o.artifact.to_string());
                 }
                 Err(e) => {
                     return Err(format!("build failed for groups {same:?}: {e}"));
