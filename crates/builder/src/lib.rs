@@ -56,7 +56,8 @@ pub use scratch::BUILD_ID_ENV;
 /// What to build. The engine fills it from the resolved composition.
 #[derive(Debug, Clone)]
 pub struct BuildInput {
-    /// Unique id of this build (an xid); used to name the artifact.
+    /// Id of this build (an xid); part of the build directory's name and of the marker
+    /// ([`BUILD_ID_ENV`]) its processes carry.
     pub build_id: String,
     /// The plan's name (manifest `name`), used in artifact names.
     pub plan: String,

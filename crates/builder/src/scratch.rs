@@ -32,6 +32,12 @@ const PREFIX: &str = ".tmp-build-";
 /// How long to wait for killed processes to exit before removing their directory.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// Temporary entries of earlier versions, which carried no owner: `exec:go` build directories
+/// and half-written artifacts. They are removed once untouched for [`LEGACY_AGE`], long past
+/// any build an old engine could still be running on the same work dir.
+const LEGACY_PREFIXES: &[&str] = &[".tmp-exec-go-", ".tmp-install-"];
+const LEGACY_AGE: Duration = Duration::from_secs(3600);
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A build's own directory; removed, and its processes killed, on drop.
@@ -161,6 +167,8 @@ pub(crate) fn clean_stale(work_dir: &Path) {
             stale.push((path, token.to_owned(), lock));
         } else if cache::is_generic_build_dir(name) {
             generic.push(entry.path());
+        } else if LEGACY_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            remove_legacy(&entry);
         }
     }
     if !stale.is_empty() {
@@ -185,9 +193,55 @@ pub(crate) fn clean_stale(work_dir: &Path) {
     }
 }
 
+fn remove_legacy(entry: &fs::DirEntry) {
+    let Ok(meta) = entry.metadata() else { return };
+    let old = meta
+        .modified()
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age >= LEGACY_AGE);
+    if !old {
+        return;
+    }
+    let path = entry.path();
+    let res = if meta.is_dir() {
+        fs::remove_dir_all(&path)
+    } else {
+        fs::remove_file(&path)
+    };
+    match res {
+        Ok(()) => tracing::info!(path = %path.display(), "removed a leftover of an old build"),
+        Err(e) => tracing::warn!(path = %path.display(), error = %e,
+            "could not remove a leftover of an old build"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_leftovers_of_earlier_versions_are_removed() {
+        let work = tempfile::tempdir().unwrap();
+        let (old_dir, new_dir) = (
+            work.path().join(".tmp-exec-go-abc"),
+            work.path().join(".tmp-exec-go-def"),
+        );
+        let old_file = work.path().join(".tmp-install-xyz");
+        fs::create_dir_all(old_dir.join("plan")).unwrap();
+        fs::create_dir_all(&new_dir).unwrap();
+        fs::write(&old_file, "half").unwrap();
+        let long_ago = std::time::SystemTime::now() - LEGACY_AGE - Duration::from_secs(60);
+        for p in [&old_dir, &old_file] {
+            File::open(p).unwrap().set_modified(long_ago).unwrap();
+        }
+        clean_stale(work.path());
+        assert!(!old_dir.exists() && !old_file.exists());
+        assert!(
+            new_dir.exists(),
+            "a recent one may belong to a running old engine"
+        );
+    }
 
     #[test]
     fn names_carry_owner_and_token() {
