@@ -1,6 +1,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -13,6 +14,10 @@ use crate::{BuildError, Progress};
 
 /// How many trailing output lines a `Failed` error carries.
 const TAIL_LINES: usize = 20;
+
+/// How long output pipes may stay open after the command exited before its stragglers are
+/// looked for again.
+const STRAGGLER_RECHECK: Duration = Duration::from_millis(500);
 
 /// What a builder needs to run toolchain commands on behalf of one build.
 pub(crate) struct Tools<'a> {
@@ -154,14 +159,22 @@ impl Tools<'_> {
                 biased;
                 _ = self.cancel.cancelled() => {
                     guard.kill();
+                    self.scratch.kill_processes().await;
                     let _ = child.wait().await;
                     return Err(BuildError::Canceled);
                 }
                 r = child.wait(), if status.is_none() => {
                     let s = r.map_err(|e| BuildError::io("wait for", &program, e))?;
-                    // Stragglers the command left behind would hold the pipes open forever.
+                    // Stragglers the command left behind would hold the pipes open forever,
+                    // also those that left the group: commands of a build run one at a time,
+                    // so whatever still carries the build's marker is one of them.
                     guard.kill();
+                    self.scratch.kill_processes().await;
                     status = Some(s);
+                }
+                // A straggler caught between fork and exec may have been missed by the scan.
+                _ = tokio::time::sleep(STRAGGLER_RECHECK), if status.is_some() => {
+                    self.scratch.kill_processes().await;
                 }
                 r = read_stdout(&mut out, stdout, &mut out_line, &mut captured), if !out_done => {
                     match r {
@@ -301,6 +314,25 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("PATH"));
+    }
+
+    #[tokio::test]
+    async fn a_straggler_in_its_own_session_does_not_hang_the_build() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
+        let tools = Tools {
+            scratch: &dir,
+            builder: "exec:generic",
+            progress: &tx,
+            cancel: &cancel,
+        };
+        // Out of the group's reach, the sleep still holds the pipes; its marker finds it.
+        let run = tools.run(sh("setsid sleep 300 & echo done"), Stdout::Stream);
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the build must not wait for the straggler")
+            .unwrap();
     }
 
     #[tokio::test]

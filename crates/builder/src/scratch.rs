@@ -103,6 +103,21 @@ impl BuildDir {
         &self.path
     }
 
+    /// Kills every process of this build still running (they carry its marker), wherever they
+    /// moved to (another process group, another session). Best effort.
+    pub(crate) async fn kill_processes(&self) {
+        let marked: HashSet<String> = [self.token.clone()].into();
+        let res = tokio::task::spawn_blocking(move || {
+            tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &marked, KILL_WAIT)
+        })
+        .await;
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not look for leftover build processes"),
+            Err(e) => tracing::warn!(error = %e, "could not look for leftover build processes"),
+        }
+    }
+
     /// The value of [`BUILD_ID_ENV`] for this build's processes; records that one was started.
     pub(crate) fn marker(&self) -> &str {
         self.spawned.store(true, Ordering::Relaxed);

@@ -830,6 +830,23 @@ fn build_marker_of(pid: u32) -> Option<String> {
     })
 }
 
+/// The build marker of `pid`, a `setsid sleep` started by a build command, once it runs
+/// `sleep`: before, it is `setsid` or the shell, and while it execs /proc shows no environment.
+async fn wait_marker(pid: u32) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if let Some(m) = build_marker_of(pid).filter(|_| comm.trim() == "sleep") {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} does not run sleep with a build marker"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 fn dot_entries(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
@@ -862,7 +879,7 @@ async fn a_killed_engines_build_leaves_nothing_after_the_next_build_starts() {
         .parse()
         .unwrap();
     let shell: u32 = fs::read_to_string(&shell).unwrap().trim().parse().unwrap();
-    let marker = build_marker_of(escaped).expect("the escaped process carries the build marker");
+    let marker = wait_marker(escaped).await;
     let shell_start = tg_sys::lifetime::process_start_time(shell).unwrap();
 
     // The engine dies without any chance to clean up.
@@ -920,4 +937,65 @@ async fn a_killed_engines_build_leaves_nothing_after_the_next_build_starts() {
         left.len() == 1 && left[0].starts_with("exec-generic--other-"),
         "only the new build's directory remains: {left:?}"
     );
+}
+
+#[tokio::test]
+async fn processes_that_leave_the_group_end_with_their_build() {
+    let plan = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let sync = tempfile::tempdir().unwrap();
+    let pid_file = sync.path().join("escaped.pid");
+    // A finished build: its command left a daemon in its own session behind.
+    let cfg = json!({
+        "build_cmd": format!("setsid sleep 300 & echo $! > '{}'", pid_file.display()),
+        "exec": "true",
+    });
+    let inp = input("exec:generic", "daemonizes", plan.path(), work.path(), cfg);
+    build_ok(&inp).await;
+    let escaped: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        build_marker_of(escaped),
+        None,
+        "gone when the build returned"
+    );
+
+    // A canceled build: same, while the build command is still running.
+    let cfg = json!({
+        "build_cmd": format!(
+            "setsid sleep 300 & echo $! > '{}'; echo started; sleep 300",
+            pid_file.display()
+        ),
+        "exec": "true",
+    });
+    let inp = input("exec:generic", "canceled", plan.path(), work.path(), cfg);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { build(&inp, &tx, &cancel).await })
+    };
+    while let Some(line) = rx.recv().await {
+        if line == "started" {
+            break;
+        }
+    }
+    let escaped: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_marker(escaped).await;
+    cancel.cancel();
+    let res = task.await.unwrap();
+    assert!(matches!(res, Err(BuildError::Canceled)), "{res:?}");
+    assert_eq!(
+        build_marker_of(escaped),
+        None,
+        "gone when the build returned"
+    );
+    assert!(dot_entries(work.path()).is_empty());
 }

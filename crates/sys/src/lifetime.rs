@@ -171,12 +171,34 @@ pub fn pids_marked(key: &str, values: &HashSet<String>) -> io::Result<Vec<i32>> 
 /// checked to be still alive through that pidfd before the kill: a pid reused in between
 /// refers to another process, which the pidfd cannot signal. On kernels without pidfds the
 /// start time is compared before and after reading the environment instead.
+///
+/// A process in the middle of `execve` shows an empty environment for an instant, and one
+/// forked while the scan runs is not listed yet; so the scan runs at least twice, and again as
+/// long as the previous pass found someone.
 pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::Result<usize> {
+    const MAX_PASSES: usize = 4;
     if values.is_empty() {
         return Ok(0);
     }
-    let me = std::process::id() as i32;
     let mut killed = Vec::new();
+    let mut count = 0;
+    for pass in 0..MAX_PASSES {
+        let found = kill_pass(key, values, &mut killed)?;
+        count += found;
+        if pass > 0 && found == 0 {
+            break;
+        }
+    }
+    let deadline = Instant::now() + wait;
+    for fd in &killed {
+        wait_exited(fd, deadline);
+    }
+    Ok(count)
+}
+
+/// One scan of `/proc` for [`kill_marked`]; pidfds of the killed processes go to `killed`.
+fn kill_pass(key: &str, values: &HashSet<String>, killed: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let me = std::process::id() as i32;
     let mut count = 0;
     for pid in all_pids()? {
         if pid == me {
@@ -200,25 +222,20 @@ pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::R
                     continue;
                 };
                 let marked = env_value(pid, key).is_some_and(|v| values.contains(&v));
-                if marked && process_start_time(pid as u32) == Some(before) {
-                    // ESRCH: it exited meanwhile, which is what we want.
-                    if nix::sys::signal::kill(
+                if marked
+                    && process_start_time(pid as u32) == Some(before)
+                    && nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
                     )
                     .is_ok()
-                    {
-                        count += 1;
-                    }
+                {
+                    count += 1;
                 }
             }
             // Gone already, or not ours to see.
             Err(_) => {}
         }
-    }
-    let deadline = Instant::now() + wait;
-    for fd in &killed {
-        wait_exited(fd, deadline);
     }
     Ok(count)
 }
