@@ -4,7 +4,9 @@
 //! named after its owner (the engine process: pid and start time) and holding an exclusive
 //! `flock` on itself for its whole life. Everything temporary a build writes (copies of the
 //! sources, half-written artifacts) lives in it, and every process the build starts carries
-//! `TESTGROUND_BUILD_ID=<the directory's token>` in its environment.
+//! `TESTGROUND_BUILD_ID=<the directory's token>` in its environment. (`exec:generic` builds in
+//! the artifact's final `<artifact>.d` instead, since build commands bake paths in; the cache
+//! key's lock makes it the build's own, and an unfinished one is removed by the cleaner.)
 //!
 //! A build that ends normally removes its directory and kills whatever its commands left
 //! running. A build whose engine was SIGKILLed can do neither, so each new build first runs
