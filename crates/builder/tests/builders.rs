@@ -847,6 +847,27 @@ async fn wait_marker(pid: u32) -> String {
     }
 }
 
+/// On drop, kills the processes of every build that still has a directory in the work dir: what
+/// a failing assertion would otherwise leave running.
+struct ReapBuilds<'a>(&'a Path);
+
+impl Drop for ReapBuilds<'_> {
+    fn drop(&mut self) {
+        // No unwrap: this may run while a failed assertion unwinds.
+        let tokens: std::collections::HashSet<String> = fs::read_dir(self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(".tmp-build-").map(str::to_owned)
+            })
+            .collect();
+        let wait = std::time::Duration::from_secs(5);
+        let _ = tg_sys::lifetime::kill_marked(tg_builder::BUILD_ID_ENV, &tokens, wait);
+    }
+}
+
 fn dot_entries(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
@@ -871,6 +892,7 @@ async fn a_killed_engines_build_leaves_nothing_after_the_next_build_starts() {
         ),
         "exec": "true",
     });
+    let _reap = ReapBuilds(work.path());
     let mut engine = ChildBuild::start("exec:generic", "killed", plan.path(), work.path(), cfg);
     engine.wait_progress("started").await;
     let escaped: u32 = fs::read_to_string(&escaped)
@@ -972,6 +994,7 @@ async fn processes_that_leave_the_group_end_with_their_build() {
         "exec": "true",
     });
     let inp = input("exec:generic", "canceled", plan.path(), work.path(), cfg);
+    let _reap = ReapBuilds(work.path());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let task = {
