@@ -8,17 +8,23 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactKind {
-    /// An executable file on this machine (`exec:*` builders).
+    /// An executable file on the engine's host, started with no arguments (`exec:*`).
     Executable,
-    /// A container image known to a Docker engine (`docker:*` builders).
+    /// A container image, known by its id (`docker:*`).
     Image,
+}
+
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Executable => "executable",
+            ArtifactKind::Image => "image",
+        }
+    }
 }
 
 impl fmt::Display for ArtifactKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ArtifactKind::Executable => "executable",
-            ArtifactKind::Image => "image",
-        })
+        f.write_str(self.as_str())
     }
 }

@@ -1,14 +1,18 @@
 use std::collections::HashMap;
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
-use crate::{BUILDERS, BuildError, BuildInput, sources};
+use crate::{BuildError, BuildInput, sources};
 
 /// Bumped whenever the layout of cached artifacts changes, so old entries are never reused.
 const CACHE_VERSION: &[u8] = b"tg-builder cache v1";
@@ -24,22 +28,8 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) fn from_id(id: &str) -> Result<Self, BuildError> {
-        match id {
-            "exec:rust" => Ok(Kind::Rust),
-            "exec:go" => Ok(Kind::Go),
-            "exec:generic" => Ok(Kind::Generic),
-            _ => {
-                debug_assert!(!BUILDERS.contains(&id));
-                Err(BuildError::Unsupported {
-                    builder: id.to_owned(),
-                })
-            }
-        }
-    }
-
     /// The file-name prefix of everything this builder keeps in the work directory.
-    fn prefix(self) -> &'static str {
+    pub(crate) fn prefix(self) -> &'static str {
         match self {
             Kind::Rust => "exec-rust",
             Kind::Go => "exec-go",
@@ -155,10 +145,72 @@ type KeyLocks = Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>;
 
 static KEY_LOCKS: LazyLock<KeyLocks> = LazyLock::new(Default::default);
 
-/// Serializes builds of the same artifact within this process: the second of two identical
-/// concurrent builds waits, then finds the first one's artifact in the cache instead of racing
-/// it for the same build directory.
-pub(crate) async fn lock(artifact: &Path) -> tokio::sync::OwnedMutexGuard<()> {
+/// How often a build waiting for another process's build of the same artifact looks again.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+/// An exclusive `flock` on `<artifact>.lock`, shared by every process using the work dir.
+/// The file is removed on release, so the work dir holds no lock files between builds.
+pub(crate) struct FileLock {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl FileLock {
+    /// Takes the lock if nobody holds it.
+    pub(crate) fn try_acquire(path: &Path) -> io::Result<Option<Self>> {
+        loop {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)?;
+            let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
+                Err((_, e)) => return Err(e.into()),
+            };
+            // The previous holder removes the file on release; if that happened between our
+            // open and our lock, we locked a file nobody else will ever see. Try again.
+            let held = lock.metadata()?;
+            match fs::metadata(path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                    return Ok(Some(FileLock {
+                        path: path.to_owned(),
+                        _lock: lock,
+                    }));
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Removed while still locked: a waiter that opened this file re-checks the path after
+        // locking and starts over on the new file.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Exclusive right to build one artifact, within this process and across processes.
+pub(crate) struct KeyGuard {
+    _file: FileLock,
+    _local: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Serializes builds of the same artifact: the second of two identical concurrent builds
+/// (in this process or another one sharing the work dir) waits, then finds the first one's
+/// artifact in the cache instead of racing it for the same build directory. `on_wait` is
+/// called once if the artifact is being built by another process.
+pub(crate) async fn lock(
+    artifact: &Path,
+    cancel: &CancellationToken,
+    on_wait: impl FnOnce(),
+) -> Result<KeyGuard, BuildError> {
     let mutex = {
         // A poisoned map only means another thread panicked while holding it; the map itself
         // is still consistent.
@@ -167,7 +219,32 @@ pub(crate) async fn lock(artifact: &Path) -> tokio::sync::OwnedMutexGuard<()> {
         locks.retain(|_, m| Arc::strong_count(m) > 1);
         locks.entry(artifact.to_owned()).or_default().clone()
     };
-    mutex.lock_owned().await
+    let local = tokio::select! {
+        guard = mutex.lock_owned() => guard,
+        _ = cancel.cancelled() => return Err(BuildError::Canceled),
+    };
+    let path = with_suffix(artifact, "lock");
+    let mut on_wait = Some(on_wait);
+    loop {
+        match FileLock::try_acquire(&path) {
+            Ok(Some(file)) => {
+                return Ok(KeyGuard {
+                    _file: file,
+                    _local: local,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => return Err(BuildError::io("lock", &path, e)),
+        }
+        if let Some(f) = on_wait.take() {
+            f();
+        }
+        // flock has no async wait; the holder is a build, so a short poll costs nothing.
+        tokio::select! {
+            _ = tokio::time::sleep(LOCK_POLL) => {}
+            _ = cancel.cancelled() => return Err(BuildError::Canceled),
+        }
+    }
 }
 
 /// A cached artifact is valid only once installed, and installation is the last, atomic step
@@ -176,13 +253,19 @@ pub(crate) fn is_installed(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Atomically places `contents` at `dest` with `mode`.
-pub(crate) fn install_bytes(dest: &Path, contents: &[u8], mode: u32) -> Result<(), BuildError> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
+/// Atomically places `contents` at `dest` with `mode`, writing it first in the build's own
+/// `scratch` directory (on the same file system) so that no half-written file is ever visible
+/// under `dest`, nor left in the work dir if the engine dies meanwhile.
+pub(crate) fn install_bytes(
+    scratch: &Path,
+    dest: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), BuildError> {
     let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-install-")
-        .tempfile_in(dir)
-        .map_err(|e| BuildError::io("create temporary file in", dir, e))?;
+        .prefix("install-")
+        .tempfile_in(scratch)
+        .map_err(|e| BuildError::io("create temporary file in", scratch, e))?;
     tmp.write_all(contents)
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| BuildError::io("write", tmp.path().to_owned(), e))?;
@@ -193,19 +276,61 @@ pub(crate) fn install_bytes(dest: &Path, contents: &[u8], mode: u32) -> Result<(
     Ok(())
 }
 
-/// Atomically places a copy of the executable `src` at `dest`.
-pub(crate) fn install_copy(src: &Path, dest: &Path) -> Result<(), BuildError> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
+/// Atomically places a copy of the executable `src` at `dest` (see [`install_bytes`]).
+pub(crate) fn install_copy(scratch: &Path, src: &Path, dest: &Path) -> Result<(), BuildError> {
     let tmp = tempfile::Builder::new()
-        .prefix(".tmp-install-")
-        .tempfile_in(dir)
-        .map_err(|e| BuildError::io("create temporary file in", dir, e))?;
+        .prefix("install-")
+        .tempfile_in(scratch)
+        .map_err(|e| BuildError::io("create temporary file in", scratch, e))?;
     fs::copy(src, tmp.path()).map_err(|e| BuildError::io("copy", src, e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| BuildError::io("write", tmp.path().to_owned(), e))?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
         .map_err(|e| BuildError::io("set permissions of", tmp.path().to_owned(), e))?;
     tmp.persist(dest)
         .map_err(|e| BuildError::io("install", dest, e.error))?;
     Ok(())
+}
+
+/// Whether a work-dir entry is an `exec:generic` build directory (`<artifact>.d`).
+pub(crate) fn is_generic_build_dir(name: &str) -> bool {
+    let Some(stem) = name
+        .strip_prefix(Kind::Generic.prefix())
+        .and_then(|r| r.strip_prefix("--"))
+        .and_then(|r| r.strip_suffix(".d"))
+    else {
+        return false;
+    };
+    stem.len() > KEY_LEN + 1
+        && stem.as_bytes()[stem.len() - KEY_LEN - 1] == b'-'
+        && stem[stem.len() - KEY_LEN..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Removes an `exec:generic` build directory that no installed artifact uses and that no
+/// build (here or in another process) holds: what a killed build of that key left behind.
+pub(crate) fn remove_orphan_generic_dir(dir: &Path) {
+    let Some(artifact) = dir.to_str().and_then(|s| s.strip_suffix(".d")) else {
+        return;
+    };
+    let artifact = Path::new(artifact);
+    if is_installed(artifact) {
+        return;
+    }
+    let Ok(Some(_held)) = FileLock::try_acquire(&with_suffix(artifact, "lock")) else {
+        return;
+    };
+    // Installed between the check and the lock: it is in use now.
+    if is_installed(artifact) {
+        return;
+    }
+    match fs::remove_dir_all(dir) {
+        Ok(()) => tracing::info!(path = %dir.display(), "removed an unfinished build directory"),
+        Err(e) => tracing::warn!(path = %dir.display(), error = %e,
+            "could not remove an unfinished build directory"),
+    }
 }
 
 /// Whether `name` (a work-dir entry) belongs to `plan` for the builder with `prefix`: the

@@ -12,7 +12,7 @@ use tokio::process::Command;
 use crate::cache::{self, Kind};
 use crate::config::Config;
 use crate::process::{Stdout, Tools};
-use crate::{BuildError, BuildInput, BuildOutput, blocking, sources};
+use crate::{Artifact, BuildError, BuildInput, BuildOutput, blocking, sources};
 
 enum Entry {
     /// A command line, run by the wrapper through the shell.
@@ -78,21 +78,22 @@ pub(crate) async fn build(
         blocking("hash", &input.plan_dir, move || cache::key(&owned, &[])).await?
     };
     let artifact = cache::artifact_path(Kind::Generic, &input.plan, &key, &input.work_dir);
-    let _building = tokio::select! {
-        guard = cache::lock(&artifact) => guard,
-        _ = tools.cancel.cancelled() => return Err(BuildError::Canceled),
-    };
+    let _building = cache::lock(&artifact, tools.cancel, || {
+        tools.progress("waiting for another build of the same artifact to finish")
+    })
+    .await?;
     if cache::is_installed(&artifact) {
         return Ok(BuildOutput {
-            artifact: artifact.to_string_lossy().into_owned(),
+            artifact: Artifact::Executable(artifact),
             cached: true,
             dependencies: BTreeMap::new(),
         });
     }
 
     // Built in its final place rather than renamed into it: build commands (virtualenvs, npm)
-    // often bake absolute paths into what they produce. A leftover from an interrupted build is
-    // incomplete by definition, since the artifact is installed last.
+    // often bake absolute paths into what they produce. The key lock makes the directory this
+    // build's own (across processes too); a leftover from an interrupted build is incomplete by
+    // definition, since the artifact is installed last.
     let build_dir = cache::with_suffix(&artifact, "d");
     match fs::remove_dir_all(&build_dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -111,9 +112,14 @@ pub(crate) async fn build(
         let _ = fs::remove_dir_all(&build_dir);
     }
     res?;
-    cache::install_bytes(&artifact, wrapper(&build_dir, &entry).as_bytes(), 0o755)?;
+    cache::install_bytes(
+        tools.scratch.path(),
+        &artifact,
+        wrapper(&build_dir, &entry).as_bytes(),
+        0o755,
+    )?;
     Ok(BuildOutput {
-        artifact: artifact.to_string_lossy().into_owned(),
+        artifact: Artifact::Executable(artifact),
         cached: false,
         dependencies: BTreeMap::new(),
     })

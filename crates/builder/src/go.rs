@@ -12,7 +12,7 @@ use tokio::process::Command;
 use crate::cache::{self, Kind};
 use crate::config::Config;
 use crate::process::{Stdout, Tools};
-use crate::{BuildError, BuildInput, BuildOutput, blocking, sources};
+use crate::{Artifact, BuildError, BuildInput, BuildOutput, blocking, sources};
 
 /// `-mod=mod` lets a build resolve modules missing from go.sum (the original ran this way);
 /// the copy has no VCS metadata to stamp, and a parent directory's may be unreadable.
@@ -155,25 +155,22 @@ pub(crate) async fn build(
         blocking("hash", &input.plan_dir, move || cache::key(&owned, &[])).await?
     };
     let artifact = cache::artifact_path(Kind::Go, &input.plan, &key, &input.work_dir);
-    let _building = tokio::select! {
-        guard = cache::lock(&artifact) => guard,
-        _ = tools.cancel.cancelled() => return Err(BuildError::Canceled),
-    };
+    let _building = cache::lock(&artifact, tools.cancel, || {
+        tools.progress("waiting for another build of the same artifact to finish")
+    })
+    .await?;
     let deps_file = cache::with_suffix(&artifact, "deps.json");
     if cache::is_installed(&artifact) {
         return Ok(BuildOutput {
-            artifact: artifact.to_string_lossy().into_owned(),
+            artifact: Artifact::Executable(artifact),
             cached: true,
             dependencies: read_deps(&deps_file),
         });
     }
 
-    // Removed on drop, whether the build succeeds, fails or is canceled.
-    let build_dir = tempfile::Builder::new()
-        .prefix(".tmp-exec-go-")
-        .tempdir_in(&input.work_dir)
-        .map_err(|e| BuildError::io("create build directory in", &input.work_dir, e))?;
-    let src = build_dir.path().join("plan");
+    // The build's own directory, removed when the build ends however it ends.
+    let build_dir = tools.scratch.path();
+    let src = build_dir.join("plan");
     {
         let (from, to) = (input.plan_dir.clone(), src.clone());
         blocking("copy", &input.plan_dir, move || {
@@ -225,7 +222,7 @@ pub(crate) async fn build(
         tools.run(cmd, Stdout::Stream).await?;
     }
 
-    let built: PathBuf = build_dir.path().join("testplan");
+    let built: PathBuf = build_dir.join("testplan");
     let mut cmd = go(&src);
     cmd.arg("build").arg("-o").arg(&built);
     if !input.selectors.is_empty() {
@@ -247,10 +244,10 @@ pub(crate) async fn build(
     let deps_json = serde_json::to_vec_pretty(&dependencies)
         .map_err(|e| BuildError::io("encode", &deps_file, std::io::Error::other(e)))?;
     // The artifact goes last: its presence is what marks the whole entry as complete.
-    cache::install_bytes(&deps_file, &deps_json, 0o644)?;
+    cache::install_bytes(build_dir, &deps_file, &deps_json, 0o644)?;
     fs::rename(&built, &artifact).map_err(|e| BuildError::io("install", &artifact, e))?;
     Ok(BuildOutput {
-        artifact: artifact.to_string_lossy().into_owned(),
+        artifact: Artifact::Executable(artifact),
         cached: false,
         dependencies,
     })

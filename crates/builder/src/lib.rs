@@ -1,13 +1,26 @@
-//! Builders turn a test plan's sources into an artifact the runners can start: always the path
-//! of an executable file under the work directory, started with no arguments.
+//! Builders turn a test plan's sources into an artifact the runners can start. Each builder
+//! implements [`Builder`] and is found through the registry ([`builders`], [`get`],
+//! [`lookup`]); it declares the [`ArtifactKind`] it produces: an executable file under the work
+//! directory, started with no arguments (`exec:*`), or a container image (the coming
+//! `docker:*` builders, known to the registry as [`PLANNED_BUILDERS`] and refused as
+//! "not supported yet").
 //!
 //! This crate owns the `exec:*` builders (`exec:rust`, `exec:go`, `exec:generic`), their content
 //! addressed artifact cache, and the supervision of toolchain processes (progress streaming,
-//! cancellation by process group, failure tails). It does not resolve manifests or compositions
-//! (that is `tg-plan`), pick builders per group or de-duplicate builds (the daemon's engine), nor
-//! run artifacts (`tg-runner`). `docker:*` builders are not implemented.
+//! cancellation by process group, failure tails, cleanup after a killed engine). It does not
+//! resolve manifests or compositions (that is `tg-plan`), pick builders per group or
+//! de-duplicate builds (the daemon's engine), nor run artifacts (`tg-runner`).
+//!
+//! Concurrency: builds of one artifact are serialized within a process and across processes
+//! sharing a work dir (a `flock` per cache key), so the second finds the first one's artifact.
+//! Each build works in its own directory (`scratch`), and every artifact is installed by an
+//! atomic rename, so no reader ever sees a half-written one.
 //!
 //! Modules:
+//! - `registry`: the [`Builder`] trait and the registry of builder ids.
+//! - `artifact`: [`Artifact`] and its string form (the composition's `run.artifact`).
+//! - `scratch`: per-build directories, the process marker [`BUILD_ID_ENV`], and the cleanup
+//!   of directories and processes that builds of a killed engine left behind.
 //! - `cache`: the cache key (sha256 over sources, builder, config, selectors, dependencies),
 //!   artifact naming, atomic installation and purging.
 //! - `sources`: walking, hashing and copying plan sources (skipping `target/`, `.git/`,
@@ -17,12 +30,15 @@
 //! - `config`: typed access to the coalesced build configuration map.
 //! - `rust`, `go`, `generic`: the three builders.
 
+mod artifact;
 mod cache;
 mod config;
 mod generic;
 mod go;
 mod process;
+mod registry;
 mod rust;
+mod scratch;
 mod sources;
 
 use std::collections::BTreeMap;
@@ -31,23 +47,17 @@ use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
-/// Builder ids this crate implements.
-pub const BUILDERS: &[&str] = &["exec:rust", "exec:go", "exec:generic"];
-
-/// The kind of artifact builder `id` produces, or `None` for an unknown builder.
-pub fn artifact_kind(id: &str) -> Option<tg_api::artifact::ArtifactKind> {
-    use tg_api::artifact::ArtifactKind;
-    match id {
-        "exec:rust" | "exec:go" | "exec:generic" => Some(ArtifactKind::Executable),
-        "docker:go" | "docker:generic" | "docker:node" | "docker:rust" => Some(ArtifactKind::Image),
-        _ => None,
-    }
-}
+pub use artifact::{Artifact, ArtifactError, ArtifactKind};
+pub use registry::{
+    BUILDERS, BuildFuture, Builder, PLANNED_BUILDERS, artifact_kind, builders, get, lookup,
+};
+pub use scratch::BUILD_ID_ENV;
 
 /// What to build. The engine fills it from the resolved composition.
 #[derive(Debug, Clone)]
 pub struct BuildInput {
-    /// Unique id of this build (an xid); used to name the artifact.
+    /// Id of this build (an xid); part of the build directory's name and of the marker
+    /// ([`BUILD_ID_ENV`]) its processes carry.
     pub build_id: String,
     /// The plan's name (manifest `name`), used in artifact names.
     pub plan: String,
@@ -74,8 +84,9 @@ pub struct Dependency {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOutput {
-    /// Path of an executable file the runner starts for each instance.
-    pub artifact: String,
+    /// What the runner starts for each instance; its kind is the builder's
+    /// [`Builder::artifact_kind`].
+    pub artifact: Artifact,
     /// True when nothing had to be compiled (cache hit).
     pub cached: bool,
     /// Resolved dependency versions, when the toolchain reports them (`go list -m all`).
@@ -90,6 +101,11 @@ pub type Progress = tokio::sync::mpsc::UnboundedSender<String>;
 pub enum BuildError {
     #[error("builder {builder:?} is not supported (supported: {})", BUILDERS.join(", "))]
     Unsupported { builder: String },
+    #[error(
+        "builder {builder:?} is not supported yet (planned; supported now: {})",
+        BUILDERS.join(", ")
+    )]
+    NotSupportedYet { builder: String },
     #[error("builder {builder}: bad config key {key:?}: expected {expected}")]
     BadConfig {
         builder: String,
@@ -148,39 +164,18 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// Builds `input` with the builder it names, or returns the cached artifact of an identical
-/// earlier build.
+/// earlier build. Shorthand for [`lookup`]`(&input.builder)?.build(..)`.
 pub async fn build(
     input: &BuildInput,
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<BuildOutput, BuildError> {
-    let kind = cache::Kind::from_id(&input.builder)?;
-    if cancel.is_cancelled() {
-        return Err(BuildError::Canceled);
-    }
-    tokio::fs::create_dir_all(&input.work_dir)
-        .await
-        .map_err(|e| BuildError::io("create work directory", &input.work_dir, e))?;
-    let tools = process::Tools {
-        builder: &input.builder,
-        progress,
-        cancel,
-    };
-    let out = match kind {
-        cache::Kind::Rust => rust::build(input, &tools).await?,
-        cache::Kind::Go => go::build(input, &tools).await?,
-        cache::Kind::Generic => generic::build(input, &tools).await?,
-    };
-    tracing::debug!(builder = %input.builder, plan = %input.plan, artifact = %out.artifact,
-        cached = out.cached, "build finished");
-    Ok(out)
+    lookup(&input.builder)?.build(input, progress, cancel).await
 }
 
 /// Removes every cached artifact, build directory and incremental cache of `plan` that
-/// `builder` left in `work_dir`. Other plans and builders are untouched.
+/// `builder` left in `work_dir`. Other plans and builders are untouched. Shorthand for
+/// [`lookup`]`(builder)?.purge(..)`.
 pub async fn purge(builder: &str, plan: &str, work_dir: &Path) -> Result<(), BuildError> {
-    let kind = cache::Kind::from_id(builder)?;
-    let plan = plan.to_owned();
-    let dir = work_dir.to_owned();
-    blocking("purge", work_dir, move || cache::purge(kind, &plan, &dir)).await
+    lookup(builder)?.purge(plan, work_dir).await
 }

@@ -1,6 +1,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -8,16 +9,23 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::scratch::{BUILD_ID_ENV, BuildDir};
 use crate::{BuildError, Progress};
 
 /// How many trailing output lines a `Failed` error carries.
 const TAIL_LINES: usize = 20;
+
+/// How long output pipes may stay open after the command exited before its stragglers are
+/// looked for again.
+const STRAGGLER_RECHECK: Duration = Duration::from_millis(500);
 
 /// What a builder needs to run toolchain commands on behalf of one build.
 pub(crate) struct Tools<'a> {
     pub(crate) builder: &'a str,
     pub(crate) progress: &'a Progress,
     pub(crate) cancel: &'a CancellationToken,
+    /// The build's own directory; its marker tags every process the build starts.
+    pub(crate) scratch: &'a BuildDir,
 }
 
 /// Whether a command's stdout is progress (streamed) or data for the builder (captured).
@@ -78,6 +86,11 @@ impl Tools<'_> {
 
     /// Runs `cmd` to completion in its own process group. Output lines go to the progress
     /// channel (stdout only in [`Stdout::Stream`] mode); captured stdout is returned.
+    ///
+    /// The group is killed on cancellation and when the returned future is dropped; the
+    /// command itself is killed by the kernel if the engine dies; and it and all its
+    /// descendants carry the build's marker, by which the build directory's drop (or the next
+    /// build, after an engine's death) finds those that escaped the group.
     pub(crate) async fn run(
         &self,
         mut cmd: Command,
@@ -88,6 +101,8 @@ impl Tools<'_> {
         }
         let program = cmd.as_std().get_program().to_string_lossy().into_owned();
         self.progress(format!("$ {}", describe(&cmd)));
+        cmd.env(BUILD_ID_ENV, self.scratch.marker());
+        tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -144,14 +159,22 @@ impl Tools<'_> {
                 biased;
                 _ = self.cancel.cancelled() => {
                     guard.kill();
+                    self.scratch.kill_processes().await;
                     let _ = child.wait().await;
                     return Err(BuildError::Canceled);
                 }
                 r = child.wait(), if status.is_none() => {
                     let s = r.map_err(|e| BuildError::io("wait for", &program, e))?;
-                    // Stragglers the command left behind would hold the pipes open forever.
+                    // Stragglers the command left behind would hold the pipes open forever,
+                    // also those that left the group: commands of a build run one at a time,
+                    // so whatever still carries the build's marker is one of them.
                     guard.kill();
+                    self.scratch.kill_processes().await;
                     status = Some(s);
+                }
+                // A straggler caught between fork and exec may have been missed by the scan.
+                _ = tokio::time::sleep(STRAGGLER_RECHECK), if status.is_some() => {
+                    self.scratch.kill_processes().await;
                 }
                 r = read_stdout(&mut out, stdout, &mut out_line, &mut captured), if !out_done => {
                     match r {
@@ -200,6 +223,13 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc;
 
+    /// A scratch directory for tests that need [`Tools`].
+    fn scratch() -> (tempfile::TempDir, BuildDir) {
+        let work = tempfile::tempdir().unwrap();
+        let dir = BuildDir::create(work.path(), "test").unwrap();
+        (work, dir)
+    }
+
     fn sh(script: &str) -> Command {
         let mut c = Command::new("sh");
         c.arg("-c").arg(script);
@@ -210,7 +240,9 @@ mod tests {
     async fn streams_lines_and_captures_stdout() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:generic",
             progress: &tx,
             cancel: &cancel,
@@ -238,7 +270,9 @@ mod tests {
     async fn failure_carries_status_and_last_lines() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:generic",
             progress: &tx,
             cancel: &cancel,
@@ -264,7 +298,9 @@ mod tests {
     async fn missing_program_is_a_toolchain_error() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:go",
             progress: &tx,
             cancel: &cancel,
@@ -281,10 +317,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_straggler_in_its_own_session_does_not_hang_the_build() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
+        let tools = Tools {
+            scratch: &dir,
+            builder: "exec:generic",
+            progress: &tx,
+            cancel: &cancel,
+        };
+        // Out of the group's reach, the sleep still holds the pipes; its marker finds it.
+        let run = tools.run(sh("setsid sleep 300 & echo done"), Stdout::Stream);
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the build must not wait for the straggler")
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn a_background_straggler_does_not_hang_the_build() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (_work, dir) = scratch();
         let tools = Tools {
+            scratch: &dir,
             builder: "exec:generic",
             progress: &tx,
             cancel: &cancel,

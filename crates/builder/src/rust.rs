@@ -11,7 +11,7 @@ use tokio::process::Command;
 use crate::cache::{self, Kind};
 use crate::config::Config;
 use crate::process::{Stdout, Tools};
-use crate::{BuildError, BuildInput, BuildOutput, blocking};
+use crate::{Artifact, BuildError, BuildInput, BuildOutput, blocking};
 
 #[derive(Deserialize)]
 struct Metadata {
@@ -174,13 +174,13 @@ pub(crate) async fn build(
         .await?
     };
     let artifact = cache::artifact_path(Kind::Rust, &input.plan, &key, &input.work_dir);
-    let _building = tokio::select! {
-        guard = cache::lock(&artifact) => guard,
-        _ = tools.cancel.cancelled() => return Err(BuildError::Canceled),
-    };
+    let _building = cache::lock(&artifact, tools.cancel, || {
+        tools.progress("waiting for another build of the same artifact to finish")
+    })
+    .await?;
     if cache::is_installed(&artifact) {
         return Ok(BuildOutput {
-            artifact: artifact.to_string_lossy().into_owned(),
+            artifact: Artifact::Executable(artifact),
             cached: true,
             dependencies: BTreeMap::new(),
         });
@@ -229,13 +229,14 @@ pub(crate) async fn build(
     }
     {
         let dest = artifact.clone();
+        let scratch = tools.scratch.path().to_owned();
         blocking("install", &artifact, move || {
-            cache::install_copy(&built, &dest)
+            cache::install_copy(&scratch, &built, &dest)
         })
         .await?;
     }
     Ok(BuildOutput {
-        artifact: artifact.to_string_lossy().into_owned(),
+        artifact: Artifact::Executable(artifact),
         cached: false,
         dependencies: BTreeMap::new(),
     })

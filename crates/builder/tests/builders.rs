@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tg_builder::{BuildError, BuildInput, BuildOutput, Dependency, build, purge};
+use tg_builder::{Artifact, BuildError, BuildInput, BuildOutput, Dependency, build, purge};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -74,14 +74,18 @@ async fn build_ok(input: &BuildInput) -> (BuildOutput, Vec<String>) {
 /// Starts `artifact` the way `local:exec` does: no arguments, only PATH inherited, all 18
 /// `TEST_*` variables set. Returns the event objects printed on stdout.
 fn run_instance(
-    artifact: &str,
+    artifact: &Artifact,
     plan: &str,
     case: &str,
     params: &str,
     outputs: &Path,
 ) -> Vec<Value> {
     let temp = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(artifact);
+    let artifact = artifact
+        .path()
+        .unwrap_or_else(|| panic!("{artifact} is not an executable"))
+        .to_owned();
+    let mut cmd = Command::new(&artifact);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("TEST_PLAN", plan)
@@ -113,7 +117,9 @@ fn run_instance(
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             other => {
-                break other.unwrap_or_else(|e| panic!("start {artifact}: {e} ({:?})", e.kind()));
+                break other.unwrap_or_else(|e| {
+                    panic!("start {}: {e} ({:?})", artifact.display(), e.kind())
+                });
             }
         }
     };
@@ -179,7 +185,7 @@ async fn generic_python_plan_builds_runs_and_caches() {
 
     let (first, _) = build_ok(&inp).await;
     assert!(!first.cached);
-    assert!(Path::new(&first.artifact).starts_with(work.path()));
+    assert!(first.artifact.path().unwrap().starts_with(work.path()));
     let events = run_instance(&first.artifact, "example-python", "ok", "", outputs.path());
     assert!(has_success(&events), "{events:?}");
 
@@ -413,7 +419,7 @@ async fn failed_build_reports_status_and_tail() {
 #[tokio::test]
 async fn unsupported_builders_are_rejected() {
     let work = tempfile::tempdir().unwrap();
-    for id in ["docker:go", "docker:generic", "exec:cobol", ""] {
+    for id in ["exec:cobol", "", "docker:cobol"] {
         let inp = input(id, "p", work.path(), work.path(), json!({}));
         let (res, _) = build_logged(&inp).await;
         assert!(
@@ -421,16 +427,39 @@ async fn unsupported_builders_are_rejected() {
             "{res:?}"
         );
     }
+    // The Docker builders of the original are known, and refused as not supported yet.
+    for id in ["docker:go", "docker:generic", "docker:node", "docker:rust"] {
+        let inp = input(id, "p", work.path(), work.path(), json!({}));
+        let (res, _) = build_logged(&inp).await;
+        assert!(
+            matches!(&res, Err(BuildError::NotSupportedYet { builder }) if builder == id),
+            "{res:?}"
+        );
+        assert_eq!(
+            tg_builder::artifact_kind(id),
+            Some(tg_builder::ArtifactKind::Image)
+        );
+    }
     let inp = input("docker:go", "p", work.path(), work.path(), json!({}));
     let err = build_logged(&inp).await.0.unwrap_err();
     assert_eq!(
         err.to_string(),
-        r#"builder "docker:go" is not supported (supported: exec:rust, exec:go, exec:generic)"#
+        r#"builder "docker:go" is not supported yet (planned; supported now: exec:rust, exec:go, exec:generic)"#
+    );
+    let inp = input("exec:cobol", "p", work.path(), work.path(), json!({}));
+    let err = build_logged(&inp).await.0.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"builder "exec:cobol" is not supported (supported: exec:rust, exec:go, exec:generic)"#
     );
     assert!(matches!(
         purge("docker:go", "p", work.path()).await,
-        Err(BuildError::Unsupported { .. })
+        Err(BuildError::NotSupportedYet { .. })
     ));
+    assert!(
+        fs::read_dir(work.path()).unwrap().next().is_none(),
+        "nothing was created"
+    );
 }
 
 #[tokio::test]
@@ -548,7 +577,7 @@ async fn purge_removes_only_that_plans_entries() {
     let foobar = input("exec:generic", "foo-bar", plan.path(), work.path(), cfg);
     let (a, _) = build_ok(&foo).await;
     let (b, _) = build_ok(&foobar).await;
-    assert!(Path::new(&a.artifact).exists() && Path::new(&b.artifact).exists());
+    assert!(a.artifact.path().unwrap().exists() && b.artifact.path().unwrap().exists());
 
     purge("exec:generic", "foo", work.path()).await.unwrap();
     let left: Vec<String> = fs::read_dir(work.path())
@@ -570,4 +599,426 @@ async fn purge_removes_only_that_plans_entries() {
     purge("exec:rust", "nothing-here", &work.path().join("absent"))
         .await
         .unwrap();
+}
+
+/// What a build helper process (see [`build_in_child_process`]) is asked to build.
+const CHILD_ENV: &str = "TG_BUILDER_TEST_CHILD";
+
+/// Not a test: the body of the helper process that the multi-process tests below start (this
+/// same test binary, with `--ignored --exact`). It builds the input given in [`CHILD_ENV`] and
+/// prints each progress line, then the result, on stdout.
+#[test]
+#[ignore = "helper process of the multi-process tests; does nothing on its own"]
+fn build_in_child_process() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let spec: Value = serde_json::from_str(&spec).unwrap();
+    let mut inp = input(
+        spec["builder"].as_str().unwrap(),
+        spec["plan"].as_str().unwrap(),
+        Path::new(spec["plan_dir"].as_str().unwrap()),
+        Path::new(spec["work_dir"].as_str().unwrap()),
+        spec["config"].clone(),
+    );
+    inp.build_id = spec["build_id"].as_str().unwrap().to_owned();
+    // One thread: the toolchain processes are children of this thread, which lives as long as
+    // the process, so the kernel's parent-death signal fires only when the process dies.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let build = build(&inp, &tx, &cancel);
+        tokio::pin!(build);
+        let res = loop {
+            tokio::select! {
+                r = &mut build => break r,
+                Some(line) = rx.recv() => println!("tg-progress: {line}"),
+            }
+        };
+        while let Ok(line) = rx.try_recv() {
+            println!("tg-progress: {line}");
+        }
+        match res {
+            Ok(out) => println!("tg-result: {} {}", out.cached, out.artifact),
+            Err(e) => println!("tg-error: {e}"),
+        }
+    });
+}
+
+/// The rest of a helper's output line after `tag`. libtest prints `test <name> ... ` without a
+/// newline before the test runs, so the first line the helper prints does not start with it.
+fn tagged<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
+    line.find(tag).map(|i| &line[i + tag.len()..])
+}
+
+/// A build running in another process, as another engine sharing the work dir would.
+struct ChildBuild {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl ChildBuild {
+    fn start(builder: &str, plan: &str, plan_dir: &Path, work_dir: &Path, config: Value) -> Self {
+        let spec = json!({
+            "builder": builder,
+            "plan": plan,
+            "plan_dir": plan_dir,
+            "work_dir": work_dir,
+            "config": config,
+            "build_id": format!("child{}", std::process::id()),
+        });
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "build_in_child_process",
+                "--ignored",
+                "--nocapture",
+            ])
+            .args(["--test-threads", "1"])
+            .env(CHILD_ENV, spec.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        use tokio::io::AsyncBufReadExt;
+        ChildBuild {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// Reads the child's output until a progress line equal to `wanted`.
+    async fn wait_progress(&mut self, wanted: &str) {
+        let mut seen = Vec::new();
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            if tagged(&line, "tg-progress: ") == Some(wanted) {
+                return;
+            }
+            seen.push(line);
+        }
+        panic!(
+            "the child ended before printing {wanted:?}; it printed:\n{}",
+            seen.join("\n")
+        );
+    }
+
+    /// Reads the child's output to its end and returns `(cached, artifact)`.
+    async fn finish(mut self) -> (bool, Artifact) {
+        let mut seen = Vec::new();
+        let mut result = None;
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            if let Some(r) = tagged(&line, "tg-result: ") {
+                let (cached, path) = r.split_once(' ').unwrap();
+                result = Some((cached == "true", Artifact::Executable(PathBuf::from(path))));
+            }
+            seen.push(line);
+        }
+        let status = self.child.wait().await.unwrap();
+        match result {
+            Some(r) if status.success() => r,
+            _ => panic!("child build failed ({status}):\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// `exec:generic` build config: signals `started`, then blocks until `release` exists.
+fn gated_config(sync: &Path, counter: &Path, exec: &str) -> Value {
+    json!({
+        "build_cmd": format!(
+            "echo built >> '{}'; echo started; while [ ! -e '{}' ]; do sleep 0.02; done",
+            counter.display(),
+            sync.join("release").display()
+        ),
+        "exec": exec,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_builds_in_two_processes_share_one_work_dir() {
+    let plan = tempfile::tempdir().unwrap();
+    fs::write(
+        plan.path().join("main.sh"),
+        r#"echo "{\"ts\":1,\"msg\":\"\",\"group_id\":\"single\",\"run_id\":\"x\",\"event\":{\"success_event\":{\"group\":\"single\"}}}""#,
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let sync = tempfile::tempdir().unwrap();
+    let counter = sync.path().join("builds.log");
+
+    // Identical builds: the second process waits for the first one's artifact and reuses it,
+    // while the first is still building (it is held in its build command until released).
+    let cfg = gated_config(sync.path(), &counter, "sh main.sh");
+    let mut a = ChildBuild::start(
+        "exec:generic",
+        "same",
+        plan.path(),
+        work.path(),
+        cfg.clone(),
+    );
+    a.wait_progress("started").await;
+    let mut b = ChildBuild::start("exec:generic", "same", plan.path(), work.path(), cfg);
+    b.wait_progress("waiting for another build of the same artifact to finish")
+        .await;
+    fs::write(sync.path().join("release"), "").unwrap();
+    let ((a_cached, a_art), (b_cached, b_art)) = tokio::join!(a.finish(), b.finish());
+    assert_eq!(a_art, b_art);
+    assert!(
+        !a_cached && b_cached,
+        "the second reuses the first's artifact"
+    );
+    assert_eq!(fs::read_to_string(&counter).unwrap(), "built\n");
+    let events = run_instance(&a_art, "same", "ok", "", work.path());
+    assert!(has_success(&events), "{events:?}");
+
+    // Different builds of the same plan run side by side, each in its own directory: both are
+    // inside their build command at the same time before either is released.
+    fs::remove_file(sync.path().join("release")).unwrap();
+    fs::remove_file(&counter).unwrap();
+    let cfg1 = gated_config(sync.path(), &counter, "sh -e main.sh");
+    let cfg2 = gated_config(sync.path(), &counter, "sh ./main.sh");
+    let mut c = ChildBuild::start("exec:generic", "same", plan.path(), work.path(), cfg1);
+    let mut d = ChildBuild::start("exec:generic", "same", plan.path(), work.path(), cfg2);
+    c.wait_progress("started").await;
+    d.wait_progress("started").await;
+    fs::write(sync.path().join("release"), "").unwrap();
+    let ((c_cached, c_art), (d_cached, d_art)) = tokio::join!(c.finish(), d.finish());
+    assert!(!c_cached && !d_cached);
+    assert_ne!(c_art, d_art);
+    for art in [&c_art, &d_art] {
+        let events = run_instance(art, "same", "ok", "", work.path());
+        assert!(has_success(&events), "{events:?}");
+    }
+    let left: Vec<String> = fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "no temporary entries remain: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_go_builds_in_two_processes() {
+    if Command::new("go").arg("version").output().is_err() {
+        eprintln!("skipping: no `go` on PATH");
+        return;
+    }
+    let plan = copy_plan("placebo");
+    let work = tempfile::tempdir().unwrap();
+    let outputs = tempfile::tempdir().unwrap();
+    let cfg = json!({"module_path": "github.com/testground/testground/plans/placebo"});
+    let a = ChildBuild::start("exec:go", "placebo", plan.path(), work.path(), cfg.clone());
+    let b = ChildBuild::start("exec:go", "placebo", plan.path(), work.path(), cfg);
+    let ((a_cached, a_art), (b_cached, b_art)) = tokio::join!(a.finish(), b.finish());
+    assert_eq!(a_art, b_art);
+    assert!(!(a_cached && b_cached), "one of them built it");
+    let events = run_instance(&a_art, "placebo", "ok", "", outputs.path());
+    assert!(has_success(&events), "{events:?}");
+}
+
+/// The value of `TESTGROUND_BUILD_ID` in the environment of `pid`, if it is alive and has one.
+fn build_marker_of(pid: u32) -> Option<String> {
+    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|b| *b == 0).find_map(|kv| {
+        kv.strip_prefix(format!("{}=", tg_builder::BUILD_ID_ENV).as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
+/// The build marker of `pid`, a `setsid sleep` started by a build command, once it runs
+/// `sleep`: before, it is `setsid` or the shell, and while it execs /proc shows no environment.
+async fn wait_marker(pid: u32) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if let Some(m) = build_marker_of(pid).filter(|_| comm.trim() == "sleep") {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} does not run sleep with a build marker"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// On drop, kills the processes of every build that still has a directory in the work dir: what
+/// a failing assertion would otherwise leave running.
+struct ReapBuilds<'a>(&'a Path);
+
+impl Drop for ReapBuilds<'_> {
+    fn drop(&mut self) {
+        // No unwrap: this may run while a failed assertion unwinds.
+        let tokens: std::collections::HashSet<String> = fs::read_dir(self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(".tmp-build-").map(str::to_owned)
+            })
+            .collect();
+        let wait = std::time::Duration::from_secs(5);
+        let _ = tg_sys::lifetime::kill_marked(tg_builder::BUILD_ID_ENV, &tokens, wait);
+    }
+}
+
+fn dot_entries(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_engines_build_leaves_nothing_after_the_next_build_starts() {
+    let plan = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let sync = tempfile::tempdir().unwrap();
+    let (escaped, shell) = (sync.path().join("escaped.pid"), sync.path().join("sh.pid"));
+    // The build command leaves a process in its own session (out of reach of a group kill),
+    // then blocks.
+    let cfg = json!({
+        "build_cmd": format!(
+            "setsid sleep 300 & echo $! > '{}'; echo $$ > '{}'; echo started; sleep 300",
+            escaped.display(),
+            shell.display()
+        ),
+        "exec": "true",
+    });
+    let _reap = ReapBuilds(work.path());
+    let mut engine = ChildBuild::start("exec:generic", "killed", plan.path(), work.path(), cfg);
+    engine.wait_progress("started").await;
+    let escaped: u32 = fs::read_to_string(&escaped)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let shell: u32 = fs::read_to_string(&shell).unwrap().trim().parse().unwrap();
+    let marker = wait_marker(escaped).await;
+    let shell_start = tg_sys::lifetime::process_start_time(shell).unwrap();
+
+    // The engine dies without any chance to clean up.
+    engine.child.start_kill().unwrap();
+    engine.child.wait().await.unwrap();
+    // The kernel kills the build command with its parent (PR_SET_PDEATHSIG).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tg_sys::lifetime::is_alive(shell, shell_start) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build command outlived the engine"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // What it cannot reach is still there: the escaped process and the build's directories.
+    assert_eq!(build_marker_of(escaped).as_deref(), Some(marker.as_str()));
+    assert_eq!(
+        dot_entries(work.path()),
+        vec![format!(".tmp-build-{marker}")]
+    );
+    let generic_dirs = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".d"))
+            .collect()
+    };
+    assert_eq!(
+        generic_dirs(work.path()).len(),
+        1,
+        "the half-built generic directory"
+    );
+
+    // The next build, of anything, cleans up first.
+    let other = input(
+        "exec:generic",
+        "other",
+        plan.path(),
+        work.path(),
+        json!({"exec": "true"}),
+    );
+    build_ok(&other).await;
+    assert_eq!(
+        build_marker_of(escaped),
+        None,
+        "the escaped process is gone"
+    );
+    assert!(
+        dot_entries(work.path()).is_empty(),
+        "{:?}",
+        dot_entries(work.path())
+    );
+    let left = generic_dirs(work.path());
+    assert!(
+        left.len() == 1 && left[0].starts_with("exec-generic--other-"),
+        "only the new build's directory remains: {left:?}"
+    );
+}
+
+#[tokio::test]
+async fn processes_that_leave_the_group_end_with_their_build() {
+    let plan = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let sync = tempfile::tempdir().unwrap();
+    let pid_file = sync.path().join("escaped.pid");
+    // A finished build: its command left a daemon in its own session behind.
+    let cfg = json!({
+        "build_cmd": format!("setsid sleep 300 & echo $! > '{}'", pid_file.display()),
+        "exec": "true",
+    });
+    let inp = input("exec:generic", "daemonizes", plan.path(), work.path(), cfg);
+    build_ok(&inp).await;
+    let escaped: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        build_marker_of(escaped),
+        None,
+        "gone when the build returned"
+    );
+
+    // A canceled build: same, while the build command is still running.
+    let cfg = json!({
+        "build_cmd": format!(
+            "setsid sleep 300 & echo $! > '{}'; echo started; sleep 300",
+            pid_file.display()
+        ),
+        "exec": "true",
+    });
+    let inp = input("exec:generic", "canceled", plan.path(), work.path(), cfg);
+    let _reap = ReapBuilds(work.path());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { build(&inp, &tx, &cancel).await })
+    };
+    while let Some(line) = rx.recv().await {
+        if line == "started" {
+            break;
+        }
+    }
+    let escaped: u32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_marker(escaped).await;
+    cancel.cancel();
+    let res = task.await.unwrap();
+    assert!(matches!(res, Err(BuildError::Canceled)), "{res:?}");
+    assert_eq!(
+        build_marker_of(escaped),
+        None,
+        "gone when the build returned"
+    );
+    assert!(dot_entries(work.path()).is_empty());
 }

@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod jail;
+pub mod lifetime;
 pub mod netlink;
 pub mod netns;
 pub mod proc;

@@ -70,8 +70,9 @@ impl Engine {
                     .collect(),
                 work_dir: self.inner.home.work_dir(),
             };
+            let builder = tg_builder::lookup(&b.builder).map_err(|e| e.to_string())?;
             let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-            let build = tg_builder::build(&input, &tx, cancel);
+            let build = builder.build(&input, &tx, cancel);
             tokio::pin!(build);
             let started = Instant::now();
             let out = loop {
@@ -89,12 +90,12 @@ impl Engine {
                         plan: task.plan.clone(),
                         groups: same,
                         builder: b.builder.clone(),
-                        artifact: o.artifact.clone(),
+                        artifact: o.artifact.to_string(),
                         cached: o.cached,
                         took: started.elapsed(),
                     });
-                    comp.groups[b.group_index].run.artifact = o.artifact.clone();
-                    done.insert(b.key.clone(), o.artifact);
+                    comp.groups[b.group_index].run.artifact = o.artifact.to_string();
+                    done.insert(b.key.clone(), o.artifact.to_string());
                 }
                 Err(e) => {
                     return Err(format!("build failed for groups {same:?}: {e}"));

@@ -66,8 +66,8 @@ pub enum EngineError {
     UnknownRunner { runner: String, supported: String },
     #[error("{0}")]
     Runner(#[from] tg_runner::RunError),
-    #[error("unknown builder {builder:?} in group {group}")]
-    UnknownBuilder { builder: String, group: String },
+    #[error("group {group}: {reason}")]
+    UnknownBuilder { group: String, reason: String },
     #[error("runner {runner} is incompatible with builder {builder}")]
     Incompatible { runner: String, builder: String },
     #[error("runner {0} is disabled by config")]
@@ -364,12 +364,12 @@ impl Engine {
             if builder.is_empty() && !g.run.artifact.is_empty() {
                 continue;
             }
-            let Some(kind) = tg_builder::artifact_kind(builder) else {
-                return Err(EngineError::UnknownBuilder {
-                    builder: builder.clone(),
+            let kind = tg_builder::lookup(builder)
+                .map_err(|e| EngineError::UnknownBuilder {
                     group: g.id.clone(),
-                });
-            };
+                    reason: e.to_string(),
+                })?
+                .artifact_kind();
             if !runner.accepts().contains(&kind) {
                 return Err(EngineError::Incompatible {
                     runner: runner.id().to_owned(),

@@ -1,0 +1,214 @@
+//! The [`Builder`] trait and the registry of builder ids.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{self, Kind};
+use crate::process::Tools;
+use crate::scratch::{self, BuildDir};
+use crate::{
+    ArtifactKind, BuildError, BuildInput, BuildOutput, Progress, blocking, generic, go, rust,
+};
+
+/// Builder ids this crate implements.
+pub const BUILDERS: &[&str] = &["exec:rust", "exec:go", "exec:generic"];
+
+/// Builder ids of the original that are known but not implemented yet; they produce images.
+pub const PLANNED_BUILDERS: &[&str] =
+    &["docker:go", "docker:generic", "docker:node", "docker:rust"];
+
+/// A boxed future, so that [`Builder`] stays usable as `dyn Builder`.
+pub type BuildFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Turns plan sources into an artifact.
+pub trait Builder: Send + Sync {
+    /// The id compositions name it by, e.g. `exec:go`.
+    fn id(&self) -> &'static str;
+
+    /// What [`Builder::build`] produces; the engine checks it against what the runner accepts.
+    fn artifact_kind(&self) -> ArtifactKind;
+
+    /// Builds `input` (whose `builder` is this builder's id), streaming progress lines, or
+    /// returns the cached artifact of an identical earlier build. Canceling stops every process
+    /// the build started.
+    fn build<'a>(
+        &'a self,
+        input: &'a BuildInput,
+        progress: &'a Progress,
+        cancel: &'a CancellationToken,
+    ) -> BuildFuture<'a, Result<BuildOutput, BuildError>>;
+
+    /// Removes every cached artifact, build directory and incremental cache of `plan` that this
+    /// builder left in `work_dir`.
+    fn purge<'a>(
+        &'a self,
+        plan: &'a str,
+        work_dir: &'a Path,
+    ) -> BuildFuture<'a, Result<(), BuildError>>;
+}
+
+/// The `exec:*` builders: an executable on this host, cached by content.
+struct Exec {
+    id: &'static str,
+    kind: Kind,
+}
+
+impl Exec {
+    async fn run(
+        &self,
+        input: &BuildInput,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<BuildOutput, BuildError> {
+        if cancel.is_cancelled() {
+            return Err(BuildError::Canceled);
+        }
+        tokio::fs::create_dir_all(&input.work_dir)
+            .await
+            .map_err(|e| BuildError::io("create work directory", &input.work_dir, e))?;
+        // Whatever builds of a killed engine left (directories, processes) goes first. It may
+        // wait a little for killed processes to exit, so off the async threads.
+        {
+            let work_dir = input.work_dir.clone();
+            blocking("clean", &input.work_dir, move || {
+                scratch::clean_stale(&work_dir);
+                Ok(())
+            })
+            .await?;
+        }
+        let dir = BuildDir::create(&input.work_dir, &input.build_id)?;
+        let tools = Tools {
+            builder: &input.builder,
+            progress,
+            cancel,
+            scratch: &dir,
+        };
+        let out = match self.kind {
+            Kind::Rust => rust::build(input, &tools).await?,
+            Kind::Go => go::build(input, &tools).await?,
+            Kind::Generic => generic::build(input, &tools).await?,
+        };
+        tracing::debug!(builder = %input.builder, plan = %input.plan, artifact = %out.artifact,
+            cached = out.cached, "build finished");
+        Ok(out)
+    }
+}
+
+impl Builder for Exec {
+    fn id(&self) -> &'static str {
+        self.id
+    }
+
+    fn artifact_kind(&self) -> ArtifactKind {
+        ArtifactKind::Executable
+    }
+
+    fn build<'a>(
+        &'a self,
+        input: &'a BuildInput,
+        progress: &'a Progress,
+        cancel: &'a CancellationToken,
+    ) -> BuildFuture<'a, Result<BuildOutput, BuildError>> {
+        Box::pin(self.run(input, progress, cancel))
+    }
+
+    fn purge<'a>(
+        &'a self,
+        plan: &'a str,
+        work_dir: &'a Path,
+    ) -> BuildFuture<'a, Result<(), BuildError>> {
+        let kind = self.kind;
+        let plan = plan.to_owned();
+        let dir = work_dir.to_owned();
+        Box::pin(async move {
+            blocking("purge", &dir.clone(), move || {
+                cache::purge(kind, &plan, &dir)
+            })
+            .await
+        })
+    }
+}
+
+static EXEC_RUST: Exec = Exec {
+    id: "exec:rust",
+    kind: Kind::Rust,
+};
+static EXEC_GO: Exec = Exec {
+    id: "exec:go",
+    kind: Kind::Go,
+};
+static EXEC_GENERIC: Exec = Exec {
+    id: "exec:generic",
+    kind: Kind::Generic,
+};
+static REGISTRY: [&dyn Builder; 3] = [&EXEC_RUST, &EXEC_GO, &EXEC_GENERIC];
+
+/// Every implemented builder, in the order of [`BUILDERS`].
+pub fn builders() -> &'static [&'static dyn Builder] {
+    &REGISTRY
+}
+
+/// The implemented builder with this id.
+pub fn get(id: &str) -> Option<&'static dyn Builder> {
+    REGISTRY.iter().copied().find(|b| b.id() == id)
+}
+
+/// The implemented builder with this id, or an error that says whether the id is planned
+/// ([`BuildError::NotSupportedYet`]) or unknown ([`BuildError::Unsupported`]).
+pub fn lookup(id: &str) -> Result<&'static dyn Builder, BuildError> {
+    get(id).ok_or_else(|| {
+        if PLANNED_BUILDERS.contains(&id) {
+            BuildError::NotSupportedYet {
+                builder: id.to_owned(),
+            }
+        } else {
+            BuildError::Unsupported {
+                builder: id.to_owned(),
+            }
+        }
+    })
+}
+
+/// The kind of artifact builder `id` produces, for implemented and planned builders alike
+/// (so that a composition pairing a `docker:*` builder with a runner that only starts
+/// executables can be refused for that reason). `None` for unknown ids.
+pub fn artifact_kind(id: &str) -> Option<ArtifactKind> {
+    if let Some(b) = get(id) {
+        Some(b.artifact_kind())
+    } else if PLANNED_BUILDERS.contains(&id) {
+        Some(ArtifactKind::Image)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_matches_the_id_lists() {
+        let ids: Vec<&str> = builders().iter().map(|b| b.id()).collect();
+        assert_eq!(ids, BUILDERS);
+        for id in BUILDERS {
+            assert_eq!(get(id).map(|b| b.id()), Some(*id));
+            assert_eq!(artifact_kind(id), Some(ArtifactKind::Executable));
+        }
+        for id in PLANNED_BUILDERS {
+            assert!(get(id).is_none());
+            assert_eq!(artifact_kind(id), Some(ArtifactKind::Image));
+            assert!(matches!(
+                lookup(id),
+                Err(BuildError::NotSupportedYet { .. })
+            ));
+        }
+        assert_eq!(artifact_kind("exec:cobol"), None);
+        assert!(matches!(
+            lookup("exec:cobol"),
+            Err(BuildError::Unsupported { .. })
+        ));
+    }
+}
