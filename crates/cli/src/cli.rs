@@ -258,7 +258,7 @@ pub struct RunSingleArgs {
     #[arg(short = 't', long)]
     pub testcase: String,
     /// Run configuration, KEY=VALUE (repeatable).
-    #[arg(long = "run-cfg", value_name = "KEY=VALUE")]
+    #[arg(long = "run-cfg", value_name = "KEY=VALUE", long_help = run_cfg_help())]
     pub run_cfg: Vec<String>,
     /// Test parameter, KEY=VALUE (repeatable).
     #[arg(long = "test-param", visible_alias = "tp", value_name = "KEY=VALUE")]
@@ -397,4 +397,16 @@ mod tests {
             Cli::try_parse_from(["testground", "--vv", "build", "p", "-b", "x", "-p", "y"]).is_ok()
         );
     }
+}
+
+/// `--run-cfg`'s long help: every runner's keys, from the runner registry.
+fn run_cfg_help() -> String {
+    let mut s = String::from("Run configuration, KEY=VALUE (repeatable). Keys by runner:");
+    for r in tg_runner::runners() {
+        s.push_str(&format!("\n  {}:", r.id()));
+        for k in r.config_keys() {
+            s.push_str(&format!("\n    {} ({}): {}", k.name, k.expects, k.help));
+        }
+    }
+    s
 }
