@@ -18,6 +18,8 @@
 //! - `env`: the instance environment (`TEST_*`, `SYNC_SERVICE_*`, `HOSTNAME`).
 //! - `line`: [`InstanceLine`], the original pretty printer's line.
 //! - `outputs`: the outputs layout and the `.tgz` collect archive.
+//! - `tracking`: per-run process tracking (a cgroup per run, or a `TEST_RUN` marker) and
+//!   [`clean_leftovers`] for runs whose engine was killed.
 //! - `error`: [`RunError`].
 
 mod env;
@@ -28,6 +30,7 @@ mod local_exec;
 mod netns;
 mod outputs;
 mod supervisor;
+mod tracking;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +46,7 @@ pub use line::{InstanceLine, LineKind};
 pub use netns::health as netns_health;
 pub use outputs::{collect_outputs, outputs_dir};
 pub use supervisor::{Exit, InstanceReport, StopReason, Termination};
+pub use tracking::clean_leftovers;
 
 /// Runner ids this crate implements.
 pub const RUNNERS: &[&str] = &["local:exec", "local:netns"];

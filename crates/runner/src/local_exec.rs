@@ -249,14 +249,12 @@ pub(crate) async fn run(
                 .process_group(0)
                 // The leader is reaped even if its task is aborted (GroupKill kills it).
                 .kill_on_drop(true);
-            let mut netns_inode = None;
             if net.is_some() {
                 // Built above, in the same order as this loop.
                 let Some(inst) = prepared.pop_front() else {
                     break 'groups;
                 };
                 inst.jail.apply(&mut cmd);
-                netns_inode = Some(inst.netns_inode);
             }
             let child = match spawn_retrying_busy(&mut cmd).await {
                 Ok(c) => c,
@@ -270,9 +268,6 @@ pub(crate) async fn run(
                     break 'groups;
                 }
             };
-            if let (Some(net), Some(inode), Some(pid)) = (&mut net, netns_inode, child.id()) {
-                net.started(pid, inode);
-            }
             let task = InstanceTask {
                 ordinal,
                 child,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT};
+use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT, SidecarEvent};
 use tokio::sync::mpsc;
 
 use crate::{RunError, RunInput, RunnerEvent};
@@ -152,17 +152,22 @@ pub(crate) async fn create(
         })?;
     let seed = seed(input)?;
     let capture = capture(input)?;
-    let state_dir = input
-        .outputs_root
-        .parent()
-        .unwrap_or(&input.outputs_root)
-        .join("netns");
-    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<SidecarEvent>();
     let fwd = events.clone();
     // Ends when the network (the last sender) is gone.
     tokio::spawn(async move {
-        while let Some(m) = log_rx.recv().await {
-            let _ = fwd.send(RunnerEvent::Log(format!("sidecar: {m}")));
+        while let Some(ev) = log_rx.recv().await {
+            let line = match ev {
+                SidecarEvent::Log(m) => format!("sidecar: {m}"),
+                SidecarEvent::ConfigRefused {
+                    ordinal,
+                    hostname,
+                    reason,
+                } => format!(
+                    "sidecar: instance {ordinal} ({hostname}): network config refused: {reason}"
+                ),
+            };
+            let _ = fwd.send(RunnerEvent::Log(line));
         }
     });
     let opts = Options {
@@ -175,7 +180,6 @@ pub(crate) async fn create(
         seed,
         capture,
         work_dir: work_dir.to_path_buf(),
-        state_dir,
     };
     let net = RunNetwork::create(opts, log_tx)
         .await
