@@ -156,18 +156,9 @@ pub(crate) async fn create(
     let fwd = events.clone();
     // Ends when the network (the last sender) is gone.
     tokio::spawn(async move {
+        // A refused config is a log line for now; failing its instance is the run loop's.
         while let Some(ev) = log_rx.recv().await {
-            let line = match ev {
-                SidecarEvent::Log(m) => format!("sidecar: {m}"),
-                SidecarEvent::ConfigRefused {
-                    ordinal,
-                    hostname,
-                    reason,
-                } => format!(
-                    "sidecar: instance {ordinal} ({hostname}): network config refused: {reason}"
-                ),
-            };
-            let _ = fwd.send(RunnerEvent::Log(line));
+            let _ = fwd.send(RunnerEvent::Log(format!("sidecar: {ev}")));
         }
     });
     let opts = Options {

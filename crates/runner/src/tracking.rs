@@ -126,9 +126,8 @@ impl RunTracker {
         run_id: &str,
         cgroup: Option<Cgroup>,
     ) -> io::Result<RunTracker> {
-        let bad_id = run_id.is_empty()
-            || run_id.starts_with('.')
-            || run_id.contains(['/', '\0', '\n', '=']);
+        let bad_id =
+            run_id.is_empty() || run_id.starts_with('.') || run_id.contains(['/', '\0', '\n', '=']);
         if bad_id {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -356,7 +355,10 @@ pub fn clean_leftovers(state_dir: &Path) -> Vec<String> {
             Some(p) if p.exists() => match Cgroup::open(p) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    done.push(format!("run {}: cannot open its cgroup: {e}", record.run_id));
+                    done.push(format!(
+                        "run {}: cannot open its cgroup: {e}",
+                        record.run_id
+                    ));
                     None
                 }
             },
@@ -392,7 +394,10 @@ mod tests {
         assert_eq!(r.run_id, "rec1");
         assert_eq!(r.owner_pid, std::process::id() as i32);
         assert_eq!(r.owner_start, tg_sys::proc::own_start_time().unwrap());
-        assert!(r.start_ticks >= r.owner_start, "the run starts after its owner");
+        assert!(
+            r.start_ticks >= r.owner_start,
+            "the run starts after its owner"
+        );
         assert!(r.started_unix_ms > 0);
         assert_eq!(r.cgroup, None);
         assert!(!t.uses_cgroup());
@@ -403,8 +408,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         // The JSON keys are the record's contract with older and newer engines.
         let json: serde_json::Value =
-            serde_json::from_slice(&fs::read(Record::path(state.path(), "rec1")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&fs::read(Record::path(state.path(), "rec1")).unwrap()).unwrap();
         for key in [
             "run_id",
             "owner_pid",
@@ -450,7 +454,10 @@ mod tests {
         r.write(state.path()).unwrap();
         let lines = clean_leftovers(state.path());
         assert!(!temp.exists(), "the dead run's temp dir is gone: {lines:?}");
-        assert!(other.exists(), "a directory not named after the run is kept");
+        assert!(
+            other.exists(),
+            "a directory not named after the run is kept"
+        );
         assert!(!Record::path(state.path(), "dead1").exists());
         assert!(lines.iter().any(|l| l.contains("dead1")), "{lines:?}");
     }
@@ -489,15 +496,12 @@ mod tests {
         prepare: impl FnOnce(&mut tokio::process::Command),
     ) -> Child {
         let mut cmd = tokio::process::Command::new("sh");
-        cmd.args([
-            "-c",
-            "setsid sh -c '(sleep 600 &) ; sleep 600' & sleep 600",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        cmd.args(["-c", "setsid sh -c '(sleep 600 &) ; sleep 600' & sleep 600"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         prepare(&mut cmd);
         cmd.into_std().spawn().unwrap()
     }
@@ -554,7 +558,10 @@ mod tests {
         wait_until("every marked process is dead", || {
             members.iter().all(|&p| dead(p))
         });
-        assert!(other.try_wait().unwrap().is_none(), "the unrelated process lives");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "the unrelated process lives"
+        );
         assert!(!Record::path(state.path(), &id).exists());
         other.kill().unwrap();
         other.wait().unwrap();
@@ -603,20 +610,20 @@ mod tests {
         r.write(state.path()).unwrap();
 
         let lines = clean_leftovers(state.path());
-        assert!(
-            lines.iter().any(|l| l.contains("cgroup")),
-            "{lines:?}"
-        );
+        assert!(lines.iter().any(|l| l.contains("cgroup")), "{lines:?}");
         tree.wait().unwrap();
         wait_until("every member is dead", || members.iter().all(|&p| dead(p)));
         assert!(!cg_path.exists(), "the run's cgroup is removed");
         assert!(!Record::path(state.path(), &id).exists());
-        assert!(other.try_wait().unwrap().is_none(), "the unrelated process lives");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "the unrelated process lives"
+        );
         other.kill().unwrap();
         other.wait().unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn finish_kills_the_run_and_removes_everything() {
         if !cgroups() {
             return;

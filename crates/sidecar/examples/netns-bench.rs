@@ -665,7 +665,6 @@ impl Run {
                 seed: 1,
                 capture: false,
                 work_dir: dir.path().join("net"),
-                state_dir: dir.path().join("state"),
             },
             log,
         )

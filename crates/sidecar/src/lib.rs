@@ -105,6 +105,23 @@ pub struct Instance {
     pub netns_inode: u64,
 }
 
+/// The event as a run-log line.
+impl std::fmt::Display for SidecarEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SidecarEvent::Log(line) => f.write_str(line),
+            SidecarEvent::ConfigRefused {
+                ordinal,
+                hostname,
+                reason,
+            } => write!(
+                f,
+                "instance {ordinal} ({hostname}): network config refused: {reason}"
+            ),
+        }
+    }
+}
+
 /// State shared by the run's agents.
 struct Shared {
     subnet: Ipv4Net,

@@ -53,7 +53,8 @@ fn unescape(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && b.get(i + 1..i + 4).is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
+            && b.get(i + 1..i + 4)
+                .is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
         {
             let o = &b[i + 1..i + 4];
             out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
@@ -98,8 +99,18 @@ impl Cgroup {
             )
         })?;
         let path = root.join(name);
-        fs::create_dir_all(&path)
-            .map_err(|e| with_context(e, format!("create cgroup {}", path.display())))?;
+        // The shared parent may be removed by another run's `remove` between our two mkdirs
+        // (it goes when it is empty); then the second one fails with NotFound: try again.
+        let mut tries = 0;
+        loop {
+            match fs::create_dir_all(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,
+                Err(e) => {
+                    return Err(with_context(e, format!("create cgroup {}", path.display())));
+                }
+            }
+        }
         Cgroup::open(&path)
     }
 
@@ -235,6 +246,13 @@ impl Cgroup {
                 Err(e) => return Err(with_context(e, format!("remove {}", dir.display()))),
             }
         }
+        // The shared `testground` parent goes with its last run, so a host keeps nothing; the
+        // kernel refuses (EBUSY) while another run's cgroup is in it.
+        if let Some(parent) = self.path.parent()
+            && parent.file_name().is_some_and(|n| n == PARENT)
+        {
+            let _ = fs::remove_dir(parent);
+        }
         Ok(())
     }
 
@@ -300,7 +318,8 @@ mod tests {
             parse_cgroup2_mount(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let pure =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
             parse_cgroup2_mount(pure),
             Some(PathBuf::from("/sys/fs/cgroup"))
@@ -308,7 +327,10 @@ mod tests {
         let v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n";
         assert_eq!(parse_cgroup2_mount(v1), None);
         let spaced = "41 31 0:38 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(spaced), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(
+            parse_cgroup2_mount(spaced),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
     }
 
     #[test]

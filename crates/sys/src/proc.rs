@@ -129,7 +129,8 @@ pub fn clock_ticks_per_second() -> u64 {
 
 /// Seconds since boot, from `/proc/uptime`.
 pub fn uptime() -> io::Result<f64> {
-    let text = fs::read_to_string("/proc/uptime").map_err(|e| with_context(e, "read /proc/uptime"))?;
+    let text =
+        fs::read_to_string("/proc/uptime").map_err(|e| with_context(e, "read /proc/uptime"))?;
     text.split_whitespace()
         .next()
         .and_then(|s| s.parse().ok())

@@ -516,7 +516,10 @@ fn cgroup_kill_reaches_setsid_and_double_forked_descendants_only() {
 
     cg.kill_all().unwrap();
     let status = child.wait().unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
     wait_until("every member is dead", || members.iter().all(|&p| dead(p)));
     wait_until("the cgroup is empty", || cg.is_empty());
     assert!(outsider.try_wait().unwrap().is_none(), "the outsider lives");
