@@ -2,7 +2,7 @@
 //! Linux kernel: network namespaces (held by file descriptors, never bind-mounted, so a
 //! crashed owner leaves nothing behind), TUN devices, rtnetlink configuration of links,
 //! addresses and routes, the jail a test instance is put into between `fork` and `exec`,
-//! per-run cgroups, and `/proc` scans used for leftover cleanup and test assertions. It is the only crate
+//! per-run cgroups, and `/proc` scans used for cleanup and test assertions. It is the only crate
 //! of the project allowed to use `unsafe`; everything it exports is a safe
 //! `std::io::Result` API. It does not decide anything: address plans, traffic shaping
 //! policy, packet forwarding and process supervision belong to the sidecar and runner.
@@ -32,5 +32,5 @@ pub use error::{ContextError, errno};
 pub use jail::Jail;
 pub use netlink::Netlink;
 pub use netns::{NetNs, write_sysctl};
-pub use proc::{all_netns_inodes, netns_inode_of, pids_in_netns};
+pub use proc::{netns_inode_of, pids_in_netns};
 pub use tun::Tun;

@@ -2,10 +2,10 @@
 //! and whether its environment carries a marker.
 //!
 //! Used to kill what still runs in a live run's namespaces, to tell a run's owner from a
-//! process that reused its pid (pid plus start time), to find a run's processes by their
-//! `TEST_RUN=<id>` marker, and for "nothing left behind" assertions in tests. Only processes
-//! (thread-group leaders) are considered: `/proc/PID/ns/net` is the leader's namespace, and a
-//! namespace that only a thread or an fd holds is invisible here.
+//! process that reused its pid (pid plus start time), and to find a run's processes by their
+//! `TEST_RUN=<id>` marker. Only processes (thread-group leaders) are considered:
+//! `/proc/PID/ns/net` is the leader's namespace, and a namespace that only a thread or an fd
+//! holds is invisible here.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -65,12 +65,6 @@ pub fn pids_in_netns(inode: u64) -> io::Result<Vec<i32>> {
         .filter(|&(_, ns)| ns == inode)
         .map(|(pid, _)| pid)
         .collect())
-}
-
-/// Distinct network namespace inodes of all processes (for "nothing left" assertions
-/// in tests).
-pub fn all_netns_inodes() -> io::Result<BTreeSet<u64>> {
-    Ok(netns_of_all()?.map(|(_, inode)| inode).collect())
 }
 
 /// The start time of `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`), or `None`

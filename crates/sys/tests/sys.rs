@@ -413,13 +413,23 @@ async fn pids_in_netns_tracks_jailed_child() {
     let mut child = cmd.spawn().unwrap();
     let pid = child.id().unwrap() as i32;
     assert_eq!(pids_in_netns(inode).unwrap(), vec![pid]);
-    assert!(tg_sys::all_netns_inodes().unwrap().contains(&inode));
 
     child.kill().await.unwrap();
     assert!(pids_in_netns(inode).unwrap().is_empty());
+    // Once freed, the inode number may be given to a namespace another program (Docker, another
+    // test) creates: whoever lives in one with that number now must have started after ours
+    // was dropped.
+    let ticks = tg_sys::proc::clock_ticks_per_second() as f64;
+    let dropped_at = (tg_sys::proc::uptime().unwrap() * ticks).floor() as u64;
     drop(ns);
     drop(jail);
-    assert!(!tg_sys::all_netns_inodes().unwrap().contains(&inode));
+    for pid in pids_in_netns(inode).unwrap() {
+        let started = tg_sys::proc::start_time(pid);
+        assert!(
+            started.is_none_or(|t| t >= dropped_at),
+            "pid {pid} (started {started:?}) lives in our dropped namespace"
+        );
+    }
 }
 
 #[tokio::test]
