@@ -48,10 +48,14 @@ impl Record {
         state_dir.join(format!("{run_id}.json"))
     }
 
+    fn tmp_path(state_dir: &Path, run_id: &str) -> PathBuf {
+        state_dir.join(format!(".{run_id}.json.tmp"))
+    }
+
     /// Writes the record atomically (a reader never sees half of it).
     fn write(&self, state_dir: &Path) -> io::Result<()> {
         let path = Record::path(state_dir, &self.run_id);
-        let tmp = state_dir.join(format!(".{}.json.tmp", self.run_id));
+        let tmp = Record::tmp_path(state_dir, &self.run_id);
         let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         fs::write(&tmp, json)?;
         fs::rename(&tmp, &path)
@@ -272,6 +276,8 @@ fn clean_run(state_dir: &Path, record: &Record, cgroup: Option<Cgroup>) -> Vec<S
     // A cgroup that could not be removed keeps the record, for another try.
     if !cgroup_kept {
         let _ = fs::remove_file(Record::path(state_dir, id));
+        // What an owner killed in the middle of rewriting its record left.
+        let _ = fs::remove_file(Record::tmp_path(state_dir, id));
     }
     done
 }
@@ -490,13 +496,17 @@ mod tests {
     }
 
     /// A child that starts a `setsid` grandchild which double-forks: the processes a killed
-    /// engine used to leave behind. `env` is its whole environment.
+    /// engine used to leave behind.
+    const ESCAPING: &str = "setsid sh -c '(sleep 600 &) ; sleep 600' & sleep 600";
+
+    /// Starts `sh -c script` with only `env` (and PATH) in its environment.
     fn escaping_tree(
+        script: &str,
         env: &[(&str, &str)],
         prepare: impl FnOnce(&mut tokio::process::Command),
     ) -> Child {
         let mut cmd = tokio::process::Command::new("sh");
-        cmd.args(["-c", "setsid sh -c '(sleep 600 &) ; sleep 600' & sleep 600"])
+        cmd.args(["-c", script])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(env.iter().copied())
@@ -532,7 +542,7 @@ mod tests {
         let id = format!("mark{}", std::process::id());
         let t = RunTracker::with_cgroup(state.path(), &id, None).unwrap();
         let marker = format!("TEST_RUN={id}");
-        let mut tree = escaping_tree(&[("TEST_RUN", &id)], |_| {});
+        let mut tree = escaping_tree(ESCAPING, &[("TEST_RUN", &id)], |_| {});
         // Same prefix, another run: exact matching keeps it.
         let other_id = format!("{id}x");
         let mut other = unrelated(&[("TEST_RUN", &other_id)]);
@@ -597,13 +607,22 @@ mod tests {
         let t = RunTracker::create(state.path(), &id).unwrap();
         assert!(t.uses_cgroup());
         let cg_path = record(state.path(), &id).cgroup.unwrap();
-        // Not marked: only cgroup membership can find these.
-        let mut tree = escaping_tree(&[], |cmd| t.apply(cmd));
+        // Not marked: only cgroup membership can find these, including one that moved into a
+        // network namespace of its own.
+        let script = format!("unshare -n sleep 600 & {ESCAPING}");
+        let mut tree = escaping_tree(&script, &[], |cmd| t.apply(cmd));
         let mut other = unrelated(&[]);
         let cg = Cgroup::open(&cg_path).unwrap();
-        wait_until("the tree has started", || cg.pids().unwrap().len() >= 5);
+        wait_until("the tree has started", || cg.pids().unwrap().len() >= 6);
         let members = cg.pids().unwrap();
         assert!(!members.contains(&(other.id() as i32)));
+        let own_netns = tg_sys::netns_inode_of(std::process::id() as i32).unwrap();
+        assert!(
+            members
+                .iter()
+                .any(|&p| tg_sys::netns_inode_of(p).is_ok_and(|n| n != own_netns)),
+            "a member lives in a namespace of its own"
+        );
         std::mem::forget(t);
         let mut r = record(state.path(), &id);
         r.owner_start += 1;

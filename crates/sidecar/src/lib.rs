@@ -1,11 +1,12 @@
 //! The sidecar: the per-run network agent of the `local:netns` runner (DESIGN.md §5).
 //!
 //! For each run it builds a private control network (a namespace of its own where the sync
-//! service answers on `192.18.0.1:5050`, one veth per instance, IPv4 only) and a data network that exists
-//! only in userspace: every instance's `eth1` is a TUN device whose other end is the run's
+//! service answers on `192.18.0.1:5050`, one veth per instance, IPv4 only) and a data network
+//! that exists only in userspace: every instance's `eth1` is a TUN device whose other end is the run's
 //! packet pump, which routes and shapes packets with the `tg-netem` emulator. It signals
 //! `network-initialized` once per instance, then applies every `network.Config` the instance
-//! publishes on `network:<hostname>` and signals the config's `callback_state`.
+//! publishes on `network:<hostname>` and signals the config's `callback_state`; a config it
+//! cannot decode or apply is not signalled but reported ([`SidecarEvent::ConfigRefused`]).
 //!
 //! It does not spawn or supervise instance processes (`tg-runner` does, inside the [`Jail`]s
 //! this crate hands out), nor run the sync service (`tg-sync`; it only serves it into the
