@@ -255,6 +255,10 @@ impl Run {
         let rx = self.udp(j, port);
         rx.set_read_timeout(Some(Duration::from_millis(800)))
             .unwrap();
+        // Room for the whole blast: on a loaded machine the reader may not run for a while, and
+        // a full receive buffer would drop datagrams the emulator delivered, as if lost.
+        nix::sys::socket::setsockopt(&rx, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20))
+            .unwrap();
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 65536];
