@@ -190,8 +190,23 @@ impl Cgroup {
             return fs::write(&kill, "1")
                 .map_err(|e| with_context(e, format!("write {}", kill.display())));
         }
+        self.freeze_and_kill()
+    }
+
+    /// [`Cgroup::kill_all`] for kernels before 5.14.
+    fn freeze_and_kill(&self) -> io::Result<()> {
         let freeze = self.path.join("cgroup.freeze");
         let frozen = fs::write(&freeze, "1").is_ok();
+        if frozen {
+            // Freezing is asynchronous: a member may still fork until `frozen 1` is reported.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline
+                && !fs::read_to_string(self.path.join("cgroup.events"))
+                    .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let result = (|| {
             for pid in self.pids()? {
                 match nix::sys::signal::kill(
@@ -331,6 +346,42 @@ mod tests {
             parse_cgroup2_mount(spaced),
             Some(PathBuf::from("/mnt/my cg"))
         );
+    }
+
+    /// The fallback of kernels without `cgroup.kill` (this one has it) kills a forking tree too.
+    #[test]
+    fn freezing_and_killing_reaches_every_member() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || cgroup2_mount().is_none() {
+            if std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+                panic!("TG_REQUIRE_PRIVILEGED=1 but there is no root and cgroup v2 here");
+            }
+            eprintln!("skipping privileged test: needs root and cgroup v2");
+            return;
+        }
+        let cg = Cgroup::create(&format!("sys-unit-freeze-{}", std::process::id())).unwrap();
+        let mut cmd = std::process::Command::new("sh");
+        // Forks as fast as it can: without the freeze, new members would appear while the
+        // others are being killed.
+        cmd.args([
+            "-c",
+            "setsid sh -c 'while :; do sleep 600 & done' & sleep 600",
+        ]);
+        cg.join_on_exec(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cg.pids().unwrap().len() < 20 {
+            assert!(Instant::now() < deadline, "the tree did not grow");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cg.freeze_and_kill().unwrap();
+        child.wait().unwrap();
+        while !cg.is_empty() {
+            assert!(Instant::now() < deadline, "left: {:?}", cg.pids());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cg.remove().unwrap();
     }
 
     #[test]
