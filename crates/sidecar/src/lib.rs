@@ -2,8 +2,8 @@
 //!
 //! For each run it builds a private control network (a namespace of its own where the sync
 //! service answers on `192.18.0.1:5050`, one veth per instance, IPv4 only) and a data network
-//! that exists only in userspace: every instance's `eth1` is a TUN device whose other end is the run's
-//! packet pump, which routes and shapes packets with the `tg-netem` emulator. It signals
+//! that exists only in userspace: every instance's `eth1` is a TUN device whose other end is the
+//! run's packet pump, which routes and shapes packets with the `tg-netem` emulator. It signals
 //! `network-initialized` once per instance, then applies every `network.Config` the instance
 //! publishes on `network:<hostname>` and signals the config's `callback_state`; a config it
 //! cannot decode or apply is not signalled but reported ([`SidecarEvent::ConfigRefused`]).
@@ -106,23 +106,6 @@ pub struct Instance {
     pub netns_inode: u64,
 }
 
-/// The event as a run-log line.
-impl std::fmt::Display for SidecarEvent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SidecarEvent::Log(line) => f.write_str(line),
-            SidecarEvent::ConfigRefused {
-                ordinal,
-                hostname,
-                reason,
-            } => write!(
-                f,
-                "instance {ordinal} ({hostname}): network config refused: {reason}"
-            ),
-        }
-    }
-}
-
 /// State shared by the run's agents.
 struct Shared {
     subnet: Ipv4Net,
@@ -155,6 +138,23 @@ pub enum SidecarEvent {
         hostname: String,
         reason: String,
     },
+}
+
+/// The event as a run-log line.
+impl std::fmt::Display for SidecarEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SidecarEvent::Log(line) => f.write_str(line),
+            SidecarEvent::ConfigRefused {
+                ordinal,
+                hostname,
+                reason,
+            } => write!(
+                f,
+                "instance {ordinal} ({hostname}): network config refused: {reason}"
+            ),
+        }
+    }
 }
 
 /// A run's network: control namespace, sync endpoint, pump, and one agent per instance.
