@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{Home, processes_of_run, text};
+use tg_sys::proc::start_time;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -110,14 +111,6 @@ fn host_link_of(o: &Output) -> Option<String> {
     Some(format!("tgh{}", (u32::from(addr) - base) / 4))
 }
 
-/// A process's start time (`/proc/PID/stat` field 22): with the pid, it tells a process from a
-/// later one that reuses its pid.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    rest.split(' ').nth(19)?.parse().ok()
-}
-
 /// A zombie runs nothing any more (it only waits for its parent to reap it).
 fn zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -130,7 +123,7 @@ fn zombie(pid: i32) -> bool {
 /// the run holds them: their inode numbers then name them and nothing else (an inode is reused
 /// only once its namespace is freed, which is why they are not compared after the run).
 fn namespace_members(run_id: &str) -> BTreeSet<(i32, u64)> {
-    let netns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let netns = |pid: i32| tg_sys::netns_inode_of(pid).ok();
     let ours: BTreeSet<_> = processes_of_run(run_id)
         .into_iter()
         .filter_map(|p| netns(p as i32))
