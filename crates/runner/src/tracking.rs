@@ -44,6 +44,27 @@ pub(crate) struct Record {
 }
 
 impl Record {
+    /// The record of a run starting now, owned by this process, written to `state_dir`.
+    fn new(state_dir: &Path, run_id: &str, cgroup: Option<&Cgroup>) -> io::Result<Record> {
+        check_run_id(run_id)?;
+        fs::create_dir_all(state_dir)?;
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let record = Record {
+            run_id: run_id.to_string(),
+            owner_pid: std::process::id() as i32,
+            owner_start: tg_sys::proc::own_start_time()?,
+            start_ticks: now_ticks()?,
+            started_unix_ms,
+            cgroup: cgroup.map(|c| c.path().to_path_buf()),
+            temp_dirs: Vec::new(),
+        };
+        record.write(state_dir)?;
+        Ok(record)
+    }
+
     fn path(state_dir: &Path, run_id: &str) -> PathBuf {
         state_dir.join(format!("{run_id}.json"))
     }
@@ -70,6 +91,20 @@ impl Record {
     fn marker(&self) -> String {
         format!("TEST_RUN={}", self.run_id)
     }
+}
+
+/// A run id names files and a cgroup: one plain path component, and no `=` (it is also the
+/// value of the `TEST_RUN=<id>` marker).
+fn check_run_id(run_id: &str) -> io::Result<()> {
+    let bad =
+        run_id.is_empty() || run_id.starts_with('.') || run_id.contains(['/', '\0', '\n', '=']);
+    if bad {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("run id {run_id:?} cannot name a run record"),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `dir` is one the run may have created for itself: its name holds the run id. A
@@ -111,11 +146,12 @@ impl RunTracker {
     /// Writes the run's record and creates its cgroup when possible (root and cgroup v2);
     /// otherwise the run is tracked in marker mode.
     pub(crate) fn create(state_dir: &Path, run_id: &str) -> io::Result<RunTracker> {
+        check_run_id(run_id)?;
         let cgroup = if nix::unistd::geteuid().is_root() {
             match Cgroup::create(run_id) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::info!(error = %e, "no cgroup for run {run_id}: tracking it by its TEST_RUN marker");
+                    tracing::info!(error = %e, run_id, "no cgroup for the run: tracking it by marker");
                     None
                 }
             }
@@ -125,45 +161,26 @@ impl RunTracker {
         RunTracker::with_cgroup(state_dir, run_id, cgroup)
     }
 
+    /// Writes the record of a run tracked by `cgroup` (removed again if that fails).
     fn with_cgroup(
         state_dir: &Path,
         run_id: &str,
         cgroup: Option<Cgroup>,
     ) -> io::Result<RunTracker> {
-        let bad_id =
-            run_id.is_empty() || run_id.starts_with('.') || run_id.contains(['/', '\0', '\n', '=']);
-        if bad_id {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("run id {run_id:?} cannot name a record"),
-            ));
-        }
-        fs::create_dir_all(state_dir)?;
-        let started_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let record = Record {
-            run_id: run_id.to_string(),
-            owner_pid: std::process::id() as i32,
-            owner_start: tg_sys::proc::own_start_time()?,
-            start_ticks: now_ticks()?,
-            started_unix_ms,
-            cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
-            temp_dirs: Vec::new(),
-        };
-        if let Err(e) = record.write(state_dir) {
-            if let Some(c) = cgroup {
-                let _ = c.remove();
+        match Record::new(state_dir, run_id, cgroup.as_ref()) {
+            Ok(record) => Ok(RunTracker {
+                state_dir: state_dir.to_path_buf(),
+                record,
+                cgroup,
+                live: true,
+            }),
+            Err(e) => {
+                if let Some(c) = cgroup {
+                    let _ = c.remove();
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(RunTracker {
-            state_dir: state_dir.to_path_buf(),
-            record,
-            cgroup,
-            live: true,
-        })
     }
 
     /// Notes a directory the run created for itself, to be removed should the owner die. Its
