@@ -61,7 +61,10 @@ pub enum RoutingPolicy {
 }
 
 /// How packets on a link are shaped. Percentages are 0-100.
+///
+/// Missing fields decode as zero, as Go's decoder leaves them (sdk-js sends partial shapes).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LinkShape {
     #[serde(with = "nanos")]
     pub latency: Duration,
@@ -95,15 +98,23 @@ pub struct LinkRule {
 }
 
 /// A network configuration request (sdk-go's `network.Config`).
+///
+/// Every field may be missing and then decodes as Go's zero value (`""`, `false`, a zero
+/// shape, no rules), as the original's decoder does; the sidecar judges the result (a missing
+/// `network` is then refused as unsupported, as by the original). [`Default`] is instead what
+/// an SDK sends when asked for the default network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NetworkConfig {
     /// The data network to configure; only [`DEFAULT_DATA_NETWORK`] exists.
+    #[serde(default)]
     pub network: String,
     #[serde(rename = "IPv4", default, deserialize_with = "empty_as_none")]
     pub ipv4: Option<Ipv4Net>,
     #[serde(rename = "IPv6", default, deserialize_with = "empty_as_none")]
     pub ipv6: Option<Ipv6Net>,
+    #[serde(default)]
     pub enable: bool,
+    #[serde(default)]
     pub default: LinkShape,
     #[serde(
         default,
@@ -111,7 +122,9 @@ pub struct NetworkConfig {
         deserialize_with = "null_as_empty"
     )]
     pub rules: Vec<LinkRule>,
-    /// The state the sidecar signals once the configuration is applied. Required.
+    /// The state the sidecar signals once the configuration is applied (none when empty;
+    /// sdk-go refuses to send an empty one).
+    #[serde(default)]
     pub callback_state: String,
     /// How many signals of `callback_state` to wait for; `None` means every instance.
     /// Never sent (the sidecar does not need it).
@@ -246,5 +259,32 @@ mod tests {
         assert_eq!(cfg.callback_target, None);
         assert_eq!(cfg.routing_policy, RoutingPolicy::AllowAll);
         assert!(serde_json::from_str::<FilterAction>("3").is_err());
+    }
+
+    #[test]
+    fn missing_fields_are_go_zero_values() {
+        // What sdk-js sends: only the fields it was given.
+        let j = r#"{"network":"default","enable":true,"default":{"latency":25000000},"callback_state":"cfg"}"#;
+        let cfg: NetworkConfig = serde_json::from_str(j).unwrap();
+        assert_eq!(
+            cfg.default,
+            LinkShape {
+                latency: Duration::from_millis(25),
+                ..Default::default()
+            }
+        );
+        assert!(cfg.rules.is_empty());
+        assert_eq!(cfg.routing_policy, RoutingPolicy::Unset);
+        assert_eq!(cfg.ipv4, None);
+        let rule: LinkRule = serde_json::from_str(r#"{"subnet":"10.0.0.0/8","loss":5}"#).unwrap();
+        assert_eq!(rule.shape.loss, 5.0);
+        assert_eq!(rule.shape.jitter, Duration::ZERO);
+        // Go zero-fills the top level too: an empty object decodes, to zero values.
+        let empty: NetworkConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.network, "");
+        assert!(!empty.enable);
+        assert_eq!(empty.callback_state, "");
+        // A rule without its subnet means nothing: still refused.
+        assert!(serde_json::from_str::<LinkRule>(r#"{"loss":5}"#).is_err());
     }
 }

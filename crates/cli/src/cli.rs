@@ -337,6 +337,18 @@ pub struct HealthcheckArgs {
     pub fix: bool,
 }
 
+/// `--run-cfg`'s long help: every runner's keys, from the runner registry.
+fn run_cfg_help() -> String {
+    let mut s = String::from("Run configuration, KEY=VALUE (repeatable). Keys by runner:");
+    for r in tg_runner::runners() {
+        s.push_str(&format!("\n  {}:", r.id()));
+        for k in r.config_keys() {
+            s.push_str(&format!("\n    {} ({}): {}", k.name, k.expects, k.help));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,16 +409,4 @@ mod tests {
             Cli::try_parse_from(["testground", "--vv", "build", "p", "-b", "x", "-p", "y"]).is_ok()
         );
     }
-}
-
-/// `--run-cfg`'s long help: every runner's keys, from the runner registry.
-fn run_cfg_help() -> String {
-    let mut s = String::from("Run configuration, KEY=VALUE (repeatable). Keys by runner:");
-    for r in tg_runner::runners() {
-        s.push_str(&format!("\n  {}:", r.id()));
-        for k in r.config_keys() {
-            s.push_str(&format!("\n    {} ({}): {}", k.name, k.expects, k.help));
-        }
-    }
-    s
 }

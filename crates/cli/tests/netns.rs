@@ -1,10 +1,13 @@
 //! End-to-end tests of the `local:netns` runner through the real `testground` binary: the
 //! seed's ping-pong plan (Go, sdk-go), a plan on the published sdk-rust crate, our SDK's
 //! examples, packet capture and seeds, and cleanup after success, failure, timeout, Ctrl-C,
-//! `terminate` and a killed engine, checked by listing namespaces, links, mounts and processes.
+//! `terminate` and a killed engine, checked by looking for the run's own objects: its processes,
+//! cgroup, host link, mounts, and whatever lived in its namespaces. Nothing else on the host is
+//! compared, so Docker or other tests creating namespaces, links and mounts meanwhile do not
+//! matter.
 //!
 //! Needs root: skips with a reason otherwise, fails instead when `TG_REQUIRE_PRIVILEGED=1`.
-//! The tests take a lock so that the host-wide listings of one are not disturbed by another.
+//! The tests take a lock so that their runs do not compete for the machine's cores.
 
 mod common;
 
@@ -14,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{Home, processes_of_run, text};
+use tg_sys::proc::start_time;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -93,62 +97,134 @@ fn run_id_of(o: &Output) -> String {
     line.split_whitespace().nth(9).unwrap().to_string()
 }
 
-/// What a run may leave on the host: its processes, network namespaces, host interfaces and
-/// mounts.
-#[derive(Debug, PartialEq, Eq)]
-struct HostState {
-    netns: BTreeSet<String>,
-    links: BTreeSet<String>,
-    mounts: usize,
+/// The host link of a run, `tgh<slot>`, from the address its log names ("host reachable under
+/// allow_all at 198.19.x.y"): slot `n` holds `198.19.0.0 + 4n + 1`.
+fn host_link_of(o: &Output) -> Option<String> {
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rest = all.split("host reachable under allow_all at ").nth(1)?;
+    let addr: std::net::Ipv4Addr = rest.split_whitespace().next()?.parse().ok()?;
+    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0));
+    Some(format!("tgh{}", (u32::from(addr) - base) / 4))
 }
 
-fn host_state() -> HostState {
-    let mut netns = BTreeSet::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
-            continue;
-        }
-        if let Ok(l) = std::fs::read_link(e.path().join("ns/net")) {
-            netns.insert(l.to_string_lossy().into_owned());
-        }
-    }
-    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
-    let links = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            l.split(": ")
-                .nth(1)
-                .map(|n| n.split('@').next().unwrap().to_string())
-        })
+/// A zombie runs nothing any more (it only waits for its parent to reap it).
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.get(s.rfind(')')? + 2..)?.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Every process (pid, start time) living in one of the run's network namespaces, sampled while
+/// the run holds them: their inode numbers then name them and nothing else (an inode is reused
+/// only once its namespace is freed, which is why they are not compared after the run).
+fn namespace_members(run_id: &str) -> BTreeSet<(i32, u64)> {
+    let netns = |pid: i32| tg_sys::netns_inode_of(pid).ok();
+    let ours: BTreeSet<_> = processes_of_run(run_id)
+        .into_iter()
+        .filter_map(|p| netns(p as i32))
         .collect();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .count();
-    HostState {
-        netns,
-        links,
-        mounts,
+    let mut members = BTreeSet::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if netns(pid).is_some_and(|n| ours.contains(&n))
+            && let Some(t) = start_time(pid)
+        {
+            members.insert((pid, t));
+        }
     }
+    members
 }
 
-/// Nothing of run `run_id` is left: processes, namespaces, host links, mounts. The kernel
-/// tears a namespace's interfaces down asynchronously, so this waits a little for them.
-fn assert_nothing_left(run_id: &str, before: &HostState) {
+/// What is left of run `run_id`, found by its own names only: processes marked
+/// `TEST_RUN=<id>`, its cgroup, its host link, mounts naming it (its temp dir holds the
+/// instances' hosts file), and `members` (processes seen in its namespaces while it ran) still
+/// alive. With those and the engine gone, nothing holds the run's namespaces any more.
+///
+/// `killed`: the run's engine was killed and no run has started since; its cgroup may then still
+/// be there (the next engine removes it, as its record), but empty.
+fn leftovers_of(
+    run_id: &str,
+    host_link: Option<&str>,
+    members: &BTreeSet<(i32, u64)>,
+    killed: bool,
+) -> Vec<String> {
+    let mut left = Vec::new();
+    let procs = processes_of_run(run_id);
+    if !procs.is_empty() {
+        left.push(format!("processes {procs:?}"));
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if let Some(i) = fields.iter().position(|f| *f == "-")
+            && fields.get(i + 1) == Some(&"cgroup2")
+        {
+            let cgroup = std::path::Path::new(fields[4])
+                .join("testground")
+                .join(run_id);
+            let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            if cgroup.exists() && !(killed && procs.trim().is_empty()) {
+                left.push(format!("cgroup {} with {procs:?}", cgroup.display()));
+            }
+        }
+        if line.contains(run_id) {
+            left.push(format!("mount {line}"));
+        }
+    }
+    if let Some(link) = host_link
+        && std::path::Path::new("/sys/class/net").join(link).exists()
+    {
+        left.push(format!("host link {link}"));
+    }
+    let alive: Vec<_> = members
+        .iter()
+        .filter(|(pid, t)| start_time(*pid) == Some(*t) && !zombie(*pid))
+        .collect();
+    if !alive.is_empty() {
+        left.push(format!("processes of its namespaces {alive:?}"));
+    }
+    left
+}
+
+/// Nothing of run `run_id` is left (see [`leftovers_of`]). The kernel tears a namespace's
+/// interfaces down asynchronously, so this waits a little for them.
+fn assert_nothing_left(run_id: &str, host_link: Option<&str>, members: &BTreeSet<(i32, u64)>) {
+    assert_left_only_records(run_id, host_link, members, false)
+}
+
+/// [`assert_nothing_left`], except for what a killed engine leaves for the next one (see
+/// [`leftovers_of`]) when `killed`.
+fn assert_left_only_records(
+    run_id: &str,
+    host_link: Option<&str>,
+    members: &BTreeSet<(i32, u64)>,
+    killed: bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let procs = processes_of_run(run_id);
-        let now = host_state();
-        if procs.is_empty() && now == *before {
+        let left = leftovers_of(run_id, host_link, members, killed);
+        if left.is_empty() {
             return;
         }
         if Instant::now() > deadline {
-            panic!(
-                "run {run_id} left processes {procs:?}; host state before {before:?}, after {now:?}"
-            );
+            panic!("run {run_id} left {left:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// [`assert_nothing_left`] for a run that has ended with output `o`.
+fn assert_run_left_nothing(o: &Output) {
+    let link = host_link_of(o);
+    assert!(link.is_some(), "the run names its host link: {}", text(o));
+    assert_nothing_left(&run_id_of(o), link.as_deref(), &BTreeSet::new());
 }
 
 /// Every "ping RTT was <d> [..]" the ping-pong instances printed, as durations.
@@ -178,7 +254,6 @@ fn seed_ping_pong_passes_with_its_rtt_in_range_and_leaves_nothing() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let home = Home::new();
     home.import("network");
-    let before = host_state();
     let mut args = home.run_args("network", "ping-pong", "exec:go", "2");
     args.extend(["--run-cfg", "seed=42", "--run-cfg", "capture=true"]);
     let out = home.tg(&args);
@@ -215,7 +290,7 @@ fn seed_ping_pong_passes_with_its_rtt_in_range_and_leaves_nothing() {
             bytes.len()
         );
     }
-    assert_nothing_left(&id, &before);
+    assert_run_left_nothing(&out);
 }
 
 #[test]
@@ -226,7 +301,6 @@ fn sdk_rust_plan_connects_two_instances_over_tcp() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let home = Home::new();
     home.import("rust-sdk-tcp");
-    let before = host_state();
     let out = home.tg(&home.run_args("rust-sdk-tcp", "tcp-connect", "exec:rust", "2"));
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -235,7 +309,7 @@ fn sdk_rust_plan_connects_two_instances_over_tcp() {
         "{stdout}"
     );
     assert!(stdout.contains("got pong from"), "{stdout}");
-    assert_nothing_left(&run_id_of(&out), &before);
+    assert_run_left_nothing(&out);
 }
 
 #[test]
@@ -278,7 +352,6 @@ fn failure_and_timeout_leave_nothing() {
     for check in ["- root: ok", "- tun-device: ok", "- nft: ok"] {
         assert!(report.contains(check), "{check}: {}", text(&out));
     }
-    let before = host_state();
     let out = home.tg(&home.run_args("failing", "run", "exec:generic", "3"));
     assert!(!out.status.success());
     assert!(
@@ -286,7 +359,7 @@ fn failure_and_timeout_leave_nothing() {
         "{}",
         text(&out)
     );
-    assert_nothing_left(&run_id_of(&out), &before);
+    assert_run_left_nothing(&out);
 
     let mut args = home.run_args("sleeper", "run", "exec:generic", "3");
     args.extend(["--run-cfg", "run_timeout=2s"]);
@@ -296,16 +369,16 @@ fn failure_and_timeout_leave_nothing() {
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("task timeout"), "{}", text(&out));
-    assert_nothing_left(&run_id_of(&out), &before);
+    assert_run_left_nothing(&out);
 }
 
 /// Starts a 3-instance sleeper run in the background and waits until its instances run.
 // The child is returned to the caller, which waits for it; the lint only looks at this function.
 #[allow(clippy::zombie_processes)]
-fn start_sleepers(home: &Home) -> (Child, String) {
+fn start_sleepers(home: &Home, plan: &str) -> (Child, String) {
     let mut child = home
         .cmd()
-        .args(home.run_args("sleeper", "run", "exec:generic", "3"))
+        .args(home.run_args(plan, "run", "exec:generic", "3"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -337,10 +410,11 @@ fn ctrl_c_terminate_and_a_killed_engine_leave_nothing() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let home = Home::new();
     home.script_plan("sleeper", "sleep 600");
-    let before = host_state();
 
     // Ctrl-C on the embedded run.
-    let (child, id) = start_sleepers(&home);
+    let (child, id) = start_sleepers(&home, "sleeper");
+    let members = namespace_members(&id);
+    assert!(members.len() >= 3, "{members:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -348,41 +422,117 @@ fn ctrl_c_terminate_and_a_killed_engine_leave_nothing() {
     .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", text(&out));
-    assert_nothing_left(&id, &before);
+    assert_nothing_left(&id, host_link_of(&out).as_deref(), &members);
 
     // `testground terminate` from another process.
-    let (child, id) = start_sleepers(&home);
+    let (child, id) = start_sleepers(&home, "sleeper");
+    let members = namespace_members(&id);
     let out = home.tg(&["terminate", "--runner", "local:netns"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert_nothing_left(&id, &before);
+    assert_nothing_left(&id, host_link_of(&out).as_deref(), &members);
 
     // SIGKILL of the engine: the kernel frees what only its descriptors held, the instances
     // die with it, and the record it left is cleared by the next run.
-    let (mut child, id) = start_sleepers(&home);
+    let (mut child, id) = start_sleepers(&home, "sleeper");
+    let members = namespace_members(&id);
     child.kill().unwrap();
-    child.wait().unwrap();
-    let record = home.path().join(format!("data/netns/{id}.pids"));
-    assert!(record.exists(), "the killed run left its record");
-    let temp_dirs = || -> Vec<std::path::PathBuf> {
-        std::fs::read_dir(std::env::temp_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("tg-{id}-")))
-            })
-            .collect()
-    };
-    assert_eq!(temp_dirs().len(), 1, "the killed run left its temp dir");
-    assert_nothing_left(&id, &before);
+    let out = child.wait_with_output().unwrap();
+    let records = run_records(&home, &id);
+    assert_eq!(records.len(), 1, "the killed run left its record");
+    assert_eq!(temp_dirs(&id).len(), 1, "the killed run left its temp dir");
+    let link = host_link_of(&out);
+    assert_left_only_records(&id, link.as_deref(), &members, true);
     let mut args = home.run_args("sleeper", "run", "exec:generic", "1");
     args.extend(["--run-cfg", "run_timeout=1s"]);
     let out = home.tg(&args);
-    assert!(!record.exists(), "the next run removed it: {}", text(&out));
-    assert!(temp_dirs().is_empty(), "and the killed run's temp dir");
-    assert_nothing_left(&run_id_of(&out), &before);
+    assert!(
+        run_records(&home, &id).is_empty(),
+        "the next run removed it: {}",
+        text(&out)
+    );
+    assert!(temp_dirs(&id).is_empty(), "and the killed run's temp dir");
+    assert_nothing_left(&id, link.as_deref(), &members);
+    assert_run_left_nothing(&out);
+}
+
+/// The record a run keeps while it goes (`<id>.json` somewhere in the home's `data/`, outside
+/// the outputs), for the next engine to clean up after a killed one.
+fn run_records(home: &Home, id: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![home.path().join("data")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n != "outputs") {
+                    dirs.push(p);
+                }
+            } else if p.file_name().and_then(|n| n.to_str()) == Some(&format!("{id}.json")) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// The run's temp directories (`$TMPDIR/tg-<id>-*`).
+fn temp_dirs(id: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("tg-{id}-")))
+        })
+        .collect()
+}
+
+/// An instance whose child escapes it (`setsid`, then a double fork) is not left behind by a
+/// killed engine once the next run has started: the run's cgroup holds the escapees. An
+/// unrelated process with a network namespace of its own survives that cleanup.
+#[test]
+fn a_killed_engine_leaves_no_escaped_grandchild_once_the_next_run_started() {
+    if !privileged() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = Home::new();
+    home.script_plan(
+        "escaper",
+        "sh -c \"setsid sh -c '(sleep 600 &) ; sleep 600' & exec sleep 600\"",
+    );
+    home.script_plan("sleeper", "sleep 600");
+    let mut unrelated = Command::new("unshare")
+        .args(["-n", "sleep", "600"])
+        .spawn()
+        .unwrap();
+
+    let (mut child, id) = start_sleepers(&home, "escaper");
+    let members = namespace_members(&id);
+    // Each of the 3 instances: its sleep, the setsid one, the double-forked one (and a shell,
+    // depending on which sh it is).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes_of_run(&id).len() < 9 {
+        assert!(Instant::now() < deadline, "{:?}", processes_of_run(&id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+
+    let mut args = home.run_args("sleeper", "run", "exec:generic", "1");
+    args.extend(["--run-cfg", "run_timeout=1s"]);
+    let next = home.tg(&args);
+    assert_nothing_left(&id, host_link_of(&out).as_deref(), &members);
+    assert!(temp_dirs(&id).is_empty(), "the killed run's temp dir");
+    assert_run_left_nothing(&next);
+    assert!(
+        unrelated.try_wait().unwrap().is_none(),
+        "an unrelated process with its own namespace survives"
+    );
+    unrelated.kill().unwrap();
+    unrelated.wait().unwrap();
 }

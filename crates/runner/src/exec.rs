@@ -13,7 +13,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use crate::launch::{InstanceSpec, LaunchContext, Launched, Launcher, NetEnv, Stop};
 use crate::supervisor::Termination;
 use crate::tracking::RunTracker;
-use crate::{RunError, RunInput};
+use crate::{RunError, RunInput, RunnerEvent};
 
 /// `local:exec` instances share the host network; the subnet is nominal.
 pub(crate) const SUBNET: &str = "127.1.0.0/16";
@@ -69,19 +69,27 @@ impl ExecLauncher {
         }
     }
 
-    /// Creates the run's process tracker. Idempotent.
-    pub(crate) fn track(&mut self, temp_root: &Path) -> Result<(), RunError> {
+    /// Removes what runs of dead engines left, then creates this run's process tracker.
+    /// Idempotent. Returns lines for the run log.
+    pub(crate) fn track(&mut self, temp_root: &Path) -> Result<Vec<String>, RunError> {
         if self.tracker.is_some() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         raise_nofile_limit();
+        let mut lines = crate::tracking::clean_leftovers(&self.state_dir);
         let mut tracker = RunTracker::create(&self.state_dir, &self.run_id)
             .map_err(RunError::io("record the run in", self.state_dir.clone()))?;
         tracker
             .add_temp_dir(temp_root)
             .map_err(RunError::io("record the run in", self.state_dir.clone()))?;
+        if !tracker.uses_cgroup() {
+            lines.push(
+                "processes tracked by their TEST_RUN marker (no cgroup: not root, or no cgroup v2)"
+                    .to_string(),
+            );
+        }
         self.tracker = Some(tracker);
-        Ok(())
+        Ok(lines)
     }
 
     /// The command of one instance, before spawning.
@@ -119,9 +127,11 @@ impl ExecLauncher {
         }
     }
 
-    pub(crate) async fn finish(self) {
-        if let Some(t) = self.tracker {
-            t.finish().await;
+    /// Kills what is left of the run's processes; returns lines for the run log.
+    pub(crate) async fn finish(self) -> Vec<String> {
+        match self.tracker {
+            Some(t) => t.finish().await,
+            None => Vec::new(),
         }
     }
 }
@@ -130,7 +140,9 @@ impl Launcher for ExecLauncher {
     type Instance = ExecInstance;
 
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
-        self.track(&ctx.temp_root)?;
+        for line in self.track(&ctx.temp_root)? {
+            let _ = ctx.events.send(RunnerEvent::Log(line)).await;
+        }
         Ok(NetEnv {
             sidecar: false,
             subnet: SUBNET.into(),
@@ -148,9 +160,8 @@ impl Launcher for ExecLauncher {
         self.spawn(spec, cmd, artifact).await
     }
 
-    async fn teardown(self) -> Option<String> {
-        self.finish().await;
-        None
+    async fn teardown(self) -> Vec<String> {
+        self.finish().await
     }
 }
 
@@ -161,10 +172,6 @@ pub(crate) struct ExecInstance {
 }
 
 impl ExecInstance {
-    pub(crate) fn pid(&self) -> Option<u32> {
-        self.pgid
-    }
-
     fn new(child: Child) -> Self {
         let pgid = child.id();
         ExecInstance { child, pgid }

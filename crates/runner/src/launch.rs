@@ -86,8 +86,9 @@ pub(crate) trait Launcher: Send {
         spec: &InstanceSpec,
     ) -> impl Future<Output = Result<Self::Instance, RunError>> + Send;
 
-    /// Removes what `start` and `prepare` made; returns a summary line for the log, if any.
-    fn teardown(self) -> impl Future<Output = Option<String>> + Send;
+    /// Removes what `start` and `prepare` made (and kills whatever of the run still lives);
+    /// returns lines for the run log.
+    fn teardown(self) -> impl Future<Output = Vec<String>> + Send;
 }
 
 /// A started instance.

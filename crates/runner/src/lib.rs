@@ -18,14 +18,14 @@
 //! - `launch`: the launcher seam (`Launcher`, `Launched`).
 //! - `exec`: host processes (`local:exec`), also used by `netns`.
 //! - `netns`: what `local:netns` adds: privilege check, the run's network, jails.
-//! - `tracking`: a run's processes tracked (cgroup, or environment marker), and the removal of
-//!   what a killed engine left behind.
 //! - `instance`: one task per launched instance: pipes, capture files, exit, stop.
 //! - `supervisor`: the single actor owning every instance's state and deciding outcomes
 //!   ([`InstanceReport`] is its input).
 //! - `env`: the instance environment (`TEST_*`, `SYNC_SERVICE_*`, `HOSTNAME`).
 //! - `line`: [`InstanceLine`], the original pretty printer's line.
 //! - `outputs`: the outputs layout and the `.tgz` collect archive.
+//! - `tracking`: per-run process tracking (a cgroup per run, or a `TEST_RUN` marker) and
+//!   [`clean_leftovers`] for runs whose engine was killed.
 //! - `error`: [`RunError`].
 
 mod config;

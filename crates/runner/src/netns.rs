@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
-use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT};
+use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT, SidecarEvent};
 use tokio::sync::mpsc;
 
 use crate::exec::{ExecInstance, ExecLauncher};
@@ -113,7 +113,9 @@ impl Launcher for NetnsLauncher {
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
         check_privileges()?;
         self.events = Some(ctx.events.clone());
-        self.exec.track(&ctx.temp_root)?;
+        for line in self.exec.track(&ctx.temp_root)? {
+            let _ = ctx.events.send(RunnerEvent::Log(line)).await;
+        }
         let net = create(&self.input, &self.config, &ctx.temp_root.join(".net"), ctx).await?;
         let env = NetEnv {
             sidecar: true,
@@ -167,23 +169,20 @@ impl Launcher for NetnsLauncher {
         };
         let (mut cmd, artifact) = self.exec.command(spec);
         inst.jail.apply(&mut cmd);
-        let child = self.exec.spawn(spec, cmd, artifact).await?;
-        if let (Some(net), Some(pid)) = (&mut self.net, child.pid()) {
-            net.started(pid, inst.netns_inode);
-        }
-        Ok(child)
+        self.exec.spawn(spec, cmd, artifact).await
     }
 
-    async fn teardown(mut self) -> Option<String> {
+    async fn teardown(mut self) -> Vec<String> {
         self.prepared.clear();
         // Processes first (the tracker's cgroup also holds instances that left their
         // namespaces), then the network they used.
-        self.exec.finish().await;
-        let stats = match self.net.take() {
-            Some(net) => net.shutdown().await,
-            None => None,
-        };
-        stats.map(|s| format!("network: {s}"))
+        let mut lines = self.exec.finish().await;
+        if let Some(net) = self.net.take()
+            && let Some(stats) = net.shutdown().await
+        {
+            lines.push(format!("network: {stats}"));
+        }
+        lines
     }
 }
 
@@ -204,22 +203,17 @@ async fn create(
         })?;
     let seed = config.seed.unwrap_or_else(fresh_seed);
     let capture = config.capture;
-    let state_dir = input
-        .outputs_root
-        .parent()
-        .unwrap_or(&input.outputs_root)
-        .join("netns");
-    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<tg_sidecar::SidecarEvent>();
+    let (log_tx, mut log_rx) = mpsc::unbounded_channel::<SidecarEvent>();
     let events = ctx.events.clone();
     let reports = ctx.reports.clone();
     // Ends when the network (the last sender) is gone.
     tokio::spawn(async move {
         while let Some(m) = log_rx.recv().await {
             match m {
-                tg_sidecar::SidecarEvent::Log(m) => {
+                SidecarEvent::Log(m) => {
                     let _ = events.send(RunnerEvent::Log(format!("sidecar: {m}"))).await;
                 }
-                tg_sidecar::SidecarEvent::ConfigRefused {
+                SidecarEvent::ConfigRefused {
                     ordinal,
                     hostname,
                     reason,
@@ -247,7 +241,6 @@ async fn create(
         seed,
         capture,
         work_dir: work_dir.to_path_buf(),
-        state_dir,
     };
     let net = RunNetwork::create(opts, log_tx)
         .await

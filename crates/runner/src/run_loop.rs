@@ -288,8 +288,8 @@ pub(crate) async fn run_loop<L: Launcher>(
         sup.handle(r);
     }
 
-    if let Some(summary) = launcher.teardown().await {
-        let _ = events.send(RunnerEvent::Log(summary)).await;
+    for line in launcher.teardown().await {
+        let _ = events.send(RunnerEvent::Log(line)).await;
     }
 
     let elapsed = start.elapsed();
@@ -436,9 +436,9 @@ mod tests {
             })
         }
 
-        async fn teardown(self) -> Option<String> {
+        async fn teardown(self) -> Vec<String> {
             self.log.lock().unwrap().teardowns += 1;
-            None
+            Vec::new()
         }
     }
 

@@ -654,7 +654,7 @@ impl Run {
         let (log, mut log_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(line) = log_rx.recv().await {
-                eprintln!("   [network] {line:?}");
+                eprintln!("   [network] {line}");
             }
         });
         let mut net = RunNetwork::create(
@@ -665,7 +665,6 @@ impl Run {
                 seed: 1,
                 capture: false,
                 work_dir: dir.path().join("net"),
-                state_dir: dir.path().join("state"),
             },
             log,
         )

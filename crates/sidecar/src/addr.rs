@@ -1,16 +1,26 @@
 //! The address plan (DESIGN.md §5): one data /16 per run carved from `100.64.0.0/10`, instances
 //! from `.0.2` (`.0.1` is the nominal gateway, as in the original); control addresses from
-//! `198.18.0.0/16` inside the run's own control namespace, where the sync service answers on
-//! `198.18.0.1`; one `/30` in `198.19.0.0/16` per run joins the control namespace to the host
+//! `192.18.0.0/16` (the original's control subnet, which plans such as `verify` recognise as
+//! control) inside the run's own control namespace, where the sync service answers on
+//! `192.18.0.1`; one `/30` in `198.19.0.0/16` per run joins the control namespace to the host
 //! for `allow_all`.
+//!
+//! The host link stays in `198.19.0.0/16` (RFC 2544 benchmarking space): it is the only range
+//! configured in the host's own namespace, so it must not be a public range, and it is disjoint
+//! from both the control subnet and the data networks (`100.64.0.0/10`), so no route of an
+//! instance or of the control namespace can be confused by it.
 
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use ipnet::Ipv4Net;
 
-/// Where the sync service answers inside every run's control network.
-pub const SYNC_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Where the sync service answers inside every run's control network (`.0.1` of the control
+/// subnet, the original's control gateway).
+pub const SYNC_ADDR: Ipv4Addr = Ipv4Addr::new(192, 18, 0, 1);
+
+/// The control subnet every instance's `eth0` sits in.
+pub const CONTROL_SUBNET: &str = "192.18.0.0/16";
 /// The name instances resolve to [`SYNC_ADDR`] (sdk-rust hard-codes it).
 pub const SYNC_NAME: &str = "testground-sync-service";
 /// The name instances resolve to the host's end of the run's host link (`allow_all` only).
@@ -130,7 +140,11 @@ mod tests {
         assert_eq!(data_addr(s, 0), Ipv4Addr::new(100, 65, 0, 2));
         assert_eq!(data_addr(s, 253), Ipv4Addr::new(100, 65, 0, 255));
         assert_eq!(data_addr(s, 254), Ipv4Addr::new(100, 65, 1, 0));
-        assert_eq!(control_addr(0), Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(control_addr(0), Ipv4Addr::new(192, 18, 0, 2));
+        let control: Ipv4Net = CONTROL_SUBNET.parse().unwrap();
+        assert!(control.contains(&SYNC_ADDR));
+        assert!(control.contains(&control_addr(MAX_INSTANCES - 1)));
+        assert!(!control.contains(&HostLink { slot: 0 }.host_addr()));
         assert_eq!(
             data_addr(s, MAX_INSTANCES - 1),
             Ipv4Addr::new(100, 65, 255, 254)

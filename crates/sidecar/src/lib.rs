@@ -1,30 +1,32 @@
 //! The sidecar: the per-run network agent of the `local:netns` runner (DESIGN.md §5).
 //!
 //! For each run it builds a private control network (a namespace of its own where the sync
-//! service answers on `198.18.0.1:5050`, one veth per instance) and a data network that exists
-//! only in userspace: every instance's `eth1` is a TUN device whose other end is the run's
-//! packet pump, which routes and shapes packets with the `tg-netem` emulator. It signals
+//! service answers on `192.18.0.1:5050`, one veth per instance, IPv4 only) and a data network
+//! that exists only in userspace: every instance's `eth1` is a TUN device whose other end is the
+//! run's packet pump, which routes and shapes packets with the `tg-netem` emulator. It signals
 //! `network-initialized` once per instance, then applies every `network.Config` the instance
-//! publishes on `network:<hostname>` and signals the config's `callback_state`.
+//! publishes on `network:<hostname>` and signals the config's `callback_state`; a config it
+//! cannot decode or apply is not signalled but reported ([`SidecarEvent::ConfigRefused`]).
 //!
 //! It does not spawn or supervise instance processes (`tg-runner` does, inside the [`Jail`]s
 //! this crate hands out), nor run the sync service (`tg-sync`; it only serves it into the
 //! control network). All `unsafe` (namespaces, TUN, netlink, jails) lives in `tg-sys`.
 //!
 //! Lifetime: namespaces are held by descriptors of this process and by the instances' processes,
-//! never bind-mounted, so the kernel frees them (and every interface in them) when the run's
-//! [`RunNetwork`] is shut down or this process dies; [`leftovers`] handles processes that
-//! outlive a killed owner.
+//! never bind-mounted, so the kernel frees them (and every interface in them, the host end of
+//! the host link included, and the nft rules that live in the control namespace) when the run's
+//! [`RunNetwork`] is shut down or this process dies and the instances are gone. Instances that
+//! outlive a killed owner are the runner's business: it puts every instance of a run into the
+//! run's cgroup and kills that (`tg-runner`'s run tracking), which also removes the run's temp
+//! directory. So the sidecar records nothing on disk.
 //!
 //! Modules:
 //! - `addr`: the address plan (data subnets, control and host-link addresses).
 //! - `config`: `network.Config` → emulator configuration, with validation.
 //! - `pump`: the packet pump thread (TUN devices ⇄ emulator, timerfd-driven, pcap capture).
-//! - [`leftovers`]: records and removes what a killed owner left behind.
 
 pub mod addr;
 mod config;
-pub mod leftovers;
 mod pump;
 
 use std::collections::BTreeSet;
@@ -42,7 +44,7 @@ use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use addr::{HOST_NAME, SYNC_ADDR, SYNC_NAME};
+pub use addr::{CONTROL_SUBNET, HOST_NAME, SYNC_ADDR, SYNC_NAME};
 pub use config::{ConfigError, Plan, plan};
 pub use pump::Pump;
 
@@ -62,8 +64,6 @@ pub struct Options {
     pub capture: bool,
     /// A directory private to the run (the hosts file goes there).
     pub work_dir: PathBuf,
-    /// Where runs leave a record for [`leftovers::clean`].
-    pub state_dir: PathBuf,
 }
 
 /// Setting up or tearing down a run's network failed.
@@ -109,7 +109,7 @@ pub struct Instance {
 /// State shared by the run's agents.
 struct Shared {
     subnet: Ipv4Net,
-    prefix: String,
+    keys: tg_api::sync::RunKeys,
     sync: SyncService,
     pump: Pump,
     ctl: NetNs,
@@ -125,6 +125,38 @@ impl Shared {
     }
 }
 
+/// What a run's network reports to its runner while it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SidecarEvent {
+    /// A line for the run log.
+    Log(String),
+    /// An instance published a `network.Config` that could not be decoded or applied. Its
+    /// `callback_state` was not signalled (as by the original), so the instance waits on it
+    /// until the run ends; the runner should fail that instance with `reason`.
+    ConfigRefused {
+        ordinal: u32,
+        hostname: String,
+        reason: String,
+    },
+}
+
+/// The event as a run-log line.
+impl std::fmt::Display for SidecarEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SidecarEvent::Log(line) => f.write_str(line),
+            SidecarEvent::ConfigRefused {
+                ordinal,
+                hostname,
+                reason,
+            } => write!(
+                f,
+                "instance {ordinal} ({hostname}): network config refused: {reason}"
+            ),
+        }
+    }
+}
+
 /// A run's network: control namespace, sync endpoint, pump, and one agent per instance.
 pub struct RunNetwork {
     shared: Arc<Shared>,
@@ -133,8 +165,10 @@ pub struct RunNetwork {
     agents: JoinSet<()>,
     server: tokio::task::JoinHandle<()>,
     stop_server: CancellationToken,
-    /// `None` once shut down.
-    record: Option<leftovers::Record>,
+    /// False once shut down.
+    live: bool,
+    /// The run's instance namespaces, held open by the agents (so their inodes cannot be
+    /// reused while the run lives).
     inodes: BTreeSet<u64>,
     hosts: PathBuf,
     capture: bool,
@@ -168,25 +202,18 @@ impl RunNetwork {
         opts: Options,
         log: mpsc::UnboundedSender<SidecarEvent>,
     ) -> Result<RunNetwork, SidecarError> {
-        match leftovers::clean(&opts.state_dir) {
-            Ok(0) => {}
-            Ok(n) => {
-                let _ = log.send(SidecarEvent::Log(format!(
-                    "removed {n} leftover processes of runs whose owner died"
-                )));
-            }
-            Err(e) => tracing::warn!("cannot check for leftovers: {e}"),
-        }
         let lease = addr::SubnetLease::take().ok_or(SidecarError::NoSubnet)?;
         let subnet = lease.subnet();
-        let record =
-            leftovers::Record::create(&opts.state_dir, &opts.run_id, opts.work_dir.parent())
-                .map_err(io_err(format!(
-                    "record the run in {}",
-                    opts.state_dir.display()
-                )))?;
-
         let ctl = NetNs::new().map_err(io_err("create the control namespace"))?;
+        // IPv4 only: interfaces created in here from now on (the instances' `c<i>` ends and
+        // `host0`) get no IPv6 addresses.
+        for key in [
+            "net/ipv6/conf/default/disable_ipv6",
+            "net/ipv6/conf/all/disable_ipv6",
+        ] {
+            tg_sys::write_sysctl(&ctl, key, "1")
+                .map_err(io_err("disable IPv6 in the control namespace"))?;
+        }
         let ctl_nl = Netlink::open(&ctl)
             .await
             .map_err(io_err("open netlink in the control namespace"))?;
@@ -234,7 +261,7 @@ impl RunNetwork {
         Ok(RunNetwork {
             shared: Arc::new(Shared {
                 subnet,
-                prefix: opts.sync_prefix.trim_end_matches(':').to_string(),
+                keys: tg_api::sync::RunKeys::from_prefix(opts.sync_prefix.clone()),
                 sync: opts.sync,
                 pump,
                 ctl,
@@ -246,7 +273,7 @@ impl RunNetwork {
             agents: JoinSet::new(),
             server,
             stop_server,
-            record: Some(record),
+            live: true,
             inodes: BTreeSet::new(),
             hosts,
             capture: opts.capture,
@@ -364,20 +391,16 @@ impl RunNetwork {
         inst
     }
 
-    /// Notes a started instance process, for leftover removal should this process die.
-    pub fn started(&mut self, pid: u32, netns_inode: u64) {
-        if let Some(r) = &mut self.record
-            && let Err(e) = r.instance(pid as i32, netns_inode)
-        {
-            tracing::warn!("cannot record instance {pid}: {e}");
-        }
-    }
-
     /// Tears the run's network down: kills whatever still lives in its namespaces, stops the
     /// agents, the sync endpoint and the pump. Returns the emulator's counters.
+    ///
+    /// Identifying processes by namespace inode is sound only here, while the agents still
+    /// hold the namespaces open: an inode is reused only once its namespace is freed. Processes
+    /// that left the namespaces, and those of a run whose owner was killed, are the runner's
+    /// per-run tracking's business (a cgroup per run), not the sidecar's.
     pub async fn shutdown(mut self) -> Option<Stats> {
         let inodes = std::mem::take(&mut self.inodes);
-        let killed = tokio::task::spawn_blocking(move || leftovers::kill_in_namespaces(&inodes))
+        let killed = tokio::task::spawn_blocking(move || kill_in_namespaces(&inodes))
             .await
             .unwrap_or(0);
         if killed > 0 {
@@ -390,25 +413,9 @@ impl RunNetwork {
         self.stop_server.cancel();
         let _ = (&mut self.server).await;
         let stats = self.shared.pump.stop().await;
-        if let Some(r) = self.record.take() {
-            r.remove();
-        }
+        self.live = false;
         stats
     }
-}
-
-/// What the sidecar tells its runner.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SidecarEvent {
-    /// A line for the run log.
-    Log(String),
-    /// An instance's network config could not be decoded or applied: its callback state is
-    /// not signalled, and the instance must fail.
-    ConfigRefused {
-        ordinal: u32,
-        hostname: String,
-        reason: String,
-    },
 }
 
 /// A network dropped without [`RunNetwork::shutdown`] (its run's future was dropped) still
@@ -417,16 +424,33 @@ pub enum SidecarEvent {
 /// handles) are aborted by their `JoinSet`.
 impl Drop for RunNetwork {
     fn drop(&mut self) {
-        if self.record.is_none() {
+        if !self.live {
             return;
         }
-        leftovers::kill_in_namespaces(&self.inodes);
+        // The agents (holding the namespaces) are still alive here: see `shutdown`.
+        kill_in_namespaces(&self.inodes);
         self.stop_server.cancel();
         self.shared.pump.stop_detached();
-        if let Some(r) = self.record.take() {
-            r.remove();
-        }
     }
+}
+
+/// Kills (SIGKILL) every process living in one of the network namespaces `inodes`, which the
+/// caller must hold open (see [`RunNetwork::shutdown`]); returns how many it killed.
+fn kill_in_namespaces(inodes: &BTreeSet<u64>) -> usize {
+    if inodes.is_empty() {
+        return 0;
+    }
+    tg_sys::proc::pids_in_any_netns(inodes)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&pid| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        })
+        .count()
 }
 
 /// What [`RunNetwork::add_instances`] needs to know of one instance.
@@ -488,6 +512,10 @@ async fn prepare(
         .map_err(io_err("open netlink in an instance namespace"))?;
     let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
     nl.set_up(lo).await.map_err(io_err("set lo up"))?;
+    // The control network is IPv4 only, as the original's: no link-local address on eth0 that
+    // a plan could take for a data address or use to reach other instances.
+    tg_sys::write_sysctl(&ns, "net/ipv6/conf/eth0/disable_ipv6", "1")
+        .map_err(io_err("disable IPv6 on eth0"))?;
     let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
     nl.add_address(eth0, caddr, 32)
         .await
@@ -574,7 +602,7 @@ impl Agent {
         // One signal per instance, as each original sidecar did; instances wait for all N.
         if let Err(e) = sh
             .sync
-            .signal_entry(&format!("{}:states:network-initialized", sh.prefix))
+            .signal_entry(&sh.keys.state("network-initialized"))
             .await
         {
             sh.log(format!(
@@ -585,36 +613,33 @@ impl Agent {
         }
         let mut sub = sh
             .sync
-            .subscribe(&format!("{}:topics:network:{}", sh.prefix, self.hostname));
+            .subscribe(&sh.keys.topic(&format!("network:{}", self.hostname)));
         while let Some(item) = sub.next_item().await {
             let raw = item.raw().get();
-            let callback = match serde_json::from_str::<NetworkConfig>(raw) {
-                Ok(cfg) => {
-                    if let Err(e) = self.apply(&cfg).await {
-                        sh.log(format!(
-                            "network config of {} not applied: {e}",
-                            self.hostname
-                        ));
-                    }
-                    cfg.callback_state
-                }
-                Err(e) => {
-                    sh.log(format!(
-                        "network config of {} not applied: cannot decode it: {e}",
-                        self.hostname
-                    ));
-                    // Still release whoever waits on it: a bad config must not wedge the run.
-                    serde_json::from_str::<serde_json::Value>(raw)
-                        .ok()
-                        .and_then(|v| v.get("callback_state")?.as_str().map(str::to_owned))
-                        .unwrap_or_default()
+            let applied = match serde_json::from_str::<NetworkConfig>(raw) {
+                Ok(cfg) => self
+                    .apply(&cfg)
+                    .await
+                    .map(|()| cfg.callback_state)
+                    .map_err(|e| format!("not applied: {e}")),
+                Err(e) => Err(format!("cannot decode it: {e}")),
+            };
+            let callback = match applied {
+                Ok(callback) => callback,
+                Err(reason) => {
+                    // As the original: the callback is not signalled, so the plan does not go
+                    // on unshaped (and perhaps pass falsely); the runner fails the instance.
+                    sh.log(format!("network config of {} {reason}", self.hostname));
+                    let _ = sh.log.send(SidecarEvent::ConfigRefused {
+                        ordinal: self.id.0,
+                        hostname: self.hostname.clone(),
+                        reason,
+                    });
+                    continue;
                 }
             };
             if !callback.is_empty()
-                && let Err(e) = sh
-                    .sync
-                    .signal_entry(&format!("{}:states:{callback}", sh.prefix))
-                    .await
+                && let Err(e) = sh.sync.signal_entry(&sh.keys.state(&callback)).await
             {
                 sh.log(format!("{}: cannot signal {callback}: {e}", self.hostname));
             }
@@ -704,7 +729,10 @@ async fn enable_nat(ctl: &NetNs) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot enable forwarding: {e}"))?;
-    let ruleset = "table ip testground {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"host0\" masquerade\n  }\n}\n";
+    // Forwarding only ever goes to or from the host: instances must not reach each other over
+    // the control network (the data network is the only path between them, as the original's
+    // `verify` plan checks), even when they have a default route over it.
+    let ruleset = "table ip testground {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"host0\" masquerade\n  }\n  chain forward {\n    type filter hook forward priority filter; policy accept;\n    iifname != \"host0\" oifname != \"host0\" drop\n  }\n}\n";
     // nsenter joins the namespace through this process's descriptor for it.
     let ns_path = format!(
         "/proc/{}/fd/{}",

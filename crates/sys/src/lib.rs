@@ -2,7 +2,7 @@
 //! Linux kernel: network namespaces (held by file descriptors, never bind-mounted, so a
 //! crashed owner leaves nothing behind), TUN devices, rtnetlink configuration of links,
 //! addresses and routes, the jail a test instance is put into between `fork` and `exec`,
-//! and `/proc` scans used for leftover cleanup and test assertions. It is the only crate
+//! per-run cgroups, and `/proc` scans used for cleanup and test assertions. It is the only crate
 //! of the project allowed to use `unsafe`; everything it exports is a safe
 //! `std::io::Result` API. It does not decide anything: address plans, traffic shaping
 //! policy, packet forwarding and process supervision belong to the sidecar and runner.
@@ -12,12 +12,14 @@
 //! - [`tun`]: [`Tun`] devices (raw IP packets, non-blocking).
 //! - [`netlink`]: [`Netlink`], an async rtnetlink handle bound to one namespace.
 //! - [`jail`]: [`Jail`], what a child process is put into before `exec`.
-//! - [`proc`]: which processes live in which network namespace.
+//! - [`cgroup`]: [`Cgroup`], a cgroup v2 per run that its processes cannot leave.
+//! - [`proc`]: what `/proc` says about processes (network namespace, start time, environment).
 //! - [`error`]: errors that keep the errno while naming the failed operation.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod cgroup;
 pub mod error;
 pub mod jail;
 pub mod lifetime;
@@ -26,9 +28,10 @@ pub mod netns;
 pub mod proc;
 pub mod tun;
 
+pub use cgroup::Cgroup;
 pub use error::{ContextError, errno};
 pub use jail::Jail;
 pub use netlink::Netlink;
 pub use netns::{NetNs, write_sysctl};
-pub use proc::{all_netns_inodes, netns_inode_of, pids_in_netns};
+pub use proc::{netns_inode_of, pids_in_netns};
 pub use tun::Tun;

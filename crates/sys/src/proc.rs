@@ -1,9 +1,11 @@
-//! Which processes live in which network namespace, read from `/proc`.
+//! What `/proc` says about processes: which network namespace each lives in, when it started,
+//! and whether its environment carries a marker.
 //!
-//! Used for cleanup of leftovers (kill whatever still runs in a namespace) and for
-//! "nothing left behind" assertions in tests. Only processes (thread-group leaders) are
-//! considered: `/proc/PID/ns/net` is the leader's namespace, and a namespace that only a
-//! thread or an fd holds is invisible here.
+//! Used to kill what still runs in a live run's namespaces, to tell a run's owner from a
+//! process that reused its pid (pid plus start time), and to find a run's processes by their
+//! `TEST_RUN=<id>` marker. Only processes (thread-group leaders) are considered:
+//! `/proc/PID/ns/net` is the leader's namespace, and a namespace that only a thread or an fd
+//! holds is invisible here.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -29,7 +31,7 @@ pub fn netns_inode_of(pid: i32) -> io::Result<u64> {
 }
 
 /// Pids of all processes, as listed in /proc at the time of the call.
-fn all_pids() -> io::Result<Vec<i32>> {
+pub fn all_pids() -> io::Result<Vec<i32>> {
     let mut pids = Vec::new();
     for entry in fs::read_dir("/proc").map_err(|e| with_context(e, "listing /proc"))? {
         let entry = entry.map_err(|e| with_context(e, "listing /proc"))?;
@@ -48,6 +50,15 @@ fn netns_of_all() -> io::Result<impl Iterator<Item = (i32, u64)>> {
         .filter_map(|pid| netns_inode_of(pid).ok().map(|inode| (pid, inode))))
 }
 
+/// Every pid whose network namespace is one of `inodes`. Only meaningful while the caller holds
+/// those namespaces open: the kernel reuses the inode of a freed namespace.
+pub fn pids_in_any_netns(inodes: &BTreeSet<u64>) -> io::Result<Vec<i32>> {
+    Ok(netns_of_all()?
+        .filter(|(_, ns)| inodes.contains(ns))
+        .map(|(pid, _)| pid)
+        .collect())
+}
+
 /// Every pid whose network namespace has inode `inode`.
 pub fn pids_in_netns(inode: u64) -> io::Result<Vec<i32>> {
     Ok(netns_of_all()?
@@ -56,8 +67,89 @@ pub fn pids_in_netns(inode: u64) -> io::Result<Vec<i32>> {
         .collect())
 }
 
-/// Distinct network namespace inodes of all processes (for "nothing left" assertions
-/// in tests).
-pub fn all_netns_inodes() -> io::Result<BTreeSet<u64>> {
-    Ok(netns_of_all()?.map(|(_, inode)| inode).collect())
+/// The start time of `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`), or `None`
+/// if there is no such process. With the pid it identifies a process even after the pid is
+/// reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from the last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// The start time of this process (see [`start_time`]).
+pub fn own_start_time() -> io::Result<u64> {
+    start_time(std::process::id() as i32).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "cannot read this process's start time from /proc/self/stat",
+        )
+    })
+}
+
+/// Whether `pid`'s initial environment (`/proc/PID/environ`) holds exactly the entry `entry`
+/// (`NAME=value`). False for a process that is gone or unreadable.
+pub fn environ_has(pid: i32, entry: &str) -> bool {
+    fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| environ_contains(&env, entry))
+        .unwrap_or(false)
+}
+
+fn environ_contains(environ: &[u8], entry: &str) -> bool {
+    environ.split(|&b| b == 0).any(|e| e == entry.as_bytes())
+}
+
+/// Pids of every process whose environment holds exactly `entry` and that started at or after
+/// `since` (clock ticks since boot, as [`start_time`]): a run's processes by its marker, never a
+/// process that was already running before the run began.
+pub fn pids_with_env(entry: &str, since: u64) -> io::Result<Vec<i32>> {
+    Ok(all_pids()?
+        .into_iter()
+        .filter(|&pid| start_time(pid).is_some_and(|t| t >= since) && environ_has(pid, entry))
+        .collect())
+}
+
+/// Clock ticks per second (`_SC_CLK_TCK`), the unit of [`start_time`].
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf only reads a configuration value; it has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// Seconds since boot, from `/proc/uptime`.
+pub fn uptime() -> io::Result<f64> {
+    let text =
+        fs::read_to_string("/proc/uptime").map_err(|e| with_context(e, "read /proc/uptime"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/uptime"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_field_22_counted_after_the_name() {
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 9876 100 200";
+        assert_eq!(parse_start_time(stat), Some(9876));
+        assert_eq!(parse_start_time("42 (x"), None);
+        assert!(own_start_time().is_ok());
+        assert_eq!(start_time(i32::MAX), None);
+    }
+
+    #[test]
+    fn environ_entries_match_exactly() {
+        let env = b"PATH=/bin\0TEST_RUN=abc\0X=1\0";
+        assert!(environ_contains(env, "TEST_RUN=abc"));
+        assert!(!environ_contains(env, "TEST_RUN=ab"));
+        assert!(!environ_contains(env, "TEST_RUN=abcd"));
+        assert!(!environ_contains(b"XTEST_RUN=abc\0", "TEST_RUN=abc"));
+    }
 }

@@ -413,13 +413,23 @@ async fn pids_in_netns_tracks_jailed_child() {
     let mut child = cmd.spawn().unwrap();
     let pid = child.id().unwrap() as i32;
     assert_eq!(pids_in_netns(inode).unwrap(), vec![pid]);
-    assert!(tg_sys::all_netns_inodes().unwrap().contains(&inode));
 
     child.kill().await.unwrap();
     assert!(pids_in_netns(inode).unwrap().is_empty());
+    // Once freed, the inode number may be given to a namespace another program (Docker, another
+    // test) creates: whoever lives in one with that number now must have started after ours
+    // was dropped.
+    let ticks = tg_sys::proc::clock_ticks_per_second() as f64;
+    let dropped_at = (tg_sys::proc::uptime().unwrap() * ticks).floor() as u64;
     drop(ns);
     drop(jail);
-    assert!(!tg_sys::all_netns_inodes().unwrap().contains(&inode));
+    for pid in pids_in_netns(inode).unwrap() {
+        let started = tg_sys::proc::start_time(pid);
+        assert!(
+            started.is_none_or(|t| t >= dropped_at),
+            "pid {pid} (started {started:?}) lives in our dropped namespace"
+        );
+    }
 }
 
 #[tokio::test]
@@ -439,4 +449,112 @@ async fn jail_failure_fails_the_spawn() {
     jail.apply(&mut cmd);
     let err = cmd.spawn().unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+}
+
+/// Root and a cgroup v2 hierarchy, or the reason why not (a failure under
+/// `TG_REQUIRE_PRIVILEGED=1`).
+fn cgroups() -> bool {
+    let required = std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let reason = if !root {
+        Some("cgroups need root".to_string())
+    } else if tg_sys::cgroup::cgroup2_mount().is_none() {
+        Some("cgroup v2 is not mounted".to_string())
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if required => panic!("TG_REQUIRE_PRIVILEGED=1 but {reason}"),
+        Some(reason) => {
+            eprintln!("skipping privileged test: {reason}");
+            false
+        }
+    }
+}
+
+/// Whether `pid` is gone or a zombie (it runs nothing any more).
+fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn cgroup_kill_reaches_setsid_and_double_forked_descendants_only() {
+    if !cgroups() {
+        return;
+    }
+    let name = format!("sys-test-{}", std::process::id());
+    let cg = tg_sys::Cgroup::create(&name).unwrap();
+    assert!(cg.is_empty());
+    // The child starts a `setsid` grandchild, which double-forks a sleeper: none of them is
+    // in the child's process group or session any more.
+    let mut cmd = StdCommand::new("sh");
+    cmd.args(["-c", "setsid sh -c '(sleep 600 &) ; sleep 600' & sleep 600"]);
+    // Another pre_exec hook before and after: joining composes with them.
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setpgid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+                Ok(())
+            });
+        }
+    }
+    cg.join_on_exec(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut outsider = StdCommand::new("sleep").arg("600").spawn().unwrap();
+    wait_until("the tree has started", || cg.pids().unwrap().len() >= 5);
+    let members = cg.pids().unwrap();
+    assert!(members.contains(&(child.id() as i32)));
+    assert!(!members.contains(&(outsider.id() as i32)));
+    assert!(!cg.is_empty());
+
+    cg.kill_all().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    wait_until("every member is dead", || members.iter().all(|&p| dead(p)));
+    wait_until("the cgroup is empty", || cg.is_empty());
+    assert!(outsider.try_wait().unwrap().is_none(), "the outsider lives");
+
+    let path = cg.path().to_path_buf();
+    let reopened = tg_sys::Cgroup::open(&path).unwrap();
+    reopened.remove().unwrap();
+    assert!(!path.exists());
+    drop(cg);
+    outsider.kill().unwrap();
+    outsider.wait().unwrap();
+}
+
+#[test]
+fn a_failed_join_fails_the_spawn() {
+    if !cgroups() {
+        return;
+    }
+    let name = format!("sys-test-gone-{}", std::process::id());
+    let cg = tg_sys::Cgroup::create(&name).unwrap();
+    let path = cg.path().to_path_buf();
+    // Removed while its cgroup.procs is still open: joining it must fail, never run the
+    // child outside.
+    std::fs::remove_dir(&path).unwrap();
+    let mut cmd = StdCommand::new("/bin/true");
+    cg.join_on_exec(&mut cmd);
+    assert!(cmd.spawn().is_err());
 }

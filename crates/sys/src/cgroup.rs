@@ -1,0 +1,394 @@
+//! A cgroup (v2) per run: the one handle on a run's processes that neither `setsid`, a double
+//! fork, nor a move into another namespace escapes, and that can never name an unrelated
+//! process (a pid in `cgroup.procs` is a member now, not a number that may have been reused).
+//!
+//! Runs live under `<cgroup2 mount>/testground/<name>`. The mount is found in
+//! `/proc/self/mountinfo`: `/sys/fs/cgroup` on pure-v2 hosts, `/sys/fs/cgroup/unified` on hybrid
+//! ones (v1 controllers beside an empty v2 hierarchy, which is enough: membership and
+//! `cgroup.kill` need no controller).
+//!
+//! A child joins the cgroup between `fork` and `exec` by writing `0` ("myself") to the cgroup's
+//! `cgroup.procs` through a descriptor opened before the fork, so it only makes one `write`
+//! system call there (async-signal-safe, see [`crate::jail`]). Everything it then forks is born
+//! in the cgroup.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::with_context;
+
+/// The directory under the cgroup2 mount that holds every run's cgroup.
+const PARENT: &str = "testground";
+
+/// How long [`Cgroup::remove`] waits for killed members to be gone before it gives up.
+const REMOVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/self/mountinfo`, or `None` when it is
+/// not mounted (a pure-v1 host, or a container without it).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_cgroup2_mount(&info)
+}
+
+/// The mount point of the first `cgroup2` line of a mountinfo text.
+fn parse_cgroup2_mount(info: &str) -> Option<PathBuf> {
+    info.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fs type> ..."
+        let (left, right) = line.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(unescape(left.split(' ').nth(4)?)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && b.get(i + 1..i + 4)
+                .is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
+        {
+            let o = &b[i + 1..i + 4];
+            out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The parent directory of every run's cgroup (`<mount>/testground`), if cgroup v2 is mounted.
+pub fn runs_root() -> Option<PathBuf> {
+    cgroup2_mount().map(|m| m.join(PARENT))
+}
+
+/// One cgroup and a descriptor of its `cgroup.procs` (what children write to join it).
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    path: PathBuf,
+    // Shared with every pre_exec closure, so the descriptor stays open until each command
+    // that joins has been spawned, even if the `Cgroup` is dropped first.
+    procs: Arc<OwnedFd>,
+}
+
+impl Cgroup {
+    /// Creates (or reuses) the run cgroup `<cgroup2 mount>/testground/<name>`. Fails when
+    /// cgroup v2 is not mounted (`Unsupported`), `name` is not a plain name (`InvalidInput`), or
+    /// the hierarchy is not writable (`PermissionDenied`, `ReadOnlyFilesystem`).
+    pub fn create(name: &str) -> io::Result<Cgroup> {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0', '\n']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cgroup name {name:?} must be a single path component"),
+            ));
+        }
+        let root = runs_root().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cgroup v2 is not mounted (no cgroup2 line in /proc/self/mountinfo)",
+            )
+        })?;
+        let path = root.join(name);
+        // The shared parent may be removed by another run's `remove` between our two mkdirs
+        // (it goes when it is empty); then the second one fails with NotFound: try again.
+        let mut tries = 0;
+        loop {
+            match fs::create_dir_all(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 5 => tries += 1,
+                Err(e) => {
+                    return Err(with_context(e, format!("create cgroup {}", path.display())));
+                }
+            }
+        }
+        Cgroup::open(&path)
+    }
+
+    /// Opens an existing cgroup directory (the leftover cleaner's way in).
+    pub fn open(path: &Path) -> io::Result<Cgroup> {
+        let procs_path = path.join("cgroup.procs");
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(&procs_path)
+            .map_err(|e| with_context(e, format!("open {}", procs_path.display())))?;
+        Ok(Cgroup {
+            path: path.to_path_buf(),
+            procs: Arc::new(OwnedFd::from(procs)),
+        })
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `cmd`'s child join this cgroup before it executes anything, so that all it ever
+    /// starts is a member too. Composes with other `pre_exec` hooks (each runs in the order it
+    /// was added); if joining fails, the spawn fails with that errno. For a tokio command, pass
+    /// `cmd.as_std_mut()`.
+    pub fn join_on_exec(&self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = Arc::clone(&self.procs);
+        let join = move || join(&procs);
+        // SAFETY: `join` runs in the forked child before exec and only calls write(2) on a
+        // descriptor opened before the fork, with a static buffer: no allocation, no lock, so
+        // it is async-signal-safe as `pre_exec` requires.
+        unsafe {
+            cmd.pre_exec(join);
+        }
+    }
+
+    /// Moves the running process `pid` into this cgroup.
+    pub fn add(&self, pid: i32) -> io::Result<()> {
+        let path = self.path.join("cgroup.procs");
+        fs::write(&path, pid.to_string())
+            .map_err(|e| with_context(e, format!("move {pid} into {}", self.path.display())))
+    }
+
+    /// Every process in this cgroup and its descendants.
+    pub fn pids(&self) -> io::Result<Vec<i32>> {
+        let mut pids = Vec::new();
+        for dir in self.tree()? {
+            let text = match fs::read_to_string(dir.join("cgroup.procs")) {
+                Ok(t) => t,
+                // A child cgroup removed while we walk.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && dir != self.path => continue,
+                Err(e) => {
+                    return Err(with_context(e, format!("read {}", dir.display())));
+                }
+            };
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        Ok(pids)
+    }
+
+    /// Whether no process is left in this cgroup or its descendants (`populated 0` in
+    /// `cgroup.events`; a gone cgroup is empty).
+    pub fn is_empty(&self) -> bool {
+        match fs::read_to_string(self.path.join("cgroup.events")) {
+            Ok(events) => !events.lines().any(|l| l.trim() == "populated 1"),
+            Err(_) => !self.path.exists(),
+        }
+    }
+
+    /// SIGKILLs every process of this cgroup and its descendants: `cgroup.kill` (Linux 5.14+),
+    /// else freeze, kill each member, thaw (a frozen cgroup cannot fork new members meanwhile,
+    /// and SIGKILL ends frozen processes once thawed).
+    pub fn kill_all(&self) -> io::Result<()> {
+        let kill = self.path.join("cgroup.kill");
+        if kill.exists() {
+            return fs::write(&kill, "1")
+                .map_err(|e| with_context(e, format!("write {}", kill.display())));
+        }
+        self.freeze_and_kill()
+    }
+
+    /// [`Cgroup::kill_all`] for kernels before 5.14.
+    fn freeze_and_kill(&self) -> io::Result<()> {
+        let freeze = self.path.join("cgroup.freeze");
+        let frozen = fs::write(&freeze, "1").is_ok();
+        if frozen {
+            // Freezing is asynchronous: a member may still fork until `frozen 1` is reported.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline
+                && !fs::read_to_string(self.path.join("cgroup.events"))
+                    .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let result = (|| {
+            for pid in self.pids()? {
+                match nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                ) {
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                    Err(e) => {
+                        return Err(crate::error::nix_context(e, format!("kill {pid}")));
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if frozen {
+            let _ = fs::write(&freeze, "0");
+        }
+        result
+    }
+
+    /// Kills every member, waits (a little) until the cgroup is empty, then removes it and its
+    /// descendants. A cgroup already gone is fine.
+    pub fn remove(self) -> io::Result<()> {
+        if !self.path.exists() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + REMOVE_WAIT;
+        loop {
+            self.kill_all()?;
+            if self.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "cgroup {} still has processes {:?} after being killed",
+                        self.path.display(),
+                        self.pids().unwrap_or_default()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Deepest first: a cgroup with children cannot be removed.
+        let mut dirs = self.tree()?;
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in dirs {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(with_context(e, format!("remove {}", dir.display()))),
+            }
+        }
+        // The shared `testground` parent goes with its last run, so a host keeps nothing; the
+        // kernel refuses (EBUSY) while another run's cgroup is in it.
+        if let Some(parent) = self.path.parent()
+            && parent.file_name().is_some_and(|n| n == PARENT)
+        {
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    /// This cgroup's directory and every descendant cgroup directory.
+    fn tree(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = vec![self.path.clone()];
+        let mut i = 0;
+        while i < out.len() {
+            let dir = out[i].clone();
+            i += 1;
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(with_context(e, format!("list {}", dir.display()))),
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(entry.path());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The child side of [`Cgroup::join_on_exec`]: must stay async-signal-safe.
+fn join(procs: &OwnedFd) -> io::Result<()> {
+    // "0" means the writing process itself.
+    let mut file = BorrowedWriter(procs.as_raw_fd());
+    file.write_all(b"0")
+}
+
+/// `write(2)` on a raw descriptor without taking ownership (no close, no allocation).
+struct BorrowedWriter(std::os::fd::RawFd);
+
+impl Write for BorrowedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: the descriptor is kept open by the `Arc<OwnedFd>` the caller holds, and `buf`
+        // is a valid slice for `buf.len()` bytes.
+        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_beside_v1() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_cgroup2_mount(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n";
+        assert_eq!(parse_cgroup2_mount(v1), None);
+        let spaced = "41 31 0:38 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(spaced),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
+    }
+
+    /// The fallback of kernels without `cgroup.kill` (this one has it) kills a forking tree too.
+    #[test]
+    fn freezing_and_killing_reaches_every_member() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || cgroup2_mount().is_none() {
+            if std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+                panic!("TG_REQUIRE_PRIVILEGED=1 but there is no root and cgroup v2 here");
+            }
+            eprintln!("skipping privileged test: needs root and cgroup v2");
+            return;
+        }
+        let cg = Cgroup::create(&format!("sys-unit-freeze-{}", std::process::id())).unwrap();
+        let mut cmd = std::process::Command::new("sh");
+        // Forks as fast as it can: without the freeze, new members would appear while the
+        // others are being killed.
+        cmd.args([
+            "-c",
+            "setsid sh -c 'while :; do sleep 600 & done' & sleep 600",
+        ]);
+        cg.join_on_exec(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cg.pids().unwrap().len() < 20 {
+            assert!(Instant::now() < deadline, "the tree did not grow");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cg.freeze_and_kill().unwrap();
+        child.wait().unwrap();
+        while !cg.is_empty() {
+            assert!(Instant::now() < deadline, "left: {:?}", cg.pids());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cg.remove().unwrap();
+    }
+
+    #[test]
+    fn names_must_be_one_component() {
+        for bad in ["", ".", "..", "a/b", "a\nb"] {
+            let e = Cgroup::create(bad).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}: {e}");
+        }
+    }
+}
