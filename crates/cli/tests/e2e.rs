@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Home, processes_of_run, queued_id, text};
+use common::{Daemon, Home, free_port, processes_of_run, queued_id, text};
 
 fn assert_no_process_left(run_id: &str) {
     let left = processes_of_run(run_id);
@@ -372,66 +372,6 @@ fn bad_run_requests_fail_with_one_clear_line() {
 }
 
 // ---- daemon mode ------------------------------------------------------------------------
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(home: &Home, port: u16) -> Daemon {
-        let child = home
-            .cmd()
-            .arg("daemon")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Daemon { child }
-    }
-
-    /// SIGTERM, then wait: the daemon shuts down gracefully.
-    fn stop(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("daemon did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut s = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            let _ = o.read_to_string(&mut s);
-        }
-        s
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn daemon_keeps_tasks_across_a_restart_and_checks_tokens() {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Home, processes_of_run, text};
+use common::{Daemon, Home, free_port, processes_of_run, text};
 
 /// Whether privileged tests may run here; prints why not.
 fn privileged(test: &str) -> bool {
@@ -228,4 +228,116 @@ fn bad_run_config_fails_before_any_build_naming_the_key() {
             "{cfg}: built anyway: {all}"
         );
     }
+}
+
+/// In a home shared with a daemon: an embedded CLI killed mid-run leaves a task `processing`
+/// that the daemon did not run. The daemon notices its owner is gone (pid and start time):
+/// `logs -f` ends instead of hanging, and the task is shown canceled.
+#[test]
+fn a_killed_embedded_task_is_shown_canceled_by_a_daemon_sharing_the_home() {
+    let home = Home::new();
+    import_stubborn_plan(&home);
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&home, port);
+    // Embedded: no endpoint configured for the client.
+    let mut child = start_run(&home, "local:exec", 2);
+    let id = wait_for_processes(&home, &mut child, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let t0 = Instant::now();
+    let out = home
+        .cmd()
+        .args(["--endpoint", &endpoint, "logs", "-t", &id, "-f"])
+        .output()
+        .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "logs -f waited {:?}",
+        t0.elapsed()
+    );
+    let out = home
+        .cmd()
+        .args(["--endpoint", &endpoint, "status", "-t", &id])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(status.contains("canceled"), "{}", text(&out));
+    // The daemon's next run (here: the status request does not run anything, so ask
+    // terminate, which cleans what dead engines left) removes the instances.
+    let out = home
+        .cmd()
+        .args([
+            "--endpoint",
+            &endpoint,
+            "terminate",
+            "--runner",
+            "local:exec",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let left = processes_of_run(&id);
+    assert!(left.is_empty(), "processes of run {id} left: {left:?}");
+    drop(daemon);
+}
+
+/// The original's regression test for its issue 1349: under a runner with a sidecar, an
+/// instance that prints success but never publishes it on the sync service does not pass.
+#[test]
+fn printed_success_without_a_published_one_fails_under_local_netns() {
+    if !privileged("printed_success_without_a_published_one_fails_under_local_netns") {
+        return;
+    }
+    let home = Home::new();
+    let plan = home.path().join("liar");
+    std::fs::create_dir_all(&plan).unwrap();
+    std::fs::write(
+        plan.join("say.sh"),
+        "echo '{\"ts\":1,\"event\":{\"success_event\":{\"group\":\"single\"}}}'\n",
+    )
+    .unwrap();
+    std::fs::write(
+        plan.join("manifest.toml"),
+        "name = \"liar\"\n[builders.\"exec:generic\"]\nexec = \"sh say.sh\"\n\
+         [runners.\"local:exec\"]\n[runners.\"local:netns\"]\n\
+         [[testcases]]\nname = \"say-ok\"\ninstances = { min = 1, max = 5 }\n",
+    )
+    .unwrap();
+    let out = home.tg(&["plan", "import", "--from", plan.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run = |runner: &str| {
+        home.tg(&[
+            "run",
+            "single",
+            "--plan",
+            "liar",
+            "--testcase",
+            "say-ok",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            runner,
+            "-i",
+            "1",
+            "--wait",
+        ])
+    };
+    // local:exec keeps stdout as the evidence.
+    let out = run("local:exec");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run("local:netns");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        stdout.contains("outcome = failure (single:0/1)"),
+        "{}",
+        text(&out)
+    );
+    assert!(stdout.contains("run_events"), "{}", text(&out));
 }

@@ -840,3 +840,98 @@ fn push_state(task: &mut Task, state: TaskState) {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tg_api::task::CreatedBy;
+
+    /// A build task queued by an engine that is gone; it fails at once when executed (its
+    /// plan directory is not present), which is enough to see the order of execution.
+    fn queued(id: &str, priority: i32, created: chrono::DateTime<Utc>) -> Task {
+        let request = TaskRequest {
+            task_type: TaskType::Build,
+            priority,
+            composition: Composition::default(),
+            manifest: Default::default(),
+            build_groups: vec![0],
+            run_ids: vec![],
+            created_by: CreatedBy::default(),
+            plan_archive: None,
+        };
+        Task {
+            version: 0,
+            priority,
+            id: id.into(),
+            runner: String::new(),
+            plan: "p".into(),
+            case: String::new(),
+            states: vec![DatedState {
+                created,
+                state: TaskState::Scheduled,
+            }],
+            task_type: TaskType::Build,
+            composition: serde_json::Value::Null,
+            created_by: CreatedBy::default(),
+            input: serde_json::to_value(StoredInput {
+                request,
+                sources: Sources { plan_dir: None },
+            })
+            .unwrap(),
+            result: serde_json::Value::Null,
+            error: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_daemon_runs_queued_tasks_by_priority_then_submission() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        home.ensure().unwrap();
+        // The daemon that queued them: a process that is gone.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = Owner {
+            pid: child.id(),
+            start: owner::start_time(child.id()).unwrap_or(1),
+        };
+        child.wait().unwrap();
+        {
+            let store = Store::open(&home.tasks_db()).unwrap();
+            let t0 = Utc::now() - chrono::Duration::minutes(10);
+            for (i, (id, prio)) in [("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 0)]
+                .into_iter()
+                .enumerate()
+            {
+                let t = queued(id, prio, t0 + chrono::Duration::seconds(i as i64));
+                store.put(&t, gone).unwrap();
+            }
+        }
+        let mut cfg = EnvConfig::default();
+        cfg.daemon.scheduler.workers = 1;
+        cfg.sync.port = 0;
+        let engine = Engine::start_with(home, cfg, Mode::Daemon).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let started = loop {
+            let tasks = engine.tasks(&TasksFilters::default()).unwrap();
+            if tasks.iter().all(|t| t.state().is_final()) {
+                let mut v: Vec<(chrono::DateTime<Utc>, String)> = tasks
+                    .iter()
+                    .map(|t| {
+                        let processing = t
+                            .states
+                            .iter()
+                            .find(|s| s.state == TaskState::Processing)
+                            .expect("every task was executed");
+                        (processing.created, t.id.clone())
+                    })
+                    .collect();
+                v.sort();
+                break v.into_iter().map(|(_, id)| id).collect::<Vec<_>>();
+            }
+            assert!(std::time::Instant::now() < deadline, "tasks did not run");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(started, ["b", "d", "a", "c", "e"]);
+        engine.shutdown().await;
+    }
+}
