@@ -66,7 +66,7 @@ impl BuildDir {
     /// Creates a fresh build directory in `work_dir` (which must exist).
     pub(crate) fn create(work_dir: &Path, build_id: &str) -> Result<Self, BuildError> {
         let pid = std::process::id();
-        let start = tg_sys::lifetime::own_start_time()
+        let start = tg_sys::proc::own_start_time()
             .map_err(|e| BuildError::io("identify the engine process via", "/proc/self", e))?;
         loop {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -902,7 +902,7 @@ async fn a_killed_engines_build_leaves_nothing_after_the_next_build_starts() {
         .unwrap();
     let shell: u32 = fs::read_to_string(&shell).unwrap().trim().parse().unwrap();
     let marker = wait_marker(escaped).await;
-    let shell_start = tg_sys::lifetime::process_start_time(shell).unwrap();
+    let shell_start = tg_sys::proc::start_time(shell as i32).unwrap();
 
     // The engine dies without any chance to clean up.
     engine.child.start_kill().unwrap();

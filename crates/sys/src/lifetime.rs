@@ -3,7 +3,7 @@
 //! Three pieces, used together by the builders:
 //! - [`die_with_parent`]: the kernel kills a child when the thread that started it dies, even by
 //!   SIGKILL, which no user-space cleanup survives.
-//! - [`process_start_time`] / [`is_alive`]: identify a process by pid *and* start time, so that a
+//! - [`is_alive`] (with [`crate::proc::start_time`]): identify a process by pid *and* start time, so that a
 //!   reused pid is never taken for the original owner.
 //! - [`kill_marked`]: kill every process whose environment carries a marker variable. Children
 //!   that left the process group (`setsid`, double forks) keep their environment, so this finds
@@ -15,8 +15,6 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
-
-use crate::error::with_context;
 
 /// Makes the kernel SIGKILL the child started by `cmd` when its parent dies.
 ///
@@ -51,35 +49,9 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     }
 }
 
-/// Start time of process `pid` in clock ticks after boot (field 22 of `/proc/PID/stat`), or
-/// `None` when there is no such process or it is a zombie (dead, only not yet reaped).
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces or parentheses;
-    // everything after the last ')' is space-separated.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // After the state (field 3), the start time is field 22: 18 more fields on.
-    fields.nth(18)?.parse().ok()
-}
-
-/// Start time of the calling process (see [`process_start_time`]).
-pub fn own_start_time() -> io::Result<u64> {
-    process_start_time(std::process::id()).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "could not read the start time of this process from /proc/self/stat",
-        )
-    })
-}
-
 /// Whether the process that had `pid` and started at `start_time` is still running.
 pub fn is_alive(pid: u32, start_time: u64) -> bool {
-    process_start_time(pid) == Some(start_time)
+    crate::proc::start_time(pid as i32) == Some(start_time)
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -143,21 +115,10 @@ fn env_value(pid: i32, key: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-fn all_pids() -> io::Result<Vec<i32>> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").map_err(|e| with_context(e, "listing /proc"))? {
-        let entry = entry.map_err(|e| with_context(e, "listing /proc"))?;
-        if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
-}
-
 /// Pids of the live processes whose environment has `key` set to one of `values`.
 pub fn pids_marked(key: &str, values: &HashSet<String>) -> io::Result<Vec<i32>> {
     let me = std::process::id() as i32;
-    Ok(all_pids()?
+    Ok(crate::proc::all_pids()?
         .into_iter()
         .filter(|&pid| pid != me)
         .filter(|&pid| env_value(pid, key).is_some_and(|v| values.contains(&v)))
@@ -200,7 +161,7 @@ pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::R
 fn kill_pass(key: &str, values: &HashSet<String>, killed: &mut Vec<OwnedFd>) -> io::Result<usize> {
     let me = std::process::id() as i32;
     let mut count = 0;
-    for pid in all_pids()? {
+    for pid in crate::proc::all_pids()? {
         if pid == me {
             continue;
         }
@@ -218,12 +179,12 @@ fn kill_pass(key: &str, values: &HashSet<String>, killed: &mut Vec<OwnedFd>) -> 
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                let Some(before) = process_start_time(pid as u32) else {
+                let Some(before) = crate::proc::start_time(pid) else {
                     continue;
                 };
                 let marked = env_value(pid, key).is_some_and(|v| values.contains(&v));
                 if marked
-                    && process_start_time(pid as u32) == Some(before)
+                    && crate::proc::start_time(pid) == Some(before)
                     && nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,
@@ -248,10 +209,10 @@ mod tests {
     #[test]
     fn start_time_identifies_this_process() {
         let me = std::process::id();
-        let t = own_start_time().unwrap();
+        let t = crate::proc::own_start_time().unwrap();
         assert!(is_alive(me, t));
         assert!(!is_alive(me, t + 1));
-        assert_eq!(process_start_time(u32::MAX), None);
+        assert_eq!(crate::proc::start_time(i32::MAX), None);
     }
 
     #[test]

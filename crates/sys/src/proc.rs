@@ -68,8 +68,8 @@ pub fn pids_in_netns(inode: u64) -> io::Result<Vec<i32>> {
 }
 
 /// The start time of `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`), or `None`
-/// if there is no such process. With the pid it identifies a process even after the pid is
-/// reused.
+/// if there is no such process or it is a zombie (dead, only not yet reaped). With the pid it
+/// identifies a process even after the pid is reused.
 pub fn start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_time(&stat)
@@ -79,7 +79,12 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// parentheses, so fields are counted from the last `)`.
 fn parse_start_time(stat: &str) -> Option<u64> {
     let rest = stat.get(stat.rfind(')')? + 2..)?;
-    rest.split(' ').nth(19)?.parse().ok()
+    let mut fields = rest.split(' ');
+    // Field 3, the state: a zombie or a dead task runs nothing any more.
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The start time of this process (see [`start_time`]).

@@ -12,12 +12,9 @@ pub(crate) struct Owner {
     pub start: u64,
 }
 
-/// The start time of `pid` in clock ticks since boot.
+/// The start time of `pid` in clock ticks since boot (`None` when gone or a zombie).
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    tg_sys::proc::start_time(i32::try_from(pid).ok()?)
 }
 
 impl Owner {
