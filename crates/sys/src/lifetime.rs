@@ -142,9 +142,11 @@ pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::R
         return Ok(0);
     }
     let mut killed = Vec::new();
+    // A killed process stays listed (and marked) until it is gone: count each once.
+    let mut seen = HashSet::new();
     let mut count = 0;
     for pass in 0..MAX_PASSES {
-        let found = kill_pass(key, values, &mut killed)?;
+        let found = kill_pass(key, values, &mut killed, &mut seen)?;
         count += found;
         if pass > 0 && found == 0 {
             break;
@@ -158,11 +160,16 @@ pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::R
 }
 
 /// One scan of `/proc` for [`kill_marked`]; pidfds of the killed processes go to `killed`.
-fn kill_pass(key: &str, values: &HashSet<String>, killed: &mut Vec<OwnedFd>) -> io::Result<usize> {
+fn kill_pass(
+    key: &str,
+    values: &HashSet<String>,
+    killed: &mut Vec<OwnedFd>,
+    seen: &mut HashSet<i32>,
+) -> io::Result<usize> {
     let me = std::process::id() as i32;
     let mut count = 0;
     for pid in crate::proc::all_pids()? {
-        if pid == me {
+        if pid == me || seen.contains(&pid) {
             continue;
         }
         match pidfd_open(pid) {
@@ -175,6 +182,7 @@ fn kill_pass(key: &str, values: &HashSet<String>, killed: &mut Vec<OwnedFd>) -> 
                     && pidfd_signal(&fd, libc::SIGKILL).is_ok()
                 {
                     count += 1;
+                    seen.insert(pid);
                     killed.push(fd);
                 }
             }
@@ -192,6 +200,7 @@ fn kill_pass(key: &str, values: &HashSet<String>, killed: &mut Vec<OwnedFd>) -> 
                     .is_ok()
                 {
                     count += 1;
+                    seen.insert(pid);
                 }
             }
             // Gone already, or not ours to see.
