@@ -104,6 +104,9 @@ impl ExecLauncher {
             .process_group(0)
             // The leader is reaped even if its task is aborted (the instance's drop kills it).
             .kill_on_drop(true);
+        // A killed engine takes its instances with it at once; what they started is in the
+        // run's tracker, for the next engine start.
+        tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
         if let Some(t) = &self.tracker {
             t.apply(&mut cmd);
         }
