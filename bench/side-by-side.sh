@@ -4,6 +4,8 @@
 set -euo pipefail
 old=$1; new=$2; plan=$3; n=$4; rounds=$5; runner=${6:-local:exec}
 name=$(basename "$plan")
+# The plan's `ok` case, built with exec:rust; the homes are removed however the script ends.
+trap 'for w in old new; do [ -f /tmp/side-home-$w ] && rm -rf "$(cat /tmp/side-home-$w)" /tmp/side-home-$w; done' EXIT
 for which in old new; do
   bin=${!which}
   home=$(mktemp -d /tmp/tg-side-$which.XXXXXX)
@@ -25,4 +27,3 @@ for r in $(seq 1 "$rounds"); do
     rm -f "$log" "$log.rss"
   done
 done
-for which in old new; do rm -rf "$(cat /tmp/side-home-$which)"; done
