@@ -110,7 +110,7 @@ impl BuildDir {
     pub(crate) async fn kill_processes(&self) {
         let marked: HashSet<String> = [self.token.clone()].into();
         let res = tokio::task::spawn_blocking(move || {
-            tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &marked, KILL_WAIT)
+            tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &marked, 0, KILL_WAIT)
         })
         .await;
         match res {
@@ -133,7 +133,7 @@ impl Drop for BuildDir {
             // Process-group kills miss children that started their own session; the marker
             // does not.
             let marked: HashSet<String> = [self.token.clone()].into();
-            if let Err(e) = tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &marked, KILL_WAIT) {
+            if let Err(e) = tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &marked, 0, KILL_WAIT) {
                 tracing::warn!(error = %e, "could not look for leftover build processes");
             }
         }
@@ -190,7 +190,7 @@ pub(crate) fn clean_stale(work_dir: &Path) {
     }
     if !stale.is_empty() {
         let tokens: HashSet<String> = stale.iter().map(|(_, t, _)| t.clone()).collect();
-        match tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &tokens, KILL_WAIT) {
+        match tg_sys::lifetime::kill_marked(BUILD_ID_ENV, &tokens, 0, KILL_WAIT) {
             Ok(0) => {}
             Ok(n) => tracing::info!(processes = n, "killed processes of dead builds"),
             Err(e) => tracing::warn!(error = %e, "could not look for processes of dead builds"),

@@ -864,7 +864,7 @@ impl Drop for ReapBuilds<'_> {
             })
             .collect();
         let wait = std::time::Duration::from_secs(5);
-        let _ = tg_sys::lifetime::kill_marked(tg_builder::BUILD_ID_ENV, &tokens, wait);
+        let _ = tg_sys::lifetime::kill_marked(tg_builder::BUILD_ID_ENV, &tokens, 0, wait);
     }
 }
 

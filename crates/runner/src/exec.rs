@@ -37,11 +37,7 @@ pub(crate) fn raise_nofile_limit() {
 
 /// Where runs record what a killed engine would leave behind: `$TESTGROUND_HOME/data/runs`.
 pub(crate) fn state_dir(input: &RunInput) -> PathBuf {
-    input
-        .outputs_root
-        .parent()
-        .unwrap_or(&input.outputs_root)
-        .join("runs")
+    crate::runs_dir(input.outputs_root.parent().unwrap_or(&input.outputs_root))
 }
 
 fn absolute(path: &str) -> PathBuf {

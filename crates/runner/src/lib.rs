@@ -60,7 +60,7 @@ pub use line::{InstanceLine, LineKind};
 pub use outputs::{collect_outputs, outputs_dir};
 pub use registry::{get as runner, runners};
 pub use supervisor::{Exit, InstanceReport, OutcomeRule, StopReason, Termination};
-pub use tracking::clean_leftovers;
+pub use tracking::{clean_leftovers, runs_dir};
 
 /// Capacity of a run's event stream: a reader slower than this slows the run down.
 pub const EVENT_QUEUE: usize = 1024;
@@ -106,7 +106,7 @@ pub trait Runner: Send + Sync {
     /// engine does): removes what runs of this runner whose engine died left behind. Returns
     /// what it did.
     fn terminate(&self, data_dir: &Path) -> Vec<String> {
-        clean_leftovers(&data_dir.join("runs"))
+        clean_leftovers(&runs_dir(data_dir))
     }
 }
 

@@ -8,7 +8,7 @@ use tg_api::artifact::ArtifactKind;
 use crate::config::{COMMON_KEYS, ConfigKey, NETWORK_KEYS};
 use crate::exec::ExecLauncher;
 use crate::netns::NetnsLauncher;
-use crate::run_loop::{LoopOptions, run_loop};
+use crate::run_loop::run_loop;
 use crate::supervisor::OutcomeRule;
 use crate::{HealthCheck, RunConfig, RunContext, RunError, RunOutput, Runner};
 
@@ -87,14 +87,7 @@ impl Runner for LocalExec {
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
         Box::pin(async move {
             let launcher = ExecLauncher::new(&ctx.input);
-            run_loop(
-                launcher,
-                ctx,
-                LoopOptions {
-                    rule: OutcomeRule::Stdout,
-                },
-            )
-            .await
+            run_loop(launcher, ctx, OutcomeRule::Stdout).await
         })
     }
 }
@@ -127,14 +120,7 @@ impl Runner for LocalNetns {
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
         Box::pin(async move {
             let launcher = NetnsLauncher::new(ctx.input.clone(), ctx.config.clone());
-            run_loop(
-                launcher,
-                ctx,
-                LoopOptions {
-                    rule: OutcomeRule::SyncEvents,
-                },
-            )
-            .await
+            run_loop(launcher, ctx, OutcomeRule::SyncEvents).await
         })
     }
 }

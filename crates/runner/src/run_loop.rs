@@ -21,12 +21,6 @@ use crate::{RunContext, RunError, RunOutput, RunnerEvent, outputs_dir};
 /// output slows the instances (their pipes fill) instead of growing memory.
 const REPORT_QUEUE: usize = 4096;
 
-/// How the loop treats a runner's instances.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LoopOptions {
-    pub rule: OutcomeRule,
-}
-
 fn create_dir(path: &std::path::Path) -> Result<(), RunError> {
     std::fs::create_dir_all(path).map_err(RunError::io("create", path))
 }
@@ -44,7 +38,7 @@ async fn flush(sup: &mut Supervisor, events: &mpsc::Sender<RunnerEvent>) {
 pub(crate) async fn run_loop<L: Launcher>(
     mut launcher: L,
     ctx: RunContext,
-    opts: LoopOptions,
+    rule: OutcomeRule,
 ) -> Result<RunOutput, RunError> {
     let RunContext {
         input,
@@ -96,7 +90,7 @@ pub(crate) async fn run_loop<L: Launcher>(
         .map_err(RunError::io("create a temp dir in", std::env::temp_dir()))?;
 
     let total: u32 = input.groups.iter().map(|g| g.instances).sum();
-    let mut sup = Supervisor::new(&input.groups, opts.rule);
+    let mut sup = Supervisor::new(&input.groups, rule);
     let (report_tx, mut reports) = mpsc::channel::<InstanceReport>(REPORT_QUEUE);
     let (stop_tx, _) = watch::channel::<Option<StopReason>>(None);
     let launch_ctx = LaunchContext {
@@ -545,13 +539,7 @@ mod tests {
                 }
                 v
             };
-            let run = run_loop(
-                launcher,
-                ctx,
-                LoopOptions {
-                    rule: OutcomeRule::Stdout,
-                },
-            );
+            let run = run_loop(launcher, ctx, OutcomeRule::Stdout);
             tokio::join!(run, collect)
         }
     }

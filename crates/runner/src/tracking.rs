@@ -13,15 +13,15 @@
 //! killed is cleaned at the next engine start or run ([`clean_leftovers`]), which never touches
 //! a run whose owner is alive.
 
-// The run loop (being reworked behind the launcher seam) is what creates trackers; until it
-// does, only the tests and `clean_leftovers` use this module.
-
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tg_sys::Cgroup;
+
+/// The environment variable whose value marks a run's processes (`TEST_RUN=<run_id>`).
+const MARKER: &str = "TEST_RUN";
 
 /// The on-disk record of a run (`<state_dir>/<run_id>.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,12 +83,7 @@ impl Record {
 
     /// Whether the owner still runs: same pid and same start time.
     fn owner_alive(&self) -> bool {
-        tg_sys::proc::start_time(self.owner_pid) == Some(self.owner_start)
-    }
-
-    /// The marker instances of this run carry in their environment.
-    fn marker(&self) -> String {
-        format!("TEST_RUN={}", self.run_id)
+        tg_sys::lifetime::is_alive(self.owner_pid as u32, self.owner_start)
     }
 }
 
@@ -277,8 +272,7 @@ fn clean_run(state_dir: &Path, record: &Record, cgroup: Option<Cgroup>) -> Vec<S
     let killed = kill_marked(record);
     if killed > 0 {
         done.push(format!(
-            "run {id}: killed {killed} processes marked {}",
-            record.marker()
+            "run {id}: killed {killed} processes marked {MARKER}={id}"
         ));
     }
     for dir in &record.temp_dirs {
@@ -298,32 +292,18 @@ fn clean_run(state_dir: &Path, record: &Record, cgroup: Option<Cgroup>) -> Vec<S
     done
 }
 
+/// How long the cleaner waits for killed marked processes to be gone.
+const MARKED_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// SIGKILLs every process marked with the run's `TEST_RUN` that started at or after the run.
-/// Repeats while new ones appear (a marked process may fork between scan and kill).
 fn kill_marked(record: &Record) -> usize {
-    let marker = record.marker();
-    let mut killed = 0;
-    for _ in 0..10 {
-        let pids = tg_sys::proc::pids_with_env(&marker, record.start_ticks).unwrap_or_default();
-        let me = std::process::id() as i32;
-        let mut round = 0;
-        for pid in pids.into_iter().filter(|&p| p != me) {
-            // A zombie still shows its environment as empty, so it is not matched again.
-            if nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .is_ok()
-            {
-                round += 1;
-            }
-        }
-        killed += round;
-        if round == 0 {
-            break;
-        }
-    }
-    killed
+    let ids = std::collections::HashSet::from([record.run_id.clone()]);
+    tg_sys::lifetime::kill_marked(MARKER, &ids, record.start_ticks, MARKED_EXIT_WAIT).unwrap_or(0)
+}
+
+/// Where runs keep their records: `<data_dir>/runs` (`$TESTGROUND_HOME/data/runs`).
+pub fn runs_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("runs")
 }
 
 /// Cleans what runs whose owner is gone left behind: for each record in `state_dir` whose owner
@@ -557,7 +537,7 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let id = format!("mark{}", std::process::id());
         let t = RunTracker::with_cgroup(state.path(), &id, None).unwrap();
-        let marker = format!("TEST_RUN={id}");
+        let ids = std::collections::HashSet::from([id.clone()]);
         let mut tree = escaping_tree(ESCAPING, &[("TEST_RUN", &id)], |_| {});
         // Same prefix, another run: exact matching keeps it.
         let other_id = format!("{id}x");
@@ -565,9 +545,12 @@ mod tests {
         let start = record(state.path(), &id).start_ticks;
         // sh, setsid sh, sleep, sleep (double-forked), sleep.
         wait_until("the tree has started", || {
-            tg_sys::proc::pids_with_env(&marker, start).unwrap().len() >= 5
+            tg_sys::lifetime::pids_marked(MARKER, &ids, start)
+                .unwrap()
+                .len()
+                >= 5
         });
-        let members = tg_sys::proc::pids_with_env(&marker, start).unwrap();
+        let members = tg_sys::lifetime::pids_marked(MARKER, &ids, start).unwrap();
         // The engine is "killed": the tracker never finishes, its record stays.
         std::mem::forget(t);
         let mut r = record(state.path(), &id);

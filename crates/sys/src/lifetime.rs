@@ -11,7 +11,6 @@
 //!   different process that reused the pid.
 
 use std::collections::HashSet;
-use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -105,28 +104,27 @@ fn wait_exited(fd: &OwnedFd, deadline: Instant) -> bool {
     }
 }
 
-/// The value of `key` in the environment of `pid`, if readable.
-fn env_value(pid: i32, key: &str) -> Option<String> {
-    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{key}=");
-    environ
-        .split(|b| *b == 0)
-        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+/// Whether `pid` carries the marker: `key` set to one of `values` in its environment, and a
+/// start at or after `since` (clock ticks since boot; 0 for any).
+fn marked(pid: i32, key: &str, values: &HashSet<String>, since: u64) -> bool {
+    crate::proc::environ_value(pid, key).is_some_and(|v| values.contains(&v))
+        && (since == 0 || crate::proc::start_time(pid).is_some_and(|t| t >= since))
 }
 
-/// Pids of the live processes whose environment has `key` set to one of `values`.
-pub fn pids_marked(key: &str, values: &HashSet<String>) -> io::Result<Vec<i32>> {
+/// Pids of the live processes whose environment has `key` set to one of `values` and that
+/// started at or after `since` (clock ticks since boot, as [`crate::proc::start_time`]; 0 for
+/// any).
+pub fn pids_marked(key: &str, values: &HashSet<String>, since: u64) -> io::Result<Vec<i32>> {
     let me = std::process::id() as i32;
     Ok(crate::proc::all_pids()?
         .into_iter()
-        .filter(|&pid| pid != me)
-        .filter(|&pid| env_value(pid, key).is_some_and(|v| values.contains(&v)))
+        .filter(|&pid| pid != me && marked(pid, key, values, since))
         .collect())
 }
 
-/// SIGKILLs every process whose environment has `key` set to one of `values`, then waits (at
-/// most `wait`) until they have exited. Returns how many were killed.
+/// SIGKILLs every process whose environment has `key` set to one of `values` and that started
+/// at or after `since` (0 for any), then waits (at most `wait`) until they have exited. Returns
+/// how many were killed.
 ///
 /// Each candidate is first pinned with a pidfd, then its environment is read, then it is
 /// checked to be still alive through that pidfd before the kill: a pid reused in between
@@ -136,7 +134,12 @@ pub fn pids_marked(key: &str, values: &HashSet<String>) -> io::Result<Vec<i32>> 
 /// A process in the middle of `execve` shows an empty environment for an instant, and one
 /// forked while the scan runs is not listed yet; so the scan runs at least twice, and again as
 /// long as the previous pass found someone.
-pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::Result<usize> {
+pub fn kill_marked(
+    key: &str,
+    values: &HashSet<String>,
+    since: u64,
+    wait: Duration,
+) -> io::Result<usize> {
     const MAX_PASSES: usize = 4;
     if values.is_empty() {
         return Ok(0);
@@ -146,7 +149,7 @@ pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::R
     let mut seen = HashSet::new();
     let mut count = 0;
     for pass in 0..MAX_PASSES {
-        let found = kill_pass(key, values, &mut killed, &mut seen)?;
+        let found = kill_pass(key, values, since, &mut killed, &mut seen)?;
         count += found;
         if pass > 0 && found == 0 {
             break;
@@ -163,6 +166,7 @@ pub fn kill_marked(key: &str, values: &HashSet<String>, wait: Duration) -> io::R
 fn kill_pass(
     key: &str,
     values: &HashSet<String>,
+    since: u64,
     killed: &mut Vec<OwnedFd>,
     seen: &mut HashSet<i32>,
 ) -> io::Result<usize> {
@@ -174,10 +178,9 @@ fn kill_pass(
         }
         match pidfd_open(pid) {
             Ok(fd) => {
-                let marked = env_value(pid, key).is_some_and(|v| values.contains(&v));
                 // Signal 0 checks that the pinned process still exists, so the environment
                 // just read was its own.
-                if marked
+                if marked(pid, key, values, since)
                     && pidfd_signal(&fd, 0).is_ok()
                     && pidfd_signal(&fd, libc::SIGKILL).is_ok()
                 {
@@ -190,8 +193,7 @@ fn kill_pass(
                 let Some(before) = crate::proc::start_time(pid) else {
                     continue;
                 };
-                let marked = env_value(pid, key).is_some_and(|v| values.contains(&v));
-                if marked
+                if marked(pid, key, values, since)
                     && crate::proc::start_time(pid) == Some(before)
                     && nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
@@ -238,7 +240,7 @@ mod tests {
         let pid = child.id() as i32;
         // The marker is visible once the child has exec'd; /proc shows the parent's copy before.
         let started = Instant::now();
-        while pids_marked("TG_LIFETIME_TEST", &values).unwrap() != vec![pid] {
+        while pids_marked("TG_LIFETIME_TEST", &values, 0).unwrap() != vec![pid] {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "child never showed up"
@@ -247,11 +249,11 @@ mod tests {
         }
         let other: HashSet<String> = ["something-else".to_owned()].into();
         assert_eq!(
-            kill_marked("TG_LIFETIME_TEST", &other, Duration::ZERO).unwrap(),
+            kill_marked("TG_LIFETIME_TEST", &other, 0, Duration::ZERO).unwrap(),
             0
         );
         assert_eq!(
-            kill_marked("TG_LIFETIME_TEST", &values, Duration::from_secs(5)).unwrap(),
+            kill_marked("TG_LIFETIME_TEST", &values, 0, Duration::from_secs(5)).unwrap(),
             1
         );
         let status = child.wait().unwrap();
@@ -259,7 +261,11 @@ mod tests {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(libc::SIGKILL)
         );
-        assert!(pids_marked("TG_LIFETIME_TEST", &values).unwrap().is_empty());
+        assert!(
+            pids_marked("TG_LIFETIME_TEST", &values, 0)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -61,10 +61,7 @@ pub fn pids_in_any_netns(inodes: &BTreeSet<u64>) -> io::Result<Vec<i32>> {
 
 /// Every pid whose network namespace has inode `inode`.
 pub fn pids_in_netns(inode: u64) -> io::Result<Vec<i32>> {
-    Ok(netns_of_all()?
-        .filter(|&(_, ns)| ns == inode)
-        .map(|(pid, _)| pid)
-        .collect())
+    pids_in_any_netns(&BTreeSet::from([inode]))
 }
 
 /// The start time of `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`), or `None`
@@ -97,26 +94,18 @@ pub fn own_start_time() -> io::Result<u64> {
     })
 }
 
-/// Whether `pid`'s initial environment (`/proc/PID/environ`) holds exactly the entry `entry`
-/// (`NAME=value`). False for a process that is gone or unreadable.
-pub fn environ_has(pid: i32, entry: &str) -> bool {
-    fs::read(format!("/proc/{pid}/environ"))
-        .map(|env| environ_contains(&env, entry))
-        .unwrap_or(false)
+/// The value of `key` in `pid`'s initial environment (`/proc/PID/environ`), if the process
+/// is there and readable.
+pub fn environ_value(pid: i32, key: &str) -> Option<String> {
+    let environ = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ_lookup(&environ, key).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-fn environ_contains(environ: &[u8], entry: &str) -> bool {
-    environ.split(|&b| b == 0).any(|e| e == entry.as_bytes())
-}
-
-/// Pids of every process whose environment holds exactly `entry` and that started at or after
-/// `since` (clock ticks since boot, as [`start_time`]): a run's processes by its marker, never a
-/// process that was already running before the run began.
-pub fn pids_with_env(entry: &str, since: u64) -> io::Result<Vec<i32>> {
-    Ok(all_pids()?
-        .into_iter()
-        .filter(|&pid| start_time(pid).is_some_and(|t| t >= since) && environ_has(pid, entry))
-        .collect())
+fn environ_lookup<'a>(environ: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let prefix = format!("{key}=");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
 }
 
 /// Clock ticks per second (`_SC_CLK_TCK`), the unit of [`start_time`].
@@ -152,9 +141,9 @@ mod tests {
     #[test]
     fn environ_entries_match_exactly() {
         let env = b"PATH=/bin\0TEST_RUN=abc\0X=1\0";
-        assert!(environ_contains(env, "TEST_RUN=abc"));
-        assert!(!environ_contains(env, "TEST_RUN=ab"));
-        assert!(!environ_contains(env, "TEST_RUN=abcd"));
-        assert!(!environ_contains(b"XTEST_RUN=abc\0", "TEST_RUN=abc"));
+        assert_eq!(environ_lookup(env, "TEST_RUN"), Some(&b"abc"[..]));
+        assert_ne!(environ_lookup(env, "TEST_RUN"), Some(&b"ab"[..]));
+        assert_ne!(environ_lookup(env, "TEST_RUN"), Some(&b"abcd"[..]));
+        assert_eq!(environ_lookup(b"XTEST_RUN=abc\0", "TEST_RUN"), None);
     }
 }

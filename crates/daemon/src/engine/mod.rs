@@ -62,8 +62,6 @@ pub enum EngineError {
     NoSuchTask(String),
     #[error("queue full")]
     QueueFull,
-    #[error("unknown runner: {runner} (supported: {supported})")]
-    UnknownRunner { runner: String, supported: String },
     #[error("{0}")]
     Runner(#[from] tg_runner::RunError),
     #[error("group {group}: {reason}")]
@@ -196,7 +194,7 @@ impl Engine {
     /// removed.
     fn recover(&self, mode: Mode) -> Result<(), EngineError> {
         let data_dir = self.data_dir();
-        for line in tg_runner::clean_leftovers(&data_dir.join("runs")) {
+        for line in tg_runner::clean_leftovers(&tg_runner::runs_dir(&data_dir)) {
             tracing::warn!("{line}");
         }
         let mut open = self.inner.store.list(&TasksFilters {
@@ -250,7 +248,7 @@ impl Engine {
             if let Err(e) = self.inner.store.put(&task, Owner::NONE) {
                 tracing::warn!("cannot mark task {} canceled: {e}", task.id);
             }
-            for line in tg_runner::clean_leftovers(&self.data_dir().join("runs")) {
+            for line in tg_runner::clean_leftovers(&tg_runner::runs_dir(&self.data_dir())) {
                 tracing::warn!("{line}");
             }
         }

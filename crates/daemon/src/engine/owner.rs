@@ -43,7 +43,7 @@ impl Owner {
         if self.pid == 0 || !Path::new(&format!("/proc/{}", self.pid)).exists() {
             return false;
         }
-        self.start == 0 || start_time(self.pid) == Some(self.start)
+        self.start == 0 || tg_sys::lifetime::is_alive(self.pid, self.start)
     }
 
     /// Sends SIGTERM to an embedded `testground` process so it cancels its task. Checks the
