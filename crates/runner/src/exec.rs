@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Once;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -17,23 +16,6 @@ use crate::{RunError, RunInput, RunnerEvent};
 
 /// `local:exec` instances share the host network; the subnet is nominal.
 pub(crate) const SUBNET: &str = "127.1.0.0/16";
-
-/// Thousands of instances need two pipes and up to two capture files each.
-pub(crate) fn raise_nofile_limit() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        use nix::sys::resource::{Resource, getrlimit, setrlimit};
-        match getrlimit(Resource::RLIMIT_NOFILE) {
-            Ok((soft, hard)) if soft < hard => {
-                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                    tracing::warn!(error = %e, "cannot raise the open files limit");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
-        }
-    });
-}
 
 /// Where runs record what a killed engine would leave behind: `$TESTGROUND_HOME/data/runs`.
 pub(crate) fn state_dir(input: &RunInput) -> PathBuf {
@@ -71,7 +53,8 @@ impl ExecLauncher {
         if self.tracker.is_some() {
             return Ok(Vec::new());
         }
-        raise_nofile_limit();
+        // Thousands of instances need two pipes and up to two capture files each.
+        tg_sync::raise_fd_limit();
         let mut lines = crate::tracking::clean_leftovers(&self.state_dir);
         let mut tracker = RunTracker::create(&self.state_dir, &self.run_id)
             .map_err(RunError::io("record the run in", self.state_dir.clone()))?;
