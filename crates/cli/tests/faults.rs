@@ -166,7 +166,10 @@ fn sigkill_of_the_engine_during_start_under_local_exec_leaves_nothing() {
     let home = Home::new();
     import_stubborn_plan(&home);
     let mut child = start_run(&home, "local:exec", 300);
-    let id = wait_for_processes(&home, &mut child, 1);
+    // Killed as soon as one instance has started its escapees (a shell, its sleep and the
+    // setsid pair), while the others are still starting: without them, the instances die with
+    // the engine at once (pdeathsig) and there would be nothing left to clean.
+    let id = wait_for_processes(&home, &mut child, 4);
     kill_and_check(&home, child, &id);
 }
 
@@ -190,7 +193,8 @@ fn sigkill_of_the_engine_during_start_under_local_netns_leaves_nothing() {
     let home = Home::new();
     import_stubborn_plan(&home);
     let mut child = start_run(&home, "local:netns", 40);
-    let id = wait_for_processes(&home, &mut child, 1);
+    // As above, plus the instance's child in its own network namespace.
+    let id = wait_for_processes(&home, &mut child, 5);
     kill_and_check(&home, child, &id);
 }
 
