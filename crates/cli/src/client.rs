@@ -296,7 +296,7 @@ impl Backend {
                 };
                 r.post("/healthcheck", &req).await
             }
-            Backend::Embedded(e) => Ok(result_or_error(e.healthcheck(runner, fix))),
+            Backend::Embedded(e) => Ok(result_or_error(e.healthcheck(runner, fix).await)),
         }
     }
 

@@ -65,12 +65,33 @@ pub use tracking::{clean_leftovers, runs_dir};
 /// Capacity of a run's event stream: a reader slower than this slows the run down.
 pub const EVENT_QUEUE: usize = 1024;
 
-/// One health check of a runner: (name, ok, message).
+/// One health check of a runner: (name, ok, message), and what `--fix` did about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     pub name: &'static str,
     pub ok: bool,
     pub message: String,
+    /// Set when a fix was tried (`healthcheck --fix` and the check failed).
+    pub fix: Option<HealthFix>,
+}
+
+/// The outcome of fixing a failed check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthFix {
+    pub ok: bool,
+    pub message: String,
+}
+
+impl HealthCheck {
+    /// A check with no fix attempted.
+    pub fn new(name: &'static str, ok: bool, message: impl Into<String>) -> HealthCheck {
+        HealthCheck {
+            name,
+            ok,
+            message: message.into(),
+            fix: None,
+        }
+    }
 }
 
 /// A runner. Implementations are stateless: everything about a run is in its [`RunContext`].
@@ -93,8 +114,9 @@ pub trait Runner: Send + Sync {
         strict: &BTreeSet<String>,
     ) -> Result<RunConfig, RunError>;
 
-    /// What the runner needs from this machine.
-    fn healthcheck(&self) -> Vec<HealthCheck>;
+    /// What the runner needs from this machine; with `fix`, makes what can be made (e.g. base
+    /// images) and reports it in [`HealthCheck::fix`].
+    fn healthcheck(&self, fix: bool) -> BoxFuture<'static, Vec<HealthCheck>>;
 
     /// Runs to completion. Returns `Ok` whatever the instances did (their fate is in
     /// [`RunOutput::result`]; a fired cancel gives outcome `canceled`); `Err` only when the

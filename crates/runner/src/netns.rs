@@ -50,6 +50,7 @@ pub(crate) fn health() -> Vec<crate::HealthCheck> {
         crate::HealthCheck {
             name: "root",
             ok: root,
+            fix: None,
             message: if root {
                 "running as root".into()
             } else {
@@ -59,11 +60,13 @@ pub(crate) fn health() -> Vec<crate::HealthCheck> {
         crate::HealthCheck {
             name: "tun-device",
             ok: tun,
+            fix: None,
             message: format!("/dev/net/tun {}", if tun { "exists" } else { "is missing" }),
         },
         crate::HealthCheck {
             name: "nft",
             ok: nft && nsenter,
+            fix: None,
             message: if nft && nsenter {
                 "nft and nsenter found (routing_policy allow_all)".into()
             } else {

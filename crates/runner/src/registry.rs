@@ -80,8 +80,8 @@ impl Runner for LocalExec {
         crate::config::parse(self.id(), &[COMMON_KEYS], map, strict)
     }
 
-    fn healthcheck(&self) -> Vec<HealthCheck> {
-        Vec::new()
+    fn healthcheck(&self, _fix: bool) -> BoxFuture<'static, Vec<HealthCheck>> {
+        Box::pin(async { Vec::new() })
     }
 
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
@@ -113,8 +113,8 @@ impl Runner for LocalNetns {
         crate::config::parse(self.id(), &[COMMON_KEYS, NETWORK_KEYS], map, strict)
     }
 
-    fn healthcheck(&self) -> Vec<HealthCheck> {
-        crate::netns::health()
+    fn healthcheck(&self, _fix: bool) -> BoxFuture<'static, Vec<HealthCheck>> {
+        Box::pin(async { crate::netns::health() })
     }
 
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {

@@ -723,7 +723,11 @@ impl Engine {
         Ok(None)
     }
 
-    pub fn healthcheck(&self, runner: &str, fix: bool) -> Result<HealthcheckReport, EngineError> {
+    pub async fn healthcheck(
+        &self,
+        runner: &str,
+        fix: bool,
+    ) -> Result<HealthcheckReport, EngineError> {
         let runner = tg_runner::runner(runner)?;
         let mut report = HealthcheckReport::default();
         let dirs = [
@@ -753,12 +757,19 @@ impl Engine {
                 });
             }
         }
-        for check in runner.healthcheck() {
+        for check in runner.healthcheck(fix).await {
             report.checks.push(HealthcheckItem {
                 name: check.name.into(),
                 status: if check.ok { "ok" } else { "failed" }.into(),
                 message: check.message,
             });
+            if let Some(f) = check.fix {
+                report.fixes.push(HealthcheckItem {
+                    name: check.name.into(),
+                    status: if f.ok { "ok" } else { "failed" }.into(),
+                    message: f.message,
+                });
+            }
         }
         Ok(report)
     }
