@@ -434,7 +434,8 @@ impl Recipe {
         } else {
             step.scratch_dir("gocache")?
         };
-        let shot = OneShot {
+        let (trust_binds, trust_env) = step.trust()?;
+        let mut shot = OneShot {
             image: self.build_base_image.clone(),
             cmd: vec![
                 "sh".to_owned(),
@@ -463,6 +464,8 @@ impl Recipe {
             network: Some("host".to_owned()),
             ..Default::default()
         };
+        shot.binds.extend(trust_binds);
+        shot.env.extend(trust_env);
         step.run(shot).await?;
 
         let binary = out.join("testplan");

@@ -212,6 +212,23 @@ impl Step<'_> {
         Ok(dir)
     }
 
+    /// Binds and environment that make a download step trust what this host trusts. Behind a
+    /// TLS-intercepting proxy (corporate networks, sandboxes) the host's bundle holds the
+    /// proxy's CA and the build image's does not, so a step with the image's own bundle could
+    /// not fetch modules or crates. Binds are host paths, so the bundle is the engine host's
+    /// too. Nothing when the host has no bundle.
+    fn trust(&self) -> Result<(Vec<String>, Vec<(String, String)>), BuildError> {
+        let Some(bundle) = host_ca_bundle() else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let inside = "/tg/ca-certificates.crt";
+        let env = ["SSL_CERT_FILE", "CARGO_HTTP_CAINFO", "NODE_EXTRA_CA_CERTS"]
+            .iter()
+            .map(|k| ((*k).to_owned(), inside.to_owned()))
+            .collect();
+        Ok((vec![format!("{}:ro", bind(&bundle, inside)?)], env))
+    }
+
     /// A directory in the build's own scratch directory, created.
     fn scratch_dir(&self, sub: &str) -> Result<PathBuf, BuildError> {
         let dir = self.scratch.path().join(sub);
@@ -227,6 +244,23 @@ impl Step<'_> {
         })
         .await
     }
+}
+
+/// The CA bundle this host's own tools use: `SSL_CERT_FILE` if set, else Debian's and
+/// Fedora's standard places.
+fn host_ca_bundle() -> Option<PathBuf> {
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    from_env
+        .into_iter()
+        .chain(
+            [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+            ]
+            .map(PathBuf::from),
+        )
+        .find(|p| p.is_file())
+        .and_then(|p| fs::canonicalize(p).ok())
 }
 
 /// `host:container[:ro]`, refusing host paths the engine would split wrongly.

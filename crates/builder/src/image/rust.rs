@@ -93,17 +93,20 @@ impl Recipe {
         let target = cache::plan_dir(Kind::DockerRust, &input.plan, &step.work_dir).join("target");
         std::fs::create_dir_all(&target)
             .map_err(|e| BuildError::io("create directory", &target, e))?;
-        let binds = vec![
+        let (trust_binds, trust_env) = step.trust()?;
+        let mut binds = vec![
             bind(&plan, "/plan")?,
             bind(&target, "/tg/target")?,
             bind(&step.shared_dir(Kind::DockerRust, "cargo")?, "/tg/cargo")?,
             bind(&step.shared_dir(Kind::DockerRust, "home")?, "/tg/home")?,
         ];
-        let env = vec![
+        let mut env = vec![
             ("CARGO_HOME".to_owned(), "/tg/cargo".to_owned()),
             ("HOME".to_owned(), "/tg/home".to_owned()),
             ("CARGO_TERM_COLOR".to_owned(), "never".to_owned()),
         ];
+        binds.extend(trust_binds);
+        env.extend(trust_env);
         let meta = step
             .run(OneShot {
                 image: self.build_base_image.clone(),
