@@ -121,7 +121,10 @@ async fn build_twice(input: &BuildInput) -> (BuildOutput, Duration, Duration) {
     let started = Instant::now();
     let second = build_ok(input).await;
     let warm = started.elapsed();
-    assert!(second.cached, "unchanged sources and config are a cache hit");
+    assert!(
+        second.cached,
+        "unchanged sources and config are a cache hit"
+    );
     assert_eq!(image_id(&second).0, id);
     assert_eq!(second.dependencies, first.dependencies);
     (first, cold, warm)
@@ -148,7 +151,11 @@ async fn run_image(docker: &Docker, id: &str, env: &[(&str, &str)], binds: Vec<S
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.exit_code, 0, "stdout:\n{stdout}\nstderr tail:\n{}", out.tail);
+    assert_eq!(
+        out.exit_code, 0,
+        "stdout:\n{stdout}\nstderr tail:\n{}",
+        out.tail
+    );
     stdout
 }
 
@@ -205,8 +212,14 @@ fn go_plan(dir: &Path) {
                  func main() {\n\trun.Invoke(func(env *runtime.RunEnv) error {\n\
                  \t\tenv.RecordMessage(\"hello from docker:go \" + flavour)\n\t\treturn nil\n\t})\n}\n",
             ),
-            ("plain.go", "//go:build !fancy\n\npackage main\n\nconst flavour = \"plain\"\n"),
-            ("fancy.go", "//go:build fancy\n\npackage main\n\nconst flavour = \"fancy\"\n"),
+            (
+                "plain.go",
+                "//go:build !fancy\n\npackage main\n\nconst flavour = \"plain\"\n",
+            ),
+            (
+                "fancy.go",
+                "//go:build fancy\n\npackage main\n\nconst flavour = \"fancy\"\n",
+            ),
             ("junk.go", "this is not Go: the ignore file keeps it out\n"),
             (".testgroundignore", "junk.go\n"),
         ],
@@ -242,11 +255,19 @@ async fn docker_go_builds_caches_runs_and_purges() {
     let work = tempfile::tempdir().unwrap();
     go_plan(src.path());
     let plan = plan_name("go");
-    let mut inp = input("docker:go", &plan, src.path(), work.path(), json!({"enabled": true}));
+    let mut inp = input(
+        "docker:go",
+        &plan,
+        src.path(),
+        work.path(),
+        json!({"enabled": true}),
+    );
     inp.selectors = vec!["fancy".into()];
     let (out, cold, warm) = build_twice(&inp).await;
     assert_eq!(
-        out.dependencies.get("github.com/testground/sdk-go").map(String::as_str),
+        out.dependencies
+            .get("github.com/testground/sdk-go")
+            .map(String::as_str),
         Some("v0.3.0"),
         "{:?}",
         out.dependencies
@@ -261,7 +282,9 @@ async fn docker_go_builds_caches_runs_and_purges() {
 
     // A one-line change: only the plan's package is compiled again.
     let main = src.path().join("main.go");
-    let text = fs::read_to_string(&main).unwrap().replace("hello from", "changed:");
+    let text = fs::read_to_string(&main)
+        .unwrap()
+        .replace("hello from", "changed:");
     fs::write(&main, text).unwrap();
     let started = Instant::now();
     let changed = build_ok(&inp).await;
@@ -278,7 +301,10 @@ async fn docker_go_builds_caches_runs_and_purges() {
     assert!(step_containers(&docker, work.path()).await.is_empty());
 
     purge_and_check(&docker, "docker:go", &plan, work.path()).await;
-    assert!(!work.path().join("docker-go.cache").exists(), "purge clears the caches");
+    assert!(
+        !work.path().join("docker-go.cache").exists(),
+        "purge clears the caches"
+    );
 }
 
 #[tokio::test]
@@ -322,7 +348,9 @@ async fn docker_go_extensions_take_the_full_dockerfile_build() {
         last = at;
     }
     assert_eq!(
-        out.dependencies.get("github.com/testground/sdk-go").map(String::as_str),
+        out.dependencies
+            .get("github.com/testground/sdk-go")
+            .map(String::as_str),
         Some("v0.3.0")
     );
     let again = build_ok(&inp).await;
@@ -351,13 +379,7 @@ async fn docker_go_cancel_kills_the_step() {
     let work = tempfile::tempdir().unwrap();
     go_plan(src.path());
     let plan = plan_name("gocancel");
-    let inp = input(
-        "docker:go",
-        &plan,
-        src.path(),
-        work.path(),
-        json!({}),
-    );
+    let inp = input("docker:go", &plan, src.path(), work.path(), json!({}));
     let cancel = CancellationToken::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let watcher = {
@@ -454,7 +476,13 @@ async fn docker_rust_builds_caches_runs_and_purges() {
     let target = work.path().join(format!("docker-rust--{plan}"));
     assert!(!target.exists(), "purge removes the plan's target dir");
 
-    assert_bad_config("docker:rust", src.path(), json!({"profile": "no such"}), "profile").await;
+    assert_bad_config(
+        "docker:rust",
+        src.path(),
+        json!({"profile": "no such"}),
+        "profile",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -497,7 +525,10 @@ async fn docker_generic_builds_with_the_plans_dockerfile() {
                     [
                         (labels::PURPOSE.to_owned(), "build".to_owned()),
                         (labels::BUILD_ID.to_owned(), "1-1-0-dead".to_owned()),
-                        (labels::HOME.to_owned(), work_abs.to_string_lossy().into_owned()),
+                        (
+                            labels::HOME.to_owned(),
+                            work_abs.to_string_lossy().into_owned(),
+                        ),
                     ]
                     .into(),
                 ),
@@ -517,12 +548,14 @@ async fn docker_generic_builds_with_the_plans_dockerfile() {
     let (out, _, _) = build_twice(&inp).await;
     let stdout = run_image(&docker, image_id(&out).0, &[], vec![]).await;
     assert_eq!(
-        stdout,
-        "hello from docker:generic\ngreeting=hi path=gen/\n",
+        stdout, "hello from docker:generic\ngreeting=hi path=gen/\n",
         "{stdout}"
     );
     let left = step_containers(&docker, work.path()).await;
-    assert!(left.is_empty(), "a dead build's container is removed: {left:?}");
+    assert!(
+        left.is_empty(),
+        "a dead build's container is removed: {left:?}"
+    );
     let _ = docker.remove_container(&leftover.id).await;
 
     // The ignored file is not in the context: changing it is still a cache hit.
@@ -537,7 +570,13 @@ async fn docker_generic_builds_with_the_plans_dockerfile() {
         "build_args",
     )
     .await;
-    assert_bad_config("docker:generic", src.path(), json!({"path": "nowhere"}), "path").await;
+    assert_bad_config(
+        "docker:generic",
+        src.path(),
+        json!({"path": "nowhere"}),
+        "path",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -617,9 +656,18 @@ async fn docker_node_builds_caches_runs_and_purges() {
     let inp = input("docker:node", &plan, src.path(), work.path(), json!({}));
     let (out, _, _) = build_twice(&inp).await;
     let stdout = run_image(&docker, image_id(&out).0, &[], vec![]).await;
-    assert!(stdout.contains("hello from docker:node in /plan"), "{stdout}");
+    assert!(
+        stdout.contains("hello from docker:node in /plan"),
+        "{stdout}"
+    );
     purge_and_check(&docker, "docker:node", &plan, work.path()).await;
-    assert_bad_config("docker:node", src.path(), json!({"base_image": 5}), "base_image").await;
+    assert_bad_config(
+        "docker:node",
+        src.path(),
+        json!({"base_image": 5}),
+        "base_image",
+    )
+    .await;
 }
 
 #[tokio::test]

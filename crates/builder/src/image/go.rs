@@ -28,6 +28,9 @@ use crate::{BuildError, BuildInput, Dependency, blocking};
 /// report them without starting anything.
 const DEPS_LABEL: &str = "testground.go_deps";
 
+/// The host's CA bundle in a full build's context.
+const CA_FILE: &str = "tg-ca-certificates.crt";
+
 /// Where the image keeps `go list -m all`, as the original's.
 const DEP_LIST: &str = "/testground_dep_list";
 
@@ -312,12 +315,18 @@ impl Recipe {
     /// The full Dockerfile for plans that extend the build phase, after the original's
     /// template: module download first (its own layer), the sources, the build, the module
     /// list, then the runtime stage. Every extension point sits where the original had it.
-    fn full_dockerfile(&self) -> String {
+    fn full_dockerfile(&self, with_ca: bool) -> String {
         let dir = self.module_dir();
         let mut d = String::new();
         d.push_str("ARG BUILD_BASE_IMAGE\nARG RUNTIME_IMAGE\n");
         d.push_str("FROM ${BUILD_BASE_IMAGE} AS builder\n");
         d.push_str("ENV PLAN_DIR /plan\n");
+        if with_ca {
+            // The host's trust (see `Step::trust`), for the build stage's downloads only.
+            d.push_str(&format!(
+                "COPY {CA_FILE} /tg/ca-certificates.crt\nENV SSL_CERT_FILE=/tg/ca-certificates.crt\n"
+            ));
+        }
         d.push_str(
             "ARG TESTPLAN_EXEC_PKG=\".\"\nARG GO_PROXY=direct\nARG BUILD_TAGS\n\
              ARG PLAN_PATH=\"./\"\nARG MODFILE=\"go.mod\"\nARG MODFILE_SUM=\"go.sum\"\n",
@@ -434,7 +443,6 @@ impl Recipe {
         } else {
             step.scratch_dir("gocache")?
         };
-        let (trust_binds, trust_env) = step.trust()?;
         let mut shot = OneShot {
             image: self.build_base_image.clone(),
             cmd: vec![
@@ -464,8 +472,7 @@ impl Recipe {
             network: Some("host".to_owned()),
             ..Default::default()
         };
-        shot.binds.extend(trust_binds);
-        shot.env.extend(trust_env);
+        step.trust(&mut shot)?;
         step.run(shot).await?;
 
         let binary = out.join("testplan");
@@ -504,7 +511,8 @@ impl Recipe {
 
     async fn build_full(&self, step: &Step<'_>) -> Result<Built, BuildError> {
         step.say("dockerfile_extensions extend the build phase: one full Dockerfile build");
-        let dockerfile = self.full_dockerfile();
+        let ca = super::host_ca_bundle();
+        let dockerfile = self.full_dockerfile(ca.is_some());
         let plan_dir = step.input.plan_dir.clone();
         let scratch = step.scratch.path().to_owned();
         let context = blocking("package", &plan_dir.clone(), move || {
@@ -512,6 +520,9 @@ impl Recipe {
             let mut ctx = Context::on_disk(&scratch).map_err(io)?;
             ctx.file("Dockerfile", dockerfile.as_bytes(), 0o644)
                 .map_err(io)?;
+            if let Some(ca) = &ca {
+                ctx.host_file(ca, CA_FILE).map_err(io)?;
+            }
             add_plan(&mut ctx, &plan_dir, "plan")?;
             ctx.finish().map_err(io)
         })
@@ -751,7 +762,7 @@ mod tests {
             .collect();
         let r = parse(json!({"dockerfile_extensions": ext, "enable_cgo": true})).unwrap();
         assert!(r.extends_build_phase());
-        let d = r.full_dockerfile();
+        let d = r.full_dockerfile(true);
         let mut last = 0;
         for e in EXTENSIONS {
             let at = d
@@ -769,5 +780,8 @@ mod tests {
         assert!(d.contains("COPY plan/go.mod plan/go.su[m] /plan/\n"), "{d}");
         assert!(d.contains("CGO_ENABLED=1"));
         assert!(d.contains("FROM ${RUNTIME_IMAGE} AS runtime"));
+        let ca = d.find("COPY tg-ca-certificates.crt").unwrap();
+        assert!(ca < d.find("RUN echo at-pre_mod_download").unwrap());
+        assert!(!r.full_dockerfile(false).contains("tg-ca-certificates"));
     }
 }

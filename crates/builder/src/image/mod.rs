@@ -55,7 +55,7 @@ const DEFAULT_IMAGES: &[&str] = &[
 
 /// A validated build configuration of one of the image builders.
 enum Recipe {
-    Go(go::Recipe),
+    Go(Box<go::Recipe>),
     Rust(rust::Recipe),
     Generic(generic::Recipe),
     Node(node::Recipe),
@@ -65,7 +65,7 @@ impl Recipe {
     fn parse(kind: Kind, input: &BuildInput) -> Result<Recipe, BuildError> {
         let cfg = Config::new(&input.builder, &input.config);
         Ok(match kind {
-            Kind::DockerGo => Recipe::Go(go::Recipe::parse(&cfg, input)?),
+            Kind::DockerGo => Recipe::Go(Box::new(go::Recipe::parse(&cfg, input)?)),
             Kind::DockerRust => Recipe::Rust(rust::Recipe::parse(&cfg)?),
             Kind::DockerGeneric => Recipe::Generic(generic::Recipe::parse(&cfg, input)?),
             Kind::DockerNode => Recipe::Node(node::Recipe::parse(&cfg)?),
@@ -94,8 +94,6 @@ impl Recipe {
         }
     }
 
-    /// Whether the key tag alone identifies a finished image. `docker:go` also records the
-    /// resolved modules, read back from the image.
     async fn build(&self, step: &Step<'_>) -> Result<Built, BuildError> {
         match self {
             Recipe::Go(r) => r.build(step).await,
@@ -105,6 +103,8 @@ impl Recipe {
         }
     }
 
+    /// What a cache hit reports as resolved dependencies: `docker:go` reads its module list
+    /// back from the image; the others resolve none.
     async fn cached_dependencies(&self, step: &Step<'_>, image: &str) -> BTreeMap<String, String> {
         match self {
             Recipe::Go(_) => go::cached_dependencies(step, image).await,
@@ -217,16 +217,16 @@ impl Step<'_> {
     /// proxy's CA and the build image's does not, so a step with the image's own bundle could
     /// not fetch modules or crates. Binds are host paths, so the bundle is the engine host's
     /// too. Nothing when the host has no bundle.
-    fn trust(&self) -> Result<(Vec<String>, Vec<(String, String)>), BuildError> {
+    fn trust(&self, shot: &mut OneShot) -> Result<(), BuildError> {
         let Some(bundle) = host_ca_bundle() else {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(());
         };
         let inside = "/tg/ca-certificates.crt";
-        let env = ["SSL_CERT_FILE", "CARGO_HTTP_CAINFO", "NODE_EXTRA_CA_CERTS"]
-            .iter()
-            .map(|k| ((*k).to_owned(), inside.to_owned()))
-            .collect();
-        Ok((vec![format!("{}:ro", bind(&bundle, inside)?)], env))
+        shot.binds.push(format!("{}:ro", bind(&bundle, inside)?));
+        for k in ["SSL_CERT_FILE", "CARGO_HTTP_CAINFO", "NODE_EXTRA_CA_CERTS"] {
+            shot.env.push((k.to_owned(), inside.to_owned()));
+        }
+        Ok(())
     }
 
     /// A directory in the build's own scratch directory, created.
@@ -248,7 +248,7 @@ impl Step<'_> {
 
 /// The CA bundle this host's own tools use: `SSL_CERT_FILE` if set, else Debian's and
 /// Fedora's standard places.
-fn host_ca_bundle() -> Option<PathBuf> {
+pub(crate) fn host_ca_bundle() -> Option<PathBuf> {
     let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
     from_env
         .into_iter()

@@ -93,20 +93,17 @@ impl Recipe {
         let target = cache::plan_dir(Kind::DockerRust, &input.plan, &step.work_dir).join("target");
         std::fs::create_dir_all(&target)
             .map_err(|e| BuildError::io("create directory", &target, e))?;
-        let (trust_binds, trust_env) = step.trust()?;
-        let mut binds = vec![
+        let binds = vec![
             bind(&plan, "/plan")?,
             bind(&target, "/tg/target")?,
             bind(&step.shared_dir(Kind::DockerRust, "cargo")?, "/tg/cargo")?,
             bind(&step.shared_dir(Kind::DockerRust, "home")?, "/tg/home")?,
         ];
-        let mut env = vec![
+        let env = vec![
             ("CARGO_HOME".to_owned(), "/tg/cargo".to_owned()),
             ("HOME".to_owned(), "/tg/home".to_owned()),
             ("CARGO_TERM_COLOR".to_owned(), "never".to_owned()),
         ];
-        binds.extend(trust_binds);
-        env.extend(trust_env);
         let meta = step
             .run(OneShot {
                 image: self.build_base_image.clone(),
@@ -140,7 +137,7 @@ impl Recipe {
         let (package, bin) = choose_bin(&cfg, &meta, self.bin.as_deref())?;
         let cmd = self.cargo_build(&package, &bin, &input.selectors);
         step.say(format!("$ {}", cmd.join(" ")));
-        step.run(OneShot {
+        let mut shot = OneShot {
             image: self.build_base_image.clone(),
             cmd,
             env,
@@ -149,8 +146,9 @@ impl Recipe {
             // Crate downloads.
             network: Some("host".to_owned()),
             ..Default::default()
-        })
-        .await?;
+        };
+        step.trust(&mut shot)?;
+        step.run(shot).await?;
 
         let binary = target.join(profile_dir(&self.profile)).join(&bin);
         if !cache::is_installed(&binary) {
