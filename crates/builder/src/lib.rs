@@ -1,20 +1,41 @@
 //! Builders turn a test plan's sources into an artifact the runners can start. Each builder
 //! implements [`Builder`] and is found through the registry ([`builders`], [`get`],
 //! [`lookup`]); it declares the [`ArtifactKind`] it produces: an executable file under the work
-//! directory, started with no arguments (`exec:*`), or a container image (the coming
-//! `docker:*` builders, known to the registry as [`PLANNED_BUILDERS`] and refused as
-//! "not supported yet").
+//! directory, started with no arguments (`exec:*`), or a Docker image (`docker:*`), reported as
+//! [`Artifact::Image`] with its id and tags.
 //!
-//! This crate owns the `exec:*` builders (`exec:rust`, `exec:go`, `exec:generic`), their content
-//! addressed artifact cache, and the supervision of toolchain processes (progress streaming,
-//! cancellation by process group, failure tails, cleanup after a killed engine). It does not
-//! resolve manifests or compositions (that is `tg-plan`), pick builders per group or
-//! de-duplicate builds (the daemon's engine), nor run artifacts (`tg-runner`).
+//! This crate owns the `exec:*` builders (`exec:rust`, `exec:go`, `exec:generic`) with their
+//! content-addressed artifact cache and the supervision of toolchain processes (progress
+//! streaming, cancellation by process group, failure tails, cleanup after a killed engine), and
+//! the image builders (`docker:go`, `docker:rust`, `docker:generic`, `docker:node`), which talk
+//! to the engine through `tg-docker`. It does not resolve manifests or compositions (that is
+//! `tg-plan`), pick builders per group or de-duplicate builds (the daemon's engine), make the
+//! default base images (`tg_docker::base`), nor run artifacts (`tg-runner`).
+//!
+//! Sources: every builder reads the plan through one walk that skips build outputs (`target/`,
+//! `.git/`, `node_modules/`) and honours `.testgroundignore` (gitignore syntax, in any
+//! directory of the plan), so an in-process engine reading the plan directory sees what a
+//! daemon receives from a client, and ignored files neither reach a build nor change its key.
+//!
+//! Caching: a build's key is a sha256 over the builder, plan, configuration, selectors,
+//! dependencies and sources (plus, for images, the ids of the base images). An `exec:*` artifact
+//! is a file named after the key; an image is tagged `tg-plan-<plan>:<key>` and found by that
+//! tag, so an unchanged second build does nothing and reports `cached`. Images also get the tag
+//! `tg-plan-<plan>:build-<build id>`.
+//!
+//! Image builds: the engine's classic builder has no cache mounts, so `docker:go` and
+//! `docker:rust` compile in one-shot containers of the build image with toolchain caches bound
+//! in from the work dir (`docker-go.cache/`, `docker-rust.cache/`, and a target directory per
+//! Rust plan), run as the engine's own uid:gid, and then package only the binary into the
+//! runtime image. `docker:generic` and `docker:node` are Dockerfile builds as the original's.
+//! Step containers carry `testground.purpose=build` and the build's token, so containers of a
+//! killed engine's builds are removed at the next build, like its scratch directories.
 //!
 //! Concurrency: builds of one artifact are serialized within a process and across processes
 //! sharing a work dir (a `flock` per cache key), so the second finds the first one's artifact.
 //! Each build works in its own directory (`scratch`), and every artifact is installed by an
-//! atomic rename, so no reader ever sees a half-written one.
+//! atomic rename (or, for images, tagged once complete), so no reader ever sees a half-built
+//! one.
 //!
 //! Modules:
 //! - `registry`: the [`Builder`] trait and the registry of builder ids.
@@ -23,12 +44,13 @@
 //!   of directories and processes that builds of a killed engine left behind.
 //! - `cache`: the cache key (sha256 over sources, builder, config, selectors, dependencies),
 //!   artifact naming, atomic installation and purging.
-//! - `sources`: walking, hashing and copying plan sources (skipping `target/`, `.git/`,
-//!   `node_modules/`).
+//! - `sources`: walking, hashing and copying plan sources (the skips and ignore rules above).
 //! - `process`: running a toolchain command with streamed output, a tail for errors, and a
 //!   process-group kill on cancellation.
 //! - `config`: typed access to the coalesced build configuration map.
-//! - `rust`, `go`, `generic`: the three builders.
+//! - `rust`, `go`, `generic`: the three `exec:*` builders.
+//! - `image`: the four `docker:*` builders and what they share (engine connection, base images,
+//!   key and tags, step containers, leftovers, purge).
 
 mod artifact;
 mod cache;
