@@ -290,7 +290,7 @@ async fn docker_go_builds_caches_runs_and_purges() {
     let changed = build_ok(&inp).await;
     let edit = started.elapsed();
     assert!(!changed.cached);
-    let stdout = run_image(&docker, image_id(&changed).0, &env, binds).await;
+    let stdout = run_image(&docker, image_id(&changed).0, &env, binds.clone()).await;
     assert!(stdout.contains("changed: docker:go fancy"), "{stdout}");
     eprintln!(
         "docker:go build times: cold {:.1}s, warm (cache hit) {:.2}s, one-line change {:.1}s",
@@ -299,6 +299,35 @@ async fn docker_go_builds_caches_runs_and_purges() {
         edit.as_secs_f64()
     );
     assert!(step_containers(&docker, work.path()).await.is_empty());
+
+    // The module in a subdirectory with a custom go.mod, and a `--dep` rewrite; the module
+    // cache of the builds above is shared, so nothing is downloaded twice.
+    let sub = src.path().join("sub");
+    go_plan(&sub);
+    fs::rename(sub.join("go.mod"), sub.join("go.v2.mod")).unwrap();
+    fs::rename(sub.join("go.sum"), sub.join("go.v2.sum")).unwrap();
+    let mut inp = input(
+        "docker:go",
+        &plan,
+        src.path(),
+        work.path(),
+        json!({"path": "sub/", "modfile": "go.v2.mod"}),
+    );
+    inp.dependencies = vec![tg_builder::Dependency {
+        module: "github.com/testground/sdk-go".into(),
+        target: String::new(),
+        version: "v0.3.0".into(),
+    }];
+    let out = build_ok(&inp).await;
+    assert!(!out.cached);
+    assert_eq!(
+        out.dependencies
+            .get("github.com/testground/sdk-go")
+            .map(String::as_str),
+        Some("v0.3.0")
+    );
+    let stdout = run_image(&docker, image_id(&out).0, &env, binds).await;
+    assert!(stdout.contains("hello from docker:go plain"), "{stdout}");
 
     purge_and_check(&docker, "docker:go", &plan, work.path()).await;
     assert!(
