@@ -336,6 +336,43 @@ async fn docker_go_builds_caches_runs_and_purges() {
     );
 }
 
+/// Build times of the repository's ping-pong plan (`plans/network`): cold (empty work dir:
+/// modules downloaded, everything compiled), warm (unchanged: a cache hit), and after a
+/// one-line change. Run with `cargo test -p tg-builder --test docker -- --ignored
+/// measure_plans_network --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn measure_plans_network() {
+    let Some(_docker) = engine(&[tg_docker::base::GOLANG, tg_docker::base::BUSYBOX]).await else {
+        return;
+    };
+    let src = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for f in ["go.mod", "go.sum", "main.go", "manifest.toml"] {
+        write(src.path(), &[(f, &repo_file(&format!("network/{f}")))]);
+    }
+    let plan = plan_name("network");
+    let inp = input("docker:go", &plan, src.path(), work.path(), json!({}));
+    let (_, cold, warm) = build_twice(&inp).await;
+    let main = src.path().join("main.go");
+    let text = fs::read_to_string(&main).unwrap().replacen(
+        "runenv.RecordMessage(\"",
+        "runenv.RecordMessage(\"edited: ",
+        1,
+    );
+    fs::write(&main, text).unwrap();
+    let started = Instant::now();
+    assert!(!build_ok(&inp).await.cached);
+    let edit = started.elapsed();
+    eprintln!(
+        "plans/network with docker:go: cold {:.1}s, warm (cache hit) {:.2}s, one-line change {:.1}s",
+        cold.as_secs_f64(),
+        warm.as_secs_f64(),
+        edit.as_secs_f64()
+    );
+    purge("docker:go", &plan, work.path()).await.unwrap();
+}
+
 #[tokio::test]
 async fn docker_go_extensions_take_the_full_dockerfile_build() {
     let Some(docker) = engine(&[tg_docker::base::GOLANG, tg_docker::base::BUSYBOX]).await else {

@@ -50,6 +50,17 @@ struct Remove<'a> {
     id: Option<String>,
 }
 
+impl Remove<'_> {
+    /// Removes the container before returning: a caller that ends its runtime right after
+    /// (a CLI process whose build failed) would otherwise lose the removal spawned on drop.
+    async fn now(mut self) {
+        if let Some(id) = self.id.take() {
+            let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+            let _ = self.docker.api.remove_container(&id, Some(opts)).await;
+        }
+    }
+}
+
 impl Drop for Remove<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
@@ -192,6 +203,7 @@ impl Docker {
                     .api
                     .kill_container(id, Some(KillContainerOptionsBuilder::default().signal("KILL").build()))
                     .await;
+                guard.now().await;
                 return Err(DockerError::Canceled);
             }
         };
@@ -201,7 +213,7 @@ impl Docker {
                 tail.push_back(p.trim_end().to_string());
             }
         }
-        drop(guard);
+        guard.now().await;
         Ok(OneShotOutput {
             exit_code: code,
             tail: Vec::from(tail).join("\n"),
