@@ -639,6 +639,35 @@ mod tests {
     }
 
     #[test]
+    fn engine_errors_keep_tg_dockers_message() {
+        let e = docker_error(
+            "docker:go",
+            DockerError::Unreachable {
+                endpoint: "unix:///nowhere.sock".into(),
+                reason: "/nowhere.sock does not exist".into(),
+            },
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("builder docker:go: no Docker engine answers at unix:///nowhere.sock"),
+            "{text}"
+        );
+        assert!(text.contains("Start one"), "{text}");
+        assert!(matches!(
+            docker_error("docker:go", DockerError::Canceled),
+            BuildError::Canceled
+        ));
+        let failed = docker_error(
+            "docker:node",
+            DockerError::Build {
+                message: "The command '/bin/sh -c npm ci' returned a non-zero code: 1".into(),
+                tail: "npm ERR! missing lock file".into(),
+            },
+        );
+        assert!(matches!(&failed, BuildError::Failed { tail, .. } if tail.contains("lock file")));
+    }
+
+    #[test]
     fn the_key_follows_the_base_images() {
         let a = image_key("0123456789abcdef", &[("img".into(), "sha256:1".into())]);
         let b = image_key("0123456789abcdef", &[("img".into(), "sha256:2".into())]);
