@@ -16,8 +16,8 @@ pub const RUN_ID: &str = "testground.run_id";
 pub const GROUP_ID: &str = "testground.group_id";
 /// The build id of a toolchain step's container.
 pub const BUILD_ID: &str = "testground.build_id";
-/// Where the engine that made the container records its runs (`$TESTGROUND_HOME/data/runs`):
-/// a home cleans only its own leftovers.
+/// Where the engine that made the container records its runs (`$TESTGROUND_HOME/data/runs`),
+/// or, on build steps, the builds' work dir: a home cleans only its own leftovers.
 pub const HOME: &str = "testground.home";
 
 /// A container the engine reported.
