@@ -41,6 +41,8 @@ use crate::{Artifact, BuildError, BuildInput, BuildOutput, Progress, blocking, s
 const BUILDER_LABEL: &str = "testground.builder";
 /// Image label: the build's cache key.
 const KEY_LABEL: &str = "testground.build_key";
+/// Hex digits of an image's key (its tag), as many as an `exec:*` artifact's.
+const KEY_LEN: usize = 16;
 /// The `testground.purpose` of step containers.
 const PURPOSE_BUILD: &str = "build";
 
@@ -338,7 +340,7 @@ fn image_key(sources_key: &str, images: &[(String, String)]) -> String {
         h.update(id.as_bytes());
     }
     let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    hex[..sources_key.len().clamp(16, 64)].to_owned()
+    hex[..KEY_LEN].to_owned()
 }
 
 /// A plan subdirectory given in the configuration (`path`), as a relative path with `/`
@@ -491,6 +493,8 @@ impl ImageBuilder {
                 .map_err(|e| docker_error(&input.builder, e))?;
             images.push((image, id));
         }
+        // An image the engine lacks is pulled by the build; its id joins the key from the next
+        // build on (which therefore builds once more).
         for image in recipe.optional_images() {
             let id = docker
                 .image_id(&image)
