@@ -26,7 +26,7 @@ use crate::{BuildError, BuildInput, Dependency, blocking};
 
 /// Image label of `docker:go` images: the resolved module versions (JSON), so that cache hits
 /// report them without starting anything.
-const DEPS_LABEL: &str = "testground.go_deps";
+const DEPS_LABEL: &str = "testground.image.go_deps";
 
 /// The host's CA bundle in a full build's context.
 const CA_FILE: &str = "tg-ca-certificates.crt";

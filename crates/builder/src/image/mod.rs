@@ -38,9 +38,12 @@ use crate::scratch::{self, BuildDir};
 use crate::{Artifact, BuildError, BuildInput, BuildOutput, Progress, blocking, sources};
 
 /// Image label: the builder that made a plan image (purge removes only its own builder's).
-const BUILDER_LABEL: &str = "testground.builder";
+const BUILDER_LABEL: &str = "testground.image.builder";
 /// Image label: the build's cache key.
-const KEY_LABEL: &str = "testground.build_key";
+const KEY_LABEL: &str = "testground.image.key";
+/// Image label: the plan. Image labels are inherited by every container made from the image,
+/// so they stay out of the names the runners select their containers by (`testground.plan`).
+const PLAN_LABEL: &str = "testground.image.plan";
 /// Hex digits of an image's key (its tag), as many as an `exec:*` artifact's.
 const KEY_LEN: usize = 16;
 /// The `testground.purpose` of step containers.
@@ -529,7 +532,7 @@ impl ImageBuilder {
                 format!("{repo}:{}", build_tag(&input.build_id)),
             ],
             labels: BTreeMap::from([
-                (labels::PLAN.to_owned(), input.plan.clone()),
+                (PLAN_LABEL.to_owned(), input.plan.clone()),
                 (BUILDER_LABEL.to_owned(), self.id.to_owned()),
                 (KEY_LABEL.to_owned(), key.clone()),
             ]),
