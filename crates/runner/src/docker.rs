@@ -661,6 +661,14 @@ impl Launcher for DockerLauncher {
             )
             .await
             .map_err(|e| RunError::Docker(format!("attach to {}: {e}", p.name)))?;
+        if let Some(reports) = &self.reports {
+            let _ = reports
+                .send(InstanceReport::Tag {
+                    instance: spec.ordinal,
+                    tag: p.container.chars().take(6).collect(),
+                })
+                .await;
+        }
         let (out_r, out_w) = tokio::io::duplex(PIPE_BUFFER);
         let (err_r, err_w) = tokio::io::duplex(PIPE_BUFFER);
         tokio::spawn(demux(attach.output, out_w, err_w));
