@@ -94,8 +94,11 @@ impl Param {
 /// Builders and runners that run the same plans, a container one and its host counterpart: the
 /// original's plans enable only `docker:go` and `local:docker`, ours `exec:go` and
 /// `local:netns`, and a user may ask for either on the command line.
-pub const EQUIVALENTS: &[(&str, &str)] =
-    &[("docker:go", "exec:go"), ("local:docker", "local:netns")];
+pub const EQUIVALENTS: &[(&str, &str)] = &[
+    ("docker:go", "exec:go"),
+    ("docker:rust", "exec:rust"),
+    ("local:docker", "local:netns"),
+];
 
 /// The counterpart of builder or runner `id`, if it has one.
 pub fn equivalent(id: &str) -> Option<&'static str> {
