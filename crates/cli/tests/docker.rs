@@ -73,6 +73,23 @@ fn home() -> &'static Home {
         .unwrap();
         let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out));
+        // A plan whose instances answer "hello" on the port their environment names.
+        let src = h.plan_src(
+            "listener",
+            "name = \"listener\"\n[builders.\"docker:generic\"]\n[runners.\"local:docker\"]\n\
+             exposed_ports = { http = 8080 }\n\
+             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 5 }\n",
+        );
+        std::fs::write(
+            src.join("Dockerfile"),
+            format!(
+                "FROM {}\nENTRYPOINT [\"sh\", \"-c\", \"exec nc -ll -p $HTTP_PORT -e echo hello\"]\n",
+                tg_docker::base::BUSYBOX
+            ),
+        )
+        .unwrap();
+        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
         h
     })
 }
@@ -463,4 +480,79 @@ fn ctrl_c_terminate_a_killed_engine_and_keep_containers() {
     let t = home.tg(&["terminate", "--runner", "local:docker"]);
     assert!(t.status.success(), "{}", text(&t));
     assert_nothing_left(&id, host_link_of(&out).as_deref());
+}
+
+/// `exposed_ports`: `<LABEL>_PORT` in the instance's environment, and the port reachable from
+/// the host at the address the run log prints.
+#[test]
+fn exposed_ports_reach_instances_from_the_host() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = home();
+    let mut child = home
+        .cmd()
+        .args(run_args("listener", "run", "docker:generic", "2"))
+        .args(["--run-cfg", "run_timeout=120s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut addrs = Vec::new();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while addrs.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("no exposed-port lines in:\n{}", seen.join("\n"));
+        };
+        if let Some(rest) = line.split("exposed port http (8080) of single[").nth(1) {
+            let addr = rest.split(" at ").nth(1).unwrap().trim().to_string();
+            addrs.push(addr);
+        }
+        seen.push(line);
+    }
+    for addr in &addrs {
+        let mut got = String::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        // The instance may still be starting: retry until it answers.
+        while got.is_empty() && Instant::now() < until {
+            if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                use std::io::Read;
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = s.read_to_string(&mut got);
+            }
+            if got.is_empty() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        assert_eq!(got.trim(), "hello", "from {addr}");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let rest: Vec<String> = rx.try_iter().collect();
+    let id = seen
+        .iter()
+        .chain(&rest)
+        .find_map(|l| l.split("run is queued with ID: ").nth(1))
+        .map(|s| s.split_whitespace().next().unwrap().to_string())
+        .unwrap();
+    assert_nothing_left(&id, None);
 }
