@@ -503,6 +503,14 @@ async fn make_from(
         format!("{}@{RECIPE_VERSION}", recipe.image()),
     );
     labels.insert(SOURCE_LABEL.to_string(), what.clone());
+    // The builder's per-step chatter (intermediate containers, layer ids, and the warning that
+    // the engine forwards no IPv4, which no recipe needs) says nothing about a recipe.
+    let steps = |l: &str| {
+        let t = l.trim_start();
+        if !(t.starts_with("--->") || t.starts_with("Removing intermediate container")) {
+            progress(l);
+        }
+    };
     let id = docker
         .build(
             BuildSpec {
@@ -515,7 +523,7 @@ async fn make_from(
                 // No recipe runs a step: nothing needs a network.
                 host_network: false,
             },
-            progress,
+            &steps,
             cancel,
         )
         .await?;
@@ -825,7 +833,7 @@ fn go_context(tmp: &Path, root: &Path, version: &str) -> io::Result<Finished> {
         format!(
             "FROM {BUILDPACK_DEPS}\n\
              COPY go /usr/local/go\n\
-             COPY gopath /go\n\
+             COPY gopath/ /\n\
              ENV GOLANG_VERSION={version} GOTOOLCHAIN=local GOPATH=/go \
              PATH=/go/bin:/usr/local/go/bin:{PATH_ENV}\n\
              WORKDIR /go\n"
@@ -837,9 +845,12 @@ fn go_context(tmp: &Path, root: &Path, version: &str) -> io::Result<Finished> {
     c.host_dir(root, "go", &|p| {
         p.starts_with("pkg/obj") || p.starts_with("pkg/bootstrap")
     })?;
-    c.dir("gopath", 0o1777)?;
-    c.dir("gopath/src", 0o1777)?;
-    c.dir("gopath/bin", 0o1777)?;
+    // `COPY dir /go` would create /go itself 0755: the mode of a copied directory's own entry
+    // is kept only for the entries inside the copied one.
+    c.dir("gopath", 0o755)?;
+    c.dir("gopath/go", 0o1777)?;
+    c.dir("gopath/go/src", 0o1777)?;
+    c.dir("gopath/go/bin", 0o1777)?;
     c.finish()
 }
 
@@ -882,7 +893,7 @@ fn rust_context(tmp: &Path, sysroot: &Path, version: &str) -> io::Result<Finishe
         format!(
             "FROM {BUILDPACK_DEPS}\n\
              COPY rust /usr/local/rust\n\
-             COPY cargo /usr/local/cargo\n\
+             COPY cargo/ /usr/local/\n\
              ENV RUST_VERSION={version} CARGO_HOME=/usr/local/cargo \
              PATH=/usr/local/cargo/bin:/usr/local/rust/bin:{PATH_ENV}\n"
         )
@@ -891,8 +902,10 @@ fn rust_context(tmp: &Path, sysroot: &Path, version: &str) -> io::Result<Finishe
     )?;
     // The documentation is most of a toolchain's size and no build reads it.
     c.host_dir(sysroot, "rust", &|p| p.starts_with("share/doc"))?;
-    c.dir("cargo", 0o777)?;
-    c.dir("cargo/bin", 0o777)?;
+    // As for Go's /go: the mode of /usr/local/cargo comes from an entry inside the copied one.
+    c.dir("cargo", 0o755)?;
+    c.dir("cargo/cargo", 0o777)?;
+    c.dir("cargo/cargo/bin", 0o777)?;
     c.finish()
 }
 
