@@ -81,7 +81,18 @@ impl Docker {
                 item = stream.next() => item,
             };
             let Some(item) = item else { break };
-            let info = item.map_err(DockerError::api(format!("build {}", spec.tag)))?;
+            let info = match item {
+                Ok(info) => info,
+                // bollard reports the engine's build failure (a `RUN` that failed) this way,
+                // not as an `error_detail`: it is the build's failure, with its output.
+                Err(bollard::errors::Error::DockerStreamError { error }) => {
+                    return Err(DockerError::Build {
+                        message: error.trim().to_string(),
+                        tail: Vec::from(tail).join("\n"),
+                    });
+                }
+                Err(e) => return Err(DockerError::api(format!("build {}", spec.tag))(e)),
+            };
             if let Some(detail) = info.error_detail {
                 return Err(DockerError::Build {
                     message: detail.message.unwrap_or_default().trim().to_string(),
@@ -92,6 +103,8 @@ impl Docker {
                 partial.push_str(&text);
                 while let Some(i) = partial.find('\n') {
                     let line: String = partial.drain(..=i).collect();
+                    // The engine colours a step's standard error; a log is plain text.
+                    let line = line.replace("\u{1b}[91m", "").replace("\u{1b}[0m", "");
                     let line = line.trim_end();
                     if line.is_empty() {
                         continue;
