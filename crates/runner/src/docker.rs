@@ -884,57 +884,25 @@ impl Launched for DockerInstance {
     }
 }
 
-/// `testground healthcheck --runner local:docker`.
+/// `testground healthcheck --runner local:docker`: what `local:netns` needs (the instance
+/// networks are the same), then the engine and the default images (made offline with `fix`).
 pub(crate) async fn health(fix: bool) -> Vec<HealthCheck> {
     let mut checks = crate::netns::health();
-    checks.retain(|c| c.name != "nft" || !fix);
-    match Docker::connect().await {
-        Ok(d) => {
-            checks.push(HealthCheck::new(
-                "docker-engine",
-                true,
-                format!(
-                    "Docker engine {} (API {}) at {}",
-                    d.server_version(),
-                    d.api_version(),
-                    d.endpoint()
-                ),
-            ));
-            let progress = |_: &str| {};
-            let present = d.image_id(tg_docker::base::PAUSE).await.ok().flatten();
-            let mut check = HealthCheck::new(
-                "pause-image",
-                present.is_some(),
-                format!(
-                    "{} {}",
-                    tg_docker::base::PAUSE,
-                    if present.is_some() {
-                        "present"
-                    } else {
-                        "missing"
-                    }
-                ),
-            );
-            if present.is_none() && fix {
-                let r = tg_docker::base::ensure(
-                    &d,
-                    tg_docker::base::PAUSE,
-                    &progress,
-                    &tokio_util::sync::CancellationToken::new(),
-                )
-                .await;
-                check.fix = Some(crate::HealthFix {
-                    ok: r.is_ok(),
-                    message: match r {
-                        Ok(id) => format!("made {} ({id})", tg_docker::base::PAUSE),
-                        Err(e) => e.to_string(),
-                    },
-                });
-            }
-            checks.push(check);
-        }
-        Err(e) => checks.push(HealthCheck::new("docker-engine", false, e.to_string())),
-    }
+    let progress = |l: &str| tracing::info!("healthcheck: {l}");
+    checks.extend(
+        tg_docker::health(fix, &progress)
+            .await
+            .into_iter()
+            .map(|c| HealthCheck {
+                name: c.name,
+                ok: c.ok,
+                message: c.message,
+                fix: c.fix.map(|f| crate::HealthFix {
+                    ok: f.ok,
+                    message: f.message,
+                }),
+            }),
+    );
     checks
 }
 
