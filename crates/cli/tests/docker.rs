@@ -50,6 +50,7 @@ fn home() -> &'static Home {
         let h = Home::shared("tg-docker-tests-home");
         for plan in [
             "my-plan",
+            "outcomes",
             "placebo",
             "netns-examples",
             "rust-sdk-tcp",
@@ -278,9 +279,12 @@ fn the_seeds_ping_pong_passes_with_its_command_and_rtts_in_range() {
     assert_run_left_nothing(&out);
 }
 
-/// The original's outcome cases on its placebo plan (sdk-go), built by docker:go as the
-/// counterpart of the exec:go its manifest enables: a success, a failure, a panic, an instance
-/// that exits without an outcome, and one that stalls past the run timeout.
+/// One case per way an instance can end (sdk-go, outcomes from the `run_events` topic): a
+/// success, a failure, a panic, an instance that exits 0 without an outcome (the original's
+/// issue 1349), and one that stalls past the run timeout. Then the original's placebo plan,
+/// whose manifest enables only exec:go and local:netns, built by their counterparts: its
+/// success is only printed (no sync client), so under a container runner it fails, as under
+/// the original's local:docker.
 #[test]
 fn outcomes_ok_fail_panic_silent_and_stall() {
     if !ready() {
@@ -292,28 +296,31 @@ fn outcomes_ok_fail_panic_silent_and_stall() {
         ("ok", true, "outcome = success (single:2/2)"),
         ("fail", false, "outcome = failure (single:0/2)"),
         ("panic", false, "outcome = failure (single:0/2)"),
-        ("no-terminal", false, "outcome = failure (single:0/2)"),
-        (
-            "stall",
-            false,
-            "run canceled after reaching the task timeout",
-        ),
+        ("silent-exit", false, "outcome = failure (single:0/2)"),
+        ("stall", false, "run canceled after reaching the task timeout"),
     ] {
-        let mut args = run_args("placebo", case, "docker:go", "2");
+        let mut args = run_args("outcomes", case, "docker:go", "2");
         if case == "stall" {
             args.extend(["--run-cfg", "run_timeout=8s"]);
         }
         let out = home.tg(&args);
         assert_eq!(out.status.success(), expect_ok, "{case}: {}", text(&out));
-        let s = stdout(&out);
-        assert!(s.contains(needle), "{case}: {}", text(&out));
-        assert!(
-            s.contains("enables builder exec:go, not docker:go"),
-            "{case}: the substitution is noticed: {}",
-            text(&out)
-        );
+        assert!(stdout(&out).contains(needle), "{case}: {}", text(&out));
         assert_run_left_nothing(&out);
     }
+
+    let out = home.tg(&run_args("placebo", "ok", "docker:go", "1"));
+    let s = stdout(&out);
+    assert!(!out.status.success(), "{}", text(&out));
+    for needle in [
+        "enables builder exec:go, not docker:go",
+        "enables runner local:netns, not local:docker",
+        "1 instances printed success but 0 published it",
+        "outcome = failure (single:0/1)",
+    ] {
+        assert!(s.contains(needle), "{needle}: {}", text(&out));
+    }
+    assert_run_left_nothing(&out);
 }
 
 /// Shaping under local:docker as under local:netns (our SDK, built by docker:rust): drop and
