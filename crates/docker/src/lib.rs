@@ -12,6 +12,7 @@
 pub mod base;
 mod build;
 pub mod context;
+mod health;
 pub mod labels;
 mod oneshot;
 
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 pub use bollard;
 pub use build::BuildSpec;
 pub use context::Context;
+pub use health::{Check, Fix, health};
 pub use oneshot::{OneShot, OneShotOutput};
 
 /// The oldest Engine API this crate is written against (Debian bookworm's `docker.io` 20.10).
