@@ -39,6 +39,8 @@ use crate::{Artifact, BuildError, BuildInput, BuildOutput, Progress, blocking, s
 
 /// Image label: the builder that made a plan image (purge removes only its own builder's).
 const BUILDER_LABEL: &str = "testground.image.builder";
+/// The builder label of images made before the labels moved under `testground.image.`.
+const LEGACY_BUILDER_LABEL: &str = "testground.builder";
 /// Image label: the build's cache key.
 const KEY_LABEL: &str = "testground.image.key";
 /// Image label: the plan. Image labels are inherited by every container made from the image,
@@ -611,10 +613,11 @@ impl ImageBuilder {
                     ));
                 }
             };
-            let ours = image
-                .config
-                .and_then(|c| c.labels)
-                .is_some_and(|l| l.get(BUILDER_LABEL).is_some_and(|b| b == self.id));
+            let ours = image.config.and_then(|c| c.labels).is_some_and(|l| {
+                [BUILDER_LABEL, LEGACY_BUILDER_LABEL]
+                    .iter()
+                    .any(|k| l.get(*k).is_some_and(|b| b == self.id))
+            });
             if ours && let Some(id) = image.id {
                 ids.push(id);
             }

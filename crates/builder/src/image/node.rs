@@ -9,16 +9,35 @@ use super::{Built, Step, add_plan};
 use crate::config::Config;
 use crate::{BuildError, blocking};
 
-/// The original's, with the plan copied to `/plan` explicitly (the context root holds only
-/// the Dockerfile and `plan/`).
-const DOCKERFILE: &str = "ARG BASE_IMAGE\n\
-FROM ${BASE_IMAGE}\n\
-ENV PLAN_DIR /plan\n\
-WORKDIR /plan\n\
-COPY plan /plan\n\
-RUN npm ci\n\
-EXPOSE 6060\n\
-ENTRYPOINT [\"npm\", \"start\"]\n";
+/// The host's CA bundle in the context, when there is one.
+const CA_FILE: &str = "tg-ca-certificates.crt";
+
+/// The original's Dockerfile, with the plan copied to `/plan` explicitly (the context root
+/// holds only the Dockerfile and `plan/`). With `with_ca`, `npm ci` also trusts the host's CA
+/// bundle (see `Step::trust`: behind a TLS-intercepting proxy the registry is unreachable
+/// otherwise); the bundle is copied before the plan so that its layer stays cached, and removed
+/// again after `npm ci`.
+fn dockerfile(with_ca: bool) -> String {
+    let (copy_ca, npm_ci) = if with_ca {
+        (
+            format!("COPY {CA_FILE} /tmp/{CA_FILE}\n"),
+            format!("RUN NODE_EXTRA_CA_CERTS=/tmp/{CA_FILE} npm ci && rm -f /tmp/{CA_FILE}\n"),
+        )
+    } else {
+        (String::new(), "RUN npm ci\n".to_owned())
+    };
+    format!(
+        "ARG BASE_IMAGE\n\
+         FROM ${{BASE_IMAGE}}\n\
+         ENV PLAN_DIR /plan\n\
+         WORKDIR /plan\n\
+         {copy_ca}\
+         COPY plan /plan\n\
+         {npm_ci}\
+         EXPOSE 6060\n\
+         ENTRYPOINT [\"npm\", \"start\"]\n"
+    )
+}
 
 #[derive(Debug)]
 pub(super) struct Recipe {
@@ -37,11 +56,16 @@ impl Recipe {
     pub(super) async fn build(&self, step: &Step<'_>) -> Result<Built, BuildError> {
         let plan_dir = step.input.plan_dir.clone();
         let scratch = step.scratch.path().to_owned();
+        let ca = super::host_ca_bundle();
+        let dockerfile = dockerfile(ca.is_some());
         let context = blocking("package", &plan_dir.clone(), move || {
             let io = |e| BuildError::io("assemble the build context in", &scratch, e);
             let mut ctx = Context::on_disk(&scratch).map_err(io)?;
-            ctx.file("Dockerfile", DOCKERFILE.as_bytes(), 0o644)
+            ctx.file("Dockerfile", dockerfile.as_bytes(), 0o644)
                 .map_err(io)?;
+            if let Some(ca) = &ca {
+                ctx.host_file(ca, CA_FILE).map_err(io)?;
+            }
             add_plan(&mut ctx, &plan_dir, "plan")?;
             ctx.finish().map_err(io)
         })
@@ -72,7 +96,16 @@ mod tests {
             Recipe::parse(&Config::new("docker:node", &m)),
             Err(BuildError::BadConfig { key, .. }) if key == "base_image"
         ));
-        assert!(DOCKERFILE.contains("RUN npm ci\n"));
-        assert!(DOCKERFILE.ends_with("ENTRYPOINT [\"npm\", \"start\"]\n"));
+        assert_eq!(
+            dockerfile(false),
+            "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nENV PLAN_DIR /plan\nWORKDIR /plan\n\
+             COPY plan /plan\nRUN npm ci\nEXPOSE 6060\nENTRYPOINT [\"npm\", \"start\"]\n"
+        );
+        let with_ca = dockerfile(true);
+        let copy_ca = with_ca.find("COPY tg-ca-certificates.crt").unwrap();
+        assert!(copy_ca < with_ca.find("COPY plan /plan").unwrap());
+        assert!(with_ca.contains(
+            "RUN NODE_EXTRA_CA_CERTS=/tmp/tg-ca-certificates.crt npm ci && rm -f /tmp/tg-ca-certificates.crt\n"
+        ));
     }
 }
