@@ -430,6 +430,15 @@ async fn docker_go_extensions_take_the_full_dockerfile_build() {
             .map(String::as_str),
         Some("v0.3.0")
     );
+    let key_tag = image_id(&out).1[0].clone();
+    assert!(
+        docker
+            .image_id(&format!("{key_tag}-builder"))
+            .await
+            .unwrap()
+            .is_some(),
+        "the build stage is tagged, not left nameless"
+    );
     let again = build_ok(&inp).await;
     assert!(again.cached);
     assert_eq!(again.dependencies, out.dependencies);

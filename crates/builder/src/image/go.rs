@@ -28,6 +28,11 @@ use crate::{BuildError, BuildInput, Dependency, blocking};
 /// report them without starting anything.
 const DEPS_LABEL: &str = "testground.image.go_deps";
 
+/// Suffix of the tag a full build gives its build stage (`tg-plan-<plan>:<key>-builder`).
+/// Untagged, the classic builder would keep it as a nameless image of a gigabyte or two per
+/// build (modules and compiler output); tagged, it is visible and purge removes it.
+pub(super) const BUILDER_STAGE_SUFFIX: &str = "-builder";
+
 /// The host's CA bundle in a full build's context.
 const CA_FILE: &str = "tg-ca-certificates.crt";
 
@@ -527,9 +532,17 @@ impl Recipe {
             ctx.finish().map_err(io)
         })
         .await?;
-        let id = step
-            .image(context, "Dockerfile", self.build_args(), BTreeMap::new())
+        let (id, lines) = step
+            .image_logged(context, "Dockerfile", self.build_args(), BTreeMap::new())
             .await?;
+        if let Some(stage) = builder_stage(&lines) {
+            let tag = format!("{}{BUILDER_STAGE_SUFFIX}", step.tags[0]);
+            if let Err(e) = step.docker.tag(&stage, &tag).await {
+                step.say(format!(
+                    "could not tag the build stage {stage} as {tag}: {e}"
+                ));
+            }
+        }
         let dependencies = match read_from_image(step, &id, DEP_LIST).await {
             Ok(text) => parse_module_list(&String::from_utf8_lossy(&text)),
             Err(e) => {
@@ -541,6 +554,20 @@ impl Recipe {
         };
         Ok(Built { id, dependencies })
     }
+}
+
+/// The build stage's image in a classic build's output: the last ` ---> <id>` before the
+/// runtime stage's `FROM`.
+fn builder_stage(lines: &[String]) -> Option<String> {
+    let runtime = lines.iter().position(|l| {
+        l.starts_with("Step ")
+            && l.contains(" : FROM ")
+            && l.to_ascii_lowercase().ends_with(" as runtime")
+    })?;
+    lines[..runtime].iter().rev().find_map(|l| {
+        let id = l.trim().strip_prefix("---> ")?;
+        (id.len() >= 12 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+    })
 }
 
 /// The module list of a cached image: its label, else the file the image holds.
@@ -718,6 +745,33 @@ mod tests {
         assert_eq!(args["BUILD_TAGS"], "-tags a,b");
         assert_eq!(args["PLAN_PATH"], "go/");
         assert_eq!(args["MODFILE_SUM"], "go.v2.sum");
+    }
+
+    #[test]
+    fn the_build_stage_is_found_in_the_build_output() {
+        let lines: Vec<String> = [
+            "Step 30/33 : RUN echo at-post_build",
+            " ---> Running in 0123456789ab",
+            "at-post_build",
+            "Removing intermediate container 0123456789ab",
+            " ---> 7e8ff17d95fd",
+            "Step 31/33 : FROM ${RUNTIME_IMAGE} AS runtime",
+            " ---> 1b154e90c0df",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        assert_eq!(builder_stage(&lines).as_deref(), Some("7e8ff17d95fd"));
+        let cached: Vec<String> = [
+            " ---> Using cache",
+            " ---> abcdefabcdef",
+            "Step 9/9 : FROM builder AS runtime",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        assert_eq!(builder_stage(&cached).as_deref(), Some("abcdefabcdef"));
+        assert_eq!(builder_stage(&lines[..4]), None);
     }
 
     #[test]

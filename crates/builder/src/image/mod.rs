@@ -193,6 +193,20 @@ impl Step<'_> {
         build_args: BTreeMap<String, String>,
         extra_labels: BTreeMap<String, String>,
     ) -> Result<String, BuildError> {
+        let (id, _) = self
+            .image_logged(context, dockerfile, build_args, extra_labels)
+            .await?;
+        Ok(id)
+    }
+
+    /// [`Step::image`], also returning the lines the build printed.
+    async fn image_logged(
+        &self,
+        context: Finished,
+        dockerfile: &str,
+        build_args: BTreeMap<String, String>,
+        extra_labels: BTreeMap<String, String>,
+    ) -> Result<(String, Vec<String>), BuildError> {
         let mut labels = self.labels.clone();
         labels.extend(extra_labels);
         let spec = BuildSpec {
@@ -204,11 +218,20 @@ impl Step<'_> {
             labels,
             host_network: true,
         };
-        let sink = self.sink();
-        self.docker
+        let lines = std::sync::Mutex::new(Vec::new());
+        let sink = |line: &str| {
+            self.say(line);
+            lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line.to_owned());
+        };
+        let id = self
+            .docker
             .build(spec, &sink, self.cancel)
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        Ok((id, lines.into_inner().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// A directory under the work dir shared by every build of this builder (toolchain
@@ -613,11 +636,16 @@ impl ImageBuilder {
                     ));
                 }
             };
-            let ours = image.config.and_then(|c| c.labels).is_some_and(|l| {
-                [BUILDER_LABEL, LEGACY_BUILDER_LABEL]
-                    .iter()
-                    .any(|k| l.get(*k).is_some_and(|b| b == self.id))
-            });
+            // A full `docker:go` build's build stage carries no labels (they go on the last
+            // stage only); its tag says whose it is.
+            let builder_stage =
+                self.kind == Kind::DockerGo && tag.ends_with(go::BUILDER_STAGE_SUFFIX);
+            let ours = builder_stage
+                || image.config.and_then(|c| c.labels).is_some_and(|l| {
+                    [BUILDER_LABEL, LEGACY_BUILDER_LABEL]
+                        .iter()
+                        .any(|k| l.get(*k).is_some_and(|b| b == self.id))
+                });
             if ours && let Some(id) = image.id {
                 ids.push(id);
             }
