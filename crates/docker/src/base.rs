@@ -105,30 +105,43 @@ pub async fn ensure(
     progress: Progress<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, DockerError> {
-    if let Some(id) = docker.image_id(image).await? {
+    ensure_as(docker, image, image, progress, cancel).await
+}
+
+/// [`ensure`] under another name: the id of `as_tag`, made with `image`'s recipe when the
+/// engine lacks it. Tests check the make-when-absent path this way without touching the
+/// default-named images that others may be using.
+pub async fn ensure_as(
+    docker: &Docker,
+    image: &str,
+    as_tag: &str,
+    progress: Progress<'_>,
+    cancel: &CancellationToken,
+) -> Result<String, DockerError> {
+    if let Some(id) = docker.image_id(as_tag).await? {
         return Ok(id);
     }
     let Some(recipe) = Recipe::of(image) else {
         return Err(DockerError::MissingImage {
-            image: image.to_string(),
+            image: as_tag.to_string(),
             hint: "pull or load it (`docker pull`, `docker load`), or build it, or name an image \
                    this engine has (e.g. `build_base_image`/`runtime_image` in the builder's \
                    configuration)"
                 .into(),
         });
     };
-    let source = recipe.source().map_err(|why| missing(image, &why))?;
+    let source = recipe.source().map_err(|why| missing(as_tag, &why))?;
     progress(&format!(
-        "{image} is not in the Docker engine: making it offline from {}",
+        "{as_tag} is not in the Docker engine: making it offline from {}",
         source.describe()
     ));
-    let _lock = lock(&format!("image-{image}"), progress, cancel).await?;
+    let _lock = lock(&format!("image-{as_tag}"), progress, cancel).await?;
     // Another process may have made it while we waited for the lock.
-    if let Some(id) = docker.image_id(image).await? {
-        progress(&format!("{image} was made meanwhile by another process"));
+    if let Some(id) = docker.image_id(as_tag).await? {
+        progress(&format!("{as_tag} was made meanwhile by another process"));
         return Ok(id);
     }
-    make_from(docker, recipe, source, image, progress, cancel).await
+    make_from(docker, recipe, source, as_tag, progress, cancel).await
 }
 
 /// Makes image `image` (one of [`DEFAULTS`]) with its recipe, whether the engine has it or not,

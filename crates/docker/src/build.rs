@@ -81,7 +81,18 @@ impl Docker {
                 item = stream.next() => item,
             };
             let Some(item) = item else { break };
-            let info = item.map_err(DockerError::api(format!("build {}", spec.tag)))?;
+            let info = match item {
+                Ok(info) => info,
+                // bollard turns the builder's error message (a failed step) into a stream
+                // error: it is the build's failure, not the engine's.
+                Err(bollard::errors::Error::DockerStreamError { error }) => {
+                    return Err(DockerError::Build {
+                        message: error.trim().to_string(),
+                        tail: Vec::from(tail).join("\n"),
+                    });
+                }
+                Err(e) => return Err(DockerError::api(format!("build {}", spec.tag))(e)),
+            };
             if let Some(detail) = info.error_detail {
                 return Err(DockerError::Build {
                     message: detail.message.unwrap_or_default().trim().to_string(),

@@ -121,7 +121,8 @@ impl Docker {
                 Some(
                     AttachContainerOptionsBuilder::default()
                         .stream(true)
-                        .logs(true)
+                        // Attached before the start, the stream has all the output; asking for
+                        // the logs too replays what the stream also delivers (lines twice).
                         .stdout(true)
                         .stderr(true)
                         .build(),
