@@ -211,6 +211,7 @@ async fn one_shot_steps_report_exit_codes_and_output_once() {
     let Some(d) = engine().await else { return };
     let image = test_busybox(&d).await;
     let lines = Lines::default();
+    let step = unique("step");
     let out = d
         .run_once(
             &OneShot {
@@ -220,6 +221,7 @@ async fn one_shot_steps_report_exit_codes_and_output_once() {
                     "-c".into(),
                     "echo out; echo err >&2; exit 3".into(),
                 ],
+                labels: BTreeMap::from([(labels::BUILD_ID.to_string(), step.clone())]),
                 ..Default::default()
             },
             &lines.sink(),
@@ -228,6 +230,13 @@ async fn one_shot_steps_report_exit_codes_and_output_once() {
         .await
         .unwrap();
     assert_eq!(out.exit_code, 3);
+    assert!(
+        d.containers_with(&[(labels::BUILD_ID, &step)])
+            .await
+            .unwrap()
+            .is_empty(),
+        "the step's container is gone when it returns"
+    );
     let mut got = lines.all();
     got.sort();
     assert_eq!(got, ["err", "out"], "each line once");
@@ -352,16 +361,8 @@ async fn a_canceled_step_ends_promptly_and_leaves_no_container() {
         .await;
     assert!(matches!(r, Err(DockerError::Canceled)), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
-    // The container is removed in the background after the step returns.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = d.containers_with(&[(labels::BUILD_ID, &id)]).await.unwrap();
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left behind: {left:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let left = d.containers_with(&[(labels::BUILD_ID, &id)]).await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[tokio::test]
