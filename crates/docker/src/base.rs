@@ -458,6 +458,7 @@ async fn make_from(
     let started = Instant::now();
     let tmp = cache_dir().join("tmp");
     fs::create_dir_all(&tmp).map_err(DockerError::io(format!("create {}", tmp.display())))?;
+    remove_stale_contexts(&tmp);
     let what = source.describe();
     let context = match &source {
         Source::Busybox(busybox) => {
@@ -564,6 +565,26 @@ async fn make_from(
         started.elapsed().as_secs_f64()
     ));
     Ok(id)
+}
+
+/// Removes build contexts that killed makes left in `tmp` (a toolchain's is hundreds of
+/// megabytes). Only old ones: a live make may still be sending its own.
+fn remove_stale_contexts(tmp: &Path) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if old && e.file_name().to_string_lossy().starts_with(".tg-context-") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Runs blocking file work (walking toolchains, writing tarballs) off the async threads.
@@ -1114,6 +1135,17 @@ async fn rootfs(
     fs::create_dir_all(&dir).map_err(DockerError::io(format!("create {}", dir.display())))?;
     let tmp = cache_dir().join("tmp");
     fs::create_dir_all(&tmp).map_err(DockerError::io(format!("create {}", tmp.display())))?;
+    // A make killed outright (no destructor ran) left its work directory, maybe with
+    // debootstrap's mounts in it; under this key's lock no other process uses one.
+    let prefix = format!("rootfs-{}-", spec.key());
+    if let Ok(entries) = fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                progress(&format!("removing a killed make's {}", e.path().display()));
+                drop(WorkDir(e.path()));
+            }
+        }
+    }
     let work = WorkDir(
         tempfile::Builder::new()
             .prefix(&format!("rootfs-{}-", spec.key()))
