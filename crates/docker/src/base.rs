@@ -1136,11 +1136,19 @@ async fn rootfs(
     let tmp = cache_dir().join("tmp");
     fs::create_dir_all(&tmp).map_err(DockerError::io(format!("create {}", tmp.display())))?;
     // A make killed outright (no destructor ran) left its work directory, maybe with
-    // debootstrap's mounts in it; under this key's lock no other process uses one.
+    // debootstrap's mounts in it; under this key's lock no other make uses one, and after an
+    // hour the killed make's own debootstrap (in its own process group, so it outlived it) has
+    // ended too.
     let prefix = format!("rootfs-{}-", spec.key());
     if let Ok(entries) = fs::read_dir(&tmp) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+            if old && e.file_name().to_string_lossy().starts_with(&prefix) {
                 progress(&format!("removing a killed make's {}", e.path().display()));
                 drop(WorkDir(e.path()));
             }
