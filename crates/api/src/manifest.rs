@@ -91,17 +91,94 @@ impl Param {
     }
 }
 
+/// Builders and runners that run the same plans, a container one and its host counterpart: the
+/// original's plans enable only `docker:go` and `local:docker`, ours `exec:go` and
+/// `local:netns`, and a user may ask for either on the command line.
+pub const EQUIVALENTS: &[(&str, &str)] = &[
+    ("docker:go", "exec:go"),
+    ("docker:rust", "exec:rust"),
+    ("local:docker", "local:netns"),
+];
+
+/// The counterpart of builder or runner `id`, if it has one.
+pub fn equivalent(id: &str) -> Option<&'static str> {
+    EQUIVALENTS.iter().find_map(|&(a, b)| {
+        if a == id {
+            Some(b)
+        } else if b == id {
+            Some(a)
+        } else {
+            None
+        }
+    })
+}
+
 impl Manifest {
     pub fn testcase(&self, name: &str) -> Option<&TestCase> {
         self.testcases.iter().find(|tc| tc.name == name)
     }
 
+    /// True when the manifest enables builder `id`, or its container/host counterpart
+    /// ([`EQUIVALENTS`]).
     pub fn supports_builder(&self, id: &str) -> bool {
-        self.builders.contains_key(id)
+        self.builders.contains_key(id) || self.substitute(&self.builders, id).is_some()
     }
 
+    /// True when the manifest enables runner `id`, or its container/host counterpart.
     pub fn supports_runner(&self, id: &str) -> bool {
-        self.runners.contains_key(id)
+        self.runners.contains_key(id) || self.substitute(&self.runners, id).is_some()
+    }
+
+    /// The manifest's `[builders."<id>"]` section, or its counterpart's when only that is
+    /// enabled (its keys, such as `module_path`, mean the same).
+    pub fn builder_section(&self, id: &str) -> Option<&Map> {
+        self.builders.get(id).or_else(|| {
+            self.substitute(&self.builders, id)
+                .and_then(|e| self.builders.get(e))
+        })
+    }
+
+    /// The manifest's `[runners."<id>"]` section, or its counterpart's.
+    pub fn runner_section(&self, id: &str) -> Option<&Map> {
+        self.runners.get(id).or_else(|| {
+            self.substitute(&self.runners, id)
+                .and_then(|e| self.runners.get(e))
+        })
+    }
+
+    /// The enabled counterpart that lets `id` run this plan although the manifest does not
+    /// name `id` itself.
+    pub fn substitute(&self, enabled: &BTreeMap<String, Map>, id: &str) -> Option<&'static str> {
+        if enabled.contains_key(id) {
+            return None;
+        }
+        equivalent(id).filter(|e| enabled.contains_key(*e))
+    }
+
+    /// Notices for the ids of `builders` and `runner` that run this plan only as counterparts
+    /// of the ones its manifest enables.
+    pub fn substitution_notices(&self, builders: &[&str], runner: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for b in builders {
+            if seen.insert(*b)
+                && let Some(e) = self.substitute(&self.builders, b)
+            {
+                out.push(format!(
+                    "plan {} enables builder {e}, not {b}; building with {b} as its counterpart \
+                     (with the [builders.\"{e}\"] settings)",
+                    self.name
+                ));
+            }
+        }
+        if let Some(e) = self.substitute(&self.runners, runner) {
+            out.push(format!(
+                "plan {} enables runner {e}, not {runner}; running under {runner} as its \
+                 counterpart (with the [runners.\"{e}\"] settings)",
+                self.name
+            ));
+        }
+        out
     }
 
     /// Builder ids, sorted.
@@ -119,6 +196,35 @@ impl Manifest {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn counterparts_are_accepted_with_their_settings_and_a_notice() {
+        let mut m = Manifest {
+            name: "p".into(),
+            ..Default::default()
+        };
+        let mut go = Map::new();
+        go.insert("module_path".into(), json!("x"));
+        m.builders.insert("docker:go".into(), go);
+        m.runners.insert("local:docker".into(), Map::new());
+        assert!(m.supports_builder("exec:go") && m.supports_builder("docker:go"));
+        assert!(m.supports_runner("local:netns") && !m.supports_runner("local:exec"));
+        assert!(!m.supports_builder("exec:rust"));
+        assert_eq!(
+            m.builder_section("exec:go").unwrap()["module_path"],
+            json!("x")
+        );
+        let n = m.substitution_notices(&["exec:go", "exec:go"], "local:netns");
+        assert_eq!(n.len(), 2, "{n:?}");
+        assert!(
+            n[0].contains("enables builder docker:go, not exec:go"),
+            "{n:?}"
+        );
+        assert!(
+            m.substitution_notices(&["docker:go"], "local:docker")
+                .is_empty()
+        );
+    }
 
     #[test]
     fn default_as_string_follows_the_original() {

@@ -25,6 +25,10 @@ pub(crate) enum Kind {
     Rust,
     Go,
     Generic,
+    DockerGo,
+    DockerRust,
+    DockerGeneric,
+    DockerNode,
 }
 
 impl Kind {
@@ -34,6 +38,10 @@ impl Kind {
             Kind::Rust => "exec-rust",
             Kind::Go => "exec-go",
             Kind::Generic => "exec-generic",
+            Kind::DockerGo => "docker-go",
+            Kind::DockerRust => "docker-rust",
+            Kind::DockerGeneric => "docker-generic",
+            Kind::DockerNode => "docker-node",
         }
     }
 }

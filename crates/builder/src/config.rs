@@ -33,6 +33,26 @@ impl<'a> Config<'a> {
         }
     }
 
+    /// A table of strings (`dockerfile_extensions`, `build_args`), in its order. Numbers and
+    /// booleans become their text, as `--build-cfg` would have passed them; anything else is an
+    /// error naming `key.<entry>`.
+    pub(crate) fn string_table(&self, key: &str) -> Result<Vec<(String, String)>, BuildError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    Value::Number(n) => Ok((k.clone(), n.to_string())),
+                    Value::Bool(b) => Ok((k.clone(), b.to_string())),
+                    _ => Err(self.bad(&format!("{key}.{k}"), "a string")),
+                })
+                .collect(),
+            Some(_) => Err(self.bad(key, "a table of strings")),
+        }
+    }
+
     pub(crate) fn boolean(&self, key: &str) -> Result<Option<bool>, BuildError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -65,5 +85,26 @@ mod tests {
         assert_eq!(c.boolean("b").unwrap(), Some(true));
         assert_eq!(c.boolean("bs").unwrap(), Some(false));
         assert!(matches!(c.boolean("bad"), Err(BuildError::BadConfig { key, .. }) if key == "bad"));
+    }
+
+    #[test]
+    fn string_tables_keep_order_and_name_bad_entries() {
+        let m = map(json!({"t": {"b": "x", "a": 2, "c": true}, "bad": {"x": [1]}, "s": "no"}));
+        let c = Config::new("docker:generic", &m);
+        assert_eq!(
+            c.string_table("t").unwrap(),
+            [
+                ("b".into(), "x".into()),
+                ("a".into(), "2".into()),
+                ("c".into(), "true".into())
+            ]
+        );
+        assert!(c.string_table("missing").unwrap().is_empty());
+        assert!(
+            matches!(c.string_table("bad"), Err(BuildError::BadConfig { key, .. }) if key == "bad.x")
+        );
+        assert!(
+            matches!(c.string_table("s"), Err(BuildError::BadConfig { key, .. }) if key == "s")
+        );
     }
 }

@@ -54,7 +54,7 @@ fn is_relative_path(p: &str) -> bool {
     p == "." || p == ".." || p.starts_with("./") || p.starts_with("../")
 }
 
-fn module_at(path: &str, version: &str) -> String {
+pub(crate) fn module_at(path: &str, version: &str) -> String {
     if version.is_empty() {
         path.to_owned()
     } else {

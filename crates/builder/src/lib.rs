@@ -35,6 +35,7 @@ mod cache;
 mod config;
 mod generic;
 mod go;
+mod image;
 mod process;
 mod registry;
 mod rust;
@@ -131,6 +132,14 @@ pub enum BuildError {
     },
     #[error("build canceled")]
     Canceled,
+    /// The Docker engine could not be used (unreachable, missing image, API error); the
+    /// message says what to do about it.
+    #[error("builder {builder}: {source}")]
+    Docker {
+        builder: String,
+        #[source]
+        source: tg_docker::DockerError,
+    },
     #[error("builder {builder}: the build succeeded but did not produce the executable {path}")]
     MissingArtifact { builder: String, path: PathBuf },
     #[error("could not {op} {path}: {source}")]

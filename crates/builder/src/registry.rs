@@ -7,6 +7,7 @@ use std::pin::Pin;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Kind};
+use crate::image::ImageBuilder;
 use crate::process::Tools;
 use crate::scratch::{self, BuildDir};
 use crate::{
@@ -14,11 +15,19 @@ use crate::{
 };
 
 /// Builder ids this crate implements.
-pub const BUILDERS: &[&str] = &["exec:rust", "exec:go", "exec:generic"];
+pub const BUILDERS: &[&str] = &[
+    "exec:rust",
+    "exec:go",
+    "exec:generic",
+    "docker:go",
+    "docker:rust",
+    "docker:generic",
+    "docker:node",
+];
 
-/// Builder ids of the original that are known but not implemented yet; they produce images.
-pub const PLANNED_BUILDERS: &[&str] =
-    &["docker:go", "docker:generic", "docker:node", "docker:rust"];
+/// Builder ids that are known but not implemented yet (none at the moment); they would produce
+/// images.
+pub const PLANNED_BUILDERS: &[&str] = &[];
 
 /// A boxed future, so that [`Builder`] stays usable as `dyn Builder`.
 pub type BuildFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -90,6 +99,9 @@ impl Exec {
             Kind::Rust => rust::build(input, &tools).await?,
             Kind::Go => go::build(input, &tools).await?,
             Kind::Generic => generic::build(input, &tools).await?,
+            Kind::DockerGo | Kind::DockerRust | Kind::DockerGeneric | Kind::DockerNode => {
+                unreachable!("image builders are ImageBuilders")
+            }
         };
         tracing::debug!(builder = %input.builder, plan = %input.plan, artifact = %out.artifact,
             cached = out.cached, "build finished");
@@ -132,6 +144,33 @@ impl Builder for Exec {
     }
 }
 
+impl Builder for ImageBuilder {
+    fn id(&self) -> &'static str {
+        self.id
+    }
+
+    fn artifact_kind(&self) -> ArtifactKind {
+        ArtifactKind::Image
+    }
+
+    fn build<'a>(
+        &'a self,
+        input: &'a BuildInput,
+        progress: &'a Progress,
+        cancel: &'a CancellationToken,
+    ) -> BuildFuture<'a, Result<BuildOutput, BuildError>> {
+        Box::pin(self.run(input, progress, cancel))
+    }
+
+    fn purge<'a>(
+        &'a self,
+        plan: &'a str,
+        work_dir: &'a Path,
+    ) -> BuildFuture<'a, Result<(), BuildError>> {
+        Box::pin(ImageBuilder::purge(self, plan, work_dir))
+    }
+}
+
 static EXEC_RUST: Exec = Exec {
     id: "exec:rust",
     kind: Kind::Rust,
@@ -144,7 +183,31 @@ static EXEC_GENERIC: Exec = Exec {
     id: "exec:generic",
     kind: Kind::Generic,
 };
-static REGISTRY: [&dyn Builder; 3] = [&EXEC_RUST, &EXEC_GO, &EXEC_GENERIC];
+static DOCKER_GO: ImageBuilder = ImageBuilder {
+    id: "docker:go",
+    kind: Kind::DockerGo,
+};
+static DOCKER_RUST: ImageBuilder = ImageBuilder {
+    id: "docker:rust",
+    kind: Kind::DockerRust,
+};
+static DOCKER_GENERIC: ImageBuilder = ImageBuilder {
+    id: "docker:generic",
+    kind: Kind::DockerGeneric,
+};
+static DOCKER_NODE: ImageBuilder = ImageBuilder {
+    id: "docker:node",
+    kind: Kind::DockerNode,
+};
+static REGISTRY: [&dyn Builder; 7] = [
+    &EXEC_RUST,
+    &EXEC_GO,
+    &EXEC_GENERIC,
+    &DOCKER_GO,
+    &DOCKER_RUST,
+    &DOCKER_GENERIC,
+    &DOCKER_NODE,
+];
 
 /// Every implemented builder, in the order of [`BUILDERS`].
 pub fn builders() -> &'static [&'static dyn Builder] {
@@ -195,7 +258,12 @@ mod tests {
         assert_eq!(ids, BUILDERS);
         for id in BUILDERS {
             assert_eq!(get(id).map(|b| b.id()), Some(*id));
-            assert_eq!(artifact_kind(id), Some(ArtifactKind::Executable));
+            let kind = if id.starts_with("docker:") {
+                ArtifactKind::Image
+            } else {
+                ArtifactKind::Executable
+            };
+            assert_eq!(artifact_kind(id), Some(kind));
         }
         for id in PLANNED_BUILDERS {
             assert!(get(id).is_none());

@@ -14,7 +14,7 @@ use crate::process::{Stdout, Tools};
 use crate::{Artifact, BuildError, BuildInput, BuildOutput, blocking};
 
 #[derive(Deserialize)]
-struct Metadata {
+pub(crate) struct Metadata {
     packages: Vec<Package>,
 }
 
@@ -31,7 +31,7 @@ struct Target {
 }
 
 /// Cargo puts the `dev` profile's output in `debug/`; every other profile uses its own name.
-fn profile_dir(profile: &str) -> &str {
+pub(crate) fn profile_dir(profile: &str) -> &str {
     match profile {
         "dev" | "test" => "debug",
         "bench" => "release",
@@ -41,7 +41,7 @@ fn profile_dir(profile: &str) -> &str {
 
 /// Picks the binary to build: the configured `bin`, or the only binary target there is.
 /// Returns `(package, bin)`.
-fn choose_bin(
+pub(crate) fn choose_bin(
     cfg: &Config<'_>,
     meta: &Metadata,
     wanted: Option<&str>,

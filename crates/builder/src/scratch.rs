@@ -120,6 +120,13 @@ impl BuildDir {
         }
     }
 
+    /// The token naming this build (its directory's name without the prefix); image builders
+    /// label their step containers with it, so that [`is_live`] can tell whether their build
+    /// still runs.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
     /// The value of [`BUILD_ID_ENV`] for this build's processes; records that one was started.
     pub(crate) fn marker(&self) -> &str {
         self.spawned.store(true, Ordering::Relaxed);
@@ -145,6 +152,25 @@ impl Drop for BuildDir {
             _ => {}
         }
     }
+}
+
+/// Whether the build with directory token `token` still runs: its directory exists and its
+/// lock is held (by any process, in any pid namespace). A build holds the lock from before it
+/// starts anything until after it stopped everything, so a step container whose build is not
+/// live is a leftover.
+pub(crate) fn is_live(work_dir: &Path, token: &str) -> bool {
+    if token.is_empty()
+        || !token
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return false;
+    }
+    let Ok(dir) = File::open(work_dir.join(format!("{PREFIX}{token}"))) else {
+        return false;
+    };
+    // Taking the lock proves nobody holds it; it is released again right away.
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock).is_err()
 }
 
 /// The owner `(pid, start time)` and token encoded in a build directory's name.
@@ -297,8 +323,13 @@ mod tests {
         clean_stale(work.path());
         assert!(!held.exists());
 
+        let token = live.token().to_owned();
+        assert!(is_live(work.path(), &token));
+        assert!(!is_live(work.path(), "0-1-1-b3"));
+        assert!(!is_live(work.path(), "../x"));
         let path = live.path().to_owned();
         drop(live);
+        assert!(!is_live(work.path(), &token));
         assert!(!path.exists(), "a finished build removes its directory");
     }
 }

@@ -283,7 +283,7 @@ impl Backend {
     pub async fn terminate(&self, req: &TerminateRequest) -> Result<Chunks> {
         match self {
             Backend::Remote(r) => r.post("/terminate", req).await,
-            Backend::Embedded(e) => Ok(result_or_error(e.terminate(req).map(|()| "Done"))),
+            Backend::Embedded(e) => Ok(result_or_error(e.terminate(req).await.map(|()| "Done"))),
         }
     }
 

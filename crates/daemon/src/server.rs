@@ -356,7 +356,7 @@ async fn terminate(State(st): State<AppState>, body: Bytes) -> Response {
         }
         return one(Chunk::result(serde_json::Value::String("Done".into())));
     }
-    match st.engine.terminate(&body.req) {
+    match st.engine.terminate(&body.req).await {
         Ok(()) => one(Chunk::result(serde_json::Value::String("Done".into()))),
         Err(e) => one(Chunk::error(e.to_string())),
     }

@@ -83,8 +83,8 @@ impl Docker {
             let Some(item) = item else { break };
             let info = match item {
                 Ok(info) => info,
-                // bollard turns the builder's error message (a failed step) into a stream
-                // error: it is the build's failure, not the engine's.
+                // bollard reports the engine's build failure (a `RUN` that failed) this way,
+                // not as an `error_detail`: it is the build's failure, with its output.
                 Err(bollard::errors::Error::DockerStreamError { error }) => {
                     return Err(DockerError::Build {
                         message: error.trim().to_string(),
@@ -103,6 +103,8 @@ impl Docker {
                 partial.push_str(&text);
                 while let Some(i) = partial.find('\n') {
                     let line: String = partial.drain(..=i).collect();
+                    // The engine colours a step's standard error; a log is plain text.
+                    let line = line.replace("\u{1b}[91m", "").replace("\u{1b}[0m", "");
                     let line = line.trim_end();
                     if line.is_empty() {
                         continue;

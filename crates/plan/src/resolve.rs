@@ -48,7 +48,7 @@ pub fn resolve_builds(
             };
             let config = layered([
                 env_builders.get(&builder),
-                m.builders.get(&builder),
+                m.builder_section(&builder),
                 Some(&global.build_config),
                 Some(&g.build_config),
             ]);
@@ -238,7 +238,7 @@ pub fn resolve_run(
         runner: global.runner.clone(),
         run_config: layered([
             env_runners.get(&global.runner),
-            m.runners.get(&global.runner),
+            m.runner_section(&global.runner),
             Some(&global.run_config),
         ]),
         total_instances: counts.total,

@@ -66,6 +66,76 @@ pub(crate) const NETWORK_KEYS: &[ConfigKey] = &[
     },
 ];
 
+/// Keys of `local:docker` (the original's, and the start concurrency).
+pub(crate) const DOCKER_KEYS: &[ConfigKey] = &[
+    ConfigKey {
+        name: "keep_containers",
+        expects: "true or false",
+        help: "leave the run's containers (stopped) for inspection instead of removing them",
+    },
+    ConfigKey {
+        name: "ulimits",
+        expects: "a list of \"name=soft:hard\" (e.g. [\"nofile=1048576:1048576\"]), or one string, comma separated",
+        help: "resource limits of instance containers (default nofile=1048576:1048576, lowered to what the engine may grant)",
+    },
+    ConfigKey {
+        name: "exposed_ports",
+        expects: "a table of label = port",
+        help: "ports instances listen on: <LABEL>_PORT in their environment, reachable from the host at an address the run log prints",
+    },
+    ConfigKey {
+        name: "additional_hosts",
+        expects: "a list of container names",
+        help: "containers (on any Docker network) instances may reach by name; ADDITIONAL_HOSTS in their environment",
+    },
+    ConfigKey {
+        name: "log_level",
+        expects: "a level such as \"debug\"",
+        help: "LOG_LEVEL given to instances",
+    },
+    ConfigKey {
+        name: "outcomes_collection_timeout",
+        expects: "a duration such as \"45s\"",
+        help: "accepted for compatibility; outcomes are collected as instances end",
+    },
+    ConfigKey {
+        name: "start_concurrency",
+        expects: "a positive integer",
+        help: "containers started at a time (default 16, as the original)",
+    },
+    ConfigKey {
+        name: "background",
+        expects: "true or false",
+        help: "accepted for compatibility with the original's manifests; ignored",
+    },
+];
+
+/// `local:docker`'s part of a run configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerConfig {
+    pub keep_containers: bool,
+    /// (name, soft, hard), e.g. ("nofile", 1048576, 1048576).
+    pub ulimits: Vec<(String, i64, i64)>,
+    /// Label → port.
+    pub exposed_ports: std::collections::BTreeMap<String, u16>,
+    pub additional_hosts: Vec<String>,
+    pub log_level: Option<String>,
+    pub start_concurrency: usize,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            keep_containers: false,
+            ulimits: vec![("nofile".into(), 1_048_576, 1_048_576)],
+            exposed_ports: Default::default(),
+            additional_hosts: Vec::new(),
+            log_level: None,
+            start_concurrency: 16,
+        }
+    }
+}
+
 /// A run configuration in types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunConfig {
@@ -78,6 +148,8 @@ pub struct RunConfig {
     pub capture: bool,
     /// `influxdb_url`.
     pub influxdb_url: Option<String>,
+    /// `local:docker`'s keys.
+    pub docker: DockerConfig,
     /// Unknown keys that were tolerated (from a manifest or `.env.toml`), to warn about.
     pub ignored: Vec<String>,
 }
@@ -116,6 +188,45 @@ fn unsigned(key: &str, v: &Value, what: &str) -> Result<u64, RunError> {
         Value::String(s) => s.trim().parse().map_err(|_| invalid(key, v, what)),
         _ => Err(invalid(key, v, what)),
     }
+}
+
+/// A list given as an array of strings, or as one comma-separated string (`--run-cfg`).
+fn string_list(key: &str, v: &Value) -> Result<Vec<String>, RunError> {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .map(|x| match x {
+                Value::String(s) => Ok(s.trim().to_string()),
+                _ => Err(invalid(key, v, "expected a list of strings")),
+            })
+            .filter(|r| r.as_ref().map(|s| !s.is_empty()).unwrap_or(true))
+            .collect(),
+        Value::String(s) => Ok(s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect()),
+        _ => Err(invalid(key, v, "expected a list of strings")),
+    }
+}
+
+/// `name=soft:hard` (or `name=value` for both).
+fn ulimit(key: &str, v: &Value, u: &str) -> Result<(String, i64, i64), RunError> {
+    let bad = || {
+        invalid(
+            key,
+            v,
+            "expected \"name=soft:hard\", e.g. \"nofile=1048576:1048576\"",
+        )
+    };
+    let (name, limits) = u.split_once('=').ok_or_else(bad)?;
+    let (soft, hard) = limits.split_once(':').unwrap_or((limits, limits));
+    let soft: i64 = soft.trim().parse().map_err(|_| bad())?;
+    let hard: i64 = hard.trim().parse().map_err(|_| bad())?;
+    if name.trim().is_empty() || soft < 0 || hard < soft {
+        return Err(bad());
+    }
+    Ok((name.trim().to_string(), soft, hard))
 }
 
 /// Parses `map` against `keys`. Unknown keys listed in `strict` are errors; other unknown keys
@@ -167,6 +278,57 @@ pub(crate) fn parse(
             "capture" => cfg.capture = boolean(key, v)?,
             "enabled" | "disabled" => {
                 boolean(key, v)?;
+            }
+            "keep_containers" => cfg.docker.keep_containers = boolean(key, v)?,
+            "background" => {
+                boolean(key, v)?;
+            }
+            "ulimits" => {
+                cfg.docker.ulimits = string_list(key, v)?
+                    .iter()
+                    .map(|u| ulimit(key, v, u))
+                    .collect::<Result<_, _>>()?;
+            }
+            "exposed_ports" => {
+                let Value::Object(m) = v else {
+                    return Err(invalid(key, v, "expected a table of label = port"));
+                };
+                let mut ports = std::collections::BTreeMap::new();
+                for (label, port) in m {
+                    let p = unsigned(key, port, "expected a port number")?;
+                    let p = u16::try_from(p)
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| invalid(key, v, "ports are 1 to 65535"))?;
+                    if label.is_empty()
+                        || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        return Err(invalid(key, v, "labels are letters, digits and _"));
+                    }
+                    ports.insert(label.clone(), p);
+                }
+                cfg.docker.exposed_ports = ports;
+            }
+            "additional_hosts" => cfg.docker.additional_hosts = string_list(key, v)?,
+            "log_level" => match v {
+                Value::String(s) => {
+                    cfg.docker.log_level = (!s.is_empty()).then(|| s.clone());
+                }
+                _ => return Err(invalid(key, v, "expected a string")),
+            },
+            "outcomes_collection_timeout" => match v {
+                Value::String(s) => {
+                    humantime::parse_duration(s.trim())
+                        .map_err(|e| invalid(key, v, &e.to_string()))?;
+                }
+                _ => return Err(invalid(key, v, "expected a duration like \"45s\"")),
+            },
+            "start_concurrency" => {
+                let n = unsigned(key, v, "expected a positive integer")?;
+                if n == 0 || n > 1024 {
+                    return Err(invalid(key, v, "expected 1 to 1024"));
+                }
+                cfg.docker.start_concurrency = n as usize;
             }
             "influxdb_url" => match v {
                 Value::String(s) if s.is_empty() => {}
@@ -247,6 +409,50 @@ mod tests {
         match p(json!({"capture": "yes please"}), &[]) {
             Err(RunError::InvalidConfig { key, .. }) => assert_eq!(key, "capture"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn docker_keys() {
+        let d = |v: Value| {
+            parse(
+                "local:docker",
+                &[COMMON_KEYS, NETWORK_KEYS, DOCKER_KEYS],
+                v.as_object().unwrap(),
+                &BTreeSet::new(),
+            )
+        };
+        let c = d(json!({})).unwrap().docker;
+        assert_eq!(c, DockerConfig::default());
+        let c = d(
+            json!({"keep_containers": "true", "ulimits": ["nofile=10:20", "nproc=5"],
+            "exposed_ports": {"http": 8080}, "additional_hosts": "a, b", "start_concurrency": 4}),
+        )
+        .unwrap()
+        .docker;
+        assert!(c.keep_containers);
+        assert_eq!(
+            c.ulimits,
+            vec![("nofile".into(), 10, 20), ("nproc".into(), 5, 5)]
+        );
+        assert_eq!(c.exposed_ports["http"], 8080);
+        assert_eq!(c.additional_hosts, ["a", "b"]);
+        assert_eq!(c.start_concurrency, 4);
+        for (bad, key) in [
+            (json!({"ulimits": ["nofile"]}), "ulimits"),
+            (json!({"ulimits": ["nofile=9:1"]}), "ulimits"),
+            (json!({"exposed_ports": {"x": 70000}}), "exposed_ports"),
+            (json!({"exposed_ports": "x"}), "exposed_ports"),
+            (json!({"start_concurrency": 0}), "start_concurrency"),
+            (
+                json!({"outcomes_collection_timeout": "later"}),
+                "outcomes_collection_timeout",
+            ),
+        ] {
+            match d(bad.clone()) {
+                Err(RunError::InvalidConfig { key: k, .. }) => assert_eq!(k, key, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

@@ -20,6 +20,9 @@ pub enum RunError {
     #[error("local:netns cannot run here: {reason}")]
     NetnsUnavailable { reason: String },
 
+    #[error("local:docker: {0}")]
+    Docker(String),
+
     #[error("cannot set up the run's network: {0}")]
     RunNetwork(tg_sidecar::SidecarError),
 

@@ -32,6 +32,8 @@ pub(crate) struct InstanceSpec {
     /// The complete environment.
     pub env: Vec<(&'static str, OsString)>,
     pub outputs: PathBuf,
+    /// Its temp directory (`TEST_TEMP_PATH` of host processes).
+    pub temp: PathBuf,
 }
 
 /// What the run environment tells instances about itself (`TEST_SIDECAR`, `TEST_SUBNET`,

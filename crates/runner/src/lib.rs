@@ -18,6 +18,8 @@
 //! - `launch`: the launcher seam (`Launcher`, `Launched`).
 //! - `exec`: host processes (`local:exec`), also used by `netns`.
 //! - `netns`: what `local:netns` adds: privilege check, the run's network, jails.
+//! - `docker`: `local:docker`: containers joined to pause containers whose namespaces the
+//!   run's sidecar wires exactly as under `local:netns`.
 //! - `instance`: one task per launched instance: pipes, capture files, exit, stop.
 //! - `supervisor`: the single actor owning every instance's state and deciding outcomes
 //!   ([`InstanceReport`] is its input).
@@ -29,6 +31,7 @@
 //! - `error`: [`RunError`].
 
 mod config;
+mod docker;
 mod env;
 mod error;
 mod exec;
@@ -53,7 +56,7 @@ use tg_api::task::RunResult;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ConfigKey, RunConfig};
+pub use config::{ConfigKey, DockerConfig, RunConfig};
 pub use error::RunError;
 pub use instance::MAX_LINE;
 pub use line::{InstanceLine, LineKind};
@@ -127,8 +130,9 @@ pub trait Runner: Send + Sync {
     /// `testground terminate --runner <id>`, beyond canceling the runner's tasks (which the
     /// engine does): removes what runs of this runner whose engine died left behind. Returns
     /// what it did.
-    fn terminate(&self, data_dir: &Path) -> Vec<String> {
-        clean_leftovers(&runs_dir(data_dir))
+    fn terminate(&self, data_dir: &Path) -> BoxFuture<'static, Vec<String>> {
+        let runs = runs_dir(data_dir);
+        Box::pin(async move { clean_leftovers(&runs) })
     }
 }
 

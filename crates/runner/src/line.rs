@@ -54,6 +54,8 @@ pub struct InstanceLine {
     pub group: String,
     /// Index of the instance within its group, from 0.
     pub index: u32,
+    /// The container's short id under the container runners.
+    pub tag: Option<String>,
     /// Time since the run started.
     pub elapsed: Duration,
     pub kind: LineKind,
@@ -61,10 +63,15 @@ pub struct InstanceLine {
 }
 
 impl InstanceLine {
-    /// The original pretty printer's line: `   2.0365s         OK << single[001] >> `.
+    /// The original pretty printer's line: `   2.0365s         OK << single[001] >> `, with
+    /// the container's short id as `single[001] (95aa87)` under the container runners.
     pub fn render(&self) -> String {
+        let tag = match &self.tag {
+            Some(t) => format!(" ({t})"),
+            None => String::new(),
+        };
         format!(
-            "{:>9.4}s {:>10} << {}[{:03}] >> {}",
+            "{:>9.4}s {:>10} << {}[{:03}]{tag} >> {}",
             self.elapsed.as_secs_f64(),
             self.kind.as_str(),
             self.group,
@@ -82,6 +89,7 @@ mod tests {
         InstanceLine {
             group: "single".into(),
             index: 1,
+            tag: None,
             elapsed,
             kind,
             text: text.into(),
@@ -107,6 +115,8 @@ mod tests {
         l.index = 12;
         l.group = "g".into();
         assert_eq!(l.render(), "   0.0000s    MESSAGE << g[012] >> hi");
+        l.tag = Some("a5d263".into());
+        assert_eq!(l.render(), "   0.0000s    MESSAGE << g[012] (a5d263) >> hi");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{RunConfig, RunError, RunInput, RunnerEvent};
 
 /// Instance networks built at a time: past about 16 the kernel's own serialisation (rtnl)
 /// dominates (measured with tg-sys's netns-scale example).
-const NETNS_SETUP_CONCURRENCY: usize = 16;
+pub(crate) const NETNS_SETUP_CONCURRENCY: usize = 16;
 
 /// Namespaces, TUN devices and mounts need root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 pub(crate) fn check_privileges() -> Result<(), RunError> {
@@ -140,6 +140,7 @@ impl Launcher for NetnsLauncher {
                 ordinal: s.ordinal as u32,
                 hostname: s.hostname.clone(),
                 outputs: s.outputs.clone(),
+                netns: None,
             })
             .collect::<Vec<_>>();
         let setup = std::time::Instant::now();
@@ -191,7 +192,7 @@ impl Launcher for NetnsLauncher {
 
 /// Builds the run's network and forwards the sidecar's messages: log lines to the run log,
 /// refused network configs to the supervisor (they fail their instance).
-async fn create(
+pub(crate) async fn create(
     input: &RunInput,
     config: &RunConfig,
     work_dir: &Path,

@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use futures::future::BoxFuture;
 use tg_api::artifact::ArtifactKind;
 
-use crate::config::{COMMON_KEYS, ConfigKey, NETWORK_KEYS};
+use crate::config::{COMMON_KEYS, ConfigKey, DOCKER_KEYS, NETWORK_KEYS};
+use crate::docker::DockerLauncher;
 use crate::exec::ExecLauncher;
 use crate::netns::NetnsLauncher;
 use crate::run_loop::run_loop;
@@ -13,7 +14,7 @@ use crate::supervisor::OutcomeRule;
 use crate::{HealthCheck, RunConfig, RunContext, RunError, RunOutput, Runner};
 
 /// Runners of the original that this build does not have yet.
-const NOT_YET: &[&str] = &["local:docker", "cluster:k8s", "cluster:swarm"];
+const NOT_YET: &[&str] = &["cluster:k8s", "cluster:swarm"];
 
 /// `local:exec`: host processes, no shaping, outcomes from stdout.
 pub struct LocalExec;
@@ -22,7 +23,11 @@ pub struct LocalExec;
 /// from the `run_events` topic.
 pub struct LocalNetns;
 
-static RUNNERS: [&dyn Runner; 2] = [&LocalExec, &LocalNetns];
+/// `local:docker`: containers on the same userspace-emulated network as `local:netns`,
+/// outcomes from the `run_events` topic.
+pub struct LocalDocker;
+
+static RUNNERS: [&dyn Runner; 3] = [&LocalExec, &LocalNetns, &LocalDocker];
 
 /// Every runner of this build.
 pub fn runners() -> &'static [&'static dyn Runner] {
@@ -125,6 +130,48 @@ impl Runner for LocalNetns {
     }
 }
 
+impl Runner for LocalDocker {
+    fn id(&self) -> &'static str {
+        "local:docker"
+    }
+
+    fn accepts(&self) -> &'static [ArtifactKind] {
+        &[ArtifactKind::Image]
+    }
+
+    fn config_keys(&self) -> Vec<ConfigKey> {
+        keys(&[COMMON_KEYS, NETWORK_KEYS, DOCKER_KEYS])
+    }
+
+    fn parse_config(
+        &self,
+        map: &serde_json::Map<String, serde_json::Value>,
+        strict: &BTreeSet<String>,
+    ) -> Result<RunConfig, RunError> {
+        crate::config::parse(
+            self.id(),
+            &[COMMON_KEYS, NETWORK_KEYS, DOCKER_KEYS],
+            map,
+            strict,
+        )
+    }
+
+    fn healthcheck(&self, fix: bool) -> BoxFuture<'static, Vec<HealthCheck>> {
+        Box::pin(crate::docker::health(fix))
+    }
+
+    fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
+        Box::pin(async move {
+            let launcher = DockerLauncher::new(ctx.input.clone(), ctx.config.clone());
+            run_loop(launcher, ctx, OutcomeRule::SyncEvents).await
+        })
+    }
+
+    fn terminate(&self, data_dir: &std::path::Path) -> BoxFuture<'static, Vec<String>> {
+        Box::pin(crate::docker::terminate(data_dir.to_path_buf()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,7 +180,8 @@ mod tests {
     fn lookup_names_what_exists() {
         assert_eq!(get("local:exec").unwrap().id(), "local:exec");
         assert_eq!(get("local:netns").unwrap().id(), "local:netns");
-        match get("local:docker") {
+        assert_eq!(get("local:docker").unwrap().id(), "local:docker");
+        match get("cluster:k8s") {
             Err(e @ RunError::NotSupported { .. }) => {
                 assert!(e.to_string().contains("not supported"), "{e}")
             }
@@ -141,7 +189,11 @@ mod tests {
         }
         match get("local:exex") {
             Err(e @ RunError::UnsupportedRunner { .. }) => {
-                assert!(e.to_string().contains("local:exec, local:netns"), "{e}")
+                assert!(
+                    e.to_string()
+                        .contains("local:exec, local:netns, local:docker"),
+                    "{e}"
+                )
             }
             other => panic!("{:?}", other.map(|r| r.id())),
         }

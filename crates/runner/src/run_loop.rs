@@ -147,6 +147,7 @@ pub(crate) async fn run_loop<L: Launcher>(
                 hostname: env.hostname(index),
                 env: env.instance(index, &outputs, &temp).collect(),
                 outputs,
+                temp,
             });
         }
     }

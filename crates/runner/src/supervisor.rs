@@ -51,6 +51,9 @@ pub enum InstanceReport {
     /// An event published on the run's `run_events` topic. It carries a group, not an
     /// instance.
     Sync(Event),
+    /// A short name the instance's lines carry after its index, as the original's container
+    /// runners did with the container id (`single[000] (a5d263)`).
+    Tag { instance: usize, tag: String },
     /// The runner found the instance cannot have passed (e.g. its sidecar refused a network
     /// configuration it asked for): it fails whatever it reports afterwards.
     Refused {
@@ -94,6 +97,8 @@ struct InstanceState {
     exit: Option<Exit>,
     /// Credited with a success published on the sync service only.
     sync_credited: bool,
+    /// See [`InstanceReport::Tag`].
+    tag: Option<String>,
 }
 
 impl InstanceState {
@@ -227,6 +232,11 @@ impl Supervisor {
                     self.emit(instance, elapsed, kind, text);
                 }
             }
+            InstanceReport::Tag { instance, tag } => {
+                if let Some(state) = self.instances.get_mut(instance) {
+                    state.tag = Some(tag);
+                }
+            }
             InstanceReport::Sync(Event::Success { group }) => {
                 *self.sync_successes.entry(group).or_default() += 1;
             }
@@ -331,6 +341,7 @@ impl Supervisor {
         self.pending.push(RunnerEvent::Instance(InstanceLine {
             group: self.group_ids[state.group].clone(),
             index: state.index,
+            tag: state.tag.clone(),
             elapsed,
             kind,
             text,

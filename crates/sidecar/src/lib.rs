@@ -357,6 +357,7 @@ impl RunNetwork {
                 ordinal,
                 hostname: hostname.to_string(),
                 outputs: outputs.to_path_buf(),
+                netns: None,
             },
         )
         .await?;
@@ -454,13 +455,16 @@ fn kill_in_namespaces(inodes: &BTreeSet<u64>) -> usize {
 }
 
 /// What [`RunNetwork::add_instances`] needs to know of one instance.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct InstanceSpec {
     pub ordinal: u32,
     /// Its `HOSTNAME` and kernel hostname: names its `network:<hostname>` topic.
     pub hostname: String,
     /// Its outputs directory (for `data.pcap`).
     pub outputs: PathBuf,
+    /// The namespace to build the instance's network in (e.g. a container's, under
+    /// `local:docker`); `None` creates a fresh one (`local:netns`).
+    pub netns: Option<NetNs>,
 }
 
 /// Builds one instance's network: namespace, control veth and route, TUN, addresses,
@@ -475,6 +479,7 @@ async fn prepare(
         ordinal,
         hostname,
         outputs,
+        netns,
     } = spec;
     if ordinal >= addr::MAX_INSTANCES {
         return Err(SidecarError::TooManyInstances {
@@ -482,7 +487,10 @@ async fn prepare(
         });
     }
     let sh = &shared;
-    let ns = NetNs::new().map_err(io_err("create an instance namespace"))?;
+    let ns = match netns {
+        Some(ns) => ns,
+        None => NetNs::new().map_err(io_err("create an instance namespace"))?,
+    };
     let ctl_if = format!("c{ordinal}");
     let cidx = sh
         .ctl_nl

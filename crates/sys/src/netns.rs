@@ -58,6 +58,23 @@ impl NetNs {
         }
     }
 
+    /// The namespace of process `pid` (e.g. a container's init), held from now on by this
+    /// handle. `start_time` (see [`crate::proc::start_time`]) guards against a reused pid: the
+    /// handle is returned only if the process that had it still has it after the open.
+    pub fn of_process(pid: i32, start_time: Option<u64>) -> io::Result<NetNs> {
+        let path = format!("/proc/{pid}/ns/net");
+        let file = File::open(&path).map_err(|e| with_context(e, &path))?;
+        if let Some(t) = start_time
+            && crate::proc::start_time(pid) != Some(t)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} ended while its namespace was being opened"),
+            ));
+        }
+        Ok(NetNs { fd: file.into() })
+    }
+
     /// The namespace of the calling thread.
     pub fn current() -> io::Result<NetNs> {
         let file = File::open(THREAD_NETNS).map_err(|e| with_context(e, THREAD_NETNS))?;

@@ -10,6 +10,9 @@
 //!   then checks a connect to 3 fails at once and a connect to 2 gets no answer.
 //! - `per-link`: instance 1 shapes its link to each peer differently and checks the round
 //!   trips follow.
+//! - `isolation`: every instance listens on all its interfaces and checks that its peers
+//!   reach it over the data network and never over the control network (the sync service's
+//!   network), as the original's `verify` plan does.
 //!
 //! Shaping and filtering apply to the sender's egress only, so a rule on instance 1 acts on
 //! the way out of instance 1 and nowhere else.
@@ -45,6 +48,7 @@ fn main() {
         ("latency", TestCase::initialized(latency)),
         ("partition", TestCase::initialized(partition)),
         ("per-link", TestCase::initialized(per_link)),
+        ("isolation", TestCase::initialized(isolation)),
     ]);
 }
 
@@ -323,6 +327,102 @@ async fn measure_links(
             far.0, near.0
         ));
     }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; ").into())
+    }
+}
+
+/// The port `isolation` listens on, on every interface.
+const ANY_PORT: u16 = 7001;
+
+/// One instance's two addresses, as published on `isolation-addrs`.
+#[derive(Debug, Serialize, Deserialize)]
+struct BothAddrs {
+    seq: u64,
+    data: IpAddr,
+    control: IpAddr,
+}
+
+/// `isolation` (2 or more instances): each peer's port on its data address answers; on its
+/// control address (the one that reaches the sync service) it must not.
+async fn isolation(env: &RunEnv, ic: &InitContext) -> CaseResult {
+    let data = ic.net.data_network_ip()?;
+    let listener = TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), ANY_PORT))
+        .await
+        .map_err(|e| format!("listen on port {ANY_PORT}: {e}"))?;
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(echo(sock));
+        }
+    });
+    // The control address is the source address of the route to the sync service.
+    let sync = tokio::net::lookup_host((env.sync_service_host.as_str(), env.sync_service_port))
+        .await
+        .map_err(|e| format!("resolve the sync service: {e}"))?
+        .next()
+        .ok_or("the sync service's name has no address")?;
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect(sync)?;
+    let control = probe.local_addr()?.ip();
+    if control == data {
+        return Err(format!("the control address {control} is the data address").into());
+    }
+    let mut sub = ic.sync.subscribe::<BothAddrs>("isolation-addrs")?;
+    ic.sync
+        .publish(
+            "isolation-addrs",
+            &BothAddrs {
+                seq: ic.global_seq,
+                data,
+                control,
+            },
+        )
+        .await?;
+    let mut peers = Vec::new();
+    while peers.len() < env.test_instance_count as usize {
+        let next = async {
+            match sub.next().await {
+                Some(item) => item.map_err(BoxError::from),
+                None => Err(BoxError::from("the subscription ended")),
+            }
+        };
+        peers.push(within(SYNC_TIMEOUT, "collect the addresses", next).await?);
+    }
+    let mut problems = Vec::new();
+    for p in peers.iter().filter(|p| p.seq != ic.global_seq) {
+        let over_data = SocketAddr::new(p.data, ANY_PORT);
+        within(
+            IO_TIMEOUT,
+            &format!("connect to {over_data}"),
+            TcpStream::connect(over_data),
+        )
+        .await?;
+        let over_control = SocketAddr::new(p.control, ANY_PORT);
+        match timeout(Duration::from_secs(2), TcpStream::connect(over_control)).await {
+            Ok(Ok(_)) => problems.push(format!(
+                "instance {} answered on its control address {over_control}",
+                p.seq
+            )),
+            Ok(Err(e)) => env.record_message(format!(
+                "instance {}: data {over_data} answers, control {over_control} does not ({e})",
+                p.seq
+            )),
+            Err(_) => env.record_message(format!(
+                "instance {}: data {over_data} answers, control {over_control} does not (no answer)",
+                p.seq
+            )),
+        }
+    }
+    // Peers keep listening until everyone has probed.
+    within(
+        SYNC_TIMEOUT,
+        "wait for the others",
+        ic.sync
+            .signal_and_wait("isolation-probed", env.test_instance_count as i64),
+    )
+    .await?;
     if problems.is_empty() {
         Ok(())
     } else {

@@ -15,20 +15,33 @@ pub fn repo() -> PathBuf {
         .unwrap()
 }
 
-/// A temporary `$TESTGROUND_HOME`, removed on drop.
+/// A temporary `$TESTGROUND_HOME`, removed on drop (or, for [`Home::shared`], by the next
+/// test run that uses the same name).
 pub struct Home {
-    dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    path: PathBuf,
 }
 
 impl Home {
     pub fn new() -> Home {
+        let dir = tempfile::tempdir().unwrap();
         Home {
-            dir: tempfile::tempdir().unwrap(),
+            path: dir.path().to_path_buf(),
+            _dir: Some(dir),
         }
     }
 
+    /// A home under the build's `target/` directory, emptied first, for tests that share one
+    /// home in a static (statics are never dropped, so a temporary one would stay in /tmp).
+    pub fn shared(name: &str) -> Home {
+        let path = repo().join("target").join(name);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Home { _dir: None, path }
+    }
+
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     /// The `testground` binary with this home, no inherited log level, no stdin, run in the

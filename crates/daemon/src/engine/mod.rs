@@ -362,12 +362,18 @@ impl Engine {
             if builder.is_empty() && !g.run.artifact.is_empty() {
                 continue;
             }
-            let kind = tg_builder::lookup(builder)
-                .map_err(|e| EngineError::UnknownBuilder {
-                    group: g.id.clone(),
-                    reason: e.to_string(),
-                })?
-                .artifact_kind();
+            // A group with a given artifact is not built: its builder only names the kind.
+            let known = if g.run.artifact.is_empty() {
+                tg_builder::lookup(builder).map(|b| b.artifact_kind())
+            } else {
+                tg_builder::lookup(builder)
+                    .map(|b| b.artifact_kind())
+                    .or_else(|e| tg_builder::artifact_kind(builder).ok_or(e))
+            };
+            let kind = known.map_err(|e| EngineError::UnknownBuilder {
+                group: g.id.clone(),
+                reason: e.to_string(),
+            })?;
             if !runner.accepts().contains(&kind) {
                 return Err(EngineError::Incompatible {
                     runner: runner.id().to_owned(),
@@ -647,7 +653,7 @@ impl Engine {
     }
 
     /// Cancels every task using the runner or builder named in the request.
-    pub fn terminate(&self, req: &TerminateRequest) -> Result<(), EngineError> {
+    pub async fn terminate(&self, req: &TerminateRequest) -> Result<(), EngineError> {
         if req.runner.is_empty() == req.builder.is_empty() {
             return Err(EngineError::BadRequest(
                 "specify exactly one of runner or builder to terminate".into(),
@@ -686,7 +692,7 @@ impl Engine {
         }
         if !req.runner.is_empty() {
             let runner = tg_runner::runner(&req.runner)?;
-            for line in runner.terminate(&self.data_dir()) {
+            for line in runner.terminate(&self.data_dir()).await {
                 tracing::warn!("{line}");
             }
         }

@@ -9,7 +9,7 @@ use tg_api::task::{Outcome, Task};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::events::{RunSummary, TaskEvent, TaskEvents};
+use super::events::{Level, RunSummary, TaskEvent, TaskEvents};
 use super::{Engine, StoredInput, TaskDone};
 
 /// Events published on `run_events` waiting for the runner: a flood waits in the sync
@@ -58,6 +58,26 @@ impl Engine {
             &self.inner.cfg.runners_json(),
         )
         .map_err(|e| e.to_string())?;
+        let builders: Vec<&str> = comp
+            .groups
+            .iter()
+            .map(|g| {
+                if g.builder.is_empty() {
+                    comp.global.builder.as_str()
+                } else {
+                    g.builder.as_str()
+                }
+            })
+            .collect();
+        for text in req
+            .manifest
+            .substitution_notices(&builders, &resolved.runner)
+        {
+            events.emit(TaskEvent::Log {
+                level: Level::Warn,
+                text,
+            });
+        }
         let runner = tg_runner::runner(&resolved.runner).map_err(|e| e.to_string())?;
         // Checked strictly at submission; what a manifest or .env.toml adds is only warned
         // about (by the run loop).

@@ -1,0 +1,222 @@
+//! `docker:rust`: `cargo build` in a one-shot container of the build image, with the cargo
+//! home (registry and git caches) shared by every plan and a target directory per plan, both
+//! under the work dir so that a rebuild compiles only what changed; the binary then goes alone
+//! into the runtime image. Selectors are cargo features and `profile`/`bin` mean what they mean
+//! for `exec:rust`.
+
+use std::collections::BTreeMap;
+
+use tg_docker::OneShot;
+use tg_docker::context::Context;
+
+use super::{Built, Step, bind};
+use crate::cache::{self, Kind};
+use crate::config::Config;
+use crate::rust::{Metadata, choose_bin, profile_dir};
+use crate::{BuildError, blocking};
+
+#[derive(Debug)]
+pub(super) struct Recipe {
+    profile: String,
+    bin: Option<String>,
+    build_base_image: String,
+    runtime_image: String,
+}
+
+impl Recipe {
+    pub(super) fn parse(cfg: &Config<'_>) -> Result<Recipe, BuildError> {
+        let profile = cfg
+            .string("profile")?
+            .unwrap_or_else(|| "release".to_owned());
+        if !profile
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(cfg.bad(
+                "profile",
+                "a cargo profile name such as \"release\" or \"dev\"",
+            ));
+        }
+        Ok(Recipe {
+            profile,
+            bin: cfg.string("bin")?,
+            build_base_image: cfg
+                .string("build_base_image")?
+                .unwrap_or_else(|| tg_docker::base::RUST.to_owned()),
+            runtime_image: cfg
+                .string("runtime_image")?
+                .unwrap_or_else(|| tg_docker::base::DEBIAN_SLIM.to_owned()),
+        })
+    }
+
+    pub(super) fn images(&self) -> Vec<String> {
+        vec![self.build_base_image.clone(), self.runtime_image.clone()]
+    }
+
+    fn package_dockerfile(&self) -> String {
+        format!(
+            "FROM {}\nCOPY testplan /testplan\nEXPOSE 6060\nENTRYPOINT [\"/testplan\"]\n",
+            self.runtime_image
+        )
+    }
+
+    fn cargo_build(&self, package: &str, bin: &str, features: &[String]) -> Vec<String> {
+        let mut cmd: Vec<String> = [
+            "cargo",
+            "build",
+            "--message-format=short",
+            "--color",
+            "never",
+            "--profile",
+            &self.profile,
+            "--target-dir",
+            "/tg/target",
+            "--package",
+            package,
+            "--bin",
+            bin,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        if !features.is_empty() {
+            cmd.push("--features".to_owned());
+            cmd.push(features.join(","));
+        }
+        cmd
+    }
+
+    pub(super) async fn build(&self, step: &Step<'_>) -> Result<Built, BuildError> {
+        let input = step.input;
+        let plan = step.scratch_dir("plan")?;
+        step.copy_sources(&plan).await?;
+        let target = cache::plan_dir(Kind::DockerRust, &input.plan, &step.work_dir).join("target");
+        std::fs::create_dir_all(&target)
+            .map_err(|e| BuildError::io("create directory", &target, e))?;
+        let binds = vec![
+            bind(&plan, "/plan")?,
+            bind(&target, "/tg/target")?,
+            bind(&step.shared_dir(Kind::DockerRust, "cargo")?, "/tg/cargo")?,
+            bind(&step.shared_dir(Kind::DockerRust, "home")?, "/tg/home")?,
+        ];
+        let env = vec![
+            ("CARGO_HOME".to_owned(), "/tg/cargo".to_owned()),
+            ("HOME".to_owned(), "/tg/home".to_owned()),
+            ("CARGO_TERM_COLOR".to_owned(), "never".to_owned()),
+        ];
+        let meta = step
+            .run(OneShot {
+                image: self.build_base_image.clone(),
+                cmd: [
+                    "cargo",
+                    "metadata",
+                    "--no-deps",
+                    "--format-version",
+                    "1",
+                    "--color",
+                    "never",
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+                env: env.clone(),
+                binds: binds.clone(),
+                workdir: Some("/plan".to_owned()),
+                capture_stdout: true,
+                ..Default::default()
+            })
+            .await?;
+        let meta: Metadata = serde_json::from_slice(&meta.stdout).map_err(|e| {
+            BuildError::io(
+                "parse `cargo metadata` output for",
+                &input.plan_dir,
+                std::io::Error::other(e),
+            )
+        })?;
+        let cfg = Config::new(&input.builder, &input.config);
+        let (package, bin) = choose_bin(&cfg, &meta, self.bin.as_deref())?;
+        let cmd = self.cargo_build(&package, &bin, &input.selectors);
+        step.say(format!("$ {}", cmd.join(" ")));
+        let mut shot = OneShot {
+            image: self.build_base_image.clone(),
+            cmd,
+            env,
+            binds,
+            workdir: Some("/plan".to_owned()),
+            // Crate downloads.
+            network: Some("host".to_owned()),
+            ..Default::default()
+        };
+        step.trust(&mut shot)?;
+        step.run(shot).await?;
+
+        let binary = target.join(profile_dir(&self.profile)).join(&bin);
+        if !cache::is_installed(&binary) {
+            return Err(BuildError::MissingArtifact {
+                builder: input.builder.clone(),
+                path: binary,
+            });
+        }
+        let dockerfile = self.package_dockerfile();
+        let scratch = step.scratch.path().to_owned();
+        // On disk: a debug binary can weigh hundreds of megabytes.
+        let context = blocking("package", &binary.clone(), move || {
+            let io = |e| BuildError::io("assemble the build context with", &binary, e);
+            let mut ctx = Context::on_disk(&scratch).map_err(io)?;
+            ctx.file("Dockerfile", dockerfile.as_bytes(), 0o644)
+                .map_err(io)?;
+            ctx.host_file(&binary, "testplan").map_err(io)?;
+            ctx.finish().map_err(io)
+        })
+        .await?;
+        let id = step
+            .image(context, "Dockerfile", BTreeMap::new(), BTreeMap::new())
+            .await?;
+        Ok(Built {
+            id,
+            dependencies: BTreeMap::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn config_defaults_and_errors() {
+        let m = json!({}).as_object().cloned().unwrap();
+        let r = Recipe::parse(&Config::new("docker:rust", &m)).unwrap();
+        assert_eq!(r.profile, "release");
+        assert_eq!(
+            r.images(),
+            [tg_docker::base::RUST, tg_docker::base::DEBIAN_SLIM]
+        );
+        assert_eq!(
+            r.package_dockerfile(),
+            format!(
+                "FROM {}\nCOPY testplan /testplan\nEXPOSE 6060\nENTRYPOINT [\"/testplan\"]\n",
+                tg_docker::base::DEBIAN_SLIM
+            )
+        );
+        let cmd = r.cargo_build("p", "b", &["x".into(), "y".into()]);
+        assert_eq!(
+            cmd[cmd.len() - 6..],
+            ["--package", "p", "--bin", "b", "--features", "x,y"]
+        );
+        let m = json!({"profile": "fast; rm"}).as_object().cloned().unwrap();
+        assert!(matches!(
+            Recipe::parse(&Config::new("docker:rust", &m)),
+            Err(BuildError::BadConfig { key, .. }) if key == "profile"
+        ));
+        let m = json!({"runtime_image": false})
+            .as_object()
+            .cloned()
+            .unwrap();
+        assert!(matches!(
+            Recipe::parse(&Config::new("docker:rust", &m)),
+            Err(BuildError::BadConfig { key, .. }) if key == "runtime_image"
+        ));
+    }
+}
