@@ -297,7 +297,11 @@ fn outcomes_ok_fail_panic_silent_and_stall() {
         ("fail", false, "outcome = failure (single:0/2)"),
         ("panic", false, "outcome = failure (single:0/2)"),
         ("silent-exit", false, "outcome = failure (single:0/2)"),
-        ("stall", false, "run canceled after reaching the task timeout"),
+        (
+            "stall",
+            false,
+            "run canceled after reaching the task timeout",
+        ),
     ] {
         let mut args = run_args("outcomes", case, "docker:go", "2");
         if case == "stall" {
