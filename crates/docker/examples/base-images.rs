@@ -33,6 +33,11 @@ async fn main() {
             }
         };
         let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            c.cancel();
+        });
         match tg_docker::base::make(&docker, image, as_tag, &progress, &cancel).await {
             Ok(id) => println!(
                 "base-images: made {image} as {as_tag} ({id}) in {:.1} s",
@@ -46,7 +51,16 @@ async fn main() {
         return;
     }
     let fix = !args.iter().any(|a| a == "--check");
-    let checks = tg_docker::health(fix, &progress).await;
+    // Ctrl-C drops the checks' future: a make in progress kills its debootstrap and removes
+    // its work directory on the way out.
+    let checks = tokio::select! {
+        c = tg_docker::health(fix, &progress) => Some(c),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    let Some(checks) = checks else {
+        eprintln!("base-images: interrupted");
+        std::process::exit(130);
+    };
     let mut failed = 0;
     for c in &checks {
         let mark = if c.ok { "ok  " } else { "FAIL" };

@@ -105,30 +105,43 @@ pub async fn ensure(
     progress: Progress<'_>,
     cancel: &CancellationToken,
 ) -> Result<String, DockerError> {
-    if let Some(id) = docker.image_id(image).await? {
+    ensure_as(docker, image, image, progress, cancel).await
+}
+
+/// [`ensure`] under another name: the id of `as_tag`, made with `image`'s recipe when the
+/// engine lacks it. Tests check the make-when-absent path this way without touching the
+/// default-named images that others may be using.
+pub async fn ensure_as(
+    docker: &Docker,
+    image: &str,
+    as_tag: &str,
+    progress: Progress<'_>,
+    cancel: &CancellationToken,
+) -> Result<String, DockerError> {
+    if let Some(id) = docker.image_id(as_tag).await? {
         return Ok(id);
     }
     let Some(recipe) = Recipe::of(image) else {
         return Err(DockerError::MissingImage {
-            image: image.to_string(),
+            image: as_tag.to_string(),
             hint: "pull or load it (`docker pull`, `docker load`), or build it, or name an image \
                    this engine has (e.g. `build_base_image`/`runtime_image` in the builder's \
                    configuration)"
                 .into(),
         });
     };
-    let source = recipe.source().map_err(|why| missing(image, &why))?;
+    let source = recipe.source().map_err(|why| missing(as_tag, &why))?;
     progress(&format!(
-        "{image} is not in the Docker engine: making it offline from {}",
+        "{as_tag} is not in the Docker engine: making it offline from {}",
         source.describe()
     ));
-    let _lock = lock(&format!("image-{image}"), progress, cancel).await?;
+    let _lock = lock(&format!("image-{as_tag}"), progress, cancel).await?;
     // Another process may have made it while we waited for the lock.
-    if let Some(id) = docker.image_id(image).await? {
-        progress(&format!("{image} was made meanwhile by another process"));
+    if let Some(id) = docker.image_id(as_tag).await? {
+        progress(&format!("{as_tag} was made meanwhile by another process"));
         return Ok(id);
     }
-    make_from(docker, recipe, source, image, progress, cancel).await
+    make_from(docker, recipe, source, as_tag, progress, cancel).await
 }
 
 /// Makes image `image` (one of [`DEFAULTS`]) with its recipe, whether the engine has it or not,
@@ -445,6 +458,7 @@ async fn make_from(
     let started = Instant::now();
     let tmp = cache_dir().join("tmp");
     fs::create_dir_all(&tmp).map_err(DockerError::io(format!("create {}", tmp.display())))?;
+    remove_stale_contexts(&tmp);
     let what = source.describe();
     let context = match &source {
         Source::Busybox(busybox) => {
@@ -551,6 +565,26 @@ async fn make_from(
         started.elapsed().as_secs_f64()
     ));
     Ok(id)
+}
+
+/// Removes build contexts that killed makes left in `tmp` (a toolchain's is hundreds of
+/// megabytes). Only old ones: a live make may still be sending its own.
+fn remove_stale_contexts(tmp: &Path) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if old && e.file_name().to_string_lossy().starts_with(".tg-context-") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Runs blocking file work (walking toolchains, writing tarballs) off the async threads.
@@ -1101,6 +1135,25 @@ async fn rootfs(
     fs::create_dir_all(&dir).map_err(DockerError::io(format!("create {}", dir.display())))?;
     let tmp = cache_dir().join("tmp");
     fs::create_dir_all(&tmp).map_err(DockerError::io(format!("create {}", tmp.display())))?;
+    // A make killed outright (no destructor ran) left its work directory, maybe with
+    // debootstrap's mounts in it; under this key's lock no other make uses one, and after an
+    // hour the killed make's own debootstrap (in its own process group, so it outlived it) has
+    // ended too.
+    let prefix = format!("rootfs-{}-", spec.key());
+    if let Ok(entries) = fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+            if old && e.file_name().to_string_lossy().starts_with(&prefix) {
+                progress(&format!("removing a killed make's {}", e.path().display()));
+                drop(WorkDir(e.path()));
+            }
+        }
+    }
     let work = WorkDir(
         tempfile::Builder::new()
             .prefix(&format!("rootfs-{}-", spec.key()))

@@ -160,6 +160,29 @@ fn api_at_least(have: &str, want: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The one line of [`health`]'s documentation compiles against the runner's types (copied
+    /// here: this crate cannot depend on the runner's).
+    #[test]
+    fn the_runner_wiring_in_the_docs_compiles() {
+        #[allow(dead_code)]
+        struct HealthCheck {
+            name: &'static str,
+            ok: bool,
+            message: String,
+            fix: Option<HealthFix>,
+        }
+        #[allow(dead_code)]
+        struct HealthFix {
+            ok: bool,
+            message: String,
+        }
+        #[rustfmt::skip]
+        fn healthcheck(fix: bool) -> futures::future::BoxFuture<'static, Vec<HealthCheck>> {
+            Box::pin(async move { crate::health(fix, &|l| tracing::info!("{l}")).await.into_iter().map(|c| HealthCheck { name: c.name, ok: c.ok, message: c.message, fix: c.fix.map(|f| HealthFix { ok: f.ok, message: f.message }) }).collect() })
+        }
+        let _ = healthcheck;
+    }
+
     #[test]
     fn api_versions_compare_numerically() {
         assert!(api_at_least("1.41", "1.41"));

@@ -35,8 +35,9 @@ pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     #[error(
-        "no Docker engine answers at {endpoint}: {reason}. Start one (e.g. `dockerd --iptables=false &`, \
-         or `systemctl start docker`), or point DOCKER_HOST at it"
+        "no Docker engine answers at {endpoint}: {reason}. Start one (e.g. `systemctl start docker`, \
+         or, changing no firewall rule, `dockerd --iptables=false --ip6tables=false \
+         --ip-forward=false --bridge=none &`), or point DOCKER_HOST at it"
     )]
     Unreachable { endpoint: String, reason: String },
     #[error(
@@ -131,6 +132,20 @@ impl Docker {
                     });
                 }
                 _ => {}
+            }
+            // A plain connect tells a permission problem from an absent engine; the client's
+            // errors do not carry the cause.
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(DockerError::Permission { endpoint });
+                }
+                Err(e) => {
+                    return Err(DockerError::Unreachable {
+                        endpoint,
+                        reason: format!("connecting to {}: {e}", path.display()),
+                    });
+                }
+                Ok(_) => {}
             }
         }
         let api =

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-    RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -48,17 +48,6 @@ pub struct OneShotOutput {
 struct Remove<'a> {
     docker: &'a Docker,
     id: Option<String>,
-}
-
-impl Remove<'_> {
-    /// Removes the container before returning: a caller that ends its runtime right after
-    /// (a CLI process whose build failed) would otherwise lose the removal spawned on drop.
-    async fn now(mut self) {
-        if let Some(id) = self.id.take() {
-            let opts = RemoveContainerOptionsBuilder::default().force(true).build();
-            let _ = self.docker.api.remove_container(&id, Some(opts)).await;
-        }
-    }
 }
 
 impl Drop for Remove<'_> {
@@ -120,7 +109,7 @@ impl Docker {
                     DockerError::api(format!("create a container of {}", step.image))(e)
                 }
             })?;
-        let guard = Remove {
+        let mut guard = Remove {
             docker: self,
             id: Some(created.id.clone()),
         };
@@ -132,7 +121,8 @@ impl Docker {
                 Some(
                     AttachContainerOptionsBuilder::default()
                         .stream(true)
-                        .logs(true)
+                        // Attached before the start, the stream has all the output; asking for
+                        // the logs too replays what the stream also delivers (lines twice).
                         .stdout(true)
                         .stderr(true)
                         .build(),
@@ -196,16 +186,20 @@ impl Docker {
                 None => Err(DockerError::Other("the engine ended the wait early".into())),
             }
         };
-        let code = tokio::select! {
-            r = run => r?,
-            _ = cancel.cancelled() => {
-                let _ = self
-                    .api
-                    .kill_container(id, Some(KillContainerOptionsBuilder::default().signal("KILL").build()))
-                    .await;
-                guard.now().await;
-                return Err(DockerError::Canceled);
-            }
+        let outcome = tokio::select! {
+            r = run => Some(r),
+            _ = cancel.cancelled() => None,
+        };
+        // Removed here and awaited (forced: a canceled step's container is killed by it): the
+        // guard's removal is spawned, and a spawned task does not run when the caller's runtime
+        // ends right after (a CLI, a test).
+        guard.id = None;
+        if let Err(e) = self.remove_container(id).await {
+            tracing::warn!("removing the step's container {id}: {e}");
+        }
+        let code = match outcome {
+            Some(r) => r?,
+            None => return Err(DockerError::Canceled),
         };
         for p in partial {
             if !p.trim().is_empty() {
@@ -213,7 +207,6 @@ impl Docker {
                 tail.push_back(p.trim_end().to_string());
             }
         }
-        guard.now().await;
         Ok(OneShotOutput {
             exit_code: code,
             tail: Vec::from(tail).join("\n"),
