@@ -106,7 +106,7 @@ fn dependency_tables(manifest: &toml::Table) -> Vec<&toml::Table> {
 /// Directories outside the plan that hold crates the plan depends on by `path` (transitively),
 /// so that editing, say, a local SDK invalidates the cached artifact too. Best effort: entries
 /// that do not parse or do not exist are left for cargo to report.
-fn path_dependency_roots(plan_dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn path_dependency_roots(plan_dir: &Path) -> Vec<PathBuf> {
     let Ok(plan_root) = fs::canonicalize(plan_dir) else {
         return Vec::new();
     };

@@ -533,7 +533,17 @@ impl ImageBuilder {
         }
         let sources_key = {
             let owned = input.clone();
-            blocking("hash", &input.plan_dir, move || cache::key(&owned, &[])).await?
+            let rust = self.kind == Kind::DockerRust;
+            blocking("hash", &input.plan_dir, move || {
+                // Crates the plan depends on by path outside its directory are sources too.
+                let extra = if rust {
+                    crate::rust::path_dependency_roots(&owned.plan_dir)
+                } else {
+                    Vec::new()
+                };
+                cache::key(&owned, &extra)
+            })
+            .await?
         };
         let key = image_key(&sources_key, &images);
         let repo = repo(&input.plan);

@@ -93,12 +93,51 @@ impl Recipe {
         let target = cache::plan_dir(Kind::DockerRust, &input.plan, &step.work_dir).join("target");
         std::fs::create_dir_all(&target)
             .map_err(|e| BuildError::io("create directory", &target, e))?;
-        let binds = vec![
-            bind(&plan, "/plan")?,
+        // A plan that depends on crates outside its directory by `path` (e.g. an SDK next to
+        // it) is built where it lives: the smallest directory holding the plan and those crates
+        // is bound read-only at its own path, the plan's copy over the plan, so that every
+        // relative path (and workspace inheritance) resolves as on the host.
+        let (workdir, mut binds) = {
+            let plan_dir = input.plan_dir.clone();
+            let roots = blocking("inspect", &input.plan_dir, move || {
+                let real = std::fs::canonicalize(&plan_dir)
+                    .map_err(|e| BuildError::io("resolve", &plan_dir, e))?;
+                Ok((real.clone(), crate::rust::path_dependency_roots(&real)))
+            })
+            .await?;
+            match roots {
+                (_, deps) if deps.is_empty() => ("/plan".to_owned(), vec![bind(&plan, "/plan")?]),
+                (real, deps) => {
+                    let ancestor = deps
+                        .iter()
+                        .fold(real.clone(), |a, d| common_ancestor(&a, d));
+                    let at = real.to_string_lossy().into_owned();
+                    // Never over the image's own root: then each crate's directory alone.
+                    let shared = if ancestor.parent().is_some() {
+                        vec![ancestor]
+                    } else {
+                        deps
+                    };
+                    let list: Vec<String> =
+                        shared.iter().map(|d| d.display().to_string()).collect();
+                    step.say(format!(
+                        "path dependencies outside the plan: {} bound read-only",
+                        list.join(", ")
+                    ));
+                    let mut binds = Vec::new();
+                    for dir in shared {
+                        binds.push(format!("{}:ro", bind(&dir, &dir.to_string_lossy())?));
+                    }
+                    binds.push(bind(&plan, &at)?);
+                    (at, binds)
+                }
+            }
+        };
+        binds.extend([
             bind(&target, "/tg/target")?,
             bind(&step.shared_dir(Kind::DockerRust, "cargo")?, "/tg/cargo")?,
             bind(&step.shared_dir(Kind::DockerRust, "home")?, "/tg/home")?,
-        ];
+        ]);
         let env = vec![
             ("CARGO_HOME".to_owned(), "/tg/cargo".to_owned()),
             ("HOME".to_owned(), "/tg/home".to_owned()),
@@ -121,7 +160,7 @@ impl Recipe {
                 .collect(),
                 env: env.clone(),
                 binds: binds.clone(),
-                workdir: Some("/plan".to_owned()),
+                workdir: Some(workdir.clone()),
                 capture_stdout: true,
                 ..Default::default()
             })
@@ -142,7 +181,7 @@ impl Recipe {
             cmd,
             env,
             binds,
-            workdir: Some("/plan".to_owned()),
+            workdir: Some(workdir),
             // Crate downloads.
             network: Some("host".to_owned()),
             ..Default::default()
@@ -179,10 +218,32 @@ impl Recipe {
     }
 }
 
+/// The deepest directory holding both `a` and `b` (absolute paths).
+fn common_ancestor(a: &std::path::Path, b: &std::path::Path) -> std::path::PathBuf {
+    a.components()
+        .zip(b.components())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn common_ancestors() {
+        use std::path::Path;
+        assert_eq!(
+            common_ancestor(Path::new("/r/plans/p"), Path::new("/r/crates/sdk")),
+            Path::new("/r")
+        );
+        assert_eq!(
+            common_ancestor(Path::new("/a"), Path::new("/b")),
+            Path::new("/")
+        );
+    }
 
     #[test]
     fn config_defaults_and_errors() {
