@@ -50,6 +50,39 @@ struct ModVersion {
     version: String,
 }
 
+/// The keys `exec:go` and `docker:go` share: `module_path`, `exec_pkg`, `fresh_gomod`.
+pub(crate) struct ModuleOptions {
+    pub module_path: Option<String>,
+    pub exec_pkg: String,
+    pub fresh_gomod: bool,
+}
+
+impl ModuleOptions {
+    pub(crate) fn parse(cfg: &Config<'_>) -> Result<ModuleOptions, BuildError> {
+        let module_path = cfg.string("module_path")?;
+        let exec_pkg = cfg.string("exec_pkg")?.unwrap_or_else(|| ".".to_owned());
+        // Passed to `go build` as one argument: never an option, never split.
+        if exec_pkg.starts_with('-') || exec_pkg.contains(char::is_whitespace) {
+            return Err(cfg.bad(
+                "exec_pkg",
+                "a Go package path such as \".\" or \"./cmd/plan\"",
+            ));
+        }
+        let fresh_gomod = cfg.boolean("fresh_gomod")?.unwrap_or(false);
+        if fresh_gomod && module_path.is_none() {
+            return Err(cfg.bad(
+                "module_path",
+                "the plan's Go module path (required with fresh_gomod)",
+            ));
+        }
+        Ok(ModuleOptions {
+            module_path,
+            exec_pkg,
+            fresh_gomod,
+        })
+    }
+}
+
 fn is_relative_path(p: &str) -> bool {
     p == "." || p == ".." || p.starts_with("./") || p.starts_with("../")
 }
@@ -134,21 +167,11 @@ pub(crate) async fn build(
     tools: &Tools<'_>,
 ) -> Result<BuildOutput, BuildError> {
     let cfg = Config::new(&input.builder, &input.config);
-    let module_path = cfg.string("module_path")?;
-    let exec_pkg = cfg.string("exec_pkg")?.unwrap_or_else(|| ".".to_owned());
-    if exec_pkg.starts_with('-') {
-        return Err(cfg.bad(
-            "exec_pkg",
-            "a Go package path such as \".\" or \"./cmd/plan\"",
-        ));
-    }
-    let fresh_gomod = cfg.boolean("fresh_gomod")?.unwrap_or(false);
-    if fresh_gomod && module_path.is_none() {
-        return Err(cfg.bad(
-            "module_path",
-            "the plan's Go module path (required with fresh_gomod)",
-        ));
-    }
+    let ModuleOptions {
+        module_path,
+        exec_pkg,
+        fresh_gomod,
+    } = ModuleOptions::parse(&cfg)?;
 
     let key = {
         let owned = input.clone();

@@ -30,6 +30,24 @@ struct Target {
     kind: Vec<String>,
 }
 
+/// The `profile` key of `exec:rust` and `docker:rust` (default `release`).
+pub(crate) fn parse_profile(cfg: &Config<'_>) -> Result<String, BuildError> {
+    let profile = cfg
+        .string("profile")?
+        .unwrap_or_else(|| "release".to_owned());
+    // Passed to cargo as one argument.
+    if !profile
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(cfg.bad(
+            "profile",
+            "a cargo profile name such as \"release\" or \"dev\"",
+        ));
+    }
+    Ok(profile)
+}
+
 /// Cargo puts the `dev` profile's output in `debug/`; every other profile uses its own name.
 pub(crate) fn profile_dir(profile: &str) -> &str {
     match profile {
@@ -151,18 +169,7 @@ pub(crate) async fn build(
     tools: &Tools<'_>,
 ) -> Result<BuildOutput, BuildError> {
     let cfg = Config::new(&input.builder, &input.config);
-    let profile = cfg
-        .string("profile")?
-        .unwrap_or_else(|| "release".to_owned());
-    if !profile
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(cfg.bad(
-            "profile",
-            "a cargo profile name such as \"release\" or \"dev\"",
-        ));
-    }
+    let profile = parse_profile(&cfg)?;
     let wanted_bin = cfg.string("bin")?;
 
     let key = {

@@ -15,7 +15,7 @@ use std::process::{Child, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{Home, processes_of_run, text};
+use common::{Home, host_link_of, ping_rtts, processes_of_run, temp_dirs, text};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -144,29 +144,6 @@ fn containers_of(run_id: &str) -> Vec<String> {
     })
 }
 
-/// The host link of a run (`tgh<slot>`), from the address its log names.
-fn host_link_of(o: &Output) -> Option<String> {
-    let all = format!("{}{}", stdout(o), String::from_utf8_lossy(&o.stderr));
-    let rest = all.split("host reachable under allow_all at ").nth(1)?;
-    let addr: std::net::Ipv4Addr = rest.split_whitespace().next()?.parse().ok()?;
-    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0));
-    Some(format!("tgh{}", (u32::from(addr) - base) / 4))
-}
-
-/// The run's temp directories (`$TMPDIR/tg-<id>-*`).
-fn temp_dirs(id: &str) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("tg-{id}-")))
-        })
-        .collect()
-}
-
 /// What is left of run `id`: containers, processes, temp dirs, host link.
 fn leftovers(id: &str, link: Option<&str>) -> Vec<String> {
     let mut left = Vec::new();
@@ -208,22 +185,6 @@ fn assert_run_left_nothing(o: &Output) {
     let link = host_link_of(o);
     assert!(link.is_some(), "the run names its host link: {}", text(o));
     assert_nothing_left(&run_id_of(o), link.as_deref());
-}
-
-/// Every "ping RTT was <d> [..]" the seed's instances printed.
-fn ping_rtts(out: &str) -> Vec<Duration> {
-    out.lines()
-        .filter_map(|l| l.split("ping RTT was ").nth(1))
-        .map(|rest| {
-            let d = rest.split_whitespace().next().unwrap();
-            let ms: f64 = if let Some(v) = d.strip_suffix("ms") {
-                v.parse().unwrap()
-            } else {
-                d.strip_suffix('s').unwrap().parse::<f64>().unwrap() * 1000.0
-            };
-            Duration::from_secs_f64(ms / 1000.0)
-        })
-        .collect()
 }
 
 /// The seed's plan with its manifest as printed, and the seed's own command.

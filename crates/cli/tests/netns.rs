@@ -16,7 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{Home, processes_of_run, text};
+use common::{Home, host_link_of, ping_rtts, processes_of_run, temp_dirs, text};
 use tg_sys::proc::start_time;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -95,20 +95,6 @@ fn run_id_of(o: &Output) -> String {
         .find(|l| l.contains("run is queued with ID: "))
         .unwrap_or_else(|| panic!("no queued line in:\n{}", text(o)));
     line.split_whitespace().nth(9).unwrap().to_string()
-}
-
-/// The host link of a run, `tgh<slot>`, from the address its log names ("host reachable under
-/// allow_all at 198.19.x.y"): slot `n` holds `198.19.0.0 + 4n + 1`.
-fn host_link_of(o: &Output) -> Option<String> {
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let rest = all.split("host reachable under allow_all at ").nth(1)?;
-    let addr: std::net::Ipv4Addr = rest.split_whitespace().next()?.parse().ok()?;
-    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0));
-    Some(format!("tgh{}", (u32::from(addr) - base) / 4))
 }
 
 /// A zombie runs nothing any more (it only waits for its parent to reap it).
@@ -225,25 +211,6 @@ fn assert_run_left_nothing(o: &Output) {
     let link = host_link_of(o);
     assert!(link.is_some(), "the run names its host link: {}", text(o));
     assert_nothing_left(&run_id_of(o), link.as_deref(), &BTreeSet::new());
-}
-
-/// Every "ping RTT was <d> [..]" the ping-pong instances printed, as durations.
-fn ping_rtts(stdout: &str) -> Vec<Duration> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split("ping RTT was ").nth(1))
-        .map(|rest| {
-            let d = rest.split_whitespace().next().unwrap();
-            let ms: f64 = if let Some(v) = d.strip_suffix("ms") {
-                v.parse().unwrap()
-            } else if let Some(v) = d.strip_suffix('s') {
-                v.parse::<f64>().unwrap() * 1000.0
-            } else {
-                panic!("unexpected duration {d}")
-            };
-            Duration::from_secs_f64(ms / 1000.0)
-        })
-        .collect()
 }
 
 #[test]
@@ -475,20 +442,6 @@ fn run_records(home: &Home, id: &str) -> Vec<std::path::PathBuf> {
         }
     }
     found
-}
-
-/// The run's temp directories (`$TMPDIR/tg-<id>-*`).
-fn temp_dirs(id: &str) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("tg-{id}-")))
-        })
-        .collect()
 }
 
 /// An instance whose child escapes it (`setsid`, then a double fork) is not left behind by a

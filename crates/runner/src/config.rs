@@ -309,7 +309,19 @@ pub(crate) fn parse(
                 }
                 cfg.docker.exposed_ports = ports;
             }
-            "additional_hosts" => cfg.docker.additional_hosts = string_list(key, v)?,
+            "additional_hosts" => {
+                let hosts = string_list(key, v)?;
+                // Refused before anything is built rather than when the run starts.
+                if !hosts.is_empty() {
+                    return Err(invalid(
+                        key,
+                        v,
+                        "not supported yet: instances reach only the sync service, each other \
+                         over the data network, and the host under allow_all",
+                    ));
+                }
+                cfg.docker.additional_hosts = hosts;
+            }
             "log_level" => match v {
                 Value::String(s) => {
                     cfg.docker.log_level = (!s.is_empty()).then(|| s.clone());
@@ -436,7 +448,7 @@ mod tests {
             vec![("nofile".into(), 10, 20), ("nproc".into(), 5, 5)]
         );
         assert_eq!(c.exposed_ports["http"], 8080);
-        assert_eq!(c.additional_hosts, ["a", "b"]);
+        assert!(c.additional_hosts.is_empty());
         assert_eq!(c.start_concurrency, 4);
         for (bad, key) in [
             (json!({"ulimits": ["nofile"]}), "ulimits"),
@@ -444,6 +456,10 @@ mod tests {
             (json!({"exposed_ports": {"x": 70000}}), "exposed_ports"),
             (json!({"exposed_ports": "x"}), "exposed_ports"),
             (json!({"start_concurrency": 0}), "start_concurrency"),
+            (
+                json!({"additional_hosts": ["http-echo"]}),
+                "additional_hosts",
+            ),
             (
                 json!({"outcomes_collection_timeout": "later"}),
                 "outcomes_collection_timeout",

@@ -137,19 +137,28 @@ impl Ctx {
             )
             .await
             .map_err(|e| RunError::Docker(format!("create {pause_name}: {e}")))?;
+        match self.open_pause(&created.id, &pause_name).await {
+            Ok(ns) => Ok((name, created.id, ns)),
+            Err(e) => {
+                // Not handed to teardown: removed here.
+                let _ = self.docker.remove_container(&created.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a created pause container and opens its network namespace.
+    async fn open_pause(&self, id: &str, pause_name: &str) -> Result<tg_sys::NetNs, RunError> {
         self.docker
             .api()
-            .start_container(
-                &created.id,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
+            .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
             .await
             .map_err(|e| RunError::Docker(format!("start {pause_name}: {e}")))?;
         let info = self
             .docker
             .api()
             .inspect_container(
-                &created.id,
+                id,
                 None::<bollard::query_parameters::InspectContainerOptions>,
             )
             .await
@@ -161,9 +170,8 @@ impl Ctx {
             .ok_or_else(|| RunError::Docker(format!("{pause_name} has no process")))?;
         let pid = i32::try_from(pid).map_err(|_| RunError::Docker("bad pid".into()))?;
         let started = tg_sys::proc::start_time(pid);
-        let ns = tg_sys::NetNs::of_process(pid, started)
-            .map_err(|e| RunError::Docker(format!("open the namespace of {pause_name}: {e}")))?;
-        Ok((name, created.id, ns))
+        tg_sys::NetNs::of_process(pid, started)
+            .map_err(|e| RunError::Docker(format!("open the namespace of {pause_name}: {e}")))
     }
 
     /// The instance container, created (not started) in its pause container's namespaces.
@@ -505,13 +513,6 @@ impl Launcher for DockerLauncher {
         ))
         .await;
         self.docker = Some(docker);
-        if !self.config.docker.additional_hosts.is_empty() {
-            return Err(RunError::Docker(
-                "additional_hosts is not supported yet: instances reach only the sync service, \
-                 each other over the data network, and the host under allow_all"
-                    .into(),
-            ));
-        }
         let net = crate::netns::create(&self.input, &self.config, &ctx.temp_root.join(".net"), ctx)
             .await?;
         let env = NetEnv {
@@ -540,24 +541,11 @@ impl Launcher for DockerLauncher {
         // Pause containers and their namespaces.
         let ctx = self.ctx(&docker);
         let extra_hosts = Arc::new(extra_hosts);
-        let mut pauses = futures::stream::iter(specs.to_vec())
-            .map(|spec| {
-                let (ctx, hosts) = (ctx.clone(), extra_hosts.clone());
-                async move { ctx.make_pause(&spec, &hosts).await }
-            })
-            .buffered(PREPARE_CONCURRENCY);
-        let mut made = Vec::with_capacity(specs.len());
-        let mut failed = None;
-        while let Some(r) = pauses.next().await {
-            match r {
-                Ok(m) => made.push(m),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(pauses);
+        let (made, failed) = make_all(specs.to_vec(), |spec| {
+            let (ctx, hosts) = (ctx.clone(), extra_hosts.clone());
+            async move { ctx.make_pause(&spec, &hosts).await }
+        })
+        .await;
         let mut namespaces = Vec::with_capacity(made.len());
         for (name, id, ns) in made {
             self.pauses.push(id.clone());
@@ -587,24 +575,14 @@ impl Launcher for DockerLauncher {
             .map_err(RunError::RunNetwork)?;
         // The instance containers.
         let ulimits = Arc::new(ulimits);
-        let mut created = futures::stream::iter(specs.iter().cloned().zip(names.clone()))
-            .map(|(spec, (name, pause))| {
+        let (ids, failed) = make_all(
+            specs.iter().cloned().zip(names.clone()),
+            |(spec, (name, pause))| {
                 let (ctx, ulimits) = (ctx.clone(), ulimits.clone());
                 async move { ctx.make_instance(&spec, &name, &pause, &ulimits).await }
-            })
-            .buffered(PREPARE_CONCURRENCY);
-        let mut ids = Vec::with_capacity(specs.len());
-        let mut failed = None;
-        while let Some(r) = created.next().await {
-            match r {
-                Ok(id) => ids.push(id),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(created);
+            },
+        )
+        .await;
         self.containers.extend(ids.iter().cloned());
         if let Some(e) = failed {
             return Err(e);
@@ -726,6 +704,37 @@ impl Launcher for DockerLauncher {
         lines.extend(exec.finish().await);
         lines
     }
+}
+
+/// Runs `make` over `items`, [`PREPARE_CONCURRENCY`] at a time, in order: what it made, and
+/// its first error. After an error nothing new starts, but what is in flight finishes, so that
+/// every container made is known to teardown.
+async fn make_all<I, T, Fut>(
+    items: I,
+    make: impl FnMut(I::Item) -> Fut,
+) -> (Vec<T>, Option<RunError>)
+where
+    I: IntoIterator,
+    Fut: std::future::Future<Output = Result<T, RunError>>,
+{
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let stream = futures::stream::iter(items)
+        .take_while(|_| std::future::ready(!failed.load(std::sync::atomic::Ordering::Relaxed)))
+        .map(make)
+        .buffered(PREPARE_CONCURRENCY);
+    let mut stream = std::pin::pin!(stream);
+    let mut made = Vec::new();
+    let mut first = None;
+    while let Some(r) = stream.next().await {
+        match r {
+            Ok(v) => made.push(v),
+            Err(e) => {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                first.get_or_insert(e);
+            }
+        }
+    }
+    (made, first)
 }
 
 /// A launcher dropped without teardown (its run's future was dropped) still removes its

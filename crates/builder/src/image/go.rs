@@ -106,21 +106,11 @@ fn quote_all(args: &[String]) -> String {
 
 impl Recipe {
     pub(super) fn parse(cfg: &Config<'_>, input: &BuildInput) -> Result<Recipe, BuildError> {
-        let module_path = cfg.string("module_path")?;
-        let exec_pkg = cfg.string("exec_pkg")?.unwrap_or_else(|| ".".to_owned());
-        if exec_pkg.starts_with('-') || exec_pkg.contains(char::is_whitespace) {
-            return Err(cfg.bad(
-                "exec_pkg",
-                "a Go package path such as \".\" or \"./cmd/plan\"",
-            ));
-        }
-        let fresh_gomod = cfg.boolean("fresh_gomod")?.unwrap_or(false);
-        if fresh_gomod && module_path.is_none() {
-            return Err(cfg.bad(
-                "module_path",
-                "the plan's Go module path (required with fresh_gomod)",
-            ));
-        }
+        let crate::go::ModuleOptions {
+            module_path,
+            exec_pkg,
+            fresh_gomod,
+        } = crate::go::ModuleOptions::parse(cfg)?;
         let path = plan_subdir(
             cfg,
             "path",

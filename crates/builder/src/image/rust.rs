@@ -25,18 +25,7 @@ pub(super) struct Recipe {
 
 impl Recipe {
     pub(super) fn parse(cfg: &Config<'_>) -> Result<Recipe, BuildError> {
-        let profile = cfg
-            .string("profile")?
-            .unwrap_or_else(|| "release".to_owned());
-        if !profile
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(cfg.bad(
-                "profile",
-                "a cargo profile name such as \"release\" or \"dev\"",
-            ));
-        }
+        let profile = crate::rust::parse_profile(cfg)?;
         Ok(Recipe {
             profile,
             bin: cfg.string("bin")?,

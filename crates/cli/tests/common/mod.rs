@@ -224,3 +224,50 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The host link of a run (`tgh<slot>`), from the address its log names ("host reachable under
+/// allow_all at 198.19.x.y"): slot `n` holds `198.19.0.0 + 4n + 1`.
+pub fn host_link_of(o: &Output) -> Option<String> {
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rest = all.split("host reachable under allow_all at ").nth(1)?;
+    let addr: std::net::Ipv4Addr = rest.split_whitespace().next()?.parse().ok()?;
+    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0));
+    Some(format!("tgh{}", (u32::from(addr) - base) / 4))
+}
+
+/// The run's temp directories (`$TMPDIR/tg-<id>-*`).
+pub fn temp_dirs(id: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("tg-{id}-")))
+        })
+        .collect()
+}
+
+/// Every "ping RTT was <d> [..]" the seed's ping-pong instances printed, as durations.
+pub fn ping_rtts(stdout: &str) -> Vec<Duration> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split("ping RTT was ").nth(1))
+        .map(|rest| {
+            let d = rest.split_whitespace().next().unwrap();
+            let ms: f64 = if let Some(v) = d.strip_suffix("ms") {
+                v.parse().unwrap()
+            } else if let Some(v) = d.strip_suffix('s') {
+                v.parse::<f64>().unwrap() * 1000.0
+            } else {
+                panic!("unexpected duration {d}")
+            };
+            Duration::from_secs_f64(ms / 1000.0)
+        })
+        .collect()
+}
