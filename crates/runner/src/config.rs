@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(c, DockerConfig::default());
         let c = d(
             json!({"keep_containers": "true", "ulimits": ["nofile=10:20", "nproc=5"],
-            "exposed_ports": {"http": 8080}, "additional_hosts": "a, b", "start_concurrency": 4}),
+            "exposed_ports": {"http": 8080}, "additional_hosts": [], "start_concurrency": 4}),
         )
         .unwrap()
         .docker;
