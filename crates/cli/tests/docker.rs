@@ -528,3 +528,50 @@ fn exposed_ports_reach_instances_from_the_host() {
         .unwrap();
     assert_nothing_left(&id, None);
 }
+
+/// Each builder through the binary: a build, then a second one of the same sources that finds
+/// its image (`"cached": true`); and the health check names the engine and the base images.
+#[test]
+fn each_builder_caches_and_the_healthcheck_reports() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = home();
+    for (plan, builder) in [
+        ("my-plan", "docker:go"),
+        ("sleeper", "docker:generic"),
+        ("example-js", "docker:node"),
+        ("rust-sdk-tcp", "docker:rust"),
+    ] {
+        let args = [
+            "build",
+            "single",
+            "--plan",
+            plan,
+            "--builder",
+            builder,
+            "--wait",
+        ];
+        let first = home.tg(&args);
+        assert!(first.status.success(), "{builder}: {}", text(&first));
+        assert!(
+            stdout(&first).contains("build succeeded"),
+            "{builder}: {}",
+            text(&first)
+        );
+        let second = home.tg(&args);
+        assert!(second.status.success(), "{builder}: {}", text(&second));
+        assert!(
+            stdout(&second).contains("\"cached\": true"),
+            "{builder}: the second build is a cache hit: {}",
+            text(&second)
+        );
+    }
+    let out = home.tg(&["healthcheck", "--runner", "local:docker"]);
+    let s = stdout(&out);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(s.contains("- docker engine: ok;"), "{s}");
+    assert!(s.contains(tg_docker::base::PAUSE), "{s}");
+    assert!(s.contains(tg_docker::base::GOLANG), "{s}");
+}
