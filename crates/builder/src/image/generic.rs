@@ -4,11 +4,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tg_docker::context::Context;
-
-use super::{Built, DEFAULT_IMAGES, Step, add_plan, plan_subdir};
+use super::{Built, DEFAULT_IMAGES, Step, plan_subdir};
 use crate::config::Config;
-use crate::{BuildError, BuildInput, blocking};
+use crate::{BuildError, BuildInput};
 
 #[derive(Debug)]
 pub(super) struct Recipe {
@@ -66,15 +64,7 @@ impl Recipe {
     }
 
     pub(super) async fn build(&self, step: &Step<'_>) -> Result<Built, BuildError> {
-        let plan_dir = step.input.plan_dir.clone();
-        let scratch = step.scratch.path().to_owned();
-        let context = blocking("package", &plan_dir.clone(), move || {
-            let io = |e| BuildError::io("assemble the build context in", &scratch, e);
-            let mut ctx = Context::on_disk(&scratch).map_err(io)?;
-            add_plan(&mut ctx, &plan_dir, "plan")?;
-            ctx.finish().map_err(io)
-        })
-        .await?;
+        let context = super::plan_context(step, None, None).await?;
         let id = step
             .image(
                 context,

@@ -17,7 +17,7 @@ use tg_docker::bollard::query_parameters::{
 };
 use tg_docker::context::Context;
 
-use super::{Built, Step, add_plan, bind, plan_subdir};
+use super::{Built, CA_FILE, Step, bind, plan_subdir};
 use crate::cache::Kind;
 use crate::config::Config;
 use crate::generic::sh_quote;
@@ -32,9 +32,6 @@ const DEPS_LABEL: &str = "testground.image.go_deps";
 /// Untagged, the classic builder would keep it as a nameless image of a gigabyte or two per
 /// build (modules and compiler output); tagged, it is visible and purge removes it.
 pub(super) const BUILDER_STAGE_SUFFIX: &str = "-builder";
-
-/// The host's CA bundle in a full build's context.
-const CA_FILE: &str = "tg-ca-certificates.crt";
 
 /// Where the image keeps `go list -m all`, as the original's.
 const DEP_LIST: &str = "/testground_dep_list";
@@ -508,20 +505,7 @@ impl Recipe {
         step.say("dockerfile_extensions extend the build phase: one full Dockerfile build");
         let ca = super::host_ca_bundle();
         let dockerfile = self.full_dockerfile(ca.is_some());
-        let plan_dir = step.input.plan_dir.clone();
-        let scratch = step.scratch.path().to_owned();
-        let context = blocking("package", &plan_dir.clone(), move || {
-            let io = |e| BuildError::io("assemble the build context in", &scratch, e);
-            let mut ctx = Context::on_disk(&scratch).map_err(io)?;
-            ctx.file("Dockerfile", dockerfile.as_bytes(), 0o644)
-                .map_err(io)?;
-            if let Some(ca) = &ca {
-                ctx.host_file(ca, CA_FILE).map_err(io)?;
-            }
-            add_plan(&mut ctx, &plan_dir, "plan")?;
-            ctx.finish().map_err(io)
-        })
-        .await?;
+        let context = super::plan_context(step, Some(dockerfile), ca).await?;
         let (id, lines) = step
             .image_logged(context, "Dockerfile", self.build_args(), BTreeMap::new())
             .await?;

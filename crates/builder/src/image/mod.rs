@@ -392,6 +392,35 @@ pub(crate) fn plan_subdir(cfg: &Config<'_>, key: &str, value: &str) -> Result<St
     Ok(parts.join("/"))
 }
 
+/// Where the host's CA bundle sits in a build context (see [`host_ca_bundle`]).
+pub(crate) const CA_FILE: &str = "tg-ca-certificates.crt";
+
+/// A build context on disk: the plan's sources under `plan/`, as the original's contexts held
+/// them, with our `Dockerfile` at the root when given (a plan's own is among its sources), and
+/// the host's CA bundle as [`CA_FILE`] when `ca` is given.
+pub(crate) async fn plan_context(
+    step: &Step<'_>,
+    dockerfile: Option<String>,
+    ca: Option<PathBuf>,
+) -> Result<Finished, BuildError> {
+    let plan_dir = step.input.plan_dir.clone();
+    let scratch = step.scratch.path().to_owned();
+    blocking("package", &plan_dir.clone(), move || {
+        let io = |e| BuildError::io("assemble the build context in", &scratch, e);
+        let mut ctx = Context::on_disk(&scratch).map_err(io)?;
+        if let Some(dockerfile) = &dockerfile {
+            ctx.file("Dockerfile", dockerfile.as_bytes(), 0o644)
+                .map_err(io)?;
+        }
+        if let Some(ca) = &ca {
+            ctx.host_file(ca, CA_FILE).map_err(io)?;
+        }
+        add_plan(&mut ctx, &plan_dir, "plan")?;
+        ctx.finish().map_err(io)
+    })
+    .await
+}
+
 /// Adds the plan's sources (ignore rules applied) to `ctx` under `dest`.
 pub(crate) fn add_plan(ctx: &mut Context, plan_dir: &Path, dest: &str) -> Result<(), BuildError> {
     let ctx_err = |path: &Path, e: io::Error| BuildError::io("add to the build context", path, e);

@@ -3,14 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use tg_docker::context::Context;
-
-use super::{Built, Step, add_plan};
+use super::{Built, CA_FILE, Step};
+use crate::BuildError;
 use crate::config::Config;
-use crate::{BuildError, blocking};
-
-/// The host's CA bundle in the context, when there is one.
-const CA_FILE: &str = "tg-ca-certificates.crt";
 
 /// The original's Dockerfile, with the plan copied to `/plan` explicitly (the context root
 /// holds only the Dockerfile and `plan/`). With `with_ca`, `npm ci` also trusts the host's CA
@@ -54,22 +49,8 @@ impl Recipe {
     }
 
     pub(super) async fn build(&self, step: &Step<'_>) -> Result<Built, BuildError> {
-        let plan_dir = step.input.plan_dir.clone();
-        let scratch = step.scratch.path().to_owned();
         let ca = super::host_ca_bundle();
-        let dockerfile = dockerfile(ca.is_some());
-        let context = blocking("package", &plan_dir.clone(), move || {
-            let io = |e| BuildError::io("assemble the build context in", &scratch, e);
-            let mut ctx = Context::on_disk(&scratch).map_err(io)?;
-            ctx.file("Dockerfile", dockerfile.as_bytes(), 0o644)
-                .map_err(io)?;
-            if let Some(ca) = &ca {
-                ctx.host_file(ca, CA_FILE).map_err(io)?;
-            }
-            add_plan(&mut ctx, &plan_dir, "plan")?;
-            ctx.finish().map_err(io)
-        })
-        .await?;
+        let context = super::plan_context(step, Some(dockerfile(ca.is_some())), ca).await?;
         let args = BTreeMap::from([("BASE_IMAGE".to_owned(), self.base_image.clone())]);
         let id = step
             .image(context, "Dockerfile", args, BTreeMap::new())
