@@ -74,6 +74,22 @@ fn home() -> &'static Home {
         .unwrap();
         let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out));
+        // A plan whose instances connect to each of their additional hosts on port 5678.
+        let src = h.plan_src(
+            "asker",
+            "name = \"asker\"\n[builders.\"docker:generic\"]\n[runners.\"local:docker\"]\n\
+             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 5 }\n",
+        );
+        std::fs::write(
+            src.join("Dockerfile"),
+            format!(
+                "FROM {}\nENTRYPOINT [\"sh\", \"-c\", \"for h in $(echo $ADDITIONAL_HOSTS | tr , ' '); do echo asking $h; nc $h 5678; done\"]\n",
+                tg_docker::base::BUSYBOX
+            ),
+        )
+        .unwrap();
+        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
         // A plan whose instances answer "hello" on the port their environment names.
         let src = h.plan_src(
             "listener",
@@ -574,4 +590,129 @@ fn each_builder_caches_and_the_healthcheck_reports() {
     assert!(s.contains("- docker engine: ok;"), "{s}");
     assert!(s.contains(tg_docker::base::PAUSE), "{s}");
     assert!(s.contains(tg_docker::base::GOLANG), "{s}");
+}
+
+/// A container this test runs on a Docker network of its own, removed with the network when
+/// dropped.
+struct EchoContainer {
+    name: String,
+    network: String,
+}
+
+impl EchoContainer {
+    /// Answers "hello from echo" on TCP port 5678 (exposed), as the original's `http-echo`.
+    fn start() -> EchoContainer {
+        use tg_docker::bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
+        let me = EchoContainer {
+            name: format!("tg-test-echo-{}", std::process::id()),
+            network: format!("tg-test-net-{}", std::process::id()),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let d = tg_docker::Docker::connect().await.unwrap();
+            d.api()
+                .create_network(NetworkCreateRequest {
+                    name: me.network.clone(),
+                    driver: Some("bridge".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let opts =
+                tg_docker::bollard::query_parameters::CreateContainerOptionsBuilder::default()
+                    .name(&me.name)
+                    .build();
+            d.api()
+                .create_container(
+                    Some(opts),
+                    ContainerCreateBody {
+                        image: Some(tg_docker::base::BUSYBOX.into()),
+                        cmd: Some(
+                            ["nc", "-ll", "-p", "5678", "-e", "echo", "hello from echo"]
+                                .map(String::from)
+                                .to_vec(),
+                        ),
+                        exposed_ports: Some(vec!["5678/tcp".into()]),
+                        host_config: Some(HostConfig {
+                            network_mode: Some(me.network.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            d.api()
+                .start_container(
+                    &me.name,
+                    None::<tg_docker::bollard::query_parameters::StartContainerOptions>,
+                )
+                .await
+                .unwrap();
+        });
+        me
+    }
+}
+
+impl Drop for EchoContainer {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(d) = tg_docker::Docker::connect().await {
+                let _ = d.remove_container(&self.name).await;
+                let _ = d.api().remove_network(&self.network).await;
+            }
+        });
+    }
+}
+
+/// `additional_hosts`: an instance reaches a container on another Docker network by name, on
+/// its exposed port, and `ADDITIONAL_HOSTS` names it; an unknown container is a clear error.
+#[test]
+fn additional_hosts_are_reached_by_name() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = home();
+    let echo = EchoContainer::start();
+    let mut args = run_args("asker", "run", "docker:generic", "2");
+    let cfg = format!("additional_hosts={}", echo.name);
+    args.extend(["--run-cfg", &cfg, "--run-cfg", "run_timeout=60s"]);
+    let out = home.tg(&args);
+    let s = stdout(&out);
+    // The plan has no SDK: its outcome is a failure; what matters is what it printed.
+    for i in 0..2 {
+        assert!(
+            s.lines().any(|l| l.contains(&format!("single[00{i}]"))
+                && l.ends_with(&format!(">> asking {}", echo.name))),
+            "{}",
+            text(&out)
+        );
+        assert!(
+            s.lines().any(|l| l.contains(&format!("single[00{i}]"))
+                && l.ends_with(">> hello from echo")),
+            "instance {i} reached the echo container: {}",
+            text(&out)
+        );
+    }
+    assert_run_left_nothing(&out);
+
+    let mut args = run_args("asker", "run", "docker:generic", "1");
+    args.extend(["--run-cfg", "additional_hosts=tg-test-no-such-container"]);
+    let out = home.tg(&args);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("additional_hosts: tg-test-no-such-container: no such container"),
+        "{}",
+        text(&out)
+    );
+    drop(echo);
 }

@@ -86,7 +86,7 @@ pub(crate) const DOCKER_KEYS: &[ConfigKey] = &[
     ConfigKey {
         name: "additional_hosts",
         expects: "a list of container names",
-        help: "containers (on any Docker network) instances may reach by name; ADDITIONAL_HOSTS in their environment",
+        help: "containers (on any Docker network of this engine) instances reach by name on their exposed TCP ports; ADDITIONAL_HOSTS in their environment",
     },
     ConfigKey {
         name: "log_level",
@@ -311,14 +311,14 @@ pub(crate) fn parse(
             }
             "additional_hosts" => {
                 let hosts = string_list(key, v)?;
-                // Refused before anything is built rather than when the run starts.
-                if !hosts.is_empty() {
-                    return Err(invalid(
-                        key,
-                        v,
-                        "not supported yet: instances reach only the sync service, each other \
-                         over the data network, and the host under allow_all",
-                    ));
+                if let Some(bad) = hosts.iter().find(|h| {
+                    !h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                }) {
+                    return Err(invalid(key, v, &format!("{bad:?} is not a container name")));
+                }
+                if hosts.len() > 250 {
+                    return Err(invalid(key, v, "at most 250 hosts"));
                 }
                 cfg.docker.additional_hosts = hosts;
             }
@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(c, DockerConfig::default());
         let c = d(
             json!({"keep_containers": "true", "ulimits": ["nofile=10:20", "nproc=5"],
-            "exposed_ports": {"http": 8080}, "additional_hosts": [], "start_concurrency": 4}),
+            "exposed_ports": {"http": 8080}, "additional_hosts": "a, b", "start_concurrency": 4}),
         )
         .unwrap()
         .docker;
@@ -448,7 +448,7 @@ mod tests {
             vec![("nofile".into(), 10, 20), ("nproc".into(), 5, 5)]
         );
         assert_eq!(c.exposed_ports["http"], 8080);
-        assert!(c.additional_hosts.is_empty());
+        assert_eq!(c.additional_hosts, ["a", "b"]);
         assert_eq!(c.start_concurrency, 4);
         for (bad, key) in [
             (json!({"ulimits": ["nofile"]}), "ulimits"),
@@ -456,10 +456,7 @@ mod tests {
             (json!({"exposed_ports": {"x": 70000}}), "exposed_ports"),
             (json!({"exposed_ports": "x"}), "exposed_ports"),
             (json!({"start_concurrency": 0}), "start_concurrency"),
-            (
-                json!({"additional_hosts": ["http-echo"]}),
-                "additional_hosts",
-            ),
+            (json!({"additional_hosts": ["a b"]}), "additional_hosts"),
             (
                 json!({"outcomes_collection_timeout": "later"}),
                 "outcomes_collection_timeout",

@@ -67,6 +67,75 @@ fn container_name(parts: &[&str]) -> String {
     s
 }
 
+/// A container of `additional_hosts`, as instances see it: its name resolves (in their
+/// `/etc/hosts`) to a loopback address of their own, where the runner forwards each of its
+/// exposed TCP ports to the container. Why loopback: the instance's network has no route out
+/// (its control link reaches only its run's sync service), and the engine's host reaches every
+/// Docker network of its engine directly, without forwarding or firewall changes.
+#[derive(Debug, Clone)]
+struct AdditionalHost {
+    name: String,
+    /// Inside every instance: `127.0.1.<k>`.
+    local: std::net::Ipv4Addr,
+    /// The container's address, reachable from the engine's host.
+    target: std::net::IpAddr,
+    ports: Vec<u16>,
+}
+
+/// Finds each container of `names` on the engine: its first network address and its exposed
+/// TCP ports.
+async fn resolve_additional(
+    docker: &Docker,
+    names: &[String],
+) -> Result<Vec<AdditionalHost>, RunError> {
+    let mut out = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let bad = |why: String| RunError::Docker(format!("additional_hosts: {name}: {why}"));
+        let info = docker
+            .api()
+            .inspect_container(
+                name,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .map_err(|e| {
+                if tg_docker::is_not_found(&e) {
+                    bad("no such container on this engine".into())
+                } else {
+                    bad(e.to_string())
+                }
+            })?;
+        let target = info
+            .network_settings
+            .and_then(|n| n.networks)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, n)| n.ip_address)
+            .find_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .ok_or_else(
+                || bad("it has no network address (is it running, on a network?)".into()),
+            )?;
+        let mut ports: Vec<u16> = info
+            .config
+            .and_then(|c| c.exposed_ports)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.strip_suffix("/tcp").and_then(|p| p.parse().ok()))
+            .collect();
+        ports.sort_unstable();
+        if ports.is_empty() {
+            return Err(bad("it exposes no TCP port (EXPOSE or --expose)".into()));
+        }
+        out.push(AdditionalHost {
+            name: name.clone(),
+            local: std::net::Ipv4Addr::new(127, 0, 1, (k + 1) as u8),
+            target,
+            ports,
+        });
+    }
+    Ok(out)
+}
+
 /// What `prepare` made for one instance.
 struct Prepared {
     name: String,
@@ -243,6 +312,12 @@ impl Ctx {
         for (label, port) in &self.config.docker.exposed_ports {
             env.push(format!("{}_PORT={port}", label.to_uppercase()));
         }
+        if !self.config.docker.additional_hosts.is_empty() {
+            env.push(format!(
+                "ADDITIONAL_HOSTS={}",
+                self.config.docker.additional_hosts.join(",")
+            ));
+        }
         env
     }
 }
@@ -261,8 +336,10 @@ pub(crate) struct DockerLauncher {
     containers: Vec<String>,
     pauses: Vec<String>,
     starts: Arc<Semaphore>,
-    /// Host ends of exposed ports.
+    /// Host ends of exposed ports, instance ends of additional hosts.
     forwarders: tokio::task::JoinSet<()>,
+    /// `additional_hosts`, resolved at start.
+    additional: Vec<AdditionalHost>,
     home_label: String,
 }
 
@@ -283,6 +360,7 @@ impl DockerLauncher {
             pauses: Vec::new(),
             starts,
             forwarders: tokio::task::JoinSet::new(),
+            additional: Vec::new(),
             home_label: state_dir.to_string_lossy().into_owned(),
         }
     }
@@ -407,6 +485,44 @@ impl DockerLauncher {
         });
     }
 
+    /// Listens on `host.local:port` inside the instance's namespace and forwards each
+    /// connection to the additional host's container from the engine's host.
+    async fn reach(
+        &mut self,
+        host: &AdditionalHost,
+        port: u16,
+        spec: &InstanceSpec,
+        ns: &tg_sys::NetNs,
+    ) -> Result<(), RunError> {
+        let local = host.local;
+        let listener = ns
+            .run(|| {
+                let l = std::net::TcpListener::bind((local, port))?;
+                l.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(l)
+            })
+            .and_then(|r| r)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| {
+                RunError::Docker(format!(
+                    "additional host {} for {}[{}]: listen on {local}:{port}: {e}",
+                    host.name, spec.group_id, spec.index
+                ))
+            })?;
+        let target = std::net::SocketAddr::new(host.target, port);
+        self.forwarders.spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // A refused connection closes the instance's side: it sees a reset.
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
     async fn remove_all(&mut self, docker: &Docker) -> Vec<String> {
         let keep = self.config.docker.keep_containers;
         let instances = std::mem::take(&mut self.containers);
@@ -512,6 +628,17 @@ impl Launcher for DockerLauncher {
             docker.endpoint()
         ))
         .await;
+        if !self.config.docker.additional_hosts.is_empty() {
+            self.additional =
+                resolve_additional(&docker, &self.config.docker.additional_hosts).await?;
+            for h in &self.additional {
+                self.log(format!(
+                    "additional host {} ({}) answers instances at {} on ports {:?}",
+                    h.name, h.target, h.local, h.ports
+                ))
+                .await;
+            }
+        }
         self.docker = Some(docker);
         let net = crate::netns::create(&self.input, &self.config, &ctx.temp_root.join(".net"), ctx)
             .await?;
@@ -537,6 +664,9 @@ impl Launcher for DockerLauncher {
         let mut extra_hosts = vec![format!("{SYNC_NAME}:{SYNC_ADDR}")];
         if let Some(h) = self.net.as_ref().and_then(|n| n.host_addr()) {
             extra_hosts.push(format!("{}:{h}", tg_sidecar::HOST_NAME));
+        }
+        for h in &self.additional {
+            extra_hosts.push(format!("{}:{}", h.name, h.local));
         }
         // Pause containers and their namespaces.
         let ctx = self.ctx(&docker);
@@ -623,6 +753,11 @@ impl Launcher for DockerLauncher {
             .collect();
         for (label, port) in ports {
             self.expose(&label, port, spec, &p.net.netns).await;
+        }
+        for h in self.additional.clone() {
+            for port in &h.ports {
+                self.reach(&h, *port, spec, &p.net.netns).await?;
+            }
         }
         let attach = docker
             .api()
