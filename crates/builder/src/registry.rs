@@ -59,14 +59,28 @@ pub trait Builder: Send + Sync {
     ) -> BuildFuture<'a, Result<(), BuildError>>;
 }
 
-/// The `exec:*` builders: an executable on this host, cached by content.
-struct Exec {
+/// A builder of the registry: its id and which of the crate's builders it is. `exec:*`
+/// builders make an executable on this host (below); `docker:*` ones an image
+/// ([`ImageBuilder`]).
+struct Registered {
     id: &'static str,
     kind: Kind,
 }
 
-impl Exec {
-    async fn run(
+impl Registered {
+    fn image(&self) -> Option<ImageBuilder> {
+        matches!(
+            self.kind,
+            Kind::DockerGo | Kind::DockerRust | Kind::DockerGeneric | Kind::DockerNode
+        )
+        .then_some(ImageBuilder {
+            id: self.id,
+            kind: self.kind,
+        })
+    }
+
+    /// An `exec:*` build: an executable cached by content.
+    async fn run_exec(
         &self,
         input: &BuildInput,
         progress: &Progress,
@@ -100,7 +114,7 @@ impl Exec {
             Kind::Go => go::build(input, &tools).await?,
             Kind::Generic => generic::build(input, &tools).await?,
             Kind::DockerGo | Kind::DockerRust | Kind::DockerGeneric | Kind::DockerNode => {
-                unreachable!("image builders are ImageBuilders")
+                unreachable!("`image()` takes the docker kinds")
             }
         };
         tracing::debug!(builder = %input.builder, plan = %input.plan, artifact = %out.artifact,
@@ -109,13 +123,17 @@ impl Exec {
     }
 }
 
-impl Builder for Exec {
+impl Builder for Registered {
     fn id(&self) -> &'static str {
         self.id
     }
 
     fn artifact_kind(&self) -> ArtifactKind {
-        ArtifactKind::Executable
+        if self.image().is_some() {
+            ArtifactKind::Image
+        } else {
+            ArtifactKind::Executable
+        }
     }
 
     fn build<'a>(
@@ -124,7 +142,12 @@ impl Builder for Exec {
         progress: &'a Progress,
         cancel: &'a CancellationToken,
     ) -> BuildFuture<'a, Result<BuildOutput, BuildError>> {
-        Box::pin(self.run(input, progress, cancel))
+        Box::pin(async move {
+            match self.image() {
+                Some(image) => image.run(input, progress, cancel).await,
+                None => self.run_exec(input, progress, cancel).await,
+            }
+        })
     }
 
     fn purge<'a>(
@@ -132,10 +155,11 @@ impl Builder for Exec {
         plan: &'a str,
         work_dir: &'a Path,
     ) -> BuildFuture<'a, Result<(), BuildError>> {
-        let kind = self.kind;
-        let plan = plan.to_owned();
-        let dir = work_dir.to_owned();
         Box::pin(async move {
+            if let Some(image) = self.image() {
+                return image.purge(plan, work_dir).await;
+            }
+            let (kind, plan, dir) = (self.kind, plan.to_owned(), work_dir.to_owned());
             blocking("purge", &dir.clone(), move || {
                 cache::purge(kind, &plan, &dir)
             })
@@ -144,58 +168,31 @@ impl Builder for Exec {
     }
 }
 
-impl Builder for ImageBuilder {
-    fn id(&self) -> &'static str {
-        self.id
-    }
-
-    fn artifact_kind(&self) -> ArtifactKind {
-        ArtifactKind::Image
-    }
-
-    fn build<'a>(
-        &'a self,
-        input: &'a BuildInput,
-        progress: &'a Progress,
-        cancel: &'a CancellationToken,
-    ) -> BuildFuture<'a, Result<BuildOutput, BuildError>> {
-        Box::pin(self.run(input, progress, cancel))
-    }
-
-    fn purge<'a>(
-        &'a self,
-        plan: &'a str,
-        work_dir: &'a Path,
-    ) -> BuildFuture<'a, Result<(), BuildError>> {
-        Box::pin(ImageBuilder::purge(self, plan, work_dir))
-    }
-}
-
-static EXEC_RUST: Exec = Exec {
+static EXEC_RUST: Registered = Registered {
     id: "exec:rust",
     kind: Kind::Rust,
 };
-static EXEC_GO: Exec = Exec {
+static EXEC_GO: Registered = Registered {
     id: "exec:go",
     kind: Kind::Go,
 };
-static EXEC_GENERIC: Exec = Exec {
+static EXEC_GENERIC: Registered = Registered {
     id: "exec:generic",
     kind: Kind::Generic,
 };
-static DOCKER_GO: ImageBuilder = ImageBuilder {
+static DOCKER_GO: Registered = Registered {
     id: "docker:go",
     kind: Kind::DockerGo,
 };
-static DOCKER_RUST: ImageBuilder = ImageBuilder {
+static DOCKER_RUST: Registered = Registered {
     id: "docker:rust",
     kind: Kind::DockerRust,
 };
-static DOCKER_GENERIC: ImageBuilder = ImageBuilder {
+static DOCKER_GENERIC: Registered = Registered {
     id: "docker:generic",
     kind: Kind::DockerGeneric,
 };
-static DOCKER_NODE: ImageBuilder = ImageBuilder {
+static DOCKER_NODE: Registered = Registered {
     id: "docker:node",
     kind: Kind::DockerNode,
 };

@@ -25,11 +25,7 @@ fn ready() -> bool {
     let reason = if !nix::unistd::geteuid().is_root() {
         Some("local:docker needs root".to_string())
     } else {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(tg_docker::Docker::connect())
+        block_on(tg_docker::Docker::connect())
             .err()
             .map(|e| e.to_string())
     };
@@ -58,57 +54,55 @@ fn home() -> &'static Home {
         ] {
             h.import(plan);
         }
-        // A plan whose instances only sleep: docker:generic on the runtime image.
-        let src = h.plan_src(
-            "sleeper",
-            "name = \"sleeper\"\n[builders.\"docker:generic\"]\n[runners.\"local:docker\"]\n\
-             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 50 }\n",
-        );
-        std::fs::write(
-            src.join("Dockerfile"),
-            format!(
-                "FROM {}\nENTRYPOINT [\"sleep\", \"600\"]\n",
-                tg_docker::base::BUSYBOX
-            ),
-        )
-        .unwrap();
-        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", text(&out));
-        // A plan whose instances connect to each of their additional hosts on port 5678.
-        let src = h.plan_src(
+        // docker:generic plans on the runtime image: instances that only sleep, that connect
+        // to each of their additional hosts on port 5678, that answer "hello" on the port
+        // their environment names.
+        busybox_plan(&h, "sleeper", "", r#"["sleep", "600"]"#);
+        busybox_plan(
+            &h,
             "asker",
-            "name = \"asker\"\n[builders.\"docker:generic\"]\n[runners.\"local:docker\"]\n\
-             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 5 }\n",
+            "",
+            r#"["sh", "-c", "for h in $(echo $ADDITIONAL_HOSTS | tr , ' '); do echo asking $h; nc $h 5678; done"]"#,
         );
-        std::fs::write(
-            src.join("Dockerfile"),
-            format!(
-                "FROM {}\nENTRYPOINT [\"sh\", \"-c\", \"for h in $(echo $ADDITIONAL_HOSTS | tr , ' '); do echo asking $h; nc $h 5678; done\"]\n",
-                tg_docker::base::BUSYBOX
-            ),
-        )
-        .unwrap();
-        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", text(&out));
-        // A plan whose instances answer "hello" on the port their environment names.
-        let src = h.plan_src(
+        busybox_plan(
+            &h,
             "listener",
-            "name = \"listener\"\n[builders.\"docker:generic\"]\n[runners.\"local:docker\"]\n\
-             exposed_ports = { http = 8080 }\n\
-             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 5 }\n",
+            "exposed_ports = { http = 8080 }\n",
+            r#"["sh", "-c", "exec nc -ll -p $HTTP_PORT -e echo hello"]"#,
         );
-        std::fs::write(
-            src.join("Dockerfile"),
-            format!(
-                "FROM {}\nENTRYPOINT [\"sh\", \"-c\", \"exec nc -ll -p $HTTP_PORT -e echo hello\"]\n",
-                tg_docker::base::BUSYBOX
-            ),
-        )
-        .unwrap();
-        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", text(&out));
         h
     })
+}
+
+/// Imports a `docker:generic` plan `name` (case `run`) whose image is the default busybox with
+/// `entrypoint` (a JSON list), and `runner_config` in its `[runners."local:docker"]`.
+fn busybox_plan(h: &Home, name: &str, runner_config: &str, entrypoint: &str) {
+    let src = h.plan_src(
+        name,
+        &format!(
+            "name = \"{name}\"\n[builders.\"docker:generic\"]\n[runners.\"local:docker\"]\n\
+             {runner_config}[[testcases]]\nname = \"run\"\ninstances = {{ min = 1, max = 50 }}\n"
+        ),
+    );
+    std::fs::write(
+        src.join("Dockerfile"),
+        format!(
+            "FROM {}\nENTRYPOINT {entrypoint}\n",
+            tg_docker::base::BUSYBOX
+        ),
+    )
+    .unwrap();
+    let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Runs `f` to its end on a runtime of its own (the tests are synchronous).
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 fn run_args<'a>(plan: &'a str, case: &'a str, builder: &'a str, n: &'a str) -> Vec<&'a str> {
@@ -139,11 +133,7 @@ fn stdout(o: &Output) -> String {
 
 /// Containers (any state) labelled with the run's id.
 fn containers_of(run_id: &str) -> Vec<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let d = tg_docker::Docker::connect().await.unwrap();
         d.containers_with(&[(tg_docker::labels::RUN_ID, run_id)])
             .await
@@ -607,11 +597,7 @@ impl EchoContainer {
             name: format!("tg-test-echo-{}", std::process::id()),
             network: format!("tg-test-net-{}", std::process::id()),
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             let d = tg_docker::Docker::connect().await.unwrap();
             d.api()
                 .create_network(NetworkCreateRequest {
@@ -659,11 +645,7 @@ impl EchoContainer {
 
 impl Drop for EchoContainer {
     fn drop(&mut self) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        block_on(async {
             if let Ok(d) = tg_docker::Docker::connect().await {
                 let _ = d.remove_container(&self.name).await;
                 let _ = d.api().remove_network(&self.network).await;
