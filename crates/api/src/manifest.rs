@@ -93,16 +93,20 @@ impl Param {
 
 /// Builders and runners that run the same plans, a container one and its host counterpart: the
 /// original's plans enable only `docker:go` and `local:docker`, ours `exec:go` and
-/// `local:netns`, and a user may ask for either on the command line.
+/// `local:netns`, and a user may ask for either on the command line. `cluster:k8s` runs what
+/// `local:docker` runs (the same images, the same sidecar network), as the original's plans
+/// expect of it.
 pub const EQUIVALENTS: &[(&str, &str)] = &[
     ("docker:go", "exec:go"),
     ("docker:rust", "exec:rust"),
     ("local:docker", "local:netns"),
+    ("cluster:k8s", "local:docker"),
+    ("cluster:k8s", "local:netns"),
 ];
 
-/// The counterpart of builder or runner `id`, if it has one.
-pub fn equivalent(id: &str) -> Option<&'static str> {
-    EQUIVALENTS.iter().find_map(|&(a, b)| {
+/// The counterparts of builder or runner `id`, closest first.
+pub fn equivalents(id: &str) -> impl Iterator<Item = &'static str> + '_ {
+    EQUIVALENTS.iter().filter_map(move |&(a, b)| {
         if a == id {
             Some(b)
         } else if b == id {
@@ -152,7 +156,7 @@ impl Manifest {
         if enabled.contains_key(id) {
             return None;
         }
-        equivalent(id).filter(|e| enabled.contains_key(*e))
+        equivalents(id).find(|e| enabled.contains_key(*e))
     }
 
     /// Notices for the ids of `builders` and `runner` that run this plan only as counterparts

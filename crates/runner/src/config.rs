@@ -110,6 +110,122 @@ pub(crate) const DOCKER_KEYS: &[ConfigKey] = &[
     },
 ];
 
+/// Keys of `cluster:k8s` (the original's, and ours: where the cluster and its registry are).
+pub(crate) const K8S_KEYS: &[ConfigKey] = &[
+    ConfigKey {
+        name: "kubeconfig",
+        expects: "a path",
+        help: "the cluster's kubeconfig (default: KUBECONFIG, then ~/.kube/config)",
+    },
+    ConfigKey {
+        name: "namespace",
+        expects: "a namespace name",
+        help: "where the run's pods go (default: the kubeconfig's, else default)",
+    },
+    ConfigKey {
+        name: "testplan_pod_cpu",
+        expects: "a CPU quantity such as \"100m\" or \"0.5\"",
+        help: "CPU requested by each instance's pod (required, as the original)",
+    },
+    ConfigKey {
+        name: "testplan_pod_memory",
+        expects: "a memory quantity such as \"64Mi\"",
+        help: "memory requested by each instance's pod, also its limit (required, as the original)",
+    },
+    ConfigKey {
+        name: "push_registry",
+        expects: "a registry host[:port], e.g. \"127.0.0.1:5000\"",
+        help: "push the run's images there and let the nodes pull them",
+    },
+    ConfigKey {
+        name: "node_containerd",
+        expects: "a containerd socket path",
+        help: "single-node clusters: load the run's images into this node runtime (namespace k8s.io) instead of pushing them",
+    },
+    ConfigKey {
+        name: "sync_host",
+        expects: "an address of this host the pods reach",
+        help: "where pods reach the engine's sync service (default: the plan node's address, when it is this host's)",
+    },
+    ConfigKey {
+        name: "schedule_timeout",
+        expects: "a duration such as \"60s\"",
+        help: "how long a pod may stay unschedulable or unable to pull its image before its instance fails (default 60s)",
+    },
+    ConfigKey {
+        name: "create_concurrency",
+        expects: "a positive integer",
+        help: "pods created at a time (default 16)",
+    },
+    ConfigKey {
+        name: "sysctls",
+        expects: "a list of \"name=value\"",
+        help: "namespaced sysctls of each pod (the cluster's kubelet must allow unsafe ones)",
+    },
+    ConfigKey {
+        name: "log_level",
+        expects: "a level such as \"debug\"",
+        help: "LOG_LEVEL given to instances",
+    },
+    ConfigKey {
+        name: "keep_service",
+        expects: "true or false",
+        help: "accepted for compatibility with the original's manifests; ignored",
+    },
+    ConfigKey {
+        name: "provider",
+        expects: "\"aws\", \"dockerhub\" or empty",
+        help: "accepted for compatibility; use push_registry",
+    },
+    ConfigKey {
+        name: "autoscaler_enabled",
+        expects: "true or false",
+        help: "accepted for compatibility; the capacity check always applies",
+    },
+    ConfigKey {
+        name: "collect_outputs_pod_cpu",
+        expects: "a CPU quantity",
+        help: "accepted for compatibility; outputs need no collector pod",
+    },
+    ConfigKey {
+        name: "collect_outputs_pod_memory",
+        expects: "a memory quantity",
+        help: "accepted for compatibility; outputs need no collector pod",
+    },
+];
+
+/// `cluster:k8s`'s part of a run configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sConfig {
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub namespace: Option<String>,
+    pub pod_cpu: Option<String>,
+    pub pod_memory: Option<String>,
+    pub push_registry: Option<String>,
+    pub node_containerd: Option<std::path::PathBuf>,
+    pub sync_host: Option<std::net::IpAddr>,
+    pub schedule_timeout: Duration,
+    pub create_concurrency: usize,
+    pub sysctls: Vec<(String, String)>,
+}
+
+impl Default for K8sConfig {
+    fn default() -> Self {
+        K8sConfig {
+            kubeconfig: None,
+            namespace: None,
+            pod_cpu: None,
+            pod_memory: None,
+            push_registry: None,
+            node_containerd: None,
+            sync_host: None,
+            schedule_timeout: Duration::from_secs(60),
+            create_concurrency: 16,
+            sysctls: Vec::new(),
+        }
+    }
+}
+
 /// `local:docker`'s part of a run configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DockerConfig {
@@ -150,6 +266,8 @@ pub struct RunConfig {
     pub influxdb_url: Option<String>,
     /// `local:docker`'s keys.
     pub docker: DockerConfig,
+    /// `cluster:k8s`'s keys.
+    pub k8s: K8sConfig,
     /// Unknown keys that were tolerated (from a manifest or `.env.toml`), to warn about.
     pub ignored: Vec<String>,
 }
@@ -207,6 +325,28 @@ fn string_list(key: &str, v: &Value) -> Result<Vec<String>, RunError> {
             .filter(|x| !x.is_empty())
             .collect()),
         _ => Err(invalid(key, v, "expected a list of strings")),
+    }
+}
+
+/// A string value; empty means unset.
+fn non_empty(key: &str, v: &Value) -> Result<Option<String>, RunError> {
+    match v {
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s.trim().to_string())),
+        _ => Err(invalid(key, v, "expected a string")),
+    }
+}
+
+/// A Kubernetes quantity, written as a string or a number.
+fn quantity(key: &str, v: &Value) -> Result<String, RunError> {
+    match v {
+        Value::String(s) => Ok(s.trim().to_string()),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(invalid(
+            key,
+            v,
+            "expected a quantity such as \"100m\" or \"64Mi\"",
+        )),
     }
 }
 
@@ -342,6 +482,69 @@ pub(crate) fn parse(
                 }
                 cfg.docker.start_concurrency = n as usize;
             }
+            "kubeconfig" => {
+                cfg.k8s.kubeconfig = non_empty(key, v)?.map(|s| tg_k8s::expand_home(&s))
+            }
+            "namespace" => cfg.k8s.namespace = non_empty(key, v)?,
+            "testplan_pod_cpu" => {
+                let s = quantity(key, v)?;
+                if tg_k8s::quantity::cpu_millis(&s).is_none_or(|m| m == 0) {
+                    return Err(invalid(
+                        key,
+                        v,
+                        "expected a CPU quantity such as \"100m\" or \"0.5\"",
+                    ));
+                }
+                cfg.k8s.pod_cpu = Some(s);
+            }
+            "testplan_pod_memory" => {
+                let s = quantity(key, v)?;
+                if tg_k8s::quantity::bytes(&s).is_none_or(|b| b == 0) {
+                    return Err(invalid(
+                        key,
+                        v,
+                        "expected a memory quantity such as \"64Mi\"",
+                    ));
+                }
+                cfg.k8s.pod_memory = Some(s);
+            }
+            "push_registry" => cfg.k8s.push_registry = non_empty(key, v)?,
+            "node_containerd" => cfg.k8s.node_containerd = non_empty(key, v)?.map(Into::into),
+            "sync_host" => {
+                cfg.k8s.sync_host = non_empty(key, v)?
+                    .map(|s| s.parse())
+                    .transpose()
+                    .map_err(|_| invalid(key, v, "expected an IP address"))?;
+            }
+            "schedule_timeout" => match v {
+                Value::String(s) => {
+                    cfg.k8s.schedule_timeout = humantime::parse_duration(s.trim())
+                        .map_err(|e| invalid(key, v, &e.to_string()))?
+                }
+                _ => return Err(invalid(key, v, "expected a duration like \"60s\"")),
+            },
+            "create_concurrency" => {
+                let n = unsigned(key, v, "expected a positive integer")?;
+                if n == 0 || n > 256 {
+                    return Err(invalid(key, v, "expected 1 to 256"));
+                }
+                cfg.k8s.create_concurrency = n as usize;
+            }
+            "sysctls" => {
+                cfg.k8s.sysctls = string_list(key, v)?
+                    .iter()
+                    .map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, x)| (k.trim().to_string(), x.trim().to_string()))
+                            .filter(|(k, _)| !k.is_empty())
+                            .ok_or_else(|| invalid(key, v, "expected \"name=value\" items"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "keep_service" | "autoscaler_enabled" => {
+                boolean(key, v)?;
+            }
+            "provider" | "collect_outputs_pod_cpu" | "collect_outputs_pod_memory" => {}
             "influxdb_url" => match v {
                 Value::String(s) if s.is_empty() => {}
                 Value::String(s) => cfg.influxdb_url = Some(s.clone()),

@@ -696,6 +696,7 @@ impl Launcher for DockerLauncher {
                 hostname: spec.hostname.clone(),
                 outputs: spec.outputs.clone(),
                 netns: Some(ns),
+                control: tg_sidecar::ControlLink::Veth,
             });
             names.push((name, id));
         }
@@ -964,7 +965,7 @@ impl DockerInstance {
 }
 
 /// Exit codes above 128 are the engine's way of saying "killed by signal code - 128".
-fn termination(code: i64) -> Termination {
+pub(crate) fn termination(code: i64) -> Termination {
     match code {
         129..=192 => Termination::Signal((code - 128) as i32),
         c => i32::try_from(c)

@@ -23,6 +23,9 @@ pub enum RunError {
     #[error("local:docker: {0}")]
     Docker(String),
 
+    #[error("cluster:k8s: {0}")]
+    K8s(String),
+
     #[error("cannot set up the run's network: {0}")]
     RunNetwork(tg_sidecar::SidecarError),
 

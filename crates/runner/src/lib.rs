@@ -36,6 +36,7 @@ mod env;
 mod error;
 mod exec;
 mod instance;
+mod k8s;
 mod launch;
 mod line;
 mod netns;
@@ -56,7 +57,7 @@ use tg_api::task::RunResult;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ConfigKey, DockerConfig, RunConfig};
+pub use config::{ConfigKey, DockerConfig, K8sConfig, RunConfig};
 pub use error::RunError;
 pub use instance::MAX_LINE;
 pub use line::{InstanceLine, LineKind};
@@ -64,6 +65,9 @@ pub use outputs::{collect_outputs, outputs_dir};
 pub use registry::{get as runner, runners};
 pub use supervisor::{Exit, InstanceReport, OutcomeRule, StopReason, Termination};
 pub use tracking::{clean_leftovers, runs_dir};
+
+/// A runner's `[runners."<id>"]` table of `.env.toml`, as JSON.
+pub type EnvConfig = serde_json::Map<String, serde_json::Value>;
 
 /// Capacity of a run's event stream: a reader slower than this slows the run down.
 pub const EVENT_QUEUE: usize = 1024;
@@ -118,8 +122,9 @@ pub trait Runner: Send + Sync {
     ) -> Result<RunConfig, RunError>;
 
     /// What the runner needs from this machine; with `fix`, makes what can be made (e.g. base
-    /// images) and reports it in [`HealthCheck::fix`].
-    fn healthcheck(&self, fix: bool) -> BoxFuture<'static, Vec<HealthCheck>>;
+    /// images) and reports it in [`HealthCheck::fix`]. `env` is the runner's configuration
+    /// from `.env.toml` (where a cluster runner finds its cluster).
+    fn healthcheck(&self, fix: bool, env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>>;
 
     /// Runs to completion. Returns `Ok` whatever the instances did (their fate is in
     /// [`RunOutput::result`]; a fired cancel gives outcome `canceled`); `Err` only when the
@@ -130,7 +135,8 @@ pub trait Runner: Send + Sync {
     /// `testground terminate --runner <id>`, beyond canceling the runner's tasks (which the
     /// engine does): removes what runs of this runner whose engine died left behind. Returns
     /// what it did.
-    fn terminate(&self, data_dir: &Path) -> BoxFuture<'static, Vec<String>> {
+    fn terminate(&self, data_dir: &Path, env: &EnvConfig) -> BoxFuture<'static, Vec<String>> {
+        let _ = env;
         let runs = runs_dir(data_dir);
         Box::pin(async move { clean_leftovers(&runs) })
     }

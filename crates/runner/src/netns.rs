@@ -141,6 +141,7 @@ impl Launcher for NetnsLauncher {
                 hostname: s.hostname.clone(),
                 outputs: s.outputs.clone(),
                 netns: None,
+                control: tg_sidecar::ControlLink::Veth,
             })
             .collect::<Vec<_>>();
         let setup = std::time::Instant::now();

@@ -5,16 +5,17 @@ use std::collections::BTreeSet;
 use futures::future::BoxFuture;
 use tg_api::artifact::ArtifactKind;
 
-use crate::config::{COMMON_KEYS, ConfigKey, DOCKER_KEYS, NETWORK_KEYS};
+use crate::config::{COMMON_KEYS, ConfigKey, DOCKER_KEYS, K8S_KEYS, NETWORK_KEYS};
 use crate::docker::DockerLauncher;
 use crate::exec::ExecLauncher;
+use crate::k8s::K8sLauncher;
 use crate::netns::NetnsLauncher;
 use crate::run_loop::run_loop;
 use crate::supervisor::OutcomeRule;
-use crate::{HealthCheck, RunConfig, RunContext, RunError, RunOutput, Runner};
+use crate::{EnvConfig, HealthCheck, RunConfig, RunContext, RunError, RunOutput, Runner};
 
 /// Runners of the original that this build does not have yet.
-const NOT_YET: &[&str] = &["cluster:k8s", "cluster:swarm"];
+const NOT_YET: &[&str] = &["cluster:swarm"];
 
 /// `local:exec`: host processes, no shaping, outcomes from stdout.
 pub struct LocalExec;
@@ -27,7 +28,9 @@ pub struct LocalNetns;
 /// outcomes from the `run_events` topic.
 pub struct LocalDocker;
 
-static RUNNERS: [&dyn Runner; 3] = [&LocalExec, &LocalNetns, &LocalDocker];
+pub struct ClusterK8s;
+
+static RUNNERS: [&dyn Runner; 4] = [&LocalExec, &LocalNetns, &LocalDocker, &ClusterK8s];
 
 /// Every runner of this build.
 pub fn runners() -> &'static [&'static dyn Runner] {
@@ -85,7 +88,7 @@ impl Runner for LocalExec {
         crate::config::parse(self.id(), &[COMMON_KEYS], map, strict)
     }
 
-    fn healthcheck(&self, _fix: bool) -> BoxFuture<'static, Vec<HealthCheck>> {
+    fn healthcheck(&self, _fix: bool, _env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {
         Box::pin(async { Vec::new() })
     }
 
@@ -118,7 +121,7 @@ impl Runner for LocalNetns {
         crate::config::parse(self.id(), &[COMMON_KEYS, NETWORK_KEYS], map, strict)
     }
 
-    fn healthcheck(&self, _fix: bool) -> BoxFuture<'static, Vec<HealthCheck>> {
+    fn healthcheck(&self, _fix: bool, _env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {
         Box::pin(async { crate::netns::health() })
     }
 
@@ -156,7 +159,7 @@ impl Runner for LocalDocker {
         )
     }
 
-    fn healthcheck(&self, fix: bool) -> BoxFuture<'static, Vec<HealthCheck>> {
+    fn healthcheck(&self, fix: bool, _env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {
         Box::pin(crate::docker::health(fix))
     }
 
@@ -167,8 +170,58 @@ impl Runner for LocalDocker {
         })
     }
 
-    fn terminate(&self, data_dir: &std::path::Path) -> BoxFuture<'static, Vec<String>> {
+    fn terminate(
+        &self,
+        data_dir: &std::path::Path,
+        _env: &EnvConfig,
+    ) -> BoxFuture<'static, Vec<String>> {
         Box::pin(crate::docker::terminate(data_dir.to_path_buf()))
+    }
+}
+
+impl Runner for ClusterK8s {
+    fn id(&self) -> &'static str {
+        "cluster:k8s"
+    }
+
+    fn accepts(&self) -> &'static [ArtifactKind] {
+        &[ArtifactKind::Image]
+    }
+
+    fn config_keys(&self) -> Vec<ConfigKey> {
+        keys(&[COMMON_KEYS, NETWORK_KEYS, K8S_KEYS])
+    }
+
+    fn parse_config(
+        &self,
+        map: &serde_json::Map<String, serde_json::Value>,
+        strict: &BTreeSet<String>,
+    ) -> Result<RunConfig, RunError> {
+        crate::config::parse(
+            self.id(),
+            &[COMMON_KEYS, NETWORK_KEYS, K8S_KEYS],
+            map,
+            strict,
+        )
+    }
+
+    fn healthcheck(&self, _fix: bool, env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {
+        Box::pin(crate::k8s::health(env.clone()))
+    }
+
+    fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
+        Box::pin(async move {
+            let launcher = K8sLauncher::new(ctx.input.clone(), ctx.config.clone());
+            run_loop(launcher, ctx, OutcomeRule::SyncEvents).await
+        })
+    }
+
+    fn terminate(
+        &self,
+        data_dir: &std::path::Path,
+        env: &EnvConfig,
+    ) -> BoxFuture<'static, Vec<String>> {
+        Box::pin(crate::k8s::terminate(data_dir.to_path_buf(), env.clone()))
     }
 }
 
@@ -181,7 +234,8 @@ mod tests {
         assert_eq!(get("local:exec").unwrap().id(), "local:exec");
         assert_eq!(get("local:netns").unwrap().id(), "local:netns");
         assert_eq!(get("local:docker").unwrap().id(), "local:docker");
-        match get("cluster:k8s") {
+        assert_eq!(get("cluster:k8s").unwrap().id(), "cluster:k8s");
+        match get("cluster:swarm") {
             Err(e @ RunError::NotSupported { .. }) => {
                 assert!(e.to_string().contains("not supported"), "{e}")
             }
@@ -191,7 +245,7 @@ mod tests {
             Err(e @ RunError::UnsupportedRunner { .. }) => {
                 assert!(
                     e.to_string()
-                        .contains("local:exec, local:netns, local:docker"),
+                        .contains("local:exec, local:netns, local:docker, cluster:k8s"),
                     "{e}"
                 )
             }

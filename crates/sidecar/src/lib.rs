@@ -358,6 +358,7 @@ impl RunNetwork {
                 hostname: hostname.to_string(),
                 outputs: outputs.to_path_buf(),
                 netns: None,
+                control: ControlLink::Veth,
             },
         )
         .await?;
@@ -465,6 +466,25 @@ pub struct InstanceSpec {
     /// The namespace to build the instance's network in (e.g. a container's, under
     /// `local:docker`); `None` creates a fresh one (`local:netns`).
     pub netns: Option<NetNs>,
+    /// How the instance reaches its sync service.
+    pub control: ControlLink,
+}
+
+/// An instance's control network: how it reaches the sync service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ControlLink {
+    /// A veth `eth0` into the run's control namespace, which serves the sync service
+    /// (`local:netns`, `local:docker`).
+    #[default]
+    Veth,
+    /// The namespace has its control interface `eth0` already (a pod's, from the cluster's
+    /// network), whose default route goes via `gateway`. Under `deny_all` (the initial
+    /// policy, as with a veth) only routes to `keep` (the sync service's host) remain;
+    /// `allow_all` restores the default route.
+    Existing {
+        gateway: Ipv4Addr,
+        keep: Vec<Ipv4Addr>,
+    },
 }
 
 /// Builds one instance's network: namespace, control veth and route, TUN, addresses,
@@ -480,6 +500,7 @@ async fn prepare(
         hostname,
         outputs,
         netns,
+        control,
     } = spec;
     if ordinal >= addr::MAX_INSTANCES {
         return Err(SidecarError::TooManyInstances {
@@ -491,22 +512,15 @@ async fn prepare(
         Some(ns) => ns,
         None => NetNs::new().map_err(io_err("create an instance namespace"))?,
     };
-    let ctl_if = format!("c{ordinal}");
-    let cidx = sh
-        .ctl_nl
-        .add_veth(&ctl_if, "eth0", &ns)
-        .await
-        .map_err(io_err(format!("create the control link {ctl_if}")))?;
-    sh.ctl_nl
-        .set_up(cidx)
-        .await
-        .map_err(io_err(format!("set {ctl_if} up")))?;
+    let ctl_if = match control {
+        ControlLink::Veth => format!("c{ordinal}"),
+        ControlLink::Existing { .. } => String::new(),
+    };
     let caddr = addr::control_addr(ordinal);
-    sh.ctl_nl
-        .add_route(Ipv4Net::from(caddr), None, cidx)
-        .await
-        .map_err(io_err(format!("route to {caddr}")))?;
-
+    let cidx = match control {
+        ControlLink::Veth => Some(veth_control_link(sh, &ns, &ctl_if, caddr).await?),
+        ControlLink::Existing { .. } => None,
+    };
     let tun = Tun::create(&ns, "eth1").map_err(io_err("create the data interface"))?;
     // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
     tun.set_persist(true)
@@ -520,9 +534,94 @@ async fn prepare(
         .map_err(io_err("open netlink in an instance namespace"))?;
     let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
     nl.set_up(lo).await.map_err(io_err("set lo up"))?;
+    match &control {
+        ControlLink::Veth => {
+            if let Some(cidx) = cidx {
+                veth_eth0(sh, &ns, &nl, (&ctl_if, cidx), caddr).await?;
+            }
+        }
+        ControlLink::Existing { gateway, keep } => {
+            existing_eth0(&nl, *gateway, keep).await?;
+        }
+    }
+    let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
+    let daddr = addr::data_addr(sh.subnet, ordinal);
+    nl.add_address(eth1, daddr, sh.subnet.prefix_len())
+        .await
+        .map_err(io_err("address eth1"))?;
+    nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
+    drop(nl);
+
+    let id = NodeId(ordinal);
+    let capture = capture.then(|| outputs.join("data.pcap"));
+    sh.pump
+        .add(id, daddr, tun, capture)
+        .await?
+        .map_err(SidecarError::Other)?;
+
+    let jail = Jail::new(&ns, &hostname, &hosts).map_err(io_err("prepare the jail"))?;
+    let netns_inode = ns.inode().map_err(io_err("read the namespace inode"))?;
+
+    let netns = ns
+        .try_clone()
+        .map_err(io_err("duplicate the namespace handle"))?;
+    let agent = Agent {
+        shared: shared.clone(),
+        id,
+        hostname,
+        ns,
+        ctl_if,
+        control,
+        addr: daddr,
+        allow_all: false,
+    };
+    Ok((
+        Instance {
+            jail,
+            netns,
+            data_addr: daddr,
+            netns_inode,
+        },
+        agent,
+    ))
+}
+
+/// The control veth `c<i>` ⇄ `eth0` (host side, in the control namespace).
+async fn veth_control_link(
+    sh: &Shared,
+    ns: &NetNs,
+    ctl_if: &str,
+    caddr: Ipv4Addr,
+) -> Result<u32, SidecarError> {
+    let cidx = sh
+        .ctl_nl
+        .add_veth(ctl_if, "eth0", ns)
+        .await
+        .map_err(io_err(format!("create the control link {ctl_if}")))?;
+    sh.ctl_nl
+        .set_up(cidx)
+        .await
+        .map_err(io_err(format!("set {ctl_if} up")))?;
+    sh.ctl_nl
+        .add_route(Ipv4Net::from(caddr), None, cidx)
+        .await
+        .map_err(io_err(format!("route to {caddr}")))?;
+    Ok(cidx)
+}
+
+/// The instance's side of the control veth: its address, the sync service's route and
+/// both ends' neighbour entries.
+async fn veth_eth0(
+    sh: &Shared,
+    ns: &NetNs,
+    nl: &Netlink,
+    ctl: (&str, u32),
+    caddr: Ipv4Addr,
+) -> Result<(), SidecarError> {
+    let (ctl_if, cidx) = ctl;
     // The control network is IPv4 only, as the original's: no link-local address on eth0 that
     // a plan could take for a data address or use to reach other instances.
-    tg_sys::write_sysctl(&ns, "net/ipv6/conf/eth0/disable_ipv6", "1")
+    tg_sys::write_sysctl(ns, "net/ipv6/conf/eth0/disable_ipv6", "1")
         .map_err(io_err("disable IPv6 on eth0"))?;
     let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
     nl.add_address(eth0, caddr, 32)
@@ -552,45 +651,28 @@ async fn prepare(
         .add_neighbour(cidx, caddr, &eth0_mac)
         .await
         .map_err(io_err(format!("pin the neighbour entry of {caddr}")))?;
-    let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
-    let daddr = addr::data_addr(sh.subnet, ordinal);
-    nl.add_address(eth1, daddr, sh.subnet.prefix_len())
-        .await
-        .map_err(io_err("address eth1"))?;
-    nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
-    drop(nl);
+    Ok(())
+}
 
-    let id = NodeId(ordinal);
-    let capture = capture.then(|| outputs.join("data.pcap"));
-    sh.pump
-        .add(id, daddr, tun, capture)
-        .await?
-        .map_err(SidecarError::Other)?;
-
-    let jail = Jail::new(&ns, &hostname, &hosts).map_err(io_err("prepare the jail"))?;
-    let netns_inode = ns.inode().map_err(io_err("read the namespace inode"))?;
-
-    let netns = ns
-        .try_clone()
-        .map_err(io_err("duplicate the namespace handle"))?;
-    let agent = Agent {
-        shared: shared.clone(),
-        id,
-        hostname,
-        ns,
-        ctl_if,
-        addr: daddr,
-        allow_all: false,
-    };
-    Ok((
-        Instance {
-            jail,
-            netns,
-            data_addr: daddr,
-            netns_inode,
-        },
-        agent,
-    ))
+/// A pod's own `eth0`: routes to `keep` via `gateway`, then no default route (`deny_all`).
+async fn existing_eth0(
+    nl: &Netlink,
+    gateway: Ipv4Addr,
+    keep: &[Ipv4Addr],
+) -> Result<(), SidecarError> {
+    let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
+    for k in keep {
+        match nl.add_route(Ipv4Net::from(*k), Some(gateway), eth0).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(format!("route to {k}"))(e)),
+        }
+    }
+    match nl.del_route(default_route(), Some(gateway), eth0).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove the default route")(e)),
+    }
 }
 
 /// One instance's agent: owns its namespace handle and current network state.
@@ -600,6 +682,7 @@ struct Agent {
     hostname: String,
     ns: NetNs,
     ctl_if: String,
+    control: ControlLink,
     addr: Ipv4Addr,
     allow_all: bool,
 }
@@ -693,6 +776,9 @@ impl Agent {
     /// `allow_all`: a default route over the control link, forwarded and masqueraded by the
     /// control namespace to the host. `deny_all`: only the sync service's /32.
     async fn set_routing(&mut self, allow_all: bool) -> Result<(), String> {
+        if let ControlLink::Existing { gateway, .. } = self.control {
+            return self.set_existing_routing(allow_all, gateway).await;
+        }
         let sh = self.shared.clone();
         if allow_all {
             sh.nat
@@ -716,6 +802,33 @@ impl Agent {
                 .map_err(|e| format!("cannot add the default route: {e}"))?;
         } else {
             match nl.del_route(default, Some(SYNC_ADDR), eth0).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove the default route: {e}")),
+            }
+        }
+        self.allow_all = allow_all;
+        Ok(())
+    }
+
+    /// `allow_all` on a pod's own `eth0`: its default route via the cluster network's
+    /// gateway, which the pod had before its agent removed it; `deny_all` removes it again.
+    async fn set_existing_routing(
+        &mut self,
+        allow_all: bool,
+        gateway: Ipv4Addr,
+    ) -> Result<(), String> {
+        let nl = Netlink::open(&self.ns).await.map_err(|e| e.to_string())?;
+        let eth0 = nl.link_index("eth0").await.map_err(|e| e.to_string())?;
+        let default = default_route();
+        if allow_all {
+            match nl.add_route(default, Some(gateway), eth0).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(format!("cannot add the default route: {e}")),
+            }
+        } else {
+            match nl.del_route(default, Some(gateway), eth0).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(format!("cannot remove the default route: {e}")),

@@ -692,7 +692,13 @@ impl Engine {
         }
         if !req.runner.is_empty() {
             let runner = tg_runner::runner(&req.runner)?;
-            for line in runner.terminate(&self.data_dir()).await {
+            let env = self
+                .inner
+                .cfg
+                .runners_json()
+                .remove(runner.id())
+                .unwrap_or_default();
+            for line in runner.terminate(&self.data_dir(), &env).await {
                 tracing::warn!("{line}");
             }
         }
@@ -763,7 +769,13 @@ impl Engine {
                 });
             }
         }
-        for check in runner.healthcheck(fix).await {
+        let env = self
+            .inner
+            .cfg
+            .runners_json()
+            .remove(runner.id())
+            .unwrap_or_default();
+        for check in runner.healthcheck(fix, &env).await {
             report.checks.push(HealthcheckItem {
                 name: check.name.into(),
                 status: if check.ok { "ok" } else { "failed" }.into(),

@@ -1,0 +1,449 @@
+//! End-to-end tests of `cluster:k8s` on a real Kubernetes cluster (the single-node one
+//! `.ci/k8s/cluster.sh up` starts: a real API server, scheduler, kubelet and containerd),
+//! through the real `testground` binary: the seed's ping-pong built with `docker:go`, the
+//! original's outcome cases, a pod that cannot be scheduled, a run that does not fit, a
+//! 2-group composition, `collect`, and cleanup after Ctrl-C and a killed engine, checked by
+//! listing the run's pods by label.
+//!
+//! Needs root, a Docker engine (the builders) and the cluster: its kubeconfig in
+//! `TG_K8S_KUBECONFIG` (default `/tmp/tg-k8s/kubeconfig`) and its registry in
+//! `TG_K8S_REGISTRY` (default `127.0.0.1:5000`). Skips with a reason otherwise, fails instead
+//! when `TG_REQUIRE_PRIVILEGED=1`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Home, ping_rtts, text};
+use tg_k8s::k8s_openapi::api::core::v1::{Node, Pod};
+use tg_k8s::kube::api::{ListParams, Patch, PatchParams};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn kubeconfig() -> PathBuf {
+    std::env::var_os("TG_K8S_KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/tg-k8s/kubeconfig"))
+}
+
+fn registry() -> String {
+    std::env::var("TG_K8S_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn cluster() -> Result<tg_k8s::Cluster, String> {
+    let kc = kubeconfig();
+    if !kc.exists() {
+        return Err(format!(
+            "no cluster: {} does not exist (start one with `.ci/k8s/cluster.sh up`)",
+            kc.display()
+        ));
+    }
+    block_on(tg_k8s::Cluster::connect(Some(&kc), Some("default"))).map_err(|e| e.to_string())
+}
+
+/// Root, a Docker engine and the cluster.
+fn ready() -> bool {
+    let strict = std::env::var("TG_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+    let reason = if !nix::unistd::geteuid().is_root() {
+        Some("cluster:k8s needs root (the engine wires the pods' data network)".to_string())
+    } else if let Err(e) = block_on(tg_docker::Docker::connect()) {
+        Some(e.to_string())
+    } else {
+        cluster().err()
+    };
+    match reason {
+        None => true,
+        Some(r) if strict => panic!("TG_REQUIRE_PRIVILEGED=1 but: {r}"),
+        Some(r) => {
+            eprintln!("skipping: {r}");
+            false
+        }
+    }
+}
+
+/// The home the tests share, its `.env.toml` pointing at the cluster.
+fn home() -> &'static Home {
+    static HOME: OnceLock<Home> = OnceLock::new();
+    HOME.get_or_init(|| {
+        let h = Home::shared("tg-k8s-tests-home");
+        std::fs::write(
+            h.path().join(".env.toml"),
+            format!(
+                "[runners.\"cluster:k8s\"]\nkubeconfig = \"{}\"\npush_registry = \"{}\"\n\
+                 testplan_pod_cpu = \"10m\"\ntestplan_pod_memory = \"64Mi\"\n\
+                 schedule_timeout = \"10s\"\n",
+                kubeconfig().display(),
+                registry()
+            ),
+        )
+        .unwrap();
+        for plan in ["my-plan", "outcomes"] {
+            h.import(plan);
+        }
+        let src = h.plan_src(
+            "sleeper",
+            "name = \"sleeper\"\n[builders.\"docker:generic\"]\n[runners.\"cluster:k8s\"]\n\
+             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 50 }\n",
+        );
+        std::fs::write(
+            src.join("Dockerfile"),
+            format!(
+                "FROM {}\nENTRYPOINT [\"sleep\", \"600\"]\n",
+                tg_docker::base::BUSYBOX
+            ),
+        )
+        .unwrap();
+        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+        h
+    })
+}
+
+fn run_args<'a>(plan: &'a str, case: &'a str, builder: &'a str, n: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "single",
+        "--plan",
+        plan,
+        "--testcase",
+        case,
+        "--builder",
+        builder,
+        "--runner",
+        "cluster:k8s",
+        "-i",
+        n,
+        "--wait",
+    ]
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The names and phases of the pods labelled with run `id`.
+fn pods_of(id: &str) -> Vec<String> {
+    let c = cluster().unwrap();
+    block_on(async {
+        c.pods()
+            .list(&ListParams::default().labels(&format!("testground.run_id={id}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|p: Pod| {
+                format!(
+                    "{} ({})",
+                    p.metadata.name.unwrap_or_default(),
+                    p.status.and_then(|s| s.phase).unwrap_or_default()
+                )
+            })
+            .collect()
+    })
+}
+
+fn assert_no_pods(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = pods_of(id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "run {id} left pods {left:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn run_left_nothing(o: &Output) -> String {
+    let id = common::queued_id(o);
+    assert_no_pods(&id);
+    id
+}
+
+fn tgz_entries(path: &Path) -> Vec<String> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            e.path()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .collect()
+}
+
+/// The seed's plan (its manifest enables local:docker, whose counterpart cluster:k8s is),
+/// built with docker:go, on the cluster: RTTs of the 200 ms link, pods tagged in the lines,
+/// then `collect` gives the usual archive.
+#[test]
+fn the_seeds_ping_pong_runs_on_the_cluster_and_collects() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = home();
+    let out = home.tg(&run_args("my-plan", "ping-pong", "docker:go", "2"));
+    let s = stdout(&out);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        s.contains("outcome = success (single:2/2)"),
+        "{}",
+        text(&out)
+    );
+    let rtts = ping_rtts(&s);
+    assert_eq!(rtts.len(), 2, "{s}");
+    for rtt in rtts {
+        assert!(
+            rtt >= Duration::from_millis(200) && rtt <= Duration::from_millis(250),
+            "rtt {rtt:?}"
+        );
+    }
+    assert!(s.contains("MESSAGE << single[000] ("), "{s}");
+    let id = run_left_nothing(&out);
+
+    let archive = home.path().join(format!("{id}.tgz"));
+    let c = home.tg(&[
+        "collect",
+        &id,
+        "--runner",
+        "cluster:k8s",
+        "-o",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(c.status.success(), "{}", text(&c));
+    let entries = tgz_entries(&archive);
+    for i in 0..2 {
+        let want = format!("{id}/single/{i}/run.out");
+        assert!(entries.contains(&want), "{want} not in {entries:?}");
+    }
+}
+
+/// The original's outcome cases, a 2-group composition, a pod the scheduler refuses, and a
+/// run that does not fit.
+#[test]
+fn outcomes_groups_unschedulable_and_capacity() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = home();
+    for (case, expect_ok, needle) in [
+        ("ok", true, "outcome = success (single:2/2)"),
+        ("fail", false, "outcome = failure (single:0/2)"),
+        ("panic", false, "outcome = failure (single:0/2)"),
+        (
+            "stall",
+            false,
+            "run canceled after reaching the task timeout",
+        ),
+    ] {
+        let mut args = run_args("outcomes", case, "docker:go", "2");
+        if case == "stall" {
+            args.extend(["--run-cfg", "run_timeout=20s"]);
+        }
+        let out = home.tg(&args);
+        assert_eq!(out.status.success(), expect_ok, "{case}: {}", text(&out));
+        assert!(stdout(&out).contains(needle), "{case}: {}", text(&out));
+        run_left_nothing(&out);
+    }
+
+    // Two groups of different sizes.
+    let comp = home.path().join("two-groups.toml");
+    std::fs::write(
+        &comp,
+        r#"
+[metadata]
+name = "two-groups"
+
+[global]
+plan = "outcomes"
+case = "ok"
+builder = "docker:go"
+runner = "cluster:k8s"
+total_instances = 3
+
+[[groups]]
+id = "left"
+instances = { count = 1 }
+
+[[groups]]
+id = "right"
+instances = { count = 2 }
+"#,
+    )
+    .unwrap();
+    let out = home.tg(&["run", "composition", "-f", comp.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("outcome = success (left:1/1, right:2/2)"),
+        "{}",
+        text(&out)
+    );
+    run_left_nothing(&out);
+
+    // A run that cannot fit is refused before any pod exists, with the original's words.
+    let mut args = run_args("outcomes", "ok", "docker:go", "2");
+    args.extend(["--run-cfg", "testplan_pod_memory=100Ti"]);
+    let out = home.tg(&args);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("too many test instances requested, resize cluster"),
+        "{}",
+        text(&out)
+    );
+
+    // A pod the scheduler refuses (the node is tainted meanwhile): the instance fails with
+    // the scheduler's reason once schedule_timeout (10 s here) has passed; the run does not
+    // wait for its timeout.
+    let c = cluster().unwrap();
+    let node = block_on(async {
+        c.nodes()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+            .unwrap()
+    });
+    let node_name = node.metadata.name.clone().unwrap();
+    set_taint(&c, &node_name, true);
+    let began = Instant::now();
+    let out = home.tg(&run_args("outcomes", "ok", "docker:go", "1"));
+    set_taint(&c, &node_name, false);
+    assert!(!out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("cannot be scheduled"), "{t}");
+    assert!(t.contains("outcome = failure (single:0/1)"), "{t}");
+    assert!(began.elapsed() < Duration::from_secs(120), "{t}");
+    run_left_nothing(&out);
+}
+
+fn set_taint(c: &tg_k8s::Cluster, node: &str, on: bool) {
+    let taints = if on {
+        serde_json::json!([{"key": "testground.test/blocked", "value": "yes", "effect": "NoSchedule"}])
+    } else {
+        serde_json::json!([])
+    };
+    let patch = serde_json::json!({"spec": {"taints": taints}});
+    block_on(async {
+        c.nodes()
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_: Node| ())
+            .unwrap()
+    });
+}
+
+/// Starts 2 sleeping instances in the background; returns the CLI and the run id once both
+/// pods run.
+fn start_sleepers(home: &Home) -> (Child, String) {
+    let child = home
+        .cmd()
+        .args(run_args("sleeper", "run", "docker:generic", "2"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let runs = home.path().join("data").join("runs");
+    loop {
+        let id = std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .filter(|n| !n.starts_with('.'))
+                    .map(str::to_string)
+            })
+            .next();
+        if let Some(id) = id
+            && pods_of(&id)
+                .iter()
+                .filter(|p| p.ends_with("(Running)"))
+                .count()
+                == 2
+        {
+            return (child, id);
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the sleepers did not start:\n{}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Ctrl-C removes the run's pods; a killed engine's pods are removed by the next start.
+#[test]
+fn ctrl_c_and_a_killed_engine_leave_no_pod() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let home = home();
+
+    let (child, id) = start_sleepers(home);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_no_pods(&id);
+
+    let (mut child, id) = start_sleepers(home);
+    child.kill().unwrap();
+    let _ = child.wait_with_output().unwrap();
+    assert_eq!(pods_of(&id).len(), 2, "the pods outlive a killed engine");
+    let mut args = run_args("sleeper", "run", "docker:generic", "1");
+    args.extend(["--run-cfg", "run_timeout=1s"]);
+    let next = home.tg(&args);
+    assert!(
+        stdout(&next).contains(&format!("removed 2 pods of run {id}, whose engine is gone")),
+        "{}",
+        text(&next)
+    );
+    assert_no_pods(&id);
+    run_left_nothing(&next);
+}
+
+/// `healthcheck --runner cluster:k8s`: API, nodes, registry, and a pod reaching this host.
+#[test]
+fn healthcheck_reports_the_cluster() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = home().tg(&["healthcheck", "--runner", "cluster:k8s"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for needle in ["k8s-api", "k8s-nodes", "k8s-registry", "sync-from-pod"] {
+        let line = t
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} missing: {t}"));
+        assert!(line.contains("ok"), "{line}\n{t}");
+    }
+}
