@@ -41,7 +41,9 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
         .block_on(f)
 }
 
-fn cluster() -> Result<tg_k8s::Cluster, String> {
+/// A connection to the test cluster. Its client lives on the runtime that made it: connect
+/// inside the `block_on` that uses it.
+async fn cluster() -> Result<tg_k8s::Cluster, String> {
     let kc = kubeconfig();
     if !kc.exists() {
         return Err(format!(
@@ -49,7 +51,9 @@ fn cluster() -> Result<tg_k8s::Cluster, String> {
             kc.display()
         ));
     }
-    block_on(tg_k8s::Cluster::connect(Some(&kc), Some("default"))).map_err(|e| e.to_string())
+    tg_k8s::Cluster::connect(Some(&kc), Some("default"))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Root, a Docker engine and the cluster.
@@ -60,7 +64,7 @@ fn ready() -> bool {
     } else if let Err(e) = block_on(tg_docker::Docker::connect()) {
         Some(e.to_string())
     } else {
-        cluster().err()
+        block_on(cluster()).err()
     };
     match reason {
         None => true,
@@ -134,8 +138,8 @@ fn stdout(o: &Output) -> String {
 
 /// The names and phases of the pods labelled with run `id`.
 fn pods_of(id: &str) -> Vec<String> {
-    let c = cluster().unwrap();
     block_on(async {
+        let c = cluster().await.unwrap();
         c.pods()
             .list(&ListParams::default().labels(&format!("testground.run_id={id}")))
             .await
@@ -310,8 +314,8 @@ instances = { count = 2 }
     // A pod the scheduler refuses (the node is tainted meanwhile): the instance fails with
     // the scheduler's reason once schedule_timeout (10 s here) has passed; the run does not
     // wait for its timeout.
-    let c = cluster().unwrap();
-    let node = block_on(async {
+    let node_name = block_on(async {
+        let c = cluster().await.unwrap();
         c.nodes()
             .list(&ListParams::default())
             .await
@@ -319,13 +323,13 @@ instances = { count = 2 }
             .items
             .into_iter()
             .next()
+            .and_then(|n| n.metadata.name)
             .unwrap()
     });
-    let node_name = node.metadata.name.clone().unwrap();
-    set_taint(&c, &node_name, true);
+    set_taint(&node_name, true);
     let began = Instant::now();
     let out = home.tg(&run_args("outcomes", "ok", "docker:go", "1"));
-    set_taint(&c, &node_name, false);
+    set_taint(&node_name, false);
     assert!(!out.status.success(), "{}", text(&out));
     let t = text(&out);
     assert!(t.contains("cannot be scheduled"), "{t}");
@@ -334,7 +338,7 @@ instances = { count = 2 }
     run_left_nothing(&out);
 }
 
-fn set_taint(c: &tg_k8s::Cluster, node: &str, on: bool) {
+fn set_taint(node: &str, on: bool) {
     let taints = if on {
         serde_json::json!([{"key": "testground.test/blocked", "value": "yes", "effect": "NoSchedule"}])
     } else {
@@ -342,6 +346,7 @@ fn set_taint(c: &tg_k8s::Cluster, node: &str, on: bool) {
     };
     let patch = serde_json::json!({"spec": {"taints": taints}});
     block_on(async {
+        let c = cluster().await.unwrap();
         c.nodes()
             .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await

@@ -271,16 +271,21 @@ impl Netlink {
             .map_err(nl_error(describe_route("adding", dst, gateway, oif)))
     }
 
-    /// Deletes the route [`Netlink::add_route`] would add with the same arguments.
+    /// Deletes the route [`Netlink::add_route`] would add with the same arguments, whatever
+    /// its protocol.
     pub async fn del_route(
         &self,
         dst: Ipv4Net,
         gateway: Option<Ipv4Addr>,
         oif: u32,
     ) -> io::Result<()> {
+        let mut msg = Self::route_message(dst, gateway, oif);
+        // Any protocol: a route someone else added (a CNI's `proto boot` default route) is
+        // only found when the request names none.
+        msg.header.protocol = rtnetlink::packet_route::route::RouteProtocol::Unspec;
         self.handle
             .route()
-            .del(Self::route_message(dst, gateway, oif))
+            .del(msg)
             .execute()
             .await
             .map_err(nl_error(describe_route("deleting", dst, gateway, oif)))
