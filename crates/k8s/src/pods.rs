@@ -356,6 +356,62 @@ pub fn verdict(pod: &Pod, problem_for: Duration, patience: Duration) -> Verdict 
     }
 }
 
+/// Where a started pod's time went, in milliseconds from its creation: scheduled, sandbox
+/// ready (its network namespace), initialized (init containers done: for instances, its data
+/// network wired), plan container started. From the pod's condition times, which the API keeps
+/// to the second.
+pub fn start_phases(pod: &Pod) -> Option<[i64; 4]> {
+    let created = pod.metadata.creation_timestamp.as_ref()?.0.as_millisecond();
+    let status = pod.status.as_ref()?;
+    let cond = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == t && c.status == "True")
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.as_millisecond() - created)
+    };
+    let started = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == PLAN_CONTAINER)
+        .and_then(|c| {
+            let s = c.state.as_ref()?;
+            s.running
+                .as_ref()
+                .and_then(|r| r.started_at.as_ref())
+                .or_else(|| s.terminated.as_ref().and_then(|t| t.started_at.as_ref()))
+        })
+        .map(|t| t.0.as_millisecond() - created)?;
+    let scheduled = cond("PodScheduled").unwrap_or(0);
+    let sandbox = cond("PodReadyToStartContainers").unwrap_or(scheduled);
+    let initialized = cond("Initialized").unwrap_or(sandbox);
+    Some([scheduled, sandbox, initialized, started])
+}
+
+/// "median / max" seconds of each phase of [`start_phases`] over many pods, for the run log.
+pub fn summarize_phases(all: &[[i64; 4]]) -> String {
+    if all.is_empty() {
+        return String::new();
+    }
+    let names = ["scheduled", "sandbox", "network", "started"];
+    let mut parts = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut v: Vec<i64> = all.iter().map(|p| p[i]).collect();
+        v.sort_unstable();
+        let med = v[v.len() / 2] as f64 / 1000.0;
+        let max = v[v.len() - 1] as f64 / 1000.0;
+        parts.push(format!("{name} {med:.0}/{max:.0} s"));
+    }
+    format!(
+        "from creation, median/max over {} pods: {}",
+        all.len(),
+        parts.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,5 +561,25 @@ mod tests {
         assert!(
             matches!(verdict(&init, Duration::ZERO, LONG), Verdict::Failed { reason } if reason.contains(WAIT_CONTAINER))
         );
+    }
+
+    #[test]
+    fn where_start_time_goes() {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "creationTimestamp": "2026-12-01T10:00:00Z"},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-01T10:00:01Z"},
+                {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": "2026-12-01T10:00:03Z"},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": "2026-12-01T10:00:04Z"}],
+             "containerStatuses": [{"name": PLAN_CONTAINER, "image": "i", "imageID": "",
+                "ready": true, "restartCount": 0,
+                "state": {"running": {"startedAt": "2026-12-01T10:00:06Z"}}}]}
+        }))
+        .unwrap();
+        let phases = start_phases(&p).unwrap();
+        assert_eq!(phases, [1000, 3000, 4000, 6000]);
+        let s = summarize_phases(&[phases, [0, 1000, 2000, 3000]]);
+        assert!(s.contains("over 2 pods"), "{s}");
+        assert!(s.contains("started 6/6 s"), "{s}");
     }
 }

@@ -92,6 +92,8 @@ pub(crate) struct K8sLauncher {
     created_any: bool,
     /// Where pods reach the sync service: kept routable under `deny_all`.
     sync_ip: Option<IpAddr>,
+    /// When the first pod was created: start progress is measured from it.
+    first_create: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl K8sLauncher {
@@ -115,6 +117,7 @@ impl K8sLauncher {
             tasks: tokio::task::JoinSet::new(),
             created_any: false,
             sync_ip: None,
+            first_create: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -286,7 +289,13 @@ impl K8sLauncher {
         let events = self.events.clone();
         let selector = self.run_selector();
         let needs_wiring = self.net.is_some();
+        let total = self.input.total_instances as usize;
+        let first_create = self.first_create.clone();
         self.tasks.spawn(async move {
+            // Start progress: pods whose plan container started, and where their time went.
+            let mut started: std::collections::HashSet<String> = Default::default();
+            let mut phases: Vec<[i64; 4]> = Vec::new();
+            let step = (total / 10).max(1);
             let cfg = watcher::Config::default().labels(&selector);
             let mut stream = std::pin::pin!(watcher(api, cfg));
             let mut cache: HashMap<String, Pod> = HashMap::new();
@@ -341,6 +350,33 @@ impl K8sLauncher {
                     let verdict = pods::verdict(pod, now - since, patience);
                     if !matches!(verdict, Verdict::Pending { .. }) {
                         problems.remove(&name);
+                    }
+                    if matches!(verdict, Verdict::Running | Verdict::Exited { .. })
+                        && started.insert(name.clone())
+                    {
+                        phases.extend(pods::start_phases(pod));
+                        let n = started.len();
+                        if (n.is_multiple_of(step) || n == total)
+                            && let Some(ev) = &events
+                        {
+                            let since = first_create
+                                .get()
+                                .map(|t| format!(", {:.1}s after the first create", t.elapsed().as_secs_f64()))
+                                .unwrap_or_default();
+                            let _ = ev
+                                .send(RunnerEvent::Log(format!(
+                                    "k8s: {n}/{total} pods started{since}"
+                                )))
+                                .await;
+                            if n == total {
+                                let _ = ev
+                                    .send(RunnerEvent::Log(format!(
+                                        "k8s: pod start {}",
+                                        pods::summarize_phases(&phases)
+                                    )))
+                                    .await;
+                            }
+                        }
                     }
                     let mut slots = lock(&slots);
                     let Some(slot) = slots.get_mut(&name) else { continue };
@@ -786,6 +822,7 @@ impl Launcher for K8sLauncher {
             }
         }
         self.created_any = true;
+        let _ = self.first_create.set(Instant::now());
         let total = params.len();
         let api = cluster.pods();
         let created = std::sync::atomic::AtomicUsize::new(0);
