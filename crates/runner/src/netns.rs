@@ -246,6 +246,8 @@ pub(crate) async fn create(
         seed,
         capture,
         work_dir: work_dir.to_path_buf(),
+        subnet: None,
+        forward: None,
     };
     let net = RunNetwork::create(opts, log_tx)
         .await

@@ -665,6 +665,8 @@ impl Run {
                 seed: 1,
                 capture: false,
                 work_dir: dir.path().join("net"),
+                subnet: None,
+                forward: None,
             },
             log,
         )

@@ -21,6 +21,8 @@ pub const SYNC_ADDR: Ipv4Addr = Ipv4Addr::new(192, 18, 0, 1);
 
 /// The control subnet every instance's `eth0` sits in.
 pub const CONTROL_SUBNET: &str = "192.18.0.0/16";
+/// Where every run's host link takes its /30 (see [`HostLink`]).
+pub const HOST_LINKS: &str = "198.19.0.0/16";
 /// The name instances resolve to [`SYNC_ADDR`] (sdk-rust hard-codes it).
 pub const SYNC_NAME: &str = "testground-sync-service";
 /// The name instances resolve to the host's end of the run's host link (`allow_all` only).

@@ -24,14 +24,21 @@
 //! - `addr`: the address plan (data subnets, control and host-link addresses).
 //! - `config`: `network.Config` → emulator configuration, with validation.
 //! - `pump`: the packet pump thread (TUN devices ⇄ emulator, timerfd-driven, pcap capture).
+//! - `forward`: cross-node forwarding between agents (datagram format, accepted senders).
+//!
+//! Cross-node runs: agents on several nodes form one data network when each is created with
+//! the same [`Options::subnet`] and a [`Options::forward`] endpoint, and is told with
+//! [`RunNetwork::add_remote`] which instances live behind which other agent (DESIGN.md,
+//! "Cross-node forwarding").
 
 pub mod addr;
 mod config;
+pub mod forward;
 mod pump;
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use addr::{CONTROL_SUBNET, HOST_NAME, SYNC_ADDR, SYNC_NAME};
 pub use config::{ConfigError, Plan, plan};
+pub use forward::ForwardStats;
 pub use pump::Pump;
 
 /// The port the sync service answers on inside every control network, whatever the host uses.
@@ -64,6 +72,17 @@ pub struct Options {
     pub capture: bool,
     /// A directory private to the run (the hosts file goes there).
     pub work_dir: PathBuf,
+    /// The run's data /16, fixed by the caller instead of leased from this process's pool.
+    /// Agents on different nodes that form one data network must use the same subnet (and
+    /// distinct instance ordinals). No lease is taken then, so the caller coordinates: it must
+    /// not hand the same subnet to two runs whose agents forward to each other. Two runs of one
+    /// process may share a subnet otherwise; their data networks stay disjoint.
+    pub subnet: Option<Ipv4Net>,
+    /// Where to bind the UDP socket that exchanges packets with other nodes' agents (e.g.
+    /// `0.0.0.0:0` or a node address with a fixed port); `None` for a single-node run. The
+    /// socket lives in the namespace of the calling process (the node's network), not in the
+    /// run's control namespace.
+    pub forward: Option<SocketAddr>,
 }
 
 /// Setting up or tearing down a run's network failed.
@@ -81,6 +100,10 @@ pub enum SidecarError {
     TooManyInstances { max: u32 },
     #[error("the packet pump stopped")]
     PumpGone,
+    #[error("data subnet {subnet}: {reason}")]
+    BadSubnet { subnet: Ipv4Net, reason: String },
+    #[error("this run's network has no forwarding endpoint (Options::forward)")]
+    NotForwarding,
     #[error("{0}")]
     Other(String),
 }
@@ -160,8 +183,10 @@ impl std::fmt::Display for SidecarEvent {
 /// A run's network: control namespace, sync endpoint, pump, and one agent per instance.
 pub struct RunNetwork {
     shared: Arc<Shared>,
-    /// Held for the run's lifetime; frees the subnet on drop.
-    _lease: addr::SubnetLease,
+    /// Held for the run's lifetime; frees the subnet on drop. `None` when the caller fixed it.
+    _lease: Option<addr::SubnetLease>,
+    /// Where the forwarding socket is bound, if the run spans nodes.
+    forward_addr: Option<SocketAddr>,
     agents: JoinSet<()>,
     server: tokio::task::JoinHandle<()>,
     stop_server: CancellationToken,
@@ -184,6 +209,32 @@ impl std::fmt::Debug for RunNetwork {
     }
 }
 
+/// Checks a caller's data subnet against the address plan, which numbers instances in a /16.
+fn fixed_subnet(subnet: Ipv4Net) -> Result<Ipv4Net, SidecarError> {
+    if subnet.prefix_len() != 16 {
+        return Err(SidecarError::BadSubnet {
+            subnet,
+            reason: "must be a /16 (instances are numbered in a /16)".into(),
+        });
+    }
+    let subnet = subnet.trunc();
+    // Routes to the control network or the host link inside an instance would be shadowed.
+    for (taken, what) in [
+        (CONTROL_SUBNET, "the control network"),
+        (addr::HOST_LINKS, "the host links"),
+    ] {
+        let taken: Ipv4Net = taken.parse().expect("a valid constant");
+        if taken.contains(&subnet.network()) || subnet.contains(&taken.network()) {
+            return Err(SidecarError::BadSubnet {
+                subnet,
+                reason: format!("overlaps {what} ({taken})"),
+            });
+        }
+    }
+    // `100.64.1.2/16` means `100.64.0.0/16`: addresses derive from the network address.
+    Ok(subnet)
+}
+
 /// `0.0.0.0/0`.
 fn default_route() -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("a /0 is valid")
@@ -202,8 +253,26 @@ impl RunNetwork {
         opts: Options,
         log: mpsc::UnboundedSender<SidecarEvent>,
     ) -> Result<RunNetwork, SidecarError> {
-        let lease = addr::SubnetLease::take().ok_or(SidecarError::NoSubnet)?;
-        let subnet = lease.subnet();
+        let (lease, subnet) = match opts.subnet {
+            Some(subnet) => (None, fixed_subnet(subnet)?),
+            None => {
+                let lease = addr::SubnetLease::take().ok_or(SidecarError::NoSubnet)?;
+                let subnet = lease.subnet();
+                (Some(lease), subnet)
+            }
+        };
+        // Bound before anything else is built, so that a taken port fails the run early.
+        let forward = opts
+            .forward
+            .map(|at| {
+                std::net::UdpSocket::bind(at).map_err(io_err(format!("bind forwarding to {at}")))
+            })
+            .transpose()?;
+        let forward_addr = forward
+            .as_ref()
+            .map(|s| s.local_addr())
+            .transpose()
+            .map_err(io_err("read the forwarding address"))?;
         let ctl = NetNs::new().map_err(io_err("create the control namespace"))?;
         // IPv4 only: interfaces created in here from now on (the instances' `c<i>` ends and
         // `host0`) get no IPv6 addresses.
@@ -245,7 +314,8 @@ impl RunNetwork {
             stop_server.clone().cancelled_owned(),
         ));
 
-        let pump = Pump::start(opts.seed, &opts.run_id).map_err(io_err("start the packet pump"))?;
+        let pump = Pump::start(opts.seed, &opts.run_id, forward)
+            .map_err(io_err("start the packet pump"))?;
 
         let hosts = opts.work_dir.join("hosts");
         let mut text = format!(
@@ -270,6 +340,7 @@ impl RunNetwork {
                 log,
             }),
             _lease: lease,
+            forward_addr,
             agents: JoinSet::new(),
             server,
             stop_server,
@@ -333,6 +404,40 @@ impl RunNetwork {
     /// The run's data network (`TEST_SUBNET`).
     pub fn subnet(&self) -> Ipv4Net {
         self.shared.subnet
+    }
+
+    /// Where this agent receives packets from other nodes' agents (what they pass to
+    /// [`RunNetwork::add_remote`]), if [`Options::forward`] was set.
+    pub fn forward_addr(&self) -> Option<SocketAddr> {
+        self.forward_addr
+    }
+
+    /// Tells this agent that instance `ordinal` (at `data_addr(subnet, ordinal)`) lives behind
+    /// the agent whose forwarding socket is `peer`. Local instances then reach it (shaped here,
+    /// by their own configs), and `peer` becomes a trusted sender: the only datagrams written
+    /// into local instances are those from agents named in a call to this method.
+    ///
+    /// The remote instance's later address changes are not propagated (DESIGN.md).
+    pub async fn add_remote(&self, ordinal: u32, peer: SocketAddr) -> Result<(), SidecarError> {
+        if ordinal >= addr::MAX_INSTANCES {
+            return Err(SidecarError::TooManyInstances {
+                max: addr::MAX_INSTANCES,
+            });
+        }
+        if self.forward_addr.is_none() {
+            return Err(SidecarError::NotForwarding);
+        }
+        let addr = addr::data_addr(self.shared.subnet, ordinal);
+        self.shared
+            .pump
+            .add_remote(NodeId(ordinal), addr, peer)
+            .await?
+            .map_err(|e| SidecarError::Other(format!("remote instance {ordinal}: {e}")))
+    }
+
+    /// The forwarding link's counters, `None` for a single-node run.
+    pub async fn forward_stats(&self) -> Result<Option<ForwardStats>, SidecarError> {
+        Ok(self.shared.pump.forward_stats().await?)
     }
 
     /// The host's address on the run's host link, if it has one (`testground-host`).
@@ -884,4 +989,27 @@ async fn enable_nat(ctl: &NetNs) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_subnets_are_checked() {
+        let ok: Ipv4Net = "100.100.7.9/16".parse().unwrap();
+        assert_eq!(
+            fixed_subnet(ok).unwrap(),
+            "100.100.0.0/16".parse::<Ipv4Net>().unwrap()
+        );
+        for bad in [
+            "100.64.0.0/24",
+            "192.18.0.0/16",
+            "198.19.0.0/16",
+            "10.0.0.0/8",
+        ] {
+            let e = fixed_subnet(bad.parse().unwrap()).unwrap_err();
+            assert!(matches!(e, SidecarError::BadSubnet { .. }), "{bad}: {e}");
+        }
+    }
 }

@@ -37,19 +37,44 @@ struct Run {
 }
 
 async fn run_with(n: u32, seed: u64) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let sync = SyncService::spawn();
     let run_id = format!("t{}", std::process::id()) + &format!("{:x}", fastrand_u64());
+    let ordinals: Vec<u32> = (0..n).collect();
+    run_on(
+        SyncService::spawn(),
+        &run_id,
+        &ordinals,
+        seed,
+        Agent::default(),
+    )
+    .await
+}
+
+/// What is particular to one node's agent of a run that spans nodes.
+#[derive(Default)]
+struct Agent {
+    subnet: Option<ipnet::Ipv4Net>,
+    forward: Option<SocketAddr>,
+    capture: bool,
+}
+
+/// A run's network holding instances `ordinals` (instance `i` of the [`Run`] is the `i`-th of
+/// them). Runs sharing `sync` and `run_id` are one run's agents on several nodes.
+async fn run_on(sync: SyncService, run_id: &str, ordinals: &[u32], seed: u64, agent: Agent) -> Run {
+    let dir = tempfile::tempdir().unwrap();
     let prefix = format!("run:{run_id}:plan:p:case:c");
     let (tx, log) = mpsc::unbounded_channel();
     let mut net = RunNetwork::create(
         Options {
-            run_id: run_id.clone(),
+            // Distinct per agent: the run id picks the host link's slot, and each agent of a
+            // run has its own, as on separate nodes.
+            run_id: format!("{run_id}-{}", ordinals.first().copied().unwrap_or(0)),
             sync_prefix: prefix.clone(),
             sync: sync.clone(),
             seed,
-            capture: false,
+            capture: agent.capture,
             work_dir: dir.path().join("net"),
+            subnet: agent.subnet,
+            forward: agent.forward,
         },
         tx,
     )
@@ -57,7 +82,7 @@ async fn run_with(n: u32, seed: u64) -> Run {
     .expect("create the run network");
     let mut instances = Vec::new();
     let mut hostnames = Vec::new();
-    for i in 0..n {
+    for &i in ordinals {
         let h = format!("single-{i}-{run_id}");
         let out = dir.path().join(format!("out{i}"));
         std::fs::create_dir_all(&out).unwrap();
@@ -180,15 +205,7 @@ impl Run {
     }
 
     fn udp(&self, i: usize, port: u16) -> UdpSocket {
-        let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let s = self.instances[i]
-            .netns
-            .run(move || UdpSocket::bind(addr))
-            .unwrap()
-            .unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        s
+        udp_in(&self.instances[i], port)
     }
 
     fn listen(&self, i: usize, port: u16) -> TcpListener {
@@ -209,36 +226,7 @@ impl Run {
 
     /// Round trips of one datagram from `i` to an echo on `j`.
     fn udp_rtts(&self, i: usize, j: usize, port: u16, count: usize) -> Vec<Duration> {
-        let echo = self.udp(j, port);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let t = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((n, from)) = echo.recv_from(&mut buf) {
-                    let _ = echo.send_to(&buf[..n], from);
-                }
-            }
-        });
-        let s = self.udp(i, 0);
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let to = SocketAddr::from((self.addr(j), port));
-        let mut rtts = Vec::new();
-        let mut buf = [0u8; 64];
-        for k in 0..count as u32 {
-            let t0 = Instant::now();
-            s.send_to(&k.to_be_bytes(), to).unwrap();
-            loop {
-                let (n, _) = s.recv_from(&mut buf).expect("echo reply");
-                if n == 4 && buf[..4] == k.to_be_bytes() {
-                    break;
-                }
-            }
-            rtts.push(t0.elapsed());
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        t.join().unwrap();
-        rtts
+        udp_rtts_between(&self.instances[i], &self.instances[j], port, count)
     }
 
     /// Sends `count` numbered datagrams from `i` to `j`, `gap` apart; returns the numbers
@@ -284,6 +272,53 @@ impl Run {
         }
         reader.join().unwrap()
     }
+}
+
+/// A UDP socket on `port` (0: any) inside instance `inst`'s namespace.
+fn udp_in(inst: &Instance, port: u16) -> UdpSocket {
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let s = inst
+        .netns
+        .run(move || UdpSocket::bind(addr))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s
+}
+
+/// Round trips of one datagram from `from` to an echo on `to` (of any run's network).
+fn udp_rtts_between(from: &Instance, to: &Instance, port: u16, count: usize) -> Vec<Duration> {
+    let echo = udp_in(to, port);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let s = udp_in(from, 0);
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let to = SocketAddr::from((to.data_addr, port));
+    let mut rtts = Vec::new();
+    let mut buf = [0u8; 64];
+    for k in 0..count as u32 {
+        let t0 = Instant::now();
+        s.send_to(&k.to_be_bytes(), to).unwrap();
+        loop {
+            let (n, _) = s.recv_from(&mut buf).expect("echo reply");
+            if n == 4 && buf[..4] == k.to_be_bytes() {
+                break;
+            }
+        }
+        rtts.push(t0.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t.join().unwrap();
+    rtts
 }
 
 fn ms(d: u64) -> u64 {
@@ -853,4 +888,213 @@ fn connect_on(dev: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 fn libc_einprogress() -> i32 {
     nix::errno::Errno::EINPROGRESS as i32
+}
+
+/// The data subnet the agents of a cross-node test share (fixed: no lease is taken).
+fn shared_subnet() -> ipnet::Ipv4Net {
+    "100.127.0.0/16".parse().unwrap()
+}
+
+fn forwarding_agent(capture: bool) -> Agent {
+    Agent {
+        subnet: Some(shared_subnet()),
+        forward: Some("127.0.0.1:0".parse().unwrap()),
+        capture,
+    }
+}
+
+/// The IPv4 packets of a pcap the pump wrote.
+fn pcap_packets(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let file = std::fs::File::open(path).unwrap();
+    let mut reader = pcap_file::pcap::PcapReader::new(file).unwrap();
+    let mut out = Vec::new();
+    while let Some(p) = reader.next_packet() {
+        out.push(p.unwrap().data.into_owned());
+    }
+    out
+}
+
+fn ipv4_src(packet: &[u8]) -> Ipv4Addr {
+    tg_netem::packet::parse_ipv4(packet).unwrap().src
+}
+
+/// Two agents (two run networks, each with its own pump, as on two nodes) form one data
+/// network over loopback: instance 0 lives on A, instance 1 on B. Each side's latency is applied
+/// once, by its own agent's emulator, so a round trip takes at least the sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_forward_across_nodes_shaping_on_each_sender() {
+    if !privileged() {
+        return;
+    }
+    let sync = SyncService::spawn();
+    let run_id = format!("x{}", std::process::id()) + &format!("{:x}", fastrand_u64());
+    let a = run_on(sync.clone(), &run_id, &[0], 1, forwarding_agent(false)).await;
+    let b = run_on(sync, &run_id, &[1], 1, forwarding_agent(true)).await;
+    assert_eq!(a.net.subnet(), shared_subnet());
+    assert_eq!(b.net.subnet(), shared_subnet());
+    let subnet = shared_subnet();
+    assert_eq!(a.addr(0), tg_sidecar::addr::data_addr(subnet, 0));
+    assert_eq!(b.addr(0), tg_sidecar::addr::data_addr(subnet, 1));
+    let (fa, fb) = (a.net.forward_addr().unwrap(), b.net.forward_addr().unwrap());
+    assert!(fa.ip().is_loopback() && fa.port() != 0, "{fa}");
+    a.net
+        .add_remote(1, fb)
+        .await
+        .expect("A learns of instance 1");
+    b.net
+        .add_remote(0, fa)
+        .await
+        .expect("B learns of instance 0");
+
+    // Unshaped, the link adds next to nothing: the floor the shaped round trips are above.
+    let base =
+        tokio::task::block_in_place(|| udp_rtts_between(&a.instances[0], &b.instances[0], 7060, 5));
+    let base = *base.iter().min().unwrap();
+
+    a.configure(0, json!({"default": {"latency": ms(40)}}))
+        .await;
+    b.configure(0, json!({"default": {"latency": ms(10)}}))
+        .await;
+    let count = 10;
+    let rtts = tokio::task::block_in_place(|| {
+        udp_rtts_between(&a.instances[0], &b.instances[0], 7061, count)
+    });
+    eprintln!("cross-node rtts: unshaped min {base:?}, shaped 40+10 ms: {rtts:?}");
+    for rtt in &rtts {
+        assert!(*rtt >= Duration::from_millis(50), "rtt {rtt:?} < 40+10ms");
+    }
+    // The receiving agent does not shape again: twice would be at least 100 ms.
+    let min = *rtts.iter().min().unwrap();
+    assert!(min < Duration::from_millis(100), "shaped twice? {min:?}");
+
+    // Every packet of both directions crossed the UDP link, and nothing was refused.
+    let sa = a.net.forward_stats().await.unwrap().unwrap();
+    let sb = b.net.forward_stats().await.unwrap().unwrap();
+    eprintln!("forwarding: A {sa:?}, B {sb:?}");
+    let exchanged = (5 + count) as u64;
+    for (s, who) in [(sa, "A"), (sb, "B")] {
+        assert!(
+            s.sent >= exchanged && s.received >= exchanged,
+            "{who}: {s:?}"
+        );
+        assert_eq!(
+            (
+                s.unknown_peer,
+                s.malformed,
+                s.unknown_destination,
+                s.send_failed
+            ),
+            (0, 0, 0, 0),
+            "{who}: {s:?}"
+        );
+    }
+    // B's capture shows the requests arriving from A's instance (received over the link are
+    // captured as the emulator's deliveries are).
+    let (a_addr, out) = (a.addr(0), b._dir.path().join("out1/data.pcap"));
+    a.net.shutdown().await;
+    b.net.shutdown().await;
+    let from_a = pcap_packets(&out)
+        .iter()
+        .filter(|p| ipv4_src(p) == a_addr)
+        .count();
+    assert!(
+        from_a >= 5 + count,
+        "{from_a} packets from A in B's capture"
+    );
+}
+
+/// An IPv4/UDP packet with a valid header checksum (UDP checksum 0: none, valid in IPv4).
+fn ipv4_udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only");
+    };
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend(total.to_be_bytes());
+    p.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend(src.ip().octets());
+    p.extend(dst.ip().octets());
+    let sum = tg_netem::packet::checksum(&p);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend(src.port().to_be_bytes());
+    p.extend(dst.port().to_be_bytes());
+    p.extend((total - 20).to_be_bytes());
+    p.extend([0, 0]);
+    p.extend(payload);
+    p
+}
+
+/// The agent's forwarding port takes packets for its instances only from the agents it was told
+/// about; a well-formed datagram from anyone else is dropped. The test's socket plays the other
+/// agent, so both directions of the wire format are checked against what the pump does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_known_agents_inject_packets() {
+    if !privileged() {
+        return;
+    }
+    let run_id = format!("y{}", std::process::id()) + &format!("{:x}", fastrand_u64());
+    let a = run_on(
+        SyncService::spawn(),
+        &run_id,
+        &[0],
+        1,
+        forwarding_agent(false),
+    )
+    .await;
+    let fa = a.net.forward_addr().unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    a.net
+        .add_remote(1, peer.local_addr().unwrap())
+        .await
+        .unwrap();
+    let remote_ip = tg_sidecar::addr::data_addr(shared_subnet(), 1);
+    let remote = SocketAddr::from((remote_ip, 40000));
+    let inst = a.udp(0, 7070);
+    let to = SocketAddr::from((a.addr(0), 7070));
+
+    let mut d = Vec::new();
+    use tg_sidecar::forward::encode;
+    encode(
+        tg_netem::NodeId(0),
+        &ipv4_udp(remote, to, b"stranger"),
+        &mut d,
+    );
+    stranger.send_to(&d, fa).unwrap();
+    encode(tg_netem::NodeId(0), &ipv4_udp(remote, to, b"peer"), &mut d);
+    peer.send_to(&d, fa).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = inst.recv_from(&mut buf).expect("the peer's packet");
+    assert_eq!((&buf[..n], from), (&b"peer"[..], remote));
+    inst.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(inst.recv_from(&mut buf).is_err(), "the stranger's got in");
+    let s = a.net.forward_stats().await.unwrap().unwrap();
+    assert_eq!((s.unknown_peer, s.received), (1, 1), "{s:?}");
+
+    // The reply leaves through the emulator to the remote instance's agent, encapsulated.
+    inst.send_to(b"reply", remote).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = peer.recv_from(&mut buf).expect("the forwarded reply");
+    assert_eq!(from, fa);
+    let (node, packet) = tg_sidecar::forward::decode(&buf[..n]).expect("a valid datagram");
+    assert_eq!(node, tg_netem::NodeId(1));
+    let hdr = tg_netem::packet::parse_ipv4(packet).unwrap();
+    assert_eq!((hdr.src, hdr.dst), (a.addr(0), remote_ip));
+    assert!(packet.ends_with(b"reply"));
+
+    // `enable: false` drops in both directions: the sending agent cannot know, so the
+    // receiving one does.
+    a.configure(0, json!({"enable": false})).await;
+    encode(tg_netem::NodeId(0), &ipv4_udp(remote, to, b"late"), &mut d);
+    peer.send_to(&d, fa).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        inst.recv_from(&mut buf).is_err(),
+        "a disabled instance got it"
+    );
+    let s = a.net.forward_stats().await.unwrap().unwrap();
+    assert_eq!((s.disabled, s.received), (1, 1), "{s:?}");
+    a.net.shutdown().await;
 }
