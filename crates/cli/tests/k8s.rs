@@ -95,23 +95,38 @@ fn home() -> &'static Home {
         for plan in ["my-plan", "outcomes"] {
             h.import(plan);
         }
-        let src = h.plan_src(
-            "sleeper",
-            "name = \"sleeper\"\n[builders.\"docker:generic\"]\n[runners.\"cluster:k8s\"]\n\
-             [[testcases]]\nname = \"run\"\ninstances = { min = 1, max = 50 }\n",
+        // docker:generic plans on busybox: one that sleeps, one that needs more memory than
+        // its pod may have.
+        busybox_plan(&h, "sleeper", r#"["sleep", "600"]"#);
+        busybox_plan(
+            &h,
+            "hog",
+            r#"["awk", "BEGIN { s = \"x\"; while (1) s = s s }"]"#,
         );
-        std::fs::write(
-            src.join("Dockerfile"),
-            format!(
-                "FROM {}\nENTRYPOINT [\"sleep\", \"600\"]\n",
-                tg_docker::base::BUSYBOX
-            ),
-        )
-        .unwrap();
-        let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", text(&out));
         h
     })
+}
+
+/// Imports a `docker:generic` plan `name` (case `run`) whose image is busybox with
+/// `entrypoint` (a JSON list).
+fn busybox_plan(h: &Home, name: &str, entrypoint: &str) {
+    let src = h.plan_src(
+        name,
+        &format!(
+            "name = \"{name}\"\n[builders.\"docker:generic\"]\n[runners.\"cluster:k8s\"]\n\
+             [[testcases]]\nname = \"run\"\ninstances = {{ min = 1, max = 50 }}\n"
+        ),
+    );
+    std::fs::write(
+        src.join("Dockerfile"),
+        format!(
+            "FROM {}\nENTRYPOINT {entrypoint}\n",
+            tg_docker::base::BUSYBOX
+        ),
+    )
+    .unwrap();
+    let out = h.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 fn run_args<'a>(plan: &'a str, case: &'a str, builder: &'a str, n: &'a str) -> Vec<&'a str> {
@@ -237,8 +252,8 @@ fn the_seeds_ping_pong_runs_on_the_cluster_and_collects() {
     }
 }
 
-/// The original's outcome cases, a 2-group composition, a pod the scheduler refuses, and a
-/// run that does not fit.
+/// The original's outcome cases, a 2-group composition, an OOM-killed pod, a pod the scheduler
+/// refuses, and a run that does not fit.
 #[test]
 fn outcomes_groups_unschedulable_and_capacity() {
     if !ready() {
@@ -298,6 +313,13 @@ instances = { count = 2 }
         "{}",
         text(&out)
     );
+    run_left_nothing(&out);
+
+    // A pod that passes its memory limit is OOM-killed: its instance fails with that reason.
+    let out = home.tg(&run_args("hog", "run", "docker:generic", "1"));
+    assert!(!out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("OOM-killed"), "{t}");
     run_left_nothing(&out);
 
     // A run that cannot fit is refused before any pod exists, with the original's words.

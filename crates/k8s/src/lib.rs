@@ -5,6 +5,7 @@
 //! users see.
 
 pub mod capacity;
+pub mod cri_log;
 pub mod pods;
 pub mod quantity;
 
@@ -130,6 +131,24 @@ impl Cluster {
             .await
             .map(|v| v.git_version)
             .map_err(api_err)
+    }
+
+    /// Where `node`'s kubelet keeps container logs (`podLogsDir` of its configuration, read
+    /// through the API's node proxy), `/var/log/pods` when it does not say.
+    pub async fn pod_logs_dir(&self, node: &str) -> PathBuf {
+        let default = PathBuf::from("/var/log/pods");
+        let Ok(req) =
+            http::Request::get(format!("/api/v1/nodes/{node}/proxy/configz")).body(Vec::new())
+        else {
+            return default;
+        };
+        let Ok(text) = self.client.request_text(req).await else {
+            return default;
+        };
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["kubeletconfig"]["podLogsDir"].as_str().map(PathBuf::from))
+            .unwrap_or(default)
     }
 
     /// Free room on the plan nodes (see [`capacity::rooms`]).

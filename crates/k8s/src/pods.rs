@@ -16,9 +16,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The instance's container in its pod.
 pub const PLAN_CONTAINER: &str = "plan";
-/// The init container that holds the plan back until the node agent has given the pod its
-/// data interface (`eth1`): the plan must not start on a half-built network.
-pub const WAIT_CONTAINER: &str = "tg-wait-network";
 
 /// A name Kubernetes accepts for a pod (DNS-1123 subdomain, kept to 63 characters so it can
 /// also be a label value and a hostname).
@@ -79,9 +76,6 @@ pub struct PodParams {
     /// The node directory bound at `/outputs` (the instance's outputs directory when the
     /// node shares the engine's filesystem).
     pub outputs: PathBuf,
-    /// The image of the init container waiting for `eth1` (a busybox), when a node agent
-    /// builds the data network.
-    pub wait_network: Option<String>,
     pub sysctls: Vec<(String, String)>,
     pub node_selector: BTreeMap<String, String>,
 }
@@ -110,29 +104,6 @@ pub fn pod(p: &PodParams) -> Pod {
         limits: Some([("memory".to_string(), q(&p.memory))].into_iter().collect()),
         ..Default::default()
     };
-    let init = p.wait_network.as_ref().map(|image| {
-        vec![Container {
-            name: WAIT_CONTAINER.into(),
-            image: Some(image.clone()),
-            image_pull_policy: Some(p.pull_policy.clone()),
-            // /proc/net/dev lists the interfaces of the reader's network namespace: the
-            // pod's. The node agent adds eth1 once it has wired the pod.
-            command: Some(vec![
-                "sh".into(),
-                "-c".into(),
-                "until grep -q 'eth1:' /proc/net/dev; do sleep 0.1; done".into(),
-            ]),
-            resources: Some(ResourceRequirements {
-                requests: Some(
-                    [("cpu".to_string(), q("10m")), ("memory".into(), q("8Mi"))]
-                        .into_iter()
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]
-    });
     Pod {
         metadata: ObjectMeta {
             name: Some(p.name.clone()),
@@ -160,7 +131,6 @@ pub fn pod(p: &PodParams) -> Pod {
                 ),
                 ..Default::default()
             }),
-            init_containers: init,
             containers: vec![Container {
                 name: PLAN_CONTAINER.into(),
                 image: Some(p.image.clone()),
@@ -453,7 +423,6 @@ mod tests {
             cpu: "100m".into(),
             memory: "64Mi".into(),
             outputs: "/h/outputs/single/0".into(),
-            wait_network: Some("busybox:1.35.0-glibc".into()),
             sysctls: vec![("net.core.somaxconn".into(), "1024".into())],
             node_selector: BTreeMap::new(),
         });
@@ -467,7 +436,7 @@ mod tests {
         assert_eq!(c["resources"]["limits"]["memory"], "64Mi");
         assert!(c["resources"]["limits"].get("cpu").is_none());
         assert_eq!(c["env"][0]["name"], "TEST_SIDECAR");
-        assert_eq!(spec["initContainers"][0]["name"], WAIT_CONTAINER);
+        assert!(spec.get("initContainers").is_none());
         assert_eq!(
             spec["volumes"][0]["hostPath"]["path"],
             "/h/outputs/single/0"
@@ -487,8 +456,8 @@ mod tests {
             Verdict::Pending { sandbox: false }
         );
         let p = pod_of(json!({"phase": "Pending", "podIP": "10.244.0.7",
-            "initContainerStatuses": [{"name": WAIT_CONTAINER, "image": "b", "imageID": "",
-                "ready": false, "restartCount": 0, "state": {"running": {}}}]}));
+            "containerStatuses": [{"name": PLAN_CONTAINER, "image": "b", "imageID": "",
+                "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}));
         assert_eq!(
             verdict(&p, Duration::ZERO, LONG),
             Verdict::Pending { sandbox: true }
@@ -555,11 +524,11 @@ mod tests {
             matches!(verdict(&evicted, Duration::ZERO, LONG), Verdict::Failed { reason } if reason.contains("evicted") && reason.contains("low on resource"))
         );
         let init = pod_of(json!({"phase": "Failed", "initContainerStatuses": [{
-            "name": WAIT_CONTAINER, "image": "b", "imageID": "", "ready": false,
+            "name": "setup", "image": "b", "imageID": "", "ready": false,
             "restartCount": 0, "state": {"terminated": {"exitCode": 137,
             "reason": "Error"}}}]}));
         assert!(
-            matches!(verdict(&init, Duration::ZERO, LONG), Verdict::Failed { reason } if reason.contains(WAIT_CONTAINER))
+            matches!(verdict(&init, Duration::ZERO, LONG), Verdict::Failed { reason } if reason.contains("setup"))
         );
     }
 

@@ -58,6 +58,8 @@ struct PodState {
 /// One instance's pod.
 struct Slot {
     ordinal: usize,
+    /// Set once the pod is created.
+    uid: Option<String>,
     hostname: String,
     outputs: PathBuf,
     state: watch::Sender<PodState>,
@@ -82,7 +84,6 @@ pub(crate) struct K8sLauncher {
     prepared: VecDeque<String>,
     /// Group id → the image its pods run.
     images: HashMap<String, String>,
-    wait_image: Option<String>,
     pull_policy: String,
     home_label: String,
     /// Stops the watcher, the wiring and the sync server.
@@ -94,6 +95,8 @@ pub(crate) struct K8sLauncher {
     sync_ip: Option<IpAddr>,
     /// When the first pod was created: start progress is measured from it.
     first_create: Arc<std::sync::OnceLock<Instant>>,
+    /// The kubelet's log directory on this node: instances' logs are read there.
+    logs_dir: Option<PathBuf>,
 }
 
 impl K8sLauncher {
@@ -110,7 +113,6 @@ impl K8sLauncher {
             slots: Arc::new(Mutex::new(HashMap::new())),
             prepared: VecDeque::new(),
             images: HashMap::new(),
-            wait_image: None,
             pull_policy: "IfNotPresent".into(),
             home_label: tg_k8s::home_label(&home),
             stop: CancellationToken::new(),
@@ -118,6 +120,7 @@ impl K8sLauncher {
             created_any: false,
             sync_ip: None,
             first_create: Arc::new(std::sync::OnceLock::new()),
+            logs_dir: None,
         }
     }
 
@@ -195,7 +198,6 @@ impl K8sLauncher {
             .iter()
             .map(|g| g.artifact.clone())
             .collect();
-        wanted.push(tg_docker::base::BUSYBOX.to_string());
         wanted.sort();
         wanted.dedup();
         let mut placed = HashMap::new();
@@ -240,7 +242,6 @@ impl K8sLauncher {
             self.images
                 .insert(g.id.clone(), placed[&g.artifact].clone());
         }
-        self.wait_image = Some(placed[tg_docker::base::BUSYBOX].clone());
         Ok(())
     }
 
@@ -255,14 +256,8 @@ impl K8sLauncher {
             .list(&ListParams::default())
             .await
             .map_err(|e| k8s_err(tg_k8s::api_err(e)))?;
-        let addrs: Vec<IpAddr> = nodes
-            .items
-            .iter()
-            .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
-            .filter(|a| a.type_ == "InternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect();
-        for a in &addrs {
+        let addrs = node_addresses(&nodes.items);
+        for (a, _) in &addrs {
             if std::net::TcpListener::bind((*a, 0)).is_ok() {
                 return Ok(*a);
             }
@@ -273,7 +268,7 @@ impl K8sLauncher {
              the pods reach",
             addrs
                 .iter()
-                .map(|a| a.to_string())
+                .map(|(a, _)| a.to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
         )))
@@ -382,7 +377,7 @@ impl K8sLauncher {
                     let Some(slot) = slots.get_mut(&name) else { continue };
                     if needs_wiring
                         && !slot.wired
-                        && matches!(verdict, Verdict::Pending { sandbox: true })
+                        && matches!(verdict, Verdict::Pending { sandbox: true } | Verdict::Running)
                         && let Some(uid) = pod.metadata.uid.clone()
                     {
                         slot.wired = true;
@@ -523,6 +518,30 @@ impl K8sLauncher {
             }
         });
     }
+}
+
+/// Each node's InternalIP addresses, with the node's name.
+fn node_addresses(nodes: &[tg_k8s::k8s_openapi::api::core::v1::Node]) -> Vec<(IpAddr, String)> {
+    nodes
+        .iter()
+        .flat_map(|n| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            n.status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(move |a| Some((a.address.parse().ok()?, name.clone())))
+        })
+        .collect()
+}
+
+/// The node this host is (one of its addresses is the node's), if any.
+async fn this_node(cluster: &Cluster) -> Option<String> {
+    let nodes = cluster.nodes().list(&ListParams::default()).await.ok()?;
+    node_addresses(&nodes.items)
+        .into_iter()
+        .find(|(a, _)| std::net::TcpListener::bind((*a, 0)).is_ok())
+        .map(|(_, n)| n)
 }
 
 /// The gateway of the default route in `pid`'s network namespace (`/proc/<pid>/net/route`
@@ -710,6 +729,9 @@ impl Launcher for K8sLauncher {
         self.check_capacity(&cluster).await?;
         let host = self.sync_host(&cluster).await?;
         self.sync_ip = Some(host);
+        if let Some(node) = this_node(&cluster).await {
+            self.logs_dir = Some(cluster.pod_logs_dir(&node).await);
+        }
         self.cluster = Some(cluster.clone());
         self.distribute_images().await?;
 
@@ -793,7 +815,6 @@ impl Launcher for K8sLauncher {
                 cpu: cpu.clone(),
                 memory: memory.clone(),
                 outputs: spec.outputs.clone(),
-                wait_network: self.wait_image.clone(),
                 sysctls: self.config.k8s.sysctls.clone(),
                 node_selector: Default::default(),
             };
@@ -805,6 +826,7 @@ impl Launcher for K8sLauncher {
                 name.clone(),
                 Slot {
                     ordinal: spec.ordinal,
+                    uid: None,
                     hostname,
                     outputs: spec.outputs.clone(),
                     state: tx,
@@ -828,6 +850,7 @@ impl Launcher for K8sLauncher {
         let created = std::sync::atomic::AtomicUsize::new(0);
         let step = (total / 10).max(1);
         let events = self.events.clone();
+        let slots = &self.slots;
         let results: Vec<Result<String, RunError>> = futures::stream::iter(params)
             .map(|p| {
                 let api = api.clone();
@@ -835,11 +858,15 @@ impl Launcher for K8sLauncher {
                 let events = events.clone();
                 async move {
                     let pod = pods::pod(&p);
-                    api.create(&PostParams::default(), &pod)
+                    let made = api
+                        .create(&PostParams::default(), &pod)
                         .await
                         .map_err(|e| {
                             RunError::K8s(format!("create pod {}: {}", p.name, tg_k8s::api_err(e)))
                         })?;
+                    if let Some(slot) = lock(slots).get_mut(&p.name) {
+                        slot.uid = made.metadata.uid;
+                    }
                     let n = created.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     if (n.is_multiple_of(step) || n == total)
                         && let Some(ev) = &events
@@ -876,19 +903,12 @@ impl Launcher for K8sLauncher {
                 spec.group_id, spec.index
             ))
         })?;
-        let state = lock(&self.slots)
+        let (state, uid) = lock(&self.slots)
             .get(&name)
-            .map(|s| s.state.subscribe())
+            .map(|s| (s.state.subscribe(), s.uid.clone().unwrap_or_default()))
             .ok_or_else(|| RunError::K8s(format!("pod {name} is not tracked")))?;
         if let Some(reports) = &self.reports {
             // The pod name's suffix is the group and index already; its uid tells runs apart.
-            let uid = cluster
-                .pods()
-                .get(&name)
-                .await
-                .ok()
-                .and_then(|p| p.metadata.uid)
-                .unwrap_or_default();
             if !uid.is_empty() {
                 let _ = reports
                     .send(InstanceReport::Tag {
@@ -899,13 +919,16 @@ impl Launcher for K8sLauncher {
             }
         }
         let (out_r, out_w) = tokio::io::duplex(PIPE_BUFFER);
-        let (err_r, err_w) = tokio::io::duplex(64);
-        drop(err_w);
+        let (err_r, err_w) = tokio::io::duplex(PIPE_BUFFER);
+        let log_file = self.logs_dir.as_ref().map(|dir| {
+            tg_k8s::cri_log::path(dir, cluster.namespace(), &name, &uid, pods::PLAN_CONTAINER)
+        });
         tokio::spawn(follow_log(
             cluster.clone(),
             name.clone(),
+            log_file,
             state.clone(),
-            out_w,
+            (out_w, err_w),
         ));
         Ok(K8sInstance {
             cluster,
@@ -990,44 +1013,135 @@ impl Drop for K8sLauncher {
     }
 }
 
-/// Copies the plan container's log into `out` once it has started, until it ends.
+/// Copies the plan container's output into the run loop's pipes once it has started, until it
+/// ends: from the kubelet's log file on this node when there is one (stdout and stderr apart),
+/// else through the API (stdout and stderr merged).
 async fn follow_log(
     cluster: Cluster,
     name: String,
+    file: Option<PathBuf>,
     mut state: watch::Receiver<PodState>,
-    mut out: DuplexStream,
+    (mut out, mut err): (DuplexStream, DuplexStream),
 ) {
-    // Wait for the container to start (or for the pod's end).
     let started = state
         .wait_for(|s| s.gone || !matches!(s.verdict, Verdict::Pending { .. }))
         .await
         .map(|s| !matches!(s.verdict, Verdict::Failed { .. }) && !s.gone)
         .unwrap_or(false);
     if started {
-        let lp = LogParams {
-            container: Some(pods::PLAN_CONTAINER.into()),
-            follow: true,
-            ..Default::default()
-        };
-        match cluster.pods().log_stream(&name, &lp).await {
-            Ok(stream) => {
-                use futures::AsyncReadExt;
-                let mut stream = std::pin::pin!(stream);
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = stream.read(&mut buf).await {
-                    if n == 0 || out.write_all(&buf[..n]).await.is_err() {
-                        break;
+        let mut done = false;
+        if let Some(path) = file
+            && appears(&path, Duration::from_secs(5)).await
+        {
+            done = tail_cri_log(&path, &mut state, &mut out, &mut err)
+                .await
+                .is_ok();
+        }
+        if !done {
+            let lp = LogParams {
+                container: Some(pods::PLAN_CONTAINER.into()),
+                follow: true,
+                ..Default::default()
+            };
+            match cluster.pods().log_stream(&name, &lp).await {
+                Ok(stream) => {
+                    use futures::AsyncReadExt;
+                    let mut stream = std::pin::pin!(stream);
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 || out.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                let _ = out
-                    .write_all(format!("(cannot follow the log of pod {name}: {e})\n").as_bytes())
-                    .await;
+                Err(e) => {
+                    let _ = out
+                        .write_all(
+                            format!("(cannot follow the log of pod {name}: {e})\n").as_bytes(),
+                        )
+                        .await;
+                }
             }
         }
     }
     let _ = out.shutdown().await;
+    let _ = err.shutdown().await;
+}
+
+async fn appears(path: &std::path::Path, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if tokio::fs::metadata(path).await.is_ok() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Follows a CRI log file (reopened when the kubelet rotates it) until the container ended and
+/// everything it wrote was read.
+async fn tail_cri_log(
+    path: &std::path::Path,
+    state: &mut watch::Receiver<PodState>,
+    out: &mut DuplexStream,
+    err: &mut DuplexStream,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use tg_k8s::cri_log::{Stream, parse};
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // Reads at the end of the file once the container ended: one more after the end is
+    // seen, for what the runtime wrote last.
+    let mut after_end = 0;
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n > 0 {
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                let Some(rec) = parse(&line[..line.len() - 1]) else {
+                    continue;
+                };
+                let pipe = match rec.stream {
+                    Stream::Stdout => &mut *out,
+                    Stream::Stderr => &mut *err,
+                };
+                // A closed pipe (the run loop stopped reading) only loses this output.
+                let _ = pipe.write_all(rec.content).await;
+                if rec.full {
+                    let _ = pipe.write_all(b"\n").await;
+                }
+            }
+            continue;
+        }
+        let rotated = match (tokio::fs::metadata(path).await, file.metadata().await) {
+            (Ok(now), Ok(open)) => now.ino() != open.ino(),
+            _ => false,
+        };
+        if rotated {
+            file = tokio::fs::File::open(path).await?;
+            continue;
+        }
+        let ended = {
+            let s = state.borrow();
+            s.gone || matches!(s.verdict, Verdict::Exited { .. } | Verdict::Failed { .. })
+        };
+        if ended {
+            after_end += 1;
+            if after_end > 1 {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            _ = state.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
 }
 
 pub(crate) struct K8sInstance {
@@ -1275,9 +1389,26 @@ async fn sync_probe(cluster: &Cluster, config: &RunConfig) -> HealthCheck {
         Err(e) => return fail(format!("cannot listen on {input_host}: {e}")),
     };
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let image = match (&config.k8s.push_registry, &config.k8s.node_containerd) {
-        (Some(r), _) => format!("{r}/{}", tg_docker::base::BUSYBOX),
-        _ => tg_docker::base::BUSYBOX.to_string(),
+    // The probe runs the default busybox, put where the nodes get images as a run's would be.
+    let busybox = tg_docker::base::BUSYBOX;
+    let image = match tg_docker::Docker::connect().await {
+        Err(e) => return fail(format!("the probe's busybox is in the Docker engine: {e}")),
+        Ok(docker) => match (&config.k8s.push_registry, &config.k8s.node_containerd) {
+            (Some(r), _) => {
+                let target = format!("{r}/{busybox}");
+                if let Err(e) = push(&docker, busybox, &target).await {
+                    return fail(e.to_string());
+                }
+                target
+            }
+            (None, Some(sock)) => {
+                if let Err(e) = load_into_containerd(&docker, &[busybox.to_string()], sock).await {
+                    return fail(e.to_string());
+                }
+                busybox.to_string()
+            }
+            (None, None) => busybox.to_string(),
+        },
     };
     let name = format!("tg-healthcheck-{}", std::process::id());
     let pod: Pod = match serde_json::from_value(serde_json::json!({
