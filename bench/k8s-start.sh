@@ -28,5 +28,6 @@ for n in "${counts[@]}"; do
     -i "$n" --wait 2>&1 || true)
   end=$(date +%s.%N)
   echo "== $n instances: $(echo "$out" | grep -o 'outcome = [a-z]* ([^)]*)' | head -1), whole run $(echo "$end - $start" | bc) s"
+  echo "$out" > "${TG_BENCH_LOG_DIR:-/tmp}/k8s-start-$n.log"
   echo "$out" | grep -E "k8s: ($n pods created|$n/$n pods started|pod start)|pushed" | sed 's/^.*INFO\t/  /'
 done

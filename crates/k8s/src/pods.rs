@@ -327,10 +327,9 @@ pub fn verdict(pod: &Pod, problem_for: Duration, patience: Duration) -> Verdict 
 }
 
 /// Where a started pod's time went, in milliseconds from its creation: scheduled, sandbox
-/// ready (its network namespace), initialized (init containers done: for instances, its data
-/// network wired), plan container started. From the pod's condition times, which the API keeps
-/// to the second.
-pub fn start_phases(pod: &Pod) -> Option<[i64; 4]> {
+/// ready (its network namespace), plan container started. From the pod's condition times,
+/// which the API keeps to the second.
+pub fn start_phases(pod: &Pod) -> Option<[i64; 3]> {
     let created = pod.metadata.creation_timestamp.as_ref()?.0.as_millisecond();
     let status = pod.status.as_ref()?;
     let cond = |t: &str| {
@@ -357,16 +356,15 @@ pub fn start_phases(pod: &Pod) -> Option<[i64; 4]> {
         .map(|t| t.0.as_millisecond() - created)?;
     let scheduled = cond("PodScheduled").unwrap_or(0);
     let sandbox = cond("PodReadyToStartContainers").unwrap_or(scheduled);
-    let initialized = cond("Initialized").unwrap_or(sandbox);
-    Some([scheduled, sandbox, initialized, started])
+    Some([scheduled, sandbox, started])
 }
 
 /// "median / max" seconds of each phase of [`start_phases`] over many pods, for the run log.
-pub fn summarize_phases(all: &[[i64; 4]]) -> String {
+pub fn summarize_phases(all: &[[i64; 3]]) -> String {
     if all.is_empty() {
         return String::new();
     }
-    let names = ["scheduled", "sandbox", "network", "started"];
+    let names = ["scheduled", "sandbox", "started"];
     let mut parts = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let mut v: Vec<i64> = all.iter().map(|p| p[i]).collect();
@@ -546,8 +544,8 @@ mod tests {
         }))
         .unwrap();
         let phases = start_phases(&p).unwrap();
-        assert_eq!(phases, [1000, 3000, 4000, 6000]);
-        let s = summarize_phases(&[phases, [0, 1000, 2000, 3000]]);
+        assert_eq!(phases, [1000, 3000, 6000]);
+        let s = summarize_phases(&[phases, [0, 1000, 3000]]);
         assert!(s.contains("over 2 pods"), "{s}");
         assert!(s.contains("started 6/6 s"), "{s}");
     }

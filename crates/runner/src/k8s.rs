@@ -289,7 +289,7 @@ impl K8sLauncher {
         self.tasks.spawn(async move {
             // Start progress: pods whose plan container started, and where their time went.
             let mut started: std::collections::HashSet<String> = Default::default();
-            let mut phases: Vec<[i64; 4]> = Vec::new();
+            let mut phases: Vec<[i64; 3]> = Vec::new();
             let step = (total / 10).max(1);
             let cfg = watcher::Config::default().labels(&selector);
             let mut stream = std::pin::pin!(watcher(api, cfg));
