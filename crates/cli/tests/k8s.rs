@@ -421,9 +421,10 @@ fn start_sleepers(home: &Home) -> (Child, String) {
     }
 }
 
-/// Ctrl-C removes the run's pods; a killed engine's pods are removed by the next start.
+/// Ctrl-C and `terminate` remove the run's pods; a killed engine's pods are removed by the
+/// next start.
 #[test]
-fn ctrl_c_and_a_killed_engine_leave_no_pod() {
+fn ctrl_c_terminate_and_a_killed_engine_leave_no_pod() {
     if !ready() {
         return;
     }
@@ -436,6 +437,14 @@ fn ctrl_c_and_a_killed_engine_leave_no_pod() {
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_no_pods(&id);
+
+    // `testground terminate` from another process deletes the run's pods; the run ends.
+    let (child, id) = start_sleepers(home);
+    let t = home.tg(&["terminate", "--runner", "cluster:k8s"]);
+    assert!(t.status.success(), "{}", text(&t));
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", text(&out));
     assert_no_pods(&id);
@@ -473,4 +482,33 @@ fn healthcheck_reports_the_cluster() {
             .unwrap_or_else(|| panic!("{needle} missing: {t}"));
         assert!(line.contains("ok"), "{line}\n{t}");
     }
+}
+
+/// On a single-node cluster, images can be loaded into the node's containerd instead of
+/// pushed to a registry.
+#[test]
+fn images_loaded_into_the_nodes_runtime() {
+    if !ready() {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = std::env::var("TG_K8S_CONTAINERD_SOCK").unwrap_or_else(|_| {
+        kubeconfig()
+            .with_file_name("containerd")
+            .join("containerd.sock")
+            .to_string_lossy()
+            .into_owned()
+    });
+    let node_containerd = format!("node_containerd={sock}");
+    let mut args = run_args("outcomes", "ok", "docker:go", "2");
+    args.extend(["--run-cfg", "push_registry=", "--run-cfg", &node_containerd]);
+    let out = home().tg(&args);
+    let s = stdout(&out);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        s.contains("loaded 1 images into the node's containerd"),
+        "{s}"
+    );
+    assert!(s.contains("outcome = success (single:2/2)"), "{s}");
+    run_left_nothing(&out);
 }

@@ -1235,16 +1235,7 @@ impl Launched for K8sInstance {
 /// and a pod reaches a sync endpoint served from here.
 pub(crate) async fn health(env: crate::EnvConfig) -> Vec<HealthCheck> {
     let mut checks = crate::netns::health();
-    let config = match crate::config::parse(
-        "cluster:k8s",
-        &[
-            crate::config::COMMON_KEYS,
-            crate::config::NETWORK_KEYS,
-            crate::config::K8S_KEYS,
-        ],
-        &env,
-        &Default::default(),
-    ) {
+    let config = match env_config(&env) {
         Ok(c) => c,
         Err(e) => {
             checks.push(HealthCheck::new("k8s-config", false, e.to_string()));
@@ -1465,20 +1456,26 @@ async fn sync_probe(cluster: &Cluster, config: &RunConfig) -> HealthCheck {
     result
 }
 
-/// `testground terminate --runner cluster:k8s`: deletes the pods of this home's runs whose
-/// engine is gone (live runs are canceled by the engine, which deletes their pods).
-pub(crate) async fn terminate(data_dir: PathBuf, env: crate::EnvConfig) -> Vec<String> {
-    let mut lines = crate::clean_leftovers(&crate::runs_dir(&data_dir));
-    let config = match crate::config::parse(
+/// The runner's `.env.toml` table as a configuration (for `healthcheck` and `terminate`).
+fn env_config(env: &crate::EnvConfig) -> Result<RunConfig, RunError> {
+    crate::config::parse(
         "cluster:k8s",
         &[
             crate::config::COMMON_KEYS,
             crate::config::NETWORK_KEYS,
             crate::config::K8S_KEYS,
         ],
-        &env,
+        env,
         &Default::default(),
-    ) {
+    )
+}
+
+/// `testground terminate --runner cluster:k8s`: deletes every plan pod of this engine home, as
+/// the original deleted every plan pod: runs of this engine are canceled by it, runs of other
+/// processes on the same home (embedded CLIs) see their pods go and end.
+pub(crate) async fn terminate(data_dir: PathBuf, env: crate::EnvConfig) -> Vec<String> {
+    let mut lines = crate::clean_leftovers(&crate::runs_dir(&data_dir));
+    let config = match env_config(&env) {
         Ok(c) => c,
         Err(e) => {
             lines.push(e.to_string());
@@ -1493,7 +1490,15 @@ pub(crate) async fn terminate(data_dir: PathBuf, env: crate::EnvConfig) -> Vec<S
     {
         Ok(c) => {
             let home = tg_k8s::home_label(&crate::runs_dir(&data_dir));
-            lines.extend(stale_cleanup(&c, &home, &crate::runs_dir(&data_dir)).await);
+            let sel = format!("{}=plan,{}={home}", labels::PURPOSE, labels::HOME);
+            match c.delete_pods(&sel, 0, DELETE_WAIT).await {
+                Ok((0, _)) => {}
+                Ok((n, 0)) => lines.push(format!("deleted {n} plan pods")),
+                Ok((n, left)) => {
+                    lines.push(format!("deleted {n} plan pods; {left} still terminating"))
+                }
+                Err(e) => lines.push(format!("cannot delete the plan pods: {e}")),
+            }
         }
         Err(e) => lines.push(e.to_string()),
     }
