@@ -362,37 +362,14 @@ fn start_sleepers(home: &Home) -> (Child, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let runs = home.path().join("data").join("runs");
-    loop {
-        let id = std::fs::read_dir(&runs)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .filter(|n| !n.starts_with('.'))
-                    .map(str::to_string)
-            })
-            .next();
-        if let Some(id) = id
-            && containers_of(&id)
-                .iter()
-                .filter(|c| c.ends_with("(running)"))
-                .count()
-                == 6
-        {
-            return (child, id);
-        }
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("the sleepers did not start:\n{}", text(&out));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let id = common::wait_for_run(home, &mut child, Duration::from_secs(300), |id| {
+        containers_of(id)
+            .iter()
+            .filter(|c| c.ends_with("(running)"))
+            .count()
+            == 6
+    });
+    (child, id)
 }
 
 #[test]

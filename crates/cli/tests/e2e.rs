@@ -4,11 +4,10 @@
 mod common;
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Home, free_port, processes_of_run, queued_id, text};
+use common::{Daemon, Home, free_port, processes_of_run, queued_id, text, tgz_entries};
 
 fn assert_no_process_left(run_id: &str) {
     let left = processes_of_run(run_id);
@@ -244,22 +243,6 @@ fn collect_yields_the_archive_layout() {
     assert!(tgz_entries(&again).contains(&format!("{id}/single/1/run.out")));
     let out = home.tg(&["collect", "cv0000000000000000aa", "--runner", "local:exec"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-}
-
-fn tgz_entries(path: &Path) -> Vec<String> {
-    let f = std::fs::File::open(path).unwrap();
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-    ar.entries()
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            e.path()
-                .unwrap()
-                .to_string_lossy()
-                .trim_end_matches('/')
-                .to_string()
-        })
-        .collect()
 }
 
 #[test]

@@ -12,12 +12,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{Home, ping_rtts, text};
+use common::{Home, ping_rtts, text, tgz_entries};
 use tg_k8s::k8s_openapi::api::core::v1::{Node, Pod};
 use tg_k8s::kube::api::{ListParams, Patch, PatchParams};
 
@@ -188,22 +188,6 @@ fn run_left_nothing(o: &Output) -> String {
     let id = common::queued_id(o);
     assert_no_pods(&id);
     id
-}
-
-fn tgz_entries(path: &Path) -> Vec<String> {
-    let f = std::fs::File::open(path).unwrap();
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-    ar.entries()
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            e.path()
-                .unwrap()
-                .to_string_lossy()
-                .trim_end_matches('/')
-                .to_string()
-        })
-        .collect()
 }
 
 /// The seed's plan (its manifest enables local:docker, whose counterpart cluster:k8s is),
@@ -380,45 +364,21 @@ fn set_taint(node: &str, on: bool) {
 /// Starts 2 sleeping instances in the background; returns the CLI and the run id once both
 /// pods run.
 fn start_sleepers(home: &Home) -> (Child, String) {
-    let child = home
+    let mut child = home
         .cmd()
         .args(run_args("sleeper", "run", "docker:generic", "2"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut child = child;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let runs = home.path().join("data").join("runs");
-    loop {
-        let id = std::fs::read_dir(&runs)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .filter(|n| !n.starts_with('.'))
-                    .map(str::to_string)
-            })
-            .next();
-        if let Some(id) = id
-            && pods_of(&id)
-                .iter()
-                .filter(|p| p.ends_with("(Running)"))
-                .count()
-                == 2
-        {
-            return (child, id);
-        }
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("the sleepers did not start:\n{}", text(&out));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let id = common::wait_for_run(home, &mut child, Duration::from_secs(300), |id| {
+        pods_of(id)
+            .iter()
+            .filter(|p| p.ends_with("(Running)"))
+            .count()
+            == 2
+    });
+    (child, id)
 }
 
 /// Ctrl-C and `terminate` remove the run's pods; a killed engine's pods are removed by the

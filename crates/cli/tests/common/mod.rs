@@ -271,3 +271,61 @@ pub fn ping_rtts(stdout: &str) -> Vec<Duration> {
         })
         .collect()
 }
+
+/// The entry paths of a `.tgz` archive, without trailing slashes.
+pub fn tgz_entries(path: &Path) -> Vec<String> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            e.path()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .collect()
+}
+
+/// The id of the first run recorded in `home` (its record in `data/runs`) for which `ready`
+/// holds, waiting up to `within` while `child` (the CLI running it) lives; panics with the
+/// child's output otherwise.
+pub fn wait_for_run(
+    home: &Home,
+    child: &mut Child,
+    within: Duration,
+    ready: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + within;
+    let runs = home.path().join("data").join("runs");
+    loop {
+        let id = std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .filter(|n| !n.starts_with('.'))
+                    .map(str::to_string)
+            })
+            .next();
+        if let Some(id) = id
+            && ready(&id)
+        {
+            return id;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let mut out = String::new();
+            if let Some(mut o) = child.stdout.take() {
+                let _ = o.read_to_string(&mut out);
+            }
+            panic!("the run did not get ready:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

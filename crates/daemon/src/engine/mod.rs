@@ -692,12 +692,7 @@ impl Engine {
         }
         if !req.runner.is_empty() {
             let runner = tg_runner::runner(&req.runner)?;
-            let env = self
-                .inner
-                .cfg
-                .runners_json()
-                .remove(runner.id())
-                .unwrap_or_default();
+            let env = self.runner_env(runner.id());
             for line in runner.terminate(&self.data_dir(), &env).await {
                 tracing::warn!("{line}");
             }
@@ -769,12 +764,7 @@ impl Engine {
                 });
             }
         }
-        let env = self
-            .inner
-            .cfg
-            .runners_json()
-            .remove(runner.id())
-            .unwrap_or_default();
+        let env = self.runner_env(runner.id());
         for check in runner.healthcheck(fix, &env).await {
             report.checks.push(HealthcheckItem {
                 name: check.name.into(),
@@ -790,6 +780,11 @@ impl Engine {
             }
         }
         Ok(report)
+    }
+
+    /// Runner `id`'s `[runners."<id>"]` table of `.env.toml`.
+    fn runner_env(&self, id: &str) -> tg_runner::EnvConfig {
+        self.inner.cfg.runners_json().remove(id).unwrap_or_default()
     }
 
     pub async fn purge(&self, builder: &str, plan: &str) -> Result<(), EngineError> {
