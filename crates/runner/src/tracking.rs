@@ -616,12 +616,14 @@ mod tests {
         let members = cg.pids().unwrap();
         assert!(!members.contains(&(other.id() as i32)));
         let own_netns = tg_sys::netns_inode_of(std::process::id() as i32).unwrap();
-        assert!(
-            members
+        // `unshare` joins the cgroup before it enters its namespace: wait for that too.
+        wait_until("a member lives in a namespace of its own", || {
+            cg.pids()
+                .unwrap()
                 .iter()
-                .any(|&p| tg_sys::netns_inode_of(p).is_ok_and(|n| n != own_netns)),
-            "a member lives in a namespace of its own"
-        );
+                .any(|&p| tg_sys::netns_inode_of(p).is_ok_and(|n| n != own_netns))
+        });
+        let members = cg.pids().unwrap();
         std::mem::forget(t);
         let mut r = record(state.path(), &id);
         r.owner_start += 1;

@@ -607,7 +607,7 @@ async fn infrastructure_errors() {
     let (out, _) = run_all(escaping).await;
     assert!(matches!(out, Err(RunError::InvalidConfig { .. })));
 
-    input.runner = "cluster:k8s".into();
+    input.runner = "cluster:swarm".into();
     let (out, _) = run_all(input).await;
     assert!(matches!(out, Err(RunError::NotSupported { .. })));
 }
