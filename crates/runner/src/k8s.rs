@@ -192,14 +192,22 @@ impl K8sLauncher {
         let docker = tg_docker::Docker::connect()
             .await
             .map_err(|e| RunError::K8s(format!("the images are in the Docker engine: {e}")))?;
-        let mut wanted: Vec<String> = self
+        // Artifacts are image ids; nodes need names. Each id → its `tg-plan-<plan>:<key>` tag
+        // (the builders' content-keyed one), so `placed` maps ids to what pods run.
+        let mut ids: Vec<String> = self
             .input
             .groups
             .iter()
             .map(|g| g.artifact.clone())
             .collect();
-        wanted.sort();
-        wanted.dedup();
+        ids.sort();
+        ids.dedup();
+        let mut named: Vec<(String, String)> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let name = image_name(&docker, &id, &self.input.plan).await?;
+            named.push((id, name));
+        }
+        let wanted: Vec<String> = named.iter().map(|(_, n)| n.clone()).collect();
         let mut placed = HashMap::new();
         let began = Instant::now();
         if let Some(registry) = self.config.k8s.push_registry.clone() {
@@ -239,8 +247,9 @@ impl K8sLauncher {
             });
         }
         for g in &self.input.groups {
-            self.images
-                .insert(g.id.clone(), placed[&g.artifact].clone());
+            if let Some((_, name)) = named.iter().find(|(id, _)| *id == g.artifact) {
+                self.images.insert(g.id.clone(), placed[name].clone());
+            }
         }
         Ok(())
     }
@@ -565,6 +574,44 @@ fn parse_default_gateway(table: &str) -> Option<Ipv4Addr> {
     })
 }
 
+/// A name of image `id` the nodes can pull or find: its `tg-plan-*` content tag (not the
+/// per-build `build-*` one), else a tag made for it.
+async fn image_name(docker: &tg_docker::Docker, id: &str, plan: &str) -> Result<String, RunError> {
+    if !id.starts_with("sha256:") {
+        return Ok(id.to_string());
+    }
+    let info = docker.api().inspect_image(id).await.map_err(|e| {
+        RunError::K8s(format!(
+            "image {id} is not in the Docker engine (was it built with a docker:* builder here?): {e}"
+        ))
+    })?;
+    let tags = info.repo_tags.unwrap_or_default();
+    if let Some(t) = tags
+        .iter()
+        .find(|t| t.starts_with("tg-plan-") && !t.contains(":build-"))
+        .or_else(|| tags.first())
+    {
+        return Ok(t.clone());
+    }
+    use tg_docker::bollard::query_parameters::TagImageOptionsBuilder;
+    let repo = format!("tg-plan-{}", pods::dns_label(plan));
+    let tag: String = id.trim_start_matches("sha256:").chars().take(16).collect();
+    docker
+        .api()
+        .tag_image(
+            id,
+            Some(
+                TagImageOptionsBuilder::default()
+                    .repo(&repo)
+                    .tag(&tag)
+                    .build(),
+            ),
+        )
+        .await
+        .map_err(|e| RunError::K8s(format!("tag {id}: {e}")))?;
+    Ok(format!("{repo}:{tag}"))
+}
+
 /// Tags `image` as `target` and pushes it.
 async fn push(docker: &tg_docker::Docker, image: &str, target: &str) -> Result<(), RunError> {
     use tg_docker::bollard::query_parameters::{PushImageOptionsBuilder, TagImageOptionsBuilder};
@@ -617,7 +664,7 @@ async fn load_into_containerd(
     let mut child = tokio::process::Command::new("ctr")
         .arg("--address")
         .arg(sock)
-        .args(["-n", "k8s.io", "images", "import", "--no-unpack", "-"])
+        .args(["-n", "k8s.io", "images", "import", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
