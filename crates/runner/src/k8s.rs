@@ -5,14 +5,16 @@
 //! (the node's, on a single-node cluster), and acts as the node agent: once a pod's sandbox
 //! exists, it finds the pod's network namespace on this host (from the pod uid's cgroup) and the
 //! run's sidecar (`tg-sidecar`) adds the data interface `eth1`, a TUN into the emulator, while
-//! the pod keeps the cluster's `eth0` as its control network. An init container holds the plan
-//! back until `eth1` exists. So every `network.Config` field works as under `local:netns`.
+//! the pod keeps the cluster's `eth0` as its control network. Instances wait for
+//! `network-initialized`, which the sidecar signals once their pod is wired. So every
+//! `network.Config` field works as under `local:netns`.
 //!
 //! Lifecycle: `start` connects (kubeconfig), removes pods of runs whose engine died, checks the
 //! run fits, distributes the images (push to `push_registry`, or load into the node's
 //! containerd), serves the sync service and builds the run's network; `prepare` creates the
 //! pods (`create_concurrency` at a time) while one watcher follows them and wires each sandbox
-//! as it appears; `launch` follows an instance's log and waits for its verdict (exited, or
+//! as it appears; `launch` follows an instance's log (the kubelet's file on this node, else
+//! the API) and waits for its verdict (exited, or
 //! failed for a reason of the cluster's: never scheduled, image not pullable, evicted,
 //! OOM-killed); `teardown` deletes the run's pods (by label) and waits until they are gone.
 
