@@ -189,7 +189,7 @@ impl K8sLauncher {
         Ok((cpu, mem))
     }
 
-    /// Makes each group's image (and the init container's busybox) available to the nodes.
+    /// Makes each group's image available to the nodes, by its content tag.
     async fn distribute_images(&mut self) -> Result<(), RunError> {
         let docker = tg_docker::Docker::connect()
             .await
