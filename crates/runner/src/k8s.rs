@@ -99,6 +99,9 @@ pub(crate) struct K8sLauncher {
     first_create: Arc<std::sync::OnceLock<Instant>>,
     /// The kubelet's log directory on this node: instances' logs are read there.
     logs_dir: Option<PathBuf>,
+    /// Some node is labelled as a plan node: pods are pinned to those (from the capacity
+    /// check).
+    plan_nodes_labelled: bool,
 }
 
 impl K8sLauncher {
@@ -123,6 +126,7 @@ impl K8sLauncher {
             sync_ip: None,
             first_create: Arc::new(std::sync::OnceLock::new()),
             logs_dir: None,
+            plan_nodes_labelled: false,
         }
     }
 
@@ -149,9 +153,10 @@ impl K8sLauncher {
     }
 
     /// Checks the run fits the plan nodes before anything is created.
-    async fn check_capacity(&self, cluster: &Cluster) -> Result<(), RunError> {
+    async fn check_capacity(&mut self, cluster: &Cluster) -> Result<(), RunError> {
         let (cpu, mem) = self.resources()?;
-        let (rooms, _) = cluster.rooms().await.map_err(k8s_err)?;
+        let (rooms, labelled) = cluster.rooms().await.map_err(k8s_err)?;
+        self.plan_nodes_labelled = labelled;
         let cpu_m = tg_k8s::quantity::cpu_millis(&cpu).unwrap_or(0);
         let bytes = tg_k8s::quantity::bytes(&mem).unwrap_or(0);
         tg_k8s::capacity::check(&rooms, u64::from(self.input.total_instances), cpu_m, bytes)
@@ -254,35 +259,6 @@ impl K8sLauncher {
             }
         }
         Ok(())
-    }
-
-    /// Where pods reach the engine: `sync_host`, else the address of a Ready plan node when
-    /// it is one of this host's (a single-node cluster run by this host).
-    async fn sync_host(&self, cluster: &Cluster) -> Result<IpAddr, RunError> {
-        if let Some(h) = self.config.k8s.sync_host {
-            return Ok(h);
-        }
-        let nodes = cluster
-            .nodes()
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| k8s_err(tg_k8s::api_err(e)))?;
-        let addrs = node_addresses(&nodes.items);
-        for (a, _) in &addrs {
-            if std::net::TcpListener::bind((*a, 0)).is_ok() {
-                return Ok(*a);
-            }
-        }
-        Err(RunError::K8s(format!(
-            "no node address ({}) is an address of this host, so the pods' sync service \
-             cannot be served from here by default: set sync_host to an address of this host \
-             the pods reach",
-            addrs
-                .iter()
-                .map(|(a, _)| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
     }
 
     /// Follows the run's pods: keeps each slot's state, fails pods stuck for longer than
@@ -546,13 +522,44 @@ fn node_addresses(nodes: &[tg_k8s::k8s_openapi::api::core::v1::Node]) -> Vec<(Ip
         .collect()
 }
 
-/// The node this host is (one of its addresses is the node's), if any.
-async fn this_node(cluster: &Cluster) -> Option<String> {
-    let nodes = cluster.nodes().list(&ListParams::default()).await.ok()?;
-    node_addresses(&nodes.items)
-        .into_iter()
+/// Where pods reach the engine: `sync_host`, else this host's node address (a
+/// single-node cluster run by this host).
+fn sync_host(
+    config: &RunConfig,
+    node: Option<&(IpAddr, String)>,
+    addrs: &[IpAddr],
+) -> Result<IpAddr, RunError> {
+    if let Some(h) = config.k8s.sync_host {
+        return Ok(h);
+    }
+    node.map(|(a, _)| *a).ok_or_else(|| {
+        RunError::K8s(format!(
+            "no node address ({}) is an address of this host, so the pods' sync service \
+             cannot be served from here by default: set sync_host to an address of this \
+             host the pods reach",
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// The node this host is (its address and name: one of its addresses is the node's), if
+/// any, and every node address (for messages).
+async fn this_node(cluster: &Cluster) -> Result<(Option<(IpAddr, String)>, Vec<IpAddr>), RunError> {
+    let nodes = cluster
+        .nodes()
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| k8s_err(tg_k8s::api_err(e)))?;
+    let addrs = node_addresses(&nodes.items);
+    let local = addrs
+        .iter()
         .find(|(a, _)| std::net::TcpListener::bind((*a, 0)).is_ok())
-        .map(|(_, n)| n)
+        .cloned();
+    Ok((local, addrs.into_iter().map(|(a, _)| a).collect()))
 }
 
 /// The gateway of the default route in `pid`'s network namespace (`/proc/<pid>/net/route`
@@ -776,10 +783,11 @@ impl Launcher for K8sLauncher {
             self.log(line).await;
         }
         self.check_capacity(&cluster).await?;
-        let host = self.sync_host(&cluster).await?;
+        let (node, addrs) = this_node(&cluster).await?;
+        let host = sync_host(&self.config, node.as_ref(), &addrs)?;
         self.sync_ip = Some(host);
-        if let Some(node) = this_node(&cluster).await {
-            self.logs_dir = Some(cluster.pod_logs_dir(&node).await);
+        if let Some((_, name)) = &node {
+            self.logs_dir = Some(cluster.pod_logs_dir(name).await);
         }
         self.cluster = Some(cluster.clone());
         self.distribute_images().await?;
@@ -885,8 +893,7 @@ impl Launcher for K8sLauncher {
             params.push(p);
         }
         // Pods go to the plan nodes when some are labelled so.
-        let (_, labelled) = cluster.rooms().await.map_err(k8s_err)?;
-        if labelled {
+        if self.plan_nodes_labelled {
             for p in &mut params {
                 p.node_selector
                     .insert(tg_k8s::capacity::PLAN_NODE_LABEL.into(), "true".into());
@@ -1397,32 +1404,12 @@ async fn registry_answers(registry: &str) -> Result<String, String> {
 async fn sync_probe(cluster: &Cluster, config: &RunConfig) -> HealthCheck {
     const NAME: &str = "sync-from-pod";
     let fail = |m: String| HealthCheck::new(NAME, false, m);
-    let input_host = match config.k8s.sync_host {
-        Some(h) => h,
-        None => {
-            let probe = K8sLauncher::new(
-                RunInput {
-                    run_id: "healthcheck".into(),
-                    plan: "healthcheck".into(),
-                    case: "probe".into(),
-                    runner: "cluster:k8s".into(),
-                    total_instances: 1,
-                    groups: Vec::new(),
-                    run_config: Default::default(),
-                    outputs_root: std::env::temp_dir(),
-                    sync_host: String::new(),
-                    sync_port: 0,
-                    disable_metrics: true,
-                    timeout: Duration::from_secs(60),
-                    sync_service: None,
-                },
-                config.clone(),
-            );
-            match probe.sync_host(cluster).await {
-                Ok(h) => h,
-                Err(e) => return fail(e.to_string()),
-            }
-        }
+    let input_host = match this_node(cluster)
+        .await
+        .and_then(|(node, addrs)| sync_host(config, node.as_ref(), &addrs))
+    {
+        Ok(h) => h,
+        Err(e) => return fail(e.to_string()),
     };
     let listener = match tokio::net::TcpListener::bind((input_host, 0)).await {
         Ok(l) => l,
