@@ -16,12 +16,14 @@
 //! - [`network`]: `network.Config`, `LinkShape`, `LinkRule`: what instances ask the sidecar for.
 //! - [`sync`]: sync service wire messages.
 //! - [`exit`]: the CLI's exit codes.
+//! - [`metrics`]: the metric lines of `results.out` / `diagnostics.out` (sdk-go's schema).
 
 pub mod artifact;
 pub mod composition;
 pub mod events;
 pub mod exit;
 pub mod manifest;
+pub mod metrics;
 pub mod network;
 pub mod rpc;
 pub mod sync;
