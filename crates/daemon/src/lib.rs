@@ -12,6 +12,7 @@
 //! - [`engine`]: the engine: submit, queue, workers, build and run tasks, logs, collect.
 //! - `store`: SQLite task store.
 //! - `tasklog`: per-task log files that can be followed live.
+//! - [`journal`]: a run's per-instance journal (states, exits, timelines, network configs).
 //! - [`archive`]: packing plan sources for upload and unpacking them.
 //! - [`server`]: the HTTP API (see `API.md` in this crate).
 
@@ -19,6 +20,7 @@ pub mod archive;
 pub mod config;
 pub mod engine;
 pub mod home;
+pub mod journal;
 pub mod server;
 mod store;
 mod tasklog;
@@ -26,3 +28,9 @@ mod tasklog;
 pub use config::EnvConfig;
 pub use engine::{Engine, EngineError, Mode, PlanSource};
 pub use home::Home;
+
+/// Locks a mutex whose data stays consistent through a panic of a holder (each holder
+/// finishes its update before anything can panic), so a poisoned lock is used as is.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

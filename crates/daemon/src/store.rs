@@ -27,6 +27,8 @@ pub enum StoreError {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Tasks written by this process (see [`Store::version`]).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -86,6 +88,7 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            writes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -102,6 +105,8 @@ impl Store {
             source,
         })?;
         let created = task.created().map(|c| c.to_rfc3339()).unwrap_or_default();
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.conn().execute(
             "INSERT OR REPLACE INTO tasks (id, created, state, type, plan, testcase, owner_pid, data, owner_start)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -144,6 +149,19 @@ impl Store {
             )
             .optional()?
             .unwrap_or(Owner::NONE))
+    }
+
+    /// A number that changes whenever a task changes, in this process or in another one
+    /// (SQLite's `data_version` moves on other connections' commits, our counter on ours):
+    /// what the dashboard polls to refresh its lists.
+    pub fn version(&self) -> u64 {
+        let theirs: i64 = self
+            .conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .unwrap_or(0);
+        self.writes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(theirs as u64)
     }
 
     /// Tasks matching the filter, newest first.
@@ -213,5 +231,24 @@ mod tests {
             );
         }
         Store::open(&path).unwrap();
+    }
+
+    #[test]
+    fn version_moves_on_writes_of_either_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        let a = Store::open(&path).unwrap();
+        let b = Store::open(&path).unwrap();
+        let (va, vb) = (a.version(), b.version());
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "t1", "priority": 0, "type": "run", "plan": "p", "case": "c",
+            "states": [{"created": "2026-12-01T00:00:00Z", "state": "scheduled"}],
+        }))
+        .unwrap();
+        a.put(&task, Owner::NONE).unwrap();
+        assert_ne!(a.version(), va, "own write");
+        assert_ne!(b.version(), vb, "another connection's write");
+        let vb = b.version();
+        assert_eq!(b.version(), vb, "steady without writes");
     }
 }

@@ -213,6 +213,27 @@ pub enum RunnerEvent {
     Started { started: u32, total: u32 },
     /// One line of an instance (an event, a stdout or stderr line, or its end).
     Instance(InstanceLine),
+    /// An instance is gone: how it ended. Not a log line (the log explains only unusual ends);
+    /// for the dashboard and the metrics exporter.
+    Exited {
+        group: String,
+        index: u32,
+        elapsed: Duration,
+        /// `exited with status 0`, `was killed by signal SIGKILL`, ...
+        status: String,
+        /// Counted ok by the run's outcome rule as far as the instance itself goes (under the
+        /// sync-events rule the group tally may still credit fewer).
+        ok: bool,
+    },
+    /// The run's data network: its subnet and the seed of its impairments (also in the log).
+    Network { subnet: String, seed: u64 },
+    /// The sidecar applied a `network.Config` an instance published (its JSON, as published).
+    NetworkApplied {
+        group: String,
+        index: u32,
+        elapsed: Duration,
+        config: String,
+    },
 }
 
 /// The sync key prefix of a run's states and topics.

@@ -236,6 +236,17 @@ pub(crate) async fn create(
                         })
                         .await;
                 }
+                SidecarEvent::ConfigApplied {
+                    ordinal, config, ..
+                } => {
+                    let _ = reports
+                        .send(InstanceReport::NetworkApplied {
+                            instance: ordinal as usize,
+                            elapsed: std::time::Duration::ZERO,
+                            config,
+                        })
+                        .await;
+                }
             }
         }
     });
@@ -267,6 +278,13 @@ pub(crate) async fn create(
                 ""
             }
         )))
+        .await;
+    let _ = ctx
+        .events
+        .send(RunnerEvent::Network {
+            subnet: net.subnet().to_string(),
+            seed,
+        })
         .await;
     Ok(net)
 }

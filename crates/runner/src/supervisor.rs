@@ -61,6 +61,12 @@ pub enum InstanceReport {
         elapsed: Duration,
         reason: String,
     },
+    /// The instance's sidecar applied a `network.Config` it published (its JSON).
+    NetworkApplied {
+        instance: usize,
+        elapsed: Duration,
+        config: String,
+    },
 }
 
 /// How an instance process ended.
@@ -228,8 +234,30 @@ impl Supervisor {
                 }
                 state.exit = Some(exit);
                 self.exited += 1;
+                let ended = RunnerEvent::Exited {
+                    group: self.group_ids[state.group].clone(),
+                    index: state.index,
+                    elapsed,
+                    status: describe_exit(exit),
+                    ok: state.ok(),
+                };
                 if let Some((kind, text)) = exit_line(state, exit) {
                     self.emit(instance, elapsed, kind, text);
+                }
+                self.pending.push(ended);
+            }
+            InstanceReport::NetworkApplied {
+                instance,
+                elapsed,
+                config,
+            } => {
+                if let Some(state) = self.instances.get(instance) {
+                    self.pending.push(RunnerEvent::NetworkApplied {
+                        group: self.group_ids[state.group].clone(),
+                        index: state.index,
+                        elapsed,
+                        config,
+                    });
                 }
             }
             InstanceReport::Tag { instance, tag } => {
@@ -385,6 +413,15 @@ fn exit_line(state: &InstanceState, exit: Exit) -> Option<(LineKind, String)> {
             LineKind::Crash,
             format!("reported success but {}", describe(exit.termination)),
         )),
+    }
+}
+
+/// How an instance ended, in words: the status, or why the runner stopped it.
+fn describe_exit(exit: Exit) -> String {
+    match exit.stopped {
+        Some(StopReason::Timeout) => format!("{} (run timeout)", describe(exit.termination)),
+        Some(StopReason::Canceled) => format!("{} (run canceled)", describe(exit.termination)),
+        None => describe(exit.termination),
     }
 }
 

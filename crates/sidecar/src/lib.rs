@@ -161,6 +161,13 @@ pub enum SidecarEvent {
         hostname: String,
         reason: String,
     },
+    /// An instance's `network.Config` was applied (before its `callback_state` is signalled).
+    ConfigApplied {
+        ordinal: u32,
+        hostname: String,
+        /// The config as the instance published it.
+        config: String,
+    },
 }
 
 /// The event as a run-log line.
@@ -176,6 +183,9 @@ impl std::fmt::Display for SidecarEvent {
                 f,
                 "instance {ordinal} ({hostname}): network config refused: {reason}"
             ),
+            SidecarEvent::ConfigApplied {
+                ordinal, hostname, ..
+            } => write!(f, "instance {ordinal} ({hostname}): network config applied"),
         }
     }
 }
@@ -821,7 +831,14 @@ impl Agent {
                 Err(e) => Err(format!("cannot decode it: {e}")),
             };
             let callback = match applied {
-                Ok(callback) => callback,
+                Ok(callback) => {
+                    let _ = sh.log.send(SidecarEvent::ConfigApplied {
+                        ordinal: self.id.0,
+                        hostname: self.hostname.clone(),
+                        config: raw.to_string(),
+                    });
+                    callback
+                }
                 Err(reason) => {
                     // As the original: the callback is not signalled, so the plan does not go
                     // on unshaped (and perhaps pass falsely); the runner fails the instance.

@@ -199,6 +199,7 @@ impl Run {
                     return reason;
                 }
                 Ok(SidecarEvent::Log(l)) => lines.push(l),
+                Ok(SidecarEvent::ConfigApplied { .. }) => {}
                 Err(e) => panic!("no ConfigRefused event for {json}: {e}"),
             }
         }

@@ -5,7 +5,7 @@
 //! record and loses nothing) and then broadcasts it to live subscribers (a dashboard, a metrics
 //! exporter), which may lag and drop events without slowing the task.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -13,6 +13,7 @@ use tg_api::task::{RunResult, TaskState};
 use tg_runner::RunnerEvent;
 use tokio::sync::broadcast;
 
+use crate::journal::RunJournal;
 use crate::tasklog::LogWriter;
 
 /// How many events a lagging live subscriber may fall behind before it misses some.
@@ -135,6 +136,12 @@ pub fn render(ev: &TaskEvent) -> Option<(Level, String)> {
             (Level::Info, format!("started {started}/{total} instances"))
         }
         TaskEvent::Runner(RunnerEvent::Instance(line)) => (Level::Info, line.render()),
+        // Typed records for the dashboard and the exporter; the log already has their words.
+        TaskEvent::Runner(
+            RunnerEvent::Exited { .. }
+            | RunnerEvent::Network { .. }
+            | RunnerEvent::NetworkApplied { .. },
+        ) => return None,
         TaskEvent::RunFinished { run, result } => (
             Level::Info,
             format!("run finished with {result}\t{}", run.fields()),
@@ -149,16 +156,27 @@ pub fn render(ev: &TaskEvent) -> Option<(Level, String)> {
 pub(crate) struct TaskEvents {
     log: LogWriter,
     tx: broadcast::Sender<Arc<TaskEvent>>,
+    journal: Arc<Mutex<RunJournal>>,
 }
 
 impl TaskEvents {
-    pub(crate) fn new(log: LogWriter, tx: broadcast::Sender<Arc<TaskEvent>>) -> Self {
-        TaskEvents { log, tx }
+    pub(crate) fn new(
+        log: LogWriter,
+        tx: broadcast::Sender<Arc<TaskEvent>>,
+        journal: Arc<Mutex<RunJournal>>,
+    ) -> Self {
+        TaskEvents { log, tx, journal }
     }
 
     pub(crate) fn emit(&mut self, ev: TaskEvent) {
         if let Some((level, text)) = render(&ev) {
             self.log.line(&log_line(level.as_str(), &text));
+        }
+        {
+            let mut j = crate::lock(&self.journal);
+            if j.apply(&ev) {
+                j.write_if_due(std::time::Instant::now());
+            }
         }
         // No subscriber is the common case.
         let _ = self.tx.send(Arc::new(ev));
@@ -166,6 +184,7 @@ impl TaskEvents {
 
     /// Ends the log: followers see the end of the task.
     pub(crate) fn finish(self) {
+        crate::lock(&self.journal).flush();
         self.log.finish();
     }
 }
@@ -200,7 +219,10 @@ mod tests {
         let path = dir.path().join("t.out");
         let (log, _progress) = LogWriter::create(&path).unwrap();
         let (tx, mut rx) = broadcast::channel(16);
-        let mut events = TaskEvents::new(log, tx);
+        let journal = Arc::new(Mutex::new(RunJournal::new(
+            dir.path().join("t.journal.json"),
+        )));
+        let mut events = TaskEvents::new(log, tx, journal);
         events.emit(TaskEvent::Log {
             level: Level::Info,
             text: "hello".into(),

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::EnvConfig;
 use crate::home::Home;
+use crate::journal::{JournalData, RunJournal};
 use crate::store::{Store, StoreError};
 use crate::tasklog::{LogProgress, LogReader, LogWriter, POLL};
 use events::{BROADCAST_CAPACITY, TaskEvents};
@@ -110,6 +111,7 @@ struct Running {
     builders: Vec<String>,
     progress: watch::Receiver<LogProgress>,
     events: broadcast::Sender<Arc<TaskEvent>>,
+    journal: Arc<Mutex<RunJournal>>,
 }
 
 struct Inner {
@@ -429,7 +431,11 @@ impl Engine {
         let (log, progress) = LogWriter::create(&self.inner.home.task_log(id))
             .map_err(io_err("cannot create task log"))?;
         let (events_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let mut events = TaskEvents::new(log, events_tx.clone());
+        let journal = Arc::new(Mutex::new(RunJournal::new(RunJournal::path_in(
+            &self.inner.home.daemon_dir(),
+            id,
+        ))));
+        let mut events = TaskEvents::new(log, events_tx.clone(), journal.clone());
         let cancel = self.inner.shutdown.child_token();
         let builders = input
             .request
@@ -452,6 +458,7 @@ impl Engine {
                 builders,
                 progress,
                 events: events_tx,
+                journal,
             },
         );
         push_state(&mut task, TaskState::Processing);
@@ -646,6 +653,20 @@ impl Engine {
 
     /// Live events of a running task of this engine (a dashboard, an exporter); `None` when
     /// the task is not running here. The task log has the complete record.
+    /// Changes whenever a task is added or changes, in this process or another one using the
+    /// same home: the dashboard polls it to refresh what it shows.
+    pub fn tasks_version(&self) -> u64 {
+        self.inner.store.version()
+    }
+
+    /// The per-instance journal of a run: live while this engine runs it, else from its file.
+    pub fn journal(&self, task_id: &str) -> Option<JournalData> {
+        if let Some(r) = lock(&self.inner.running).get(task_id) {
+            return Some(lock(&r.journal).data().clone());
+        }
+        RunJournal::load(&RunJournal::path_in(&self.inner.home.daemon_dir(), task_id))
+    }
+
     pub fn subscribe(&self, task_id: &str) -> Option<broadcast::Receiver<Arc<TaskEvent>>> {
         lock(&self.inner.running)
             .get(task_id)
@@ -859,9 +880,7 @@ fn push_state(task: &mut Task, state: TaskState) {
     });
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 #[cfg(test)]
 mod tests {
