@@ -1,7 +1,8 @@
 """A test plan in Python (stdlib only), built by exec:generic.
 
 It reads the TEST_* environment and prints event lines in the Go SDK's JSON
-format, which is all the instance contract asks of a plan. Cases: ok, fail, params.
+format, which is all the instance contract asks of a plan. Cases: ok, fail, params,
+metrics (writes results.out in sdk-go's metric schema, and fails when asked to).
 """
 
 import json
@@ -35,6 +36,14 @@ def message(text):
     emit({"message_event": {"message": text}})
 
 
+def record_point(name, value):
+    # One sdk-go metric line in results.out of the instance's outputs directory.
+    path = os.path.join(os.environ.get("TEST_OUTPUTS_PATH", "."), "results.out")
+    line = {"ts": time.time_ns(), "type": "point", "name": name, "measures": {"value": value}}
+    with open(path, "a") as f:
+        f.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
 def main():
     case = os.environ.get("TEST_CASE", "")
     group = os.environ.get("TEST_GROUP_ID", "")
@@ -45,6 +54,12 @@ def main():
         error = None
     elif case == "fail":
         error = "example-python failure requested"
+    elif case == "metrics":
+        points = int(params.get("points", "5"))
+        for i in range(points):
+            record_point("step", float(i))
+        message("recorded %d points" % points)
+        error = "failing on purpose" if params.get("fail") == "true" else None
     elif case == "params":
         message("params: " + json.dumps(params, sort_keys=True))
         error = None

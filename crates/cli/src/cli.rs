@@ -33,6 +33,13 @@ pub struct GlobalArgs {
     pub endpoint: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Address to listen on; default `[daemon] listen` of .env.toml (`localhost:8042`).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
 // Parsed once per process: boxing the large variants would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -42,8 +49,10 @@ pub enum Command {
     Build(BuildCmd),
     /// Collect the outputs of a run.
     Collect(CollectArgs),
-    /// Start the daemon (HTTP API).
+    /// Start the daemon (HTTP API and the dashboard at `/`).
     Daemon,
+    /// Serve the dashboard over this home without a daemon (tasks of embedded runs too).
+    Dashboard(DashboardArgs),
     /// Describe a test plan.
     Describe(DescribeArgs),
     /// Check (and optionally fix) the health of a runner.

@@ -15,9 +15,11 @@
 //! - [`journal`]: a run's per-instance journal (states, exits, timelines, network configs).
 //! - [`archive`]: packing plan sources for upload and unpacking them.
 //! - [`server`]: the HTTP API (see `API.md` in this crate).
+//! - [`dashboard`]: the dashboard page and its read-only JSON API.
 
 pub mod archive;
 pub mod config;
+pub mod dashboard;
 pub mod engine;
 pub mod home;
 pub mod journal;

@@ -82,9 +82,30 @@ pub fn exposure_warning(addr: &std::net::SocketAddr, tokens: &[String]) -> Optio
     ))
 }
 
+/// Serves only the dashboard (`testground dashboard`: no daemon, the same home) on
+/// `listener` until `shutdown` resolves. Tokens apply as in the daemon.
+pub async fn serve_dashboard(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    tokens: Vec<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState {
+        engine: engine.clone(),
+        tokens: std::sync::Arc::new(tokens),
+    };
+    let app = crate::dashboard::routes(engine)
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 fn router(state: AppState, max_request_body: u64) -> Router {
     let limit = usize::try_from(max_request_body).unwrap_or(usize::MAX);
     Router::new()
+        .merge(crate::dashboard::routes(state.engine.clone()))
         .route("/build", post(submit))
         .route("/run", post(submit))
         .route("/logs", post(logs).get(logs_text))
@@ -136,19 +157,66 @@ fn too_large(len: Option<u64>, max: u64) -> Response {
         .into_response()
 }
 
+/// The cookie a browser keeps the dashboard's token in (a page cannot send a header when
+/// following a link or opening an event stream).
+const TOKEN_COOKIE: &str = "tg_token";
+
+/// Every route needs one of the `[daemon] tokens`, when there are any: as
+/// `Authorization: Bearer <token>` (the CLI) or as the `tg_token` cookie (the dashboard). Opening
+/// `/?token=<token>` sets the cookie and leads to the dashboard.
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if !st.tokens.is_empty() {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| st.tokens.iter().any(|t| t == g)) {
-            return (StatusCode::FORBIDDEN, "invalid or missing bearer token\n").into_response();
-        }
+    if st.tokens.is_empty() {
+        return next.run(req).await;
     }
-    next.run(req).await
+    let valid = |g: &str| st.tokens.iter().any(|t| t == g.trim());
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if bearer.is_some_and(valid) {
+        return next.run(req).await;
+    }
+    let cookie = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == TOKEN_COOKIE)
+        .map(|(_, v)| v);
+    if cookie.is_some_and(valid) {
+        return next.run(req).await;
+    }
+    if req.uri().path() == "/" {
+        let query_token = req.uri().query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == "token")
+                .map(|(_, v)| v)
+        });
+        if let Some(t) = query_token.filter(|t| valid(t)) {
+            let mut r = (StatusCode::SEE_OTHER, "").into_response();
+            let h = r.headers_mut();
+            h.insert(header::LOCATION, HeaderValue::from_static("/"));
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+                t.trim()
+            )) {
+                h.insert(header::SET_COOKIE, v);
+            }
+            return r;
+        }
+        return (
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            "<!doctype html><title>Testground</title><p>This daemon needs a token: open \
+             <code>/?token=&lt;token&gt;</code> with one of its <code>[daemon] tokens</code>.</p>\n",
+        )
+            .into_response();
+    }
+    (StatusCode::FORBIDDEN, "invalid or missing bearer token\n").into_response()
 }
 
 fn chunks(stream: BoxStream<'static, Chunk>) -> Response {

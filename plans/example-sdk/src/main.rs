@@ -73,6 +73,12 @@ fn metrics(env: &RunEnv) -> CaseResult {
     env.r().record_point("final", samples as f64);
     env.r().gauge("last").update((samples - 1) as f64);
     env.d().record_point("diagnostic", 1.0);
+    for i in 0..env.int_param("points")? {
+        env.r().record_point("step", i as f64);
+    }
+    if env.bool_param("fail")? {
+        return Err("failing on purpose, after recording the metrics".into());
+    }
     Ok(())
 }
 

@@ -110,3 +110,44 @@ pub async fn daemon(ctx: Ctx) -> Result<()> {
     log::info("daemon stopped");
     Ok(())
 }
+
+/// `testground dashboard`: the dashboard alone, over this home, until SIGINT/SIGTERM. The
+/// engine it starts executes nothing (no task is submitted to it); it reads the store, which
+/// embedded runs in other processes write too.
+pub async fn dashboard(ctx: Ctx, a: crate::cli::DashboardArgs) -> Result<()> {
+    let listen = a.listen.unwrap_or_else(|| ctx.cfg.daemon.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {listen} (if a daemon runs there, its dashboard is at \
+             http://{listen}/; else choose another address with --listen)"
+            )
+        })?;
+    let engine = tg_daemon::Engine::start(ctx.home.clone(), ctx.cfg.clone())
+        .await
+        .context("cannot open the engine's store")?;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or(listen);
+    if let Ok(a) = addr.parse()
+        && let Some(w) = tg_daemon::server::exposure_warning(&a, &ctx.cfg.daemon.tokens)
+    {
+        log::warn(w);
+    }
+    log::info_kv(
+        "dashboard listening",
+        &[("url", format!("http://{addr}/").into())],
+    );
+    let served = tg_daemon::server::serve_dashboard(
+        listener,
+        engine.clone(),
+        ctx.cfg.daemon.tokens.clone(),
+        signal(),
+    )
+    .await;
+    engine.shutdown().await;
+    served.context("the HTTP server failed")?;
+    Ok(())
+}

@@ -40,6 +40,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Terminate(a) => tasks::terminate(Ctx::load()?, &g, &a).await,
         Command::Healthcheck(a) => tasks::healthcheck(Ctx::load()?, &g, &a).await,
         Command::Daemon => daemon::daemon(Ctx::load()?).await,
+        Command::Dashboard(a) => daemon::dashboard(Ctx::load()?, a).await,
         Command::Sidecar(a) => anyhow::bail!(
             "testground sidecar --runner {}: not supported: the local:netns runner runs its \
              sidecar inside the engine (embedded or daemon); the docker and k8s sidecars are not \
