@@ -257,6 +257,26 @@ fn seed_ping_pong_passes_with_its_rtt_in_range_and_leaves_nothing() {
             bytes.len()
         );
     }
+    // What the dashboard shows of the run: its seed and each instance's applied network config
+    // (the plan asks for 100 ms of latency) and end, in the run's journal.
+    let journal: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.path().join(format!("data/daemon/{id}.journal.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(journal["network"]["seed"], 42, "{journal}");
+    let instances = journal["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{journal}");
+    for i in instances {
+        assert_eq!(i["ok"], true, "{i}");
+        assert_eq!(i["status"], "exited with status 0", "{i}");
+        let configs = i["network"].as_array().unwrap();
+        assert!(
+            configs
+                .iter()
+                .any(|c| c["config"]["default"]["latency"].as_u64() == Some(100_000_000)),
+            "{i}"
+        );
+    }
     assert_run_left_nothing(&out);
 }
 

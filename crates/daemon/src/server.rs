@@ -110,7 +110,11 @@ fn router(state: AppState, max_request_body: u64) -> Router {
         .route("/run", post(submit))
         .route("/logs", post(logs).get(logs_text))
         .route("/status", post(status))
-        .route("/tasks", post(tasks))
+        // The original's task page was `GET /tasks`; the dashboard is at `/`.
+        .route(
+            "/tasks",
+            post(tasks).get(|| async { axum::response::Redirect::to("/") }),
+        )
         .route("/outputs", post(outputs).get(outputs_get))
         .route("/terminate", post(terminate))
         .route("/healthcheck", post(healthcheck))
