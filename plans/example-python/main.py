@@ -59,6 +59,9 @@ def main():
         for i in range(points):
             record_point("step", float(i))
         message("recorded %d points" % points)
+        for i in range(int(params.get("lines", "0"))):
+            print("output line %d of instance %s" % (i, os.environ.get("TEST_GROUP_INSTANCE_COUNT", "")), flush=False)
+        sys.stdout.flush()
         error = "failing on purpose" if params.get("fail") == "true" else None
     elif case == "params":
         message("params: " + json.dumps(params, sort_keys=True))
