@@ -176,3 +176,118 @@ fn dashboard_in_a_real_browser() {
     }
     eprintln!("screenshots in {}", shots.display());
 }
+
+/// `testground dashboard` with no daemon: it serves the runs an embedded CLI made on the same
+/// home, follows new ones from another process, and applies the tokens.
+#[test]
+fn dashboard_command_serves_embedded_runs() {
+    let home = Home::new();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!("[daemon]\ntokens = [\"{TOKEN}\"]\n"),
+    )
+    .unwrap();
+    home.import("example-python");
+    let run = |points: &str| {
+        let out = home.tg(&[
+            "run",
+            "single",
+            "--plan",
+            "example-python",
+            "--testcase",
+            "metrics",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "-i",
+            "2",
+            "--tp",
+            &format!("points={points}"),
+            "--wait",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        queued_id(&out)
+    };
+    let first = run("4");
+
+    let port = free_port();
+    let mut dash = home
+        .cmd()
+        .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dashboard did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let get = |path: &str| c.get(format!("{base}{path}")).bearer_auth(TOKEN).send();
+        let r = c.get(format!("{base}/api/v1/tasks")).send().await.unwrap();
+        assert_eq!(r.status(), 403, "no token");
+        let page = get("/").await.unwrap();
+        assert_eq!(page.status(), 200);
+        assert!(page.text().await.unwrap().contains("/assets/app.js"));
+
+        let tasks: serde_json::Value = get("/api/v1/tasks").await.unwrap().json().await.unwrap();
+        assert_eq!(tasks[0]["id"], first.as_str(), "{tasks}");
+        assert_eq!(tasks[0]["outcome"], "success", "{tasks}");
+        assert_eq!(tasks[0]["outcomes"]["single"]["ok"], 2, "{tasks}");
+        let metrics: serde_json::Value = get(&format!("/api/v1/runs/{first}/metrics"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(metrics[0]["name"], "step", "{metrics}");
+        assert_eq!(metrics[0]["points"], 8, "2 instances, 4 points: {metrics}");
+        let r = get(&format!(
+            "/api/v1/runs/{first}/file?path=../../../../.env.toml"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 400, "paths stay in the run");
+        let out = get(&format!("/api/v1/runs/{first}/file?path=single/1/run.out"))
+            .await
+            .unwrap();
+        assert_eq!(out.headers()["x-done"], "true");
+        assert!(out.text().await.unwrap().contains("recorded 4 points"));
+
+        // A run of another process shows up on the event stream.
+        let mut events = get("/api/v1/events").await.unwrap();
+        let first_event = events.chunk().await.unwrap().unwrap();
+        assert!(
+            String::from_utf8_lossy(&first_event).contains("event: tasks"),
+            "{first_event:?}"
+        );
+        // Blocking here is fine: the multi-thread runtime's other workers keep the stream.
+        let second = run("1");
+        let next = tokio::time::timeout(std::time::Duration::from_secs(20), events.chunk())
+            .await
+            .expect("an event for the new run")
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&next).contains("event: tasks"));
+        let tasks: serde_json::Value = get("/api/v1/tasks").await.unwrap().json().await.unwrap();
+        assert_eq!(tasks[0]["id"], second.as_str(), "{tasks}");
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dash.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = dash.wait().unwrap();
+    assert!(
+        status.success(),
+        "dashboard exits cleanly on SIGTERM: {status:?}"
+    );
+}
