@@ -129,11 +129,7 @@ impl MetricLine {
             }
         }
         let mut out = String::with_capacity(128);
-        escape_into(
-            &mut out,
-            &self.measurement(set, plan, case),
-            &[',', ' '],
-        );
+        escape_into(&mut out, &self.measurement(set, plan, case), &[',', ' ']);
         push_tags(&mut out, &all);
         let mut first = true;
         for (k, v) in &self.measures {
