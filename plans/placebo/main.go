@@ -21,6 +21,7 @@ var testcases = map[string]interface{}{
 	"no-terminal": run.TestCaseFn(noTerminal),
 	"params":      run.TestCaseFn(params),
 	"output":      run.TestCaseFn(output),
+	"metrics":     run.TestCaseFn(recordMetrics),
 }
 
 func main() {
@@ -77,5 +78,23 @@ func output(runenv *runtime.RunEnv) error {
 	}
 	runenv.R().RecordPoint("placebo_answer", 42)
 	runenv.RecordMessage("wrote hello.txt")
+	return nil
+}
+
+// recordMetrics records a point, a counter and a histogram in results and
+// diagnostics, with a tag in one name, for the InfluxDB export tests.
+func recordMetrics(runenv *runtime.RunEnv) error {
+	runenv.R().RecordPoint("answer,kind=placebo", 42)
+	runenv.R().Counter("iterations").Inc(3)
+	h := runenv.R().Histogram("value", runenv.R().NewUniformSample(100))
+	for i := 0; i < 10; i++ {
+		h.Update(int64(i))
+	}
+	runenv.D().RecordPoint("diagnostic", 1)
+	runenv.D().Counter("ticks").Inc(2)
+	// sdk-go writes aggregates only on its tickers (results every second,
+	// diagnostics every 5 s), never at close: outlive one diagnostics tick.
+	time.Sleep(5500 * time.Millisecond)
+	runenv.RecordMessage("recorded metrics")
 	return nil
 }

@@ -4,6 +4,11 @@
 //! `{"ts":<unix ns>,"type":"point|counter|ewma|gauge|histogram|meter|timer","name":"...",
 //! "measures":{...}}`. A name may carry tags after commas (`latency,peer=3`). Both the InfluxDB
 //! exporter and the dashboard read these files through [`MetricLine::parse`].
+//!
+//! It also encodes the original's InfluxDB 1.x points (line protocol, pure string building), so
+//! that the Rust SDK and the engine's exporter write byte-identical points: InfluxDB keeps one
+//! point per measurement, tag set and timestamp, so the same metric written twice (once by an
+//! SDK, once by the engine after the run) is overwritten, not counted twice.
 
 use std::collections::BTreeMap;
 
@@ -87,6 +92,128 @@ impl MetricLine {
     }
 }
 
+/// The InfluxDB database sdk-go writes to.
+pub const INFLUX_DB: &str = "testground";
+
+/// The measurement of lifecycle events.
+pub const EVENTS_MEASUREMENT: &str = "events";
+
+/// The `run` and `group_id` tags every point carries.
+#[derive(Debug, Clone, Copy)]
+pub struct PointTags<'a> {
+    pub run: &'a str,
+    pub group_id: &'a str,
+}
+
+impl MetricLine {
+    /// This metric as one InfluxDB line-protocol point (no newline), exactly as sdk-go writes
+    /// it: measurement [`MetricLine::measurement`], tags `run`, `group_id` and the name's own
+    /// `k=v` tags (which may override them, as in sdk-go), fields = the measures, time = `ts`
+    /// in nanoseconds. `None` when nothing is left to write (no finite measure).
+    pub fn line_protocol(
+        &self,
+        set: MetricSet,
+        plan: &str,
+        case: &str,
+        tags: PointTags<'_>,
+    ) -> Option<String> {
+        let mut all: BTreeMap<&str, &str> = BTreeMap::new();
+        all.insert("run", tags.run);
+        all.insert("group_id", tags.group_id);
+        // sdk-go splits each custom tag on every `=` and skips it unless that gives exactly two
+        // parts.
+        for piece in self.name.split(',').skip(1) {
+            let mut kv = piece.split('=');
+            if let (Some(k), Some(v), None) = (kv.next(), kv.next(), kv.next()) {
+                all.insert(k, v);
+            }
+        }
+        let mut out = String::with_capacity(128);
+        escape_into(&mut out, &self.measurement(set, plan, case), &[',', ' ']);
+        push_tags(&mut out, &all);
+        let mut first = true;
+        for (k, v) in &self.measures {
+            if !v.is_finite() || k.is_empty() {
+                continue;
+            }
+            out.push(if first { ' ' } else { ',' });
+            first = false;
+            escape_into(&mut out, k, &[',', '=', ' ']);
+            out.push('=');
+            if integer_field(set, &self.kind, k) {
+                // Go's int64: a float here would conflict with the integer sdk-go wrote.
+                out.push_str(&format!("{}i", *v as i64));
+            } else {
+                out.push_str(&format!("{v}"));
+            }
+        }
+        if first {
+            return None;
+        }
+        out.push(' ');
+        out.push_str(&self.ts.to_string());
+        Some(out)
+    }
+}
+
+/// Whether sdk-go writes this field as an InfluxDB integer. Only diagnostics counters: they
+/// reach InfluxDB straight from go-metrics (`Count() int64`), whereas results are re-read from
+/// `results.out` as JSON numbers (float64). InfluxDB refuses a field whose type changes, so we
+/// must agree.
+fn integer_field(set: MetricSet, kind: &str, field: &str) -> bool {
+    set == MetricSet::Diagnostics && kind == "counter" && field == "count"
+}
+
+/// sdk-go's lifecycle event names as written to the `event_type` tag (sic: `SuccessEvent`).
+pub fn influx_event_type(event_key: &str) -> Option<&'static str> {
+    Some(match event_key {
+        "start_event" => "start_event",
+        "success_event" => "SuccessEvent",
+        "failure_event" => "failure_event",
+        "crash_event" => "crash_event",
+        _ => return None,
+    })
+}
+
+/// A lifecycle event point: measurement `events`, tags `run`, `group_id`, `event_type`, field
+/// `count=1i` (no newline). `event_type` is sdk-go's name (see [`influx_event_type`]).
+pub fn event_line_protocol(tags: PointTags<'_>, event_type: &str, ts: i64) -> String {
+    let mut all = BTreeMap::new();
+    all.insert("run", tags.run);
+    all.insert("group_id", tags.group_id);
+    all.insert("event_type", event_type);
+    let mut out = String::from(EVENTS_MEASUREMENT);
+    push_tags(&mut out, &all);
+    out.push_str(&format!(" count=1i {ts}"));
+    out
+}
+
+/// `,k=v` for each tag, sorted by key (what InfluxDB stores); empty keys or values are left
+/// out, as InfluxDB does not keep them.
+fn push_tags(out: &mut String, tags: &BTreeMap<&str, &str>) {
+    for (k, v) in tags {
+        if k.is_empty() || v.is_empty() {
+            continue;
+        }
+        out.push(',');
+        escape_into(out, k, &[',', '=', ' ']);
+        out.push('=');
+        escape_into(out, v, &[',', '=', ' ']);
+    }
+}
+
+/// Line-protocol escaping: a backslash before each special character; newlines, which would end
+/// the point, become spaces (escaped).
+fn escape_into(out: &mut String, s: &str, special: &[char]) {
+    for c in s.chars() {
+        let c = if c == '\n' || c == '\r' { ' ' } else { c };
+        if special.contains(&c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +236,52 @@ mod tests {
         assert!(MetricLine::parse("").is_none());
         assert!(MetricLine::parse("{\"ts\":1").is_none());
         assert!(MetricLine::parse("not json").is_none());
+    }
+
+    #[test]
+    fn line_protocol_matches_sdk_go() {
+        let tags = PointTags {
+            run: "r1",
+            group_id: "single",
+        };
+        let l = MetricLine::parse(
+            r#"{"ts":17,"type":"histogram","name":"rtt,peer=2,bad,x=a=b","measures":{"count":3,"max":2.5,"nan_is_not_json":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            l.line_protocol(MetricSet::Results, "ping", "pong", tags)
+                .unwrap(),
+            "results.ping-pong.rtt.histogram,group_id=single,peer=2,run=r1 count=3,max=2.5,nan_is_not_json=0 17"
+        );
+        // Diagnostics counters are integers, as go-metrics hands them to sdk-go's writer.
+        let c = MetricLine::parse(
+            r#"{"ts":5,"type":"counter","name":"a b,k=v w","measures":{"count":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.line_protocol(MetricSet::Diagnostics, "p", "c", tags)
+                .unwrap(),
+            r"diagnostics.p-c.a\ b.counter,group_id=single,k=v\ w,run=r1 count=4i 5"
+        );
+        assert_eq!(
+            c.line_protocol(MetricSet::Results, "p", "c", tags).unwrap(),
+            r"results.p-c.a\ b.counter,group_id=single,k=v\ w,run=r1 count=4 5"
+        );
+        let empty = MetricLine {
+            ts: 1,
+            kind: "point".into(),
+            name: "x".into(),
+            measures: [("value".to_string(), f64::NAN)].into_iter().collect(),
+        };
+        assert!(
+            empty
+                .line_protocol(MetricSet::Results, "p", "c", tags)
+                .is_none()
+        );
+        assert_eq!(
+            event_line_protocol(tags, influx_event_type("success_event").unwrap(), 9),
+            "events,event_type=SuccessEvent,group_id=single,run=r1 count=1i 9"
+        );
+        assert_eq!(influx_event_type("message_event"), None);
     }
 }

@@ -68,6 +68,9 @@ pub struct DaemonConfig {
     pub slack_webhook_url: String,
     pub github_repo_status_token: String,
     pub root_url: String,
+    /// The InfluxDB 1.x the engine exports run metrics to and hands to `local:exec` instances
+    /// as `INFLUXDB_URL` (empty: the engine's `INFLUXDB_URL`, else none). See the README's
+    /// "Metrics and InfluxDB".
     pub influxdb_endpoint: String,
 }
 

@@ -38,7 +38,7 @@ pub(crate) const COMMON_KEYS: &[ConfigKey] = &[
     ConfigKey {
         name: "influxdb_url",
         expects: "a URL",
-        help: "INFLUXDB_URL given to instances (default: empty, no upload)",
+        help: "INFLUXDB_URL given to instances (default: the engine's InfluxDB endpoint under local:exec, else empty)",
     },
     ConfigKey {
         name: "enabled",

@@ -52,10 +52,11 @@ impl GroupEnv {
         put("SYNC_SERVICE_HOST", net.sync_host.clone());
         put("SYNC_SERVICE_PORT", net.sync_port.to_string());
         put("REDIS_HOST", "localhost".into());
-        // We run no InfluxDB: pointing the SDKs at one that is not there makes every sdk-go
-        // instance spend seconds retrying uploads at exit. Empty means "no metrics upload" to
-        // sdk-go and still satisfies sdk-rust, which requires the variable to be present.
-        // `--run-cfg influxdb_url=http://...` points instances at a real one.
+        // Never a default address: pointing the SDKs at an InfluxDB that is not there makes
+        // every sdk-go instance spend seconds retrying uploads at exit. Empty means "no metrics
+        // upload" to sdk-go and still satisfies sdk-rust, which requires the variable to be
+        // present. The engine fills `influxdb_url` with its own endpoint for local:exec, and
+        // `--run-cfg influxdb_url=http://...` points instances at one explicitly.
         put(
             "INFLUXDB_URL",
             config.influxdb_url.clone().unwrap_or_default(),

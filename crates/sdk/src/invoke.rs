@@ -190,6 +190,13 @@ pub fn run_cases<S: Into<String>>(
         }
     };
     install_panic_hook();
+    // Aggregates reach the files (and InfluxDB) during the case too, as with sdk-go.
+    let flusher = rt.spawn(crate::metrics::flush_periodically(
+        runenv.clone(),
+        crate::metrics::RESULTS_FLUSH,
+        crate::metrics::DIAGNOSTICS_FLUSH,
+    ));
+    let influx = runenv.influx_writer().map(|w| rt.spawn(w));
 
     let result: Result<CaseResult, Box<dyn Any + Send>> = match case.0 {
         Kind::Plain(f) => {
@@ -233,7 +240,14 @@ pub fn run_cases<S: Into<String>>(
             Outcome::Crash { error, stacktrace }
         }
     };
+    flusher.abort();
     runenv.flush_metrics();
+    runenv.close_influx();
+    if let Some(writer) = influx {
+        // Bounded: the writer's requests time out, and so does this wait.
+        let wait = crate::influx::CLOSE_TIMEOUT + Duration::from_secs(1);
+        let _ = rt.block_on(async { tokio::time::timeout(wait, writer).await });
+    }
     if let Some(client) = runenv.sync_client() {
         rt.block_on(client.close());
     }

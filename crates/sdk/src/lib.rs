@@ -10,7 +10,9 @@
 //! Modules:
 //! - [`params`]: [`RunParams`] from the environment, typed test parameters.
 //! - [`runenv`]: [`RunEnv`], the handle a case gets: events, outputs, metrics.
-//! - [`metrics`]: points, counters, gauges, histograms and timers in sdk-go's JSON lines.
+//! - [`metrics`]: points, counters, gauges, histograms and timers in sdk-go's JSON lines,
+//!   flushed periodically; `influx` (private) also writes them to InfluxDB when `INFLUXDB_URL`
+//!   is set.
 //! - [`sync`]: [`SyncClient`], a pipelined websocket client with namespaced keys.
 //! - [`network`]: [`NetClient`] and [`NetworkConfig`] with sdk-go's exact JSON.
 //! - [`invoke`](mod@invoke): [`invoke`], [`TestCase`], [`InitContext`], outcomes and exit codes.
@@ -44,6 +46,7 @@
 //! }
 //! ```
 
+mod influx;
 pub mod invoke;
 pub mod metrics;
 pub mod network;

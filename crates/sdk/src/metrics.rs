@@ -2,8 +2,9 @@
 //! `{"ts":<ns>,"type":"point|counter|gauge|histogram|timer","name":"..","measures":{..}}`.
 //!
 //! Points are written at once. Counters, gauges, histograms and timers aggregate in memory and
-//! are written by [`Metrics::flush`], which [`crate::invoke`] calls when the case ends (sdk-go
-//! also flushes on a ticker; one final line per metric is what the dashboards read).
+//! are written by [`Metrics::flush`], which [`crate::invoke`] calls on a ticker as sdk-go does
+//! (results every second, diagnostics every 5 s: [`flush_periodically`]) and once more when the
+//! case ends. With an InfluxDB sink, every line written is also queued as a point.
 //!
 //! The registry and the aggregates sit behind plain mutexes rather than an actor: metric calls
 //! come from synchronous plan code on any thread and hold the lock for a few instructions.
@@ -20,7 +21,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::runenv::now_ns;
+use tg_api::metrics::{MetricLine, MetricSet};
+
+use crate::influx::InfluxSink;
+use crate::runenv::{RunEnv, now_ns};
+
+/// sdk-go's flush intervals of `runenv.R()` and `runenv.D()`.
+pub const RESULTS_FLUSH: Duration = Duration::from_secs(1);
+pub const DIAGNOSTICS_FLUSH: Duration = Duration::from_secs(5);
 
 /// Histograms keep at most this many samples for percentiles (reservoir sampling beyond it);
 /// count, min, max, mean and variance stay exact.
@@ -33,7 +41,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One metric sink: `runenv.r()` (results.out) or `runenv.d()` (diagnostics.out).
 pub struct Metrics {
+    set: MetricSet,
     sink: Mutex<Option<File>>,
+    influx: Option<Arc<InfluxSink>>,
     registry: Mutex<BTreeMap<(String, &'static str), Aggregate>>,
 }
 
@@ -46,9 +56,15 @@ enum Aggregate {
 }
 
 impl Metrics {
-    pub(crate) fn new(sink: Option<File>) -> Metrics {
+    pub(crate) fn new(
+        set: MetricSet,
+        sink: Option<File>,
+        influx: Option<Arc<InfluxSink>>,
+    ) -> Metrics {
         Metrics {
+            set,
             sink: Mutex::new(sink),
+            influx,
             registry: Mutex::new(BTreeMap::new()),
         }
     }
@@ -131,9 +147,43 @@ impl Metrics {
     }
 
     fn write(&self, kind: &str, name: &str, measures: &[(&str, Num)]) {
-        let line = metric_line(now_ns(), kind, name, measures);
+        let ts = now_ns();
+        let line = metric_line(ts, kind, name, measures);
         if let Some(f) = lock(&self.sink).as_mut() {
             let _ = f.write_all(line.as_bytes());
+        }
+        if let Some(influx) = &self.influx {
+            // The values of the file's line, so that the engine's export of it is the same point.
+            let measures = measures
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_f64()))
+                .collect();
+            influx.metric(
+                self.set,
+                &MetricLine {
+                    ts,
+                    kind: kind.to_owned(),
+                    name: name.to_owned(),
+                    measures,
+                },
+            );
+        }
+    }
+}
+
+/// Flushes `env`'s results every `results` and its diagnostics every `diagnostics`, forever
+/// (the caller aborts it). The first flushes come one period after the start.
+pub async fn flush_periodically(env: RunEnv, results: Duration, diagnostics: Duration) {
+    use tokio::time::{Instant, MissedTickBehavior, interval_at};
+    let now = Instant::now();
+    let mut r = interval_at(now + results, results);
+    let mut d = interval_at(now + diagnostics, diagnostics);
+    r.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    d.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = r.tick() => env.r().flush(),
+            _ = d.tick() => env.d().flush(),
         }
     }
 }
@@ -142,6 +192,17 @@ impl Metrics {
 enum Num {
     I(i64),
     F(f64),
+}
+
+impl Num {
+    /// The value the JSON line holds (non-finite floats are written as 0).
+    fn as_f64(self) -> f64 {
+        match self {
+            Num::I(i) => i as f64,
+            Num::F(f) if f.is_finite() => f,
+            Num::F(_) => 0.0,
+        }
+    }
 }
 
 /// One metric line, newline included, keys in sdk-go's order.

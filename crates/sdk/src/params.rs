@@ -76,6 +76,8 @@ pub struct RunParams {
     pub sync_service_port: u16,
     /// `HOSTNAME`; empty when unset (the kernel hostname is then used where one is needed).
     pub hostname: String,
+    /// `INFLUXDB_URL`: where this instance also writes its metrics (empty: nowhere).
+    pub influxdb_url: String,
 }
 
 impl RunParams {
@@ -145,6 +147,7 @@ impl RunParams {
             sync_service_host,
             sync_service_port,
             hostname: get("HOSTNAME"),
+            influxdb_url: get("INFLUXDB_URL").trim().to_owned(),
         })
     }
 

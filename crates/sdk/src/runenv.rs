@@ -11,6 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tg_api::events::Event;
 
+use tg_api::metrics::MetricSet;
+
+use crate::influx::InfluxSink;
 use crate::metrics::Metrics;
 use crate::params::RunParams;
 use crate::sync::SyncClient;
@@ -28,6 +31,7 @@ struct Inner {
     log: EventLog,
     results: Metrics,
     diagnostics: Metrics,
+    influx: Option<Arc<InfluxSink>>,
     sync: OnceLock<SyncClient>,
 }
 
@@ -71,19 +75,35 @@ impl RunEnv {
                 }
             }
         };
+        // As sdk-go: disabled metrics mean no InfluxDB at all.
+        let influx = (!params.influxdb_url.is_empty() && !params.test_disable_metrics).then(|| {
+            Arc::new(InfluxSink::new(
+                &params.influxdb_url,
+                &params.test_plan,
+                &params.test_case,
+                &params.test_run,
+                &params.test_group_id,
+            ))
+        });
         let log = EventLog {
             run_id: params.test_run.clone(),
             group_id: params.test_group_id.clone(),
             run_out: Mutex::new(open("run.out")),
+            influx: influx.clone(),
         };
-        let results = Metrics::new(open("results.out"));
-        let diagnostics = Metrics::new(open("diagnostics.out"));
+        let results = Metrics::new(MetricSet::Results, open("results.out"), influx.clone());
+        let diagnostics = Metrics::new(
+            MetricSet::Diagnostics,
+            open("diagnostics.out"),
+            influx.clone(),
+        );
         RunEnv {
             inner: Arc::new(Inner {
                 params,
                 log,
                 results,
                 diagnostics,
+                influx,
                 sync: OnceLock::new(),
             }),
         }
@@ -177,6 +197,22 @@ impl RunEnv {
         self.inner.results.flush();
         self.inner.diagnostics.flush();
     }
+
+    /// The InfluxDB writer, to spawn once on the SDK's runtime; `None` without `INFLUXDB_URL`.
+    pub(crate) fn influx_writer(&self) -> Option<impl Future<Output = ()> + use<>> {
+        self.inner.influx.as_ref()?.writer(self.clone())
+    }
+
+    /// Ends the InfluxDB queue: the writer finishes what is queued, then returns.
+    pub(crate) fn close_influx(&self) {
+        if let Some(i) = &self.inner.influx {
+            i.close();
+        }
+    }
+
+    pub(crate) fn influx_dropped(&self) -> u64 {
+        self.inner.influx.as_ref().map_or(0, |i| i.dropped())
+    }
 }
 
 /// Writes event lines in sdk-go's zap format to stdout and run.out.
@@ -184,11 +220,19 @@ struct EventLog {
     run_id: String,
     group_id: String,
     run_out: Mutex<Option<File>>,
+    influx: Option<Arc<InfluxSink>>,
 }
 
 impl EventLog {
     fn write(&self, event: &Event) {
-        let line = event_line(now_ns(), &self.group_id, &self.run_id, event);
+        let ts = now_ns();
+        let line = event_line(ts, &self.group_id, &self.run_id, event);
+        // sdk-go writes start, success, failure and crash events to InfluxDB, not messages.
+        if let Some(influx) = &self.influx
+            && let Some(t) = tg_api::metrics::influx_event_type(event.kind())
+        {
+            influx.event(t, ts);
+        }
         {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(line.as_bytes());

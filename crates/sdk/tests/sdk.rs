@@ -667,3 +667,166 @@ fn example_plan_sync_case_as_processes() {
         .collect();
     assert_eq!(seen, want);
 }
+
+#[tokio::test(start_paused = true)]
+async fn aggregates_are_flushed_every_second_and_diagnostics_every_five() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = RunEnv::new(params("metrics", dir.path(), &[]));
+    env.r().counter("msgs").inc(1);
+    env.d().gauge("mem").update(7.0);
+    let flusher = tokio::spawn(tg_sdk::metrics::flush_periodically(
+        env.clone(),
+        tg_sdk::metrics::RESULTS_FLUSH,
+        tg_sdk::metrics::DIAGNOSTICS_FLUSH,
+    ));
+    let count = |name: &str| lines(&dir.path().join(name)).len();
+    // The paused clock advances exactly to each timer: no real waiting.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(count("results.out"), 3);
+    assert_eq!(count("diagnostics.out"), 0);
+    env.r().counter("msgs").inc(1);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(count("results.out"), 5);
+    assert_eq!(count("diagnostics.out"), 1);
+    let results = lines(&dir.path().join("results.out"));
+    assert_eq!(results[2]["measures"]["count"], 1);
+    assert_eq!(results[3]["measures"]["count"], 2);
+    flusher.abort();
+}
+
+/// A loopback HTTP server answering 204 to everything; returns its URL and the request bodies.
+fn influx_stub() -> (String, std::sync::mpsc::Receiver<(String, String)>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(sock) = sock else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(sock);
+                loop {
+                    let mut request = String::new();
+                    if r.read_line(&mut request).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let _ = tx.send((request, String::from_utf8(body).unwrap()));
+                    r.get_mut()
+                        .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn with_influxdb_url_every_line_and_lifecycle_event_is_written_as_a_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, requests) = influx_stub();
+    let outcome = run_cases(
+        params("metrics", dir.path(), &[("INFLUXDB_URL", &url)]),
+        [(
+            "metrics",
+            TestCase::plain(|env: &RunEnv| {
+                env.r().record_point("rtt,peer=2", 1.5);
+                env.r().histogram("size").update(3.0);
+                env.d().counter("diag").inc(4);
+                Ok(())
+            }),
+        )],
+    );
+    assert_eq!(outcome, Outcome::Success);
+    let mut points = Vec::new();
+    while let Ok((request, body)) = requests.try_recv() {
+        assert!(
+            request.starts_with("POST /write?db=testground&precision=ns "),
+            "{request}"
+        );
+        points.extend(body.lines().map(str::to_owned));
+    }
+    // Each file line is exactly one point, encoded from the same values and timestamp.
+    let tags = tg_api::metrics::PointTags {
+        run: "run1",
+        group_id: "single",
+    };
+    let mut want = Vec::new();
+    for set in tg_api::metrics::MetricSet::ALL {
+        let text = std::fs::read_to_string(dir.path().join(set.file_name())).unwrap();
+        for l in text.lines() {
+            let m = tg_api::metrics::MetricLine::parse(l).unwrap();
+            want.push(
+                m.line_protocol(set, "example-sdk", "metrics", tags)
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(want.len(), 3);
+    for w in &want {
+        assert!(points.contains(w), "{w} not in {points:#?}");
+    }
+    assert!(
+        points.iter().any(|p| p.starts_with(
+            "diagnostics.example-sdk-metrics.diag.counter,group_id=single,run=run1 count=4i "
+        )),
+        "{points:#?}"
+    );
+    let events: Vec<_> = points.iter().filter(|p| p.starts_with("events,")).collect();
+    assert_eq!(events.len(), 2, "{points:#?}");
+    assert!(events[0].contains("event_type=start_event"));
+    assert!(events[1].contains("event_type=SuccessEvent"));
+    assert_eq!(points.len(), 5, "{points:#?}");
+}
+
+#[test]
+fn an_unreachable_influxdb_is_one_message_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let start = std::time::Instant::now();
+    let outcome = run_cases(
+        params("metrics", dir.path(), &[("INFLUXDB_URL", &closed)]),
+        [(
+            "metrics",
+            TestCase::plain(|env: &RunEnv| {
+                env.r().record_point("x", 1.0);
+                Ok(())
+            }),
+        )],
+    );
+    assert_eq!(outcome, Outcome::Success);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let failures: Vec<_> = events(dir.path())
+        .into_iter()
+        .filter(|e| {
+            e["event"]["message_event"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("influxdb: failed to upload"))
+        })
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    // The upload fails as the instance closes, after its outcome (as with sdk-go).
+    let kinds = event_kinds(dir.path());
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "success_event").count(),
+        1,
+        "{kinds:?}"
+    );
+}

@@ -12,10 +12,12 @@
 //! Embedded mode (the CLI with no daemon) and the daemon run this same code.
 //!
 //! Modules: `queue` (priority order), `build` (build phase), `run` (run phase), `events`
-//! (typed events and their rendering), `owner` (which process runs a task).
+//! (typed events and their rendering), `owner` (which process runs a task), `influx` (export
+//! of a run's metrics to InfluxDB after the run).
 
 mod build;
 pub mod events;
+mod influx;
 pub(crate) mod owner;
 mod queue;
 mod run;

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{Level, RunSummary, TaskEvent, TaskEvents};
+use super::influx;
 use super::{Engine, StoredInput, TaskDone};
 
 /// Events published on `run_events` waiting for the runner: a flood waits in the sync
@@ -81,9 +82,18 @@ impl Engine {
         let runner = tg_runner::runner(&resolved.runner).map_err(|e| e.to_string())?;
         // Checked strictly at submission; what a manifest or .env.toml adds is only warned
         // about (by the run loop).
-        let config = runner
+        let mut config = runner
             .parse_config(&resolved.run_config, &BTreeSet::new())
             .map_err(|e| e.to_string())?;
+        let influx_endpoint = influx::endpoint(&self.inner.cfg);
+        let instances_write_influx = influx::instance_url(
+            &mut config,
+            resolved.run_config.contains_key("influxdb_url"),
+            &resolved.runner,
+            influx_endpoint.as_deref(),
+            resolved.disable_metrics,
+        );
+        let mut lifecycle = influx::Lifecycle::default();
         let groups = resolved
             .groups
             .iter()
@@ -158,16 +168,35 @@ impl Engine {
         let result = loop {
             tokio::select! {
                 r = &mut run => break r,
-                Some(ev) = rx.recv() => events.emit(TaskEvent::Runner(ev)),
+                Some(ev) = rx.recv() => {
+                    observe(&mut lifecycle, &ev);
+                    events.emit(TaskEvent::Runner(ev));
+                }
             }
         };
         while let Ok(ev) = rx.try_recv() {
+            observe(&mut lifecycle, &ev);
             events.emit(TaskEvent::Runner(ev));
         }
         forward.abort();
         // The run is over: its states and topics are no longer needed.
         if let Err(e) = self.inner.sync.service.drop_run(&task.id).await {
             tracing::warn!("cannot drop sync state of run {}: {e}", task.id);
+        }
+        if let Some(endpoint) = influx_endpoint.filter(|_| !resolved.disable_metrics) {
+            let metrics = influx::RunMetrics {
+                dir: tg_runner::outputs_dir(
+                    &self.inner.home.outputs_dir(),
+                    &resolved.runner,
+                    &resolved.plan,
+                    &task.id,
+                ),
+                run_id: &task.id,
+                plan: &resolved.plan,
+                case: &resolved.case,
+                events: (!instances_write_influx).then_some(&lifecycle),
+            };
+            export_metrics(&endpoint, &metrics, events).await;
         }
         match result {
             Ok(out) => {
@@ -189,4 +218,31 @@ impl Engine {
             Err(e) => Err(format!("run failed: {e}")),
         }
     }
+}
+
+fn observe(lifecycle: &mut influx::Lifecycle, ev: &tg_runner::RunnerEvent) {
+    if let tg_runner::RunnerEvent::Instance(line) = ev {
+        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        lifecycle.observe(line, now);
+    }
+}
+
+/// Exports a finished run's metrics; the outcome is one line in the task log, never an error.
+async fn export_metrics(endpoint: &str, metrics: &influx::RunMetrics<'_>, events: &mut TaskEvents) {
+    let exporter = influx::Exporter::new(endpoint, influx::Limits::default());
+    let (level, text) = match exporter.export(metrics).await {
+        Ok(n) => (
+            Level::Info,
+            format!(
+                "exported {n} metric points to InfluxDB at {} (db {})",
+                exporter.endpoint(),
+                tg_api::metrics::INFLUX_DB
+            ),
+        ),
+        Err((n, e)) => (
+            Level::Warn,
+            format!("influxdb: metrics export failed after {n} points; the run is unaffected: {e}"),
+        ),
+    };
+    events.emit(TaskEvent::Log { level, text });
 }
