@@ -295,7 +295,7 @@ function runView(id) {
       const list = await api(`/api/v1/runs/${id}/metrics`);
       if (list.length === 0) { metricsBox.replaceChildren(h("p", { class: "muted" }, "no metrics (results.out, diagnostics.out)")); return; }
       metricsLoaded = true;
-      metricPicker(metricsBox, list, (m, measure) => `/api/v1/runs/${id}/metrics/series?${metricQuery(m, measure)}`, drawRunSeries);
+      metricPicker(metricsBox, list, (m, measure) => `/api/v1/runs/${id}/metrics/series?${metricQuery(m, measure)}&instances=${MAX_DRAWN}`, drawRunSeries);
     } catch (e) { showError(metricsBox, e); }
   }
 
@@ -363,12 +363,12 @@ function drawRunSeries(box, s, m) {
   const inst = h("div", { class: "chart", id: "chart-instances" });
   const grp = h("div", { class: "chart", id: "chart-groups" });
   const drawn = s.instances.slice(0, MAX_DRAWN);
-  box.append(h("p", { class: "muted" }, `${s.points} points from ${s.instances.length} instances; time in seconds since the first point`), inst, grp);
+  box.append(h("p", { class: "muted" }, `${s.points} points from ${s.instances_total} instances; time in seconds since the first point`), inst, grp);
   if (drawn.length) {
     const data = uPlot.join(drawn.map((x) => [x.t, x.v]));
     const plotted = data.slice(1).reduce((n, ys) => n + ys.filter((y) => y !== null && y !== undefined).length, 0);
     inst.setAttribute("data-points", String(plotted));
-    plot(inst, `${m.name}.${s.measure} per instance${s.instances.length > MAX_DRAWN ? ` (first ${MAX_DRAWN})` : ""}`, "t (s)",
+    plot(inst, `${m.name}.${s.measure} per instance${s.instances_total > drawn.length ? ` (first ${drawn.length} of ${s.instances_total})` : ""}`, "t (s)",
       drawn.map((x) => `${x.group}[${x.index}]`), data);
   }
   if (s.groups.length) {

@@ -57,7 +57,10 @@ pub struct Series {
     pub measure: String,
     /// Unix time (ns) of t = 0.
     pub t0_ns: i64,
+    /// Points of all instances (also those beyond `max_instances`).
     pub points: usize,
+    /// Instances that have the metric.
+    pub instances_total: usize,
     pub instances: Vec<InstanceSeries>,
     pub groups: Vec<GroupSeries>,
 }
@@ -161,8 +164,9 @@ pub fn index(run_dir: &Path) -> Vec<MetricInfo> {
         .collect()
 }
 
-/// The values of `measure` of metric `key`, per instance and per group (mean per second).
-pub fn series(run_dir: &Path, key: &MetricKey, measure: &str) -> Series {
+/// The values of `measure` of metric `key`, per instance (the first `max_instances` that have
+/// it) and per group (mean per second over all of them).
+pub fn series(run_dir: &Path, key: &MetricKey, measure: &str, max_instances: usize) -> Series {
     // (group, index, [(ts, value)]) of each instance that has the metric.
     type Raw = (String, u32, Vec<(i64, f64)>);
     let mut raw: Vec<Raw> = Vec::new();
@@ -181,6 +185,7 @@ pub fn series(run_dir: &Path, key: &MetricKey, measure: &str) -> Series {
             raw.push((group, index, pts));
         }
     }
+    let instances_total = raw.len();
     let t0 = raw
         .iter()
         .filter_map(|(_, _, p)| p.first().map(|x| x.0))
@@ -189,24 +194,24 @@ pub fn series(run_dir: &Path, key: &MetricKey, measure: &str) -> Series {
     let secs = |ts: i64| (ts - t0) as f64 / 1e9;
     let mut by_group: BTreeMap<String, BTreeMap<i64, (f64, u32)>> = BTreeMap::new();
     let mut points = 0;
-    let instances = raw
-        .into_iter()
-        .map(|(group, index, pts)| {
-            points += pts.len();
-            let buckets = by_group.entry(group.clone()).or_default();
-            for &(ts, v) in &pts {
-                let b = buckets.entry((ts - t0) / 1_000_000_000).or_default();
-                b.0 += v;
-                b.1 += 1;
-            }
-            InstanceSeries {
+    let mut instances = Vec::new();
+    for (group, index, pts) in raw {
+        points += pts.len();
+        let buckets = by_group.entry(group.clone()).or_default();
+        for &(ts, v) in &pts {
+            let b = buckets.entry((ts - t0) / 1_000_000_000).or_default();
+            b.0 += v;
+            b.1 += 1;
+        }
+        if instances.len() < max_instances {
+            instances.push(InstanceSeries {
                 group,
                 index,
                 t: pts.iter().map(|p| secs(p.0)).collect(),
                 v: pts.iter().map(|p| p.1).collect(),
-            }
-        })
-        .collect();
+            });
+        }
+    }
     let groups = by_group
         .into_iter()
         .map(|(group, buckets)| GroupSeries {
@@ -222,6 +227,7 @@ pub fn series(run_dir: &Path, key: &MetricKey, measure: &str) -> Series {
         measure: measure.to_string(),
         t0_ns: t0,
         points,
+        instances_total,
         instances,
         groups,
     }
@@ -331,8 +337,9 @@ mod tests {
             name: "x".into(),
             kind: "point".into(),
         };
-        let s = series(run, &key, "value");
+        let s = series(run, &key, "value", usize::MAX);
         assert_eq!(s.points, 4);
+        assert_eq!(s.instances_total, 3);
         assert_eq!(s.t0_ns, 100_000_000_000);
         assert_eq!(s.instances.len(), 3);
         assert_eq!(s.instances[0].t, vec![0.0, 1.0]);
@@ -340,6 +347,10 @@ mod tests {
         assert_eq!(s.groups[0].t, vec![0.0, 1.0]);
         assert_eq!(s.groups[0].v, vec![2.0, 3.0], "mean of 1 and 3, then 3");
         assert_eq!(s.groups[1].v, vec![10.0]);
+        let few = series(run, &key, "value", 1);
+        assert_eq!((few.instances.len(), few.instances_total), (1, 3));
+        assert_eq!(few.points, 4);
+        assert_eq!(few.groups, s.groups, "groups aggregate every instance");
         // Last values 3, 3, 10.
         assert_eq!(final_value(run, &key, "value"), Some(16.0 / 3.0));
         assert_eq!(final_value(run, &key, "nope"), None);

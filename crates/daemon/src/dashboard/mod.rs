@@ -527,6 +527,9 @@ struct SeriesQuery {
     kind: String,
     #[serde(default)]
     measure: Option<String>,
+    /// Per-instance series returned at most (all by default); group means use every instance.
+    #[serde(default)]
+    instances: Option<usize>,
 }
 
 impl SeriesQuery {
@@ -554,7 +557,8 @@ async fn run_series(
     tokio::task::spawn_blocking(move || match run_dir_of(&engine, &id) {
         Ok((_, dir)) => {
             let (key, measure) = q.key();
-            Json(metrics::series(&dir, &key, &measure)).into_response()
+            let max = q.instances.unwrap_or(usize::MAX);
+            Json(metrics::series(&dir, &key, &measure, max)).into_response()
         }
         Err(e) => e.into_response(),
     })
