@@ -1,5 +1,6 @@
 //! Records the git commit for `testground version` (the original set it with `-ldflags`).
-//! Outside a git checkout nothing is recorded and `version` prints `dirty`, as the original.
+//! Outside a git checkout (or without git) nothing is recorded and `version` prints `unknown`;
+//! the build never fails for it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,15 +20,18 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     println!("cargo:rerun-if-changed=build.rs");
-    if let Some(git_dir) = git(&manifest_dir, &["rev-parse", "--git-dir"]) {
-        let git_dir = manifest_dir.join(git_dir);
-        // Re-run only when HEAD moves, not on every source change.
-        let mut watch = vec![git_dir.join("HEAD"), git_dir.join("packed-refs")];
-        if let Some(r) = git(&manifest_dir, &["symbolic-ref", "-q", "HEAD"]) {
-            watch.push(git_dir.join(r));
-        }
-        for p in watch.iter().filter(|p| p.exists()) {
-            println!("cargo:rerun-if-changed={}", p.display());
+    // Re-run only when HEAD moves, not on every source change. `--git-path` resolves each file
+    // where git keeps it: in a worktree, HEAD is per worktree but branches are shared.
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    if let Some(r) = git(&manifest_dir, &["symbolic-ref", "-q", "HEAD"]) {
+        watch.push(r);
+    }
+    for w in &watch {
+        if let Some(p) = git(&manifest_dir, &["rev-parse", "--git-path", w]) {
+            let p = manifest_dir.join(p);
+            if p.exists() {
+                println!("cargo:rerun-if-changed={}", p.display());
+            }
         }
     }
     if let Some(c) = git(&manifest_dir, &["rev-parse", "--short=8", "HEAD"]) {

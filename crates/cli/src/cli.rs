@@ -27,10 +27,14 @@ pub struct GlobalArgs {
     /// Even more logging (currently the same as -v).
     #[arg(long = "vv", global = true)]
     pub vv: bool,
-    /// Daemon endpoint; overrides `[client] endpoint` of .env.toml. Without either, the engine
-    /// runs inside this process.
+    /// Daemon endpoint; overrides `[client] endpoint` of .env.toml. Without either, a daemon
+    /// answering on `[daemon] listen` (default localhost:8042) is used, else the engine runs
+    /// inside this process; `--endpoint ''` (or TESTGROUND_EMBEDDED=1) always runs it inside.
     #[arg(long, global = true, value_name = "URI")]
     pub endpoint: Option<String>,
+    /// No colors on a terminal (as a non-empty NO_COLOR does). Off a terminal there are none.
+    #[arg(long = "no-color", global = true)]
+    pub no_color: bool,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +142,7 @@ pub struct PlanListArgs {
 
 #[derive(Debug, Args)]
 pub struct PlanRmArgs {
+    /// Name of the plan to remove.
     #[arg(short = 'p', long)]
     pub plan: String,
     /// Confirm the deletion.
@@ -147,6 +152,7 @@ pub struct PlanRmArgs {
 
 #[derive(Debug, Args)]
 pub struct DescribeArgs {
+    /// Name of the plan to describe.
     #[arg(short = 'p', long)]
     pub plan: String,
 }
@@ -217,8 +223,10 @@ pub struct BuildCompositionArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildPurgeArgs {
+    /// Builder whose cache to purge, e.g. docker:go.
     #[arg(short = 'b', long)]
     pub builder: String,
+    /// Test plan whose cache to purge.
     #[arg(short = 'p', long)]
     pub plan: String,
 }
@@ -226,7 +234,7 @@ pub struct BuildPurgeArgs {
 #[derive(Debug, Subcommand)]
 pub enum RunCmd {
     /// Run one group of a plan, described by flags.
-    #[command(alias = "s")]
+    #[command(alias = "s", after_help = run_cfg_keys())]
     Single(RunSingleArgs),
     /// Run a composition file.
     #[command(alias = "c")]
@@ -266,8 +274,8 @@ pub struct RunSingleArgs {
     /// Test case.
     #[arg(short = 't', long)]
     pub testcase: String,
-    /// Run configuration, KEY=VALUE (repeatable).
-    #[arg(long = "run-cfg", value_name = "KEY=VALUE", long_help = run_cfg_help())]
+    /// Run configuration, KEY=VALUE (repeatable); each runner's keys are listed below.
+    #[arg(long = "run-cfg", value_name = "KEY=VALUE")]
     pub run_cfg: Vec<String>,
     /// Test parameter, KEY=VALUE (repeatable).
     #[arg(long = "test-param", visible_alias = "tp", value_name = "KEY=VALUE")]
@@ -313,6 +321,7 @@ pub struct CollectArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// The task id.
     #[arg(short = 't', long = "task", value_name = "ID")]
     pub task: String,
     /// Also print the input and the result.
@@ -322,6 +331,7 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    /// The task id.
     #[arg(short = 't', long = "task", value_name = "ID")]
     pub task: String,
     /// Follow the logs until the task ends.
@@ -331,14 +341,17 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct TerminateArgs {
+    /// Runner whose jobs to terminate, e.g. local:exec.
     #[arg(long)]
     pub runner: Option<String>,
+    /// Builder whose jobs to terminate, e.g. docker:go.
     #[arg(long)]
     pub builder: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
+    /// Runner to check, e.g. local:netns.
     #[arg(long)]
     pub runner: String,
     /// Try to fix what is broken.
@@ -346,9 +359,10 @@ pub struct HealthcheckArgs {
     pub fix: bool,
 }
 
-/// `--run-cfg`'s long help: every runner's keys, from the runner registry.
-fn run_cfg_help() -> String {
-    let mut s = String::from("Run configuration, KEY=VALUE (repeatable). Keys by runner:");
+/// `run single`'s after-help: every runner's `--run-cfg` keys, from the runner registry's key
+/// tables, so the help cannot drift from what the runners accept.
+fn run_cfg_keys() -> String {
+    let mut s = String::from("--run-cfg keys by runner:");
     for r in tg_runner::runners() {
         s.push_str(&format!("\n  {}:", r.id()));
         for k in r.config_keys() {
@@ -366,6 +380,27 @@ mod tests {
     #[test]
     fn grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_of_run_single_is_described_and_runner_keys_are_listed() {
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").unwrap();
+        let single = run.find_subcommand_mut("single").unwrap();
+        for a in single.get_arguments() {
+            assert!(
+                a.get_help().is_some() || a.get_long_help().is_some(),
+                "--{} has no description",
+                a.get_id()
+            );
+        }
+        let help = single.render_help().to_string();
+        for r in tg_runner::runners() {
+            assert!(help.contains(&format!("  {}:", r.id())), "{help}");
+            for k in r.config_keys() {
+                assert!(help.contains(&format!("    {} (", k.name)), "{help}");
+            }
+        }
     }
 
     #[test]

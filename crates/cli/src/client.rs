@@ -16,6 +16,8 @@ use tg_api::rpc::{
 };
 use tg_daemon::{Engine, PlanSource};
 
+use crate::term::LiveLog;
+
 /// A response: chunks as they arrive. Transport errors are items too.
 pub type Chunks = BoxStream<'static, Result<Chunk>>;
 
@@ -85,6 +87,54 @@ impl Remote {
                 .map_err(|e| anyhow!("reading the daemon's response: {}", root_cause(&e)))
         });
         Ok(decode_chunks(body.boxed()))
+    }
+}
+
+/// Where a client finds a daemon listening on `listen` (`[daemon] listen`): a wildcard address
+/// is reached on loopback; port 0 (a daemon on a port of the system's choosing) cannot be
+/// found.
+pub fn probe_endpoint(listen: &str) -> Option<String> {
+    let listen = listen.trim();
+    let (host, port) = listen.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    if port == 0 {
+        return None;
+    }
+    let host = match host {
+        "" | "0.0.0.0" => "127.0.0.1",
+        "[::]" => "[::1]",
+        h => h,
+    };
+    Some(format!("http://{host}:{port}"))
+}
+
+impl Remote {
+    /// Whether a Testground daemon answers at this endpoint, within a short time: an empty
+    /// `/tasks` query must come back as the API's chunk stream with a list as its result, which
+    /// no other HTTP service sends by chance (the original's daemon does, and speaks the same
+    /// API).
+    pub async fn answers(&self) -> bool {
+        let probe = async {
+            let chunks = self
+                .post(
+                    "/tasks",
+                    &TasksFilters {
+                        types: Vec::new(),
+                        states: Vec::new(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            consume_quietly(chunks).await
+        };
+        match tokio::time::timeout(std::time::Duration::from_millis(1500), probe).await {
+            Ok(Ok(v)) => v.is_array(),
+            Ok(Err(e)) => {
+                crate::log::debug(format!("no daemon at {}: {e:#}", self.base));
+                false
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -395,15 +445,10 @@ impl Interrupts {
     }
 }
 
-fn stdout_is_tty() -> bool {
-    use std::io::IsTerminal;
-    std::io::stdout().is_terminal()
-}
-
 /// A section header. Write errors are left to the output that follows (a closed stdout must
 /// not end the process in the middle of a task whose instances it runs).
 fn header(text: &str, color: &str) {
-    let text = if stdout_is_tty() {
+    let text = if crate::term::color() {
         format!("\n\x1b[1;{color}m{text}\x1b[0m\n")
     } else {
         format!("\n{text}\n")
@@ -421,13 +466,21 @@ enum Step {
 }
 
 /// Prints chunks the way the original client does (`>>> Server output:` before the first
-/// progress chunk, `>>> Result:` / `>>> Error:` at the end).
-#[derive(Default)]
+/// progress chunk, `>>> Result:` / `>>> Error:` at the end). Progress goes through a
+/// [`LiveLog`]: verbatim off a terminal, colored with progress bars on one.
 struct Printer {
     seen_progress: bool,
+    live: LiveLog,
 }
 
 impl Printer {
+    fn new() -> Printer {
+        Printer {
+            seen_progress: false,
+            live: LiveLog::new(),
+        }
+    }
+
     fn chunk(&mut self, chunk: Chunk, binary: &mut Option<&mut dyn Write>) -> Result<Step> {
         let t = chunk.t;
         match chunk.decode() {
@@ -436,8 +489,7 @@ impl Printer {
                     self.seen_progress = true;
                     header(">>> Server output:", "36");
                 }
-                let mut out = std::io::stdout().lock();
-                if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush())
+                if let Err(e) = self.live.write(&bytes)
                     && e.kind() == std::io::ErrorKind::BrokenPipe
                 {
                     return Ok(Step::Closed);
@@ -450,10 +502,12 @@ impl Printer {
                 }
             }
             Some(ChunkKind::Result(v)) => {
+                self.live.finish();
                 header(">>> Result:", "32");
                 return Ok(Step::Done(v));
             }
             Some(ChunkKind::Error(m)) => {
+                self.live.finish();
                 header(">>> Error:", "31");
                 bail!("{}", m.trim());
             }
@@ -466,7 +520,7 @@ impl Printer {
 /// Prints a response and returns its result value. Binary chunks go to `binary` when given.
 /// A closed stdout ends the process quietly; Ctrl-C has its default effect.
 pub async fn consume(mut chunks: Chunks, mut binary: Option<&mut dyn Write>) -> Result<Value> {
-    let mut printer = Printer::default();
+    let mut printer = Printer::new();
     loop {
         let Some(chunk) = chunks.next().await else {
             bail!("the response ended before a result was sent");
@@ -489,7 +543,7 @@ pub async fn follow_task(
     interrupts: &mut Interrupts,
 ) -> Result<Value> {
     let mut chunks = backend.logs(task_id, true).await?;
-    let mut printer = Printer::default();
+    let mut printer = Printer::new();
     loop {
         tokio::select! {
             // Signals first: heavy output must not starve them.
@@ -509,6 +563,8 @@ pub async fn follow_task(
             }
         }
     }
+    // The bars stop here: what follows is plain log lines.
+    printer.live.finish();
     crate::log::warn(format!(
         "interrupted: canceling task {task_id} (press Ctrl-C again to exit now)"
     ));

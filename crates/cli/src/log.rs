@@ -70,9 +70,13 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, serde_json::Value)]) {
     if !enabled(level) {
         return;
     }
+    let mut line = format_line(level, msg, fields);
+    if crate::term::color() {
+        line = crate::term::color_line(&line);
+    }
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. `| head`) must not turn into a panic.
-    let _ = writeln!(out, "{}", format_line(level, msg, fields));
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 

@@ -13,6 +13,7 @@
 //! - [`out`]: stdout writing that ends quietly on a closed pipe.
 //! - [`table`]: a small tabwriter.
 //! - [`templates`]: `plan create` templates.
+//! - [`term`]: colors and the live view (progress bars) on a terminal.
 
 mod cli;
 mod client;
@@ -21,6 +22,7 @@ mod log;
 mod out;
 mod table;
 mod templates;
+mod term;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -137,6 +139,7 @@ fn main() -> ExitCode {
             log::Level::Info
         });
     log::set_level(level);
+    term::set_no_color(cli.global.no_color);
     init_tracing(&cli.global, matches!(cli.command, cli::Command::Daemon));
 
     let rt = match tokio::runtime::Builder::new_multi_thread()

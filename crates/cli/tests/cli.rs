@@ -421,7 +421,8 @@ fn tasks_on_an_empty_home() {
             .lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>()
                 == [
-                    "ID", "DATE", "TEST", "PLAN", "TEST", "CASE", "DURATION", "STATE", "TYPE"
+                    "ID", "DATE", "TEST", "PLAN", "TEST", "CASE", "DURATION", "STATE", "TYPE",
+                    "OUTCOME"
                 ]),
         "{out}"
     );

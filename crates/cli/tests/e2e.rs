@@ -7,7 +7,10 @@ use std::io::Read;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Home, free_port, processes_of_run, queued_id, text, tgz_entries};
+use common::{
+    Daemon, Home, color_escapes, free_port, processes_of_run, queued_id, run_in_pty, text,
+    tgz_entries,
+};
 
 fn assert_no_process_left(run_id: &str) {
     let left = processes_of_run(run_id);
@@ -808,4 +811,310 @@ fn a_daemon_removes_the_uploaded_sources_of_finished_tasks() {
         ),
         "{log}"
     );
+}
+
+// ---- presentation: terminal and non-terminal output -------------------------------------------
+
+/// `run single` of example-python's `ok` case with two instances (exec:generic: no compiler).
+fn python_ok_args() -> Vec<&'static str> {
+    vec![
+        "run",
+        "single",
+        "-p",
+        "example-python",
+        "-t",
+        "ok",
+        "-b",
+        "exec:generic",
+        "-r",
+        "local:exec",
+        "-i",
+        "2",
+        "--wait",
+    ]
+}
+
+/// A line of output with what changes from run to run masked: the time stamp, the home, the
+/// run id, elapsed times and content hashes.
+fn masked(line: &str, home: &str, id: &str) -> String {
+    let mut l = line.to_string();
+    // `Jan  6 08:15:50.651158\t`: the original's time.StampMicro.
+    if l.len() > 22 && l.as_bytes()[22] == b'\t' && l.as_bytes()[15] == b'.' {
+        l = format!("TS{}", &l[22..]);
+    }
+    l = l.replace(home, "HOME").replace(id, "ID");
+    // The run's temporary directory, `tg-<id>-<random>`.
+    if let Some(i) = l.find("tg-ID-") {
+        l = format!("{}tg-ID-RANDOM", &l[..i]);
+    }
+    let mut out = String::new();
+    // Digits and hex runs of 6 or more characters become `#`.
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let digits = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_digit());
+        let hex = word.len() >= 6 && word.chars().all(|c| c.is_ascii_hexdigit());
+        if digits(word) || hex {
+            out.push('#');
+        } else if word.strip_suffix('s').is_some_and(digits) {
+            out.push_str("#s");
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in l.chars() {
+        if c.is_ascii_alphanumeric() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+#[test]
+fn output_off_a_terminal_is_todays_lines_byte_for_byte() {
+    let home = Home::new();
+    home.import("example-python");
+    let out = home.tg(&python_ok_args());
+    assert!(out.status.success(), "{}", text(&out));
+    let raw = String::from_utf8(out.stdout.clone()).unwrap();
+    // No colors, no bars, no summary table off a terminal, whatever NO_COLOR says.
+    assert!(!raw.contains('\x1b'), "{raw}");
+    assert!(!raw.contains("RUN  "), "{raw}");
+    let id = queued_id(&out);
+    let h = home.path().to_str().unwrap();
+    let mut got: Vec<String> = raw.lines().map(|l| masked(l, h, &id)).collect();
+    let hd = "TS\tINFO\t";
+    let fields = "{\"run_id\": \"ID\", \"plan\": \"example-python\", \"case\": \"ok\", \"runner\": \"local:exec\", \"instances\": #}";
+    let mut want: Vec<String> = vec![
+        format!("{hd}using home directory: HOME"),
+        format!("{hd}no .env.toml found at HOME/.env.toml; running with defaults"),
+        format!(
+            "{hd}created a synthetic composition file for this job; all instances will run under singleton group \"single\""
+        ),
+        format!("{hd}testground client initialized\t{{\"addr\": \"embedded\"}}"),
+        format!("{hd}test plan source at: HOME/plans/example-python"),
+        String::new(),
+        ">>> Result:".into(),
+        format!("{hd}run is queued with ID: ID"),
+        String::new(),
+        ">>> Server output:".into(),
+        format!(
+            "{hd}performing build for groups\t{{\"plan\": \"example-python\", \"groups\": [\"single\"], \"builder\": \"exec:generic\"}}"
+        ),
+        format!(
+            "{hd}build succeeded\t{{\"plan\": \"example-python\", \"groups\": [\"single\"], \"builder\": \"exec:generic\", \"artifact\": \"HOME/data/work/exec-generic--example-python-#\", \"cached\": false, \"took\": \"#.#s\"}}"
+        ),
+        format!("{hd}starting run\t{fields}"),
+        format!("{hd}starting # instances of example-python:ok (run ID)"),
+        format!("{hd}started #/# instances"),
+        format!("{hd}started #/# instances"),
+        format!("{hd}   #.#s    MESSAGE << single[#] >> example-python ok"),
+        format!("{hd}   #.#s         OK << single[#] >> "),
+        format!("{hd}   #.#s    MESSAGE << single[#] >> example-python ok"),
+        format!("{hd}   #.#s         OK << single[#] >> "),
+        format!(
+            "{hd}run ID: removed {}/tg-ID-RANDOM",
+            std::env::temp_dir().display()
+        ),
+        format!("{hd}run finished with outcome = success (single:#/#)\t{fields}"),
+        String::new(),
+        ">>> Result:".into(),
+        format!("{hd}finished run with ID: ID"),
+        format!("{hd}result default[ID]: success"),
+    ];
+    // The order of the lines is today's, except between the two instances' lines.
+    let order = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .filter(|l| !l.contains(" << single["))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(order(&got), order(&want), "{raw}");
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "{raw}");
+}
+
+#[test]
+fn a_run_on_a_terminal_shows_progress_bars_colors_and_a_summary() {
+    let home = Home::new();
+    home.import("example-python");
+    let mut cmd = home.cmd();
+    cmd.args(python_ok_args()).env_remove("NO_COLOR");
+    let (code, s) = run_in_pty(cmd, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{s}");
+    // The bar of started instances replaces the `started N/M instances` lines.
+    assert!(s.contains("] 2/2 instances"), "{s}");
+    assert!(!s.contains("\tstarted 2/2 instances"), "{s}");
+    // The build's spinner says how it ended.
+    assert!(s.contains("build succeeded"), "{s}");
+    // Instance lines keep their text; their class and the levels are colored.
+    assert!(s.contains("\x1b[32mOK\x1b[0m << single[000] >> "), "{s}");
+    assert!(
+        s.contains("\x1b[36mMESSAGE\x1b[0m << single[001] >> example-python ok"),
+        "{s}"
+    );
+    assert!(s.contains("\t\x1b[34mINFO\x1b[0m\t"), "{s}");
+    // The original's result line, then the summary per group.
+    let result = s.find("result default[").expect("result line");
+    let table = s
+        .find("RUN      GROUP   OK  TOTAL  OUTCOME  TOOK")
+        .expect("summary");
+    assert!(result < table, "{s}");
+    assert!(
+        s[table..].contains("default  single  2   2      success"),
+        "{s}"
+    );
+}
+
+#[test]
+fn no_color_and_the_no_color_flag_turn_colors_off_on_a_terminal() {
+    let home = Home::new();
+    home.import("example-python");
+    let mut cmd = home.cmd();
+    cmd.args(python_ok_args()).env("NO_COLOR", "1");
+    let (code, s) = run_in_pty(cmd, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{s}");
+    assert_eq!(color_escapes(&s), Vec::<String>::new(), "{s}");
+    // Still a terminal: the bars stay.
+    assert!(s.contains("] 2/2 instances"), "{s}");
+    assert!(s.contains("   OK << single[000] >> "), "{s}");
+
+    let mut cmd = home.cmd();
+    cmd.arg("--no-color")
+        .args(python_ok_args())
+        .env_remove("NO_COLOR");
+    let (code, s) = run_in_pty(cmd, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{s}");
+    assert_eq!(color_escapes(&s), Vec::<String>::new(), "{s}");
+    assert!(s.contains("] 2/2 instances"), "{s}");
+
+    // An empty NO_COLOR does not count (no-color.org).
+    let mut cmd = home.cmd();
+    cmd.args(python_ok_args()).env("NO_COLOR", "");
+    let (_, s) = run_in_pty(cmd, Duration::from_secs(120));
+    assert!(!color_escapes(&s).is_empty(), "{s}");
+}
+
+#[test]
+fn a_daemon_on_the_homes_listen_address_is_found_and_used() {
+    let home = Home::new();
+    home.import("example-python");
+    let port = free_port();
+    std::fs::write(
+        home.path().join(".env.toml"),
+        format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n[sync]\nport = 0\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&home, port);
+    let endpoint = format!("http://127.0.0.1:{port}");
+
+    // On a terminal, through the daemon: the same bars and colors as embedded.
+    let mut cmd = home.cmd();
+    cmd.args(python_ok_args())
+        .env_remove("TESTGROUND_EMBEDDED")
+        .env_remove("NO_COLOR");
+    let (code, s) = run_in_pty(cmd, Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{s}");
+    assert!(s.contains(&format!("found a daemon at {endpoint}")), "{s}");
+    assert!(s.contains(&format!("{{\"addr\": \"{endpoint}\"}}")), "{s}");
+    assert!(s.contains("] 2/2 instances"), "{s}");
+    assert!(s.contains("\x1b[32mOK\x1b[0m << single[000] >> "), "{s}");
+
+    // The daemon has the task; `--endpoint ''` runs in this process and does not see it.
+    let out = home
+        .cmd()
+        .arg("tasks")
+        .env_remove("TESTGROUND_EMBEDDED")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("example-python"), "{listing}");
+    assert!(listing.contains("success (single:2/2)"), "{listing}");
+    let out = home
+        .cmd()
+        .args(["--endpoint", "", "tasks"])
+        .env_remove("TESTGROUND_EMBEDDED")
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("{\"addr\": \"embedded\"}"), "{s}");
+    assert!(!s.contains("found a daemon"), "{s}");
+    daemon.stop();
+
+    // Nobody on the address: embedded, without a word about a daemon.
+    let out = home
+        .cmd()
+        .arg("tasks")
+        .env_remove("TESTGROUND_EMBEDDED")
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("{\"addr\": \"embedded\"}"), "{s}");
+    assert!(!s.contains("found a daemon"), "{s}");
+}
+
+#[test]
+fn the_result_file_is_the_originals_csv() {
+    let home = Home::new();
+    home.import("example-python");
+    let comp = home.path().join("c.toml");
+    std::fs::write(
+        &comp,
+        r#"
+[metadata]
+name = "csv"
+
+[global]
+plan = "example-python"
+case = "fail"
+builder = "exec:generic"
+runner = "local:exec"
+total_instances = 1
+
+[[groups]]
+id = "g"
+instances = { count = 1 }
+"#,
+    )
+    .unwrap();
+    let csv = home.path().join("results.csv");
+    let out = home.tg(&[
+        "run",
+        "composition",
+        "-f",
+        comp.to_str().unwrap(),
+        "--wait",
+        "--result-file",
+        csv.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let id = queued_id(&out);
+    assert_eq!(
+        std::fs::read_to_string(&csv).unwrap(),
+        format!("run_id,task_id,outcome,error\ndefault,{id},failure,\n")
+    );
+    // The original has no --result-file on run single.
+    let out = home.run(&[
+        "run",
+        "single",
+        "-p",
+        "example-python",
+        "-t",
+        "ok",
+        "-b",
+        "exec:generic",
+        "-r",
+        "local:exec",
+        "-i",
+        "1",
+        "--result-file",
+        "x.csv",
+    ]);
+    assert_eq!(out.code, Some(2), "{out}");
 }

@@ -263,9 +263,11 @@ pub(crate) async fn create(
     let net = RunNetwork::create(opts, log_tx)
         .await
         .map_err(RunError::RunNetwork)?;
+    // The host link is named (cleanup can be checked by name); that the host is reachable under
+    // allow_all is said by the sidecar when an instance asks for it.
     let host = net
-        .host_addr()
-        .map(|a| format!(", host reachable under allow_all at {a} (testground-host)"))
+        .host_if()
+        .map(|i| format!(", host link {i}"))
         .unwrap_or_default();
     let _ = ctx
         .events

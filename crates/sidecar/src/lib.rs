@@ -139,6 +139,8 @@ struct Shared {
     ctl_nl: Netlink,
     /// Set up once, when the first instance asks for `allow_all`.
     nat: OnceCell<Result<(), String>>,
+    /// The host's end of the run's host link, named in the log when `allow_all` is first used.
+    host_addr: Option<Ipv4Addr>,
     log: mpsc::UnboundedSender<SidecarEvent>,
 }
 
@@ -347,6 +349,7 @@ impl RunNetwork {
                 ctl,
                 ctl_nl,
                 nat: OnceCell::new(),
+                host_addr: host_link.map(|h| h.host_addr()),
                 log,
             }),
             _lease: lease,
@@ -453,6 +456,11 @@ impl RunNetwork {
     /// The host's address on the run's host link, if it has one (`testground-host`).
     pub fn host_addr(&self) -> Option<Ipv4Addr> {
         self.host_link.map(|h| h.host_addr())
+    }
+
+    /// The host's interface of the run's host link (`tgh<slot>`), if it has one.
+    pub fn host_if(&self) -> Option<String> {
+        self.host_link.map(|h| h.host_if())
     }
 
     /// Builds instance `ordinal`'s namespace (control veth, data TUN), connects it to the pump,
@@ -904,7 +912,18 @@ impl Agent {
         let sh = self.shared.clone();
         if allow_all {
             sh.nat
-                .get_or_init(|| async { enable_nat(&sh.ctl).await })
+                .get_or_init(|| async {
+                    let r = enable_nat(&sh.ctl).await;
+                    // Said once, and only in runs that use it.
+                    if r.is_ok()
+                        && let Some(a) = sh.host_addr
+                    {
+                        sh.log(format!(
+                            "host reachable under allow_all at {a} ({HOST_NAME})"
+                        ));
+                    }
+                    r
+                })
                 .await
                 .clone()?;
         }

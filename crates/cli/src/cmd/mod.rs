@@ -22,11 +22,13 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.command {
         Command::Version => {
+            // The original's two lines first (scripts read them), then the version.
             outln!("Testground");
             outln!(
                 "Git commit: {}",
-                option_env!("TG_GIT_COMMIT").unwrap_or("dirty")
+                option_env!("TG_GIT_COMMIT").unwrap_or("unknown")
             );
+            outln!("Version: {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
         Command::Plan(c) => plan::plan(&Ctx::load()?, c),
@@ -88,13 +90,28 @@ impl Ctx {
         Ok(Ctx { home, cfg })
     }
 
-    /// The backend: a daemon when an endpoint is configured, else an in-process engine.
+    /// The backend: a daemon when an endpoint is configured (`--endpoint`, then `[client]
+    /// endpoint`); else the daemon answering on this home's `[daemon] listen` address, if one
+    /// does (the set-up tells users to start `testground daemon` first); else an in-process
+    /// engine. `--endpoint ''` or a non-empty `TESTGROUND_EMBEDDED` skip the search.
     pub async fn backend(&self, g: &GlobalArgs) -> Result<Backend> {
-        let endpoint = g
+        let forced_embedded = g.endpoint.as_deref().is_some_and(|e| e.trim().is_empty())
+            || std::env::var_os("TESTGROUND_EMBEDDED").is_some_and(|v| !v.is_empty());
+        let mut endpoint = g
             .endpoint
             .clone()
             .or_else(|| self.cfg.client.endpoint.clone())
             .filter(|e| !e.trim().is_empty());
+        if endpoint.is_none()
+            && !forced_embedded
+            && let Some(probe) = crate::client::probe_endpoint(&self.cfg.daemon.listen)
+            && Remote::new(&probe, &self.cfg.client.token)?.answers().await
+        {
+            log::info(format!(
+                "found a daemon at {probe}; sending it the task (--endpoint '' runs in this process instead)"
+            ));
+            endpoint = Some(probe);
+        }
         let backend = match endpoint {
             Some(e) => Backend::Remote(Remote::new(&e, &self.cfg.client.token)?),
             None => Backend::Embedded(

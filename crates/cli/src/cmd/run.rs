@@ -14,7 +14,7 @@ use tg_api::composition::Composition;
 use tg_api::exit;
 use tg_api::manifest::Manifest;
 use tg_api::rpc::TaskRequest;
-use tg_api::task::{CreatedBy, Outcome, TaskType};
+use tg_api::task::{CreatedBy, GroupOutcome, Outcome, TaskType};
 
 use super::Ctx;
 use super::build::{
@@ -146,6 +146,50 @@ struct RunRecord {
     task_id: String,
     outcome: String,
     error: String,
+    /// Per group `ok/total`, when the run got that far.
+    groups: BTreeMap<String, GroupOutcome>,
+    took: Option<chrono::Duration>,
+}
+
+impl RunRecord {
+    fn failed(run_id: &str, task_id: &str, outcome: Outcome, error: String) -> RunRecord {
+        RunRecord {
+            run_id: run_id.to_string(),
+            task_id: task_id.to_string(),
+            outcome: outcome.to_string(),
+            error,
+            groups: BTreeMap::new(),
+            took: None,
+        }
+    }
+}
+
+/// The summary at the end of a waited run on a terminal: a row per run and group. Off a
+/// terminal it is not printed, so the original's `result ...` line stays the last line for the
+/// scripts that read it (`tail -1`).
+fn summary_table(records: &[RunRecord]) -> String {
+    let mut rows = vec!["RUN\tGROUP\tOK\tTOTAL\tOUTCOME\tTOOK".to_string()];
+    for r in records {
+        let took = r
+            .took
+            .map(|d| format!("{:.1}s", d.num_milliseconds() as f64 / 1000.0))
+            .unwrap_or_default();
+        if r.groups.is_empty() {
+            rows.push(format!("{}\t-\t-\t-\t{}\t{took}", r.run_id, r.outcome));
+        }
+        for (g, o) in &r.groups {
+            let outcome = if o.ok == o.total {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            };
+            rows.push(format!(
+                "{}\t{g}\t{}\t{}\t{outcome}\t{took}",
+                r.run_id, o.ok, o.total
+            ));
+        }
+    }
+    crate::table::render(&rows, 2, false)
 }
 
 async fn run_flow(ctx: &Ctx, g: &GlobalArgs, mut comp: Composition, flow: Flow<'_>) -> Result<()> {
@@ -206,12 +250,12 @@ async fn run_all(backend: &Backend, mut comp: Composition, flow: &Flow<'_>) -> R
 
     for run_id in &flow.run_ids {
         if aborted {
-            records.push(RunRecord {
-                run_id: run_id.clone(),
-                task_id: "N/A".into(),
-                outcome: Outcome::Canceled.to_string(),
-                error: String::new(),
-            });
+            records.push(RunRecord::failed(
+                run_id,
+                "N/A",
+                Outcome::Canceled,
+                String::new(),
+            ));
             continue;
         }
         let first = records.is_empty();
@@ -231,12 +275,12 @@ async fn run_all(backend: &Backend, mut comp: Composition, flow: &Flow<'_>) -> R
             Ok(id) => id,
             Err(e) if first => return Err(e),
             Err(e) => {
-                records.push(RunRecord {
-                    run_id: run_id.clone(),
-                    task_id: "N/A".into(),
-                    outcome: Outcome::Canceled.to_string(),
-                    error: format!("{e:#}"),
-                });
+                records.push(RunRecord::failed(
+                    run_id,
+                    "N/A",
+                    Outcome::Canceled,
+                    format!("{e:#}"),
+                ));
                 aborted = true;
                 continue;
             }
@@ -254,12 +298,12 @@ async fn run_all(backend: &Backend, mut comp: Composition, flow: &Flow<'_>) -> R
             // Escalated: stop now, without the remaining runs' bookkeeping.
             Err(e) if interrupted(&e) => return Err(e),
             Err(e) => {
-                records.push(RunRecord {
-                    run_id: run_id.clone(),
-                    task_id: task_id.clone(),
-                    outcome: Outcome::Unknown.to_string(),
-                    error: format!("{e:#}"),
-                });
+                records.push(RunRecord::failed(
+                    run_id,
+                    &task_id,
+                    Outcome::Unknown,
+                    format!("{e:#}"),
+                ));
                 aborted = true;
                 continue;
             }
@@ -302,11 +346,16 @@ async fn run_all(backend: &Backend, mut comp: Composition, flow: &Flow<'_>) -> R
             task_id: task_id.clone(),
             outcome: task.outcome().to_string(),
             error: task.error.clone(),
+            groups: task.run_result().map(|r| r.outcomes).unwrap_or_default(),
+            took: task.took(),
         });
     }
 
     for r in &records {
         log::info(format!("result {}[{}]: {}", r.run_id, r.task_id, r.outcome));
+    }
+    if crate::term::stdout_is_tty() {
+        crate::out::outln!("\n{}", summary_table(&records).trim_end());
     }
     if let Some(path) = flow.result_file {
         write_results(path, &records)?;
@@ -356,6 +405,24 @@ fn write_results(path: &Path, records: &[RunRecord]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn summary_has_a_row_per_group() {
+        let mut ok = RunRecord::failed("default", "t1", Outcome::Failure, String::new());
+        ok.groups
+            .insert("a".into(), GroupOutcome { ok: 2, total: 2 });
+        ok.groups
+            .insert("b".into(), GroupOutcome { ok: 1, total: 3 });
+        ok.took = Some(chrono::Duration::milliseconds(1500));
+        let none = RunRecord::failed("second", "N/A", Outcome::Canceled, String::new());
+        assert_eq!(
+            summary_table(&[ok, none]),
+            "RUN      GROUP  OK  TOTAL  OUTCOME   TOOK\n\
+             default  a      2   2      success   1.5s\n\
+             default  b      1   3      failure   1.5s\n\
+             second   -      -   -      canceled  \n"
+        );
+    }
 
     #[test]
     fn csv_quotes_when_needed() {

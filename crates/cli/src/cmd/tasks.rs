@@ -148,8 +148,31 @@ pub async fn logs(ctx: Ctx, g: &GlobalArgs, a: &LogsArgs) -> Result<()> {
     .await
 }
 
+/// A task's outcome for `tasks`: `success`, `failure` or `canceled`, with each group's
+/// `g:ok/total` for runs; empty while the task has not ended.
+fn outcome_cell(t: &Task) -> String {
+    if !t.state().is_final() {
+        return String::new();
+    }
+    let mut s = t.outcome().to_string();
+    if let Some(r) = t.run_result() {
+        let groups: Vec<String> = r
+            .outcomes
+            .iter()
+            .map(|(g, o)| format!("{g}:{}/{}", o.ok, o.total))
+            .collect();
+        if !groups.is_empty() {
+            s.push_str(&format!(" ({})", groups.join(", ")));
+        }
+    }
+    s
+}
+
+/// The original's columns, then OUTCOME last: a script that reads columns by position still
+/// finds the original's where they were.
 fn tasks_table(tasks: &[Task]) -> String {
-    let mut rows = vec!["ID\tDATE\tTEST PLAN\tTEST CASE\tDURATION\tSTATE\tTYPE".to_string()];
+    let mut rows =
+        vec!["ID\tDATE\tTEST PLAN\tTEST CASE\tDURATION\tSTATE\tTYPE\tOUTCOME".to_string()];
     for t in tasks {
         let date = t
             .created()
@@ -161,14 +184,15 @@ fn tasks_table(tasks: &[Task]) -> String {
             t.created().map(|c| chrono::Utc::now() - c)
         };
         rows.push(format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             t.id,
             date,
             t.plan,
             t.case,
             go_duration(took),
             t.state(),
-            t.task_type
+            t.task_type,
+            outcome_cell(t)
         ));
     }
     table::render(&rows, 2, false)

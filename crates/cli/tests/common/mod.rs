@@ -45,10 +45,13 @@ impl Home {
     }
 
     /// The `testground` binary with this home, no inherited log level, no stdin, run in the
-    /// home (files it writes by default, such as `<task>.tgz`, land there).
+    /// home (files it writes by default, such as `<task>.tgz`, land there). It never looks for
+    /// a daemon on the default address (`TESTGROUND_EMBEDDED`): one started by someone else on
+    /// this machine must not take the tests' tasks.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(assert_cmd::cargo::cargo_bin("testground"));
         c.env("TESTGROUND_HOME", self.path())
+            .env("TESTGROUND_EMBEDDED", "1")
             .env_remove("LOG_LEVEL")
             .env_remove("RUST_LOG")
             .current_dir(self.path())
@@ -225,18 +228,16 @@ impl Drop for Daemon {
     }
 }
 
-/// The host link of a run (`tgh<slot>`), from the address its log names ("host reachable under
-/// allow_all at 198.19.x.y"): slot `n` holds `198.19.0.0 + 4n + 1`.
+/// The host link of a run (`tgh<slot>`), from the network line naming it ("host link tgh12").
 pub fn host_link_of(o: &Output) -> Option<String> {
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let rest = all.split("host reachable under allow_all at ").nth(1)?;
-    let addr: std::net::Ipv4Addr = rest.split_whitespace().next()?.parse().ok()?;
-    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0));
-    Some(format!("tgh{}", (u32::from(addr) - base) / 4))
+    let rest = all.split(", host link ").nth(1)?;
+    let name = rest.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    name.starts_with("tgh").then(|| name.to_string())
 }
 
 /// The run's temp directories (`$TMPDIR/tg-<id>-*`).
@@ -328,4 +329,69 @@ pub fn wait_for_run(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// What a command printed on a terminal: it runs with stdout and stderr on a pseudo-terminal
+/// (120x40), and everything it wrote there is returned once it has exited, with the terminal's
+/// `\r\n` turned back into `\n`.
+pub fn run_in_pty(mut cmd: Command, within: Duration) -> (Option<i32>, String) {
+    use std::os::fd::OwnedFd;
+    let ws = nix::pty::Winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+    let slave_err: OwnedFd = pty.slave.try_clone().unwrap();
+    cmd.stdout(Stdio::from(pty.slave))
+        .stderr(Stdio::from(slave_err));
+    let mut child = cmd.spawn().unwrap();
+    // The command holds copies of the slave: drop them, so that the master reads EOF (EIO)
+    // once the child and its children have closed theirs.
+    drop(cmd);
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+        all
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the command did not end within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = reader.join().unwrap();
+    let text = String::from_utf8_lossy(&out).replace("\r\n", "\n");
+    (status.code(), text)
+}
+
+/// The SGR (color) sequences in `s` that set something (`\x1b[32m`; not the reset `\x1b[0m`,
+/// not cursor movements such as `\x1b[2K`).
+pub fn color_escapes(s: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, _) in s.match_indices("\x1b[") {
+        let rest = &s[i + 2..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == ';'))
+            .unwrap_or(rest.len());
+        let params = &rest[..end];
+        if rest[end..].starts_with('m') && !params.is_empty() && params != "0" {
+            found.push(format!("\\x1b[{params}m"));
+        }
+    }
+    found
 }
