@@ -51,6 +51,27 @@ fn browser_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// `run single` of example-python's `metrics` case, `n` instances of `points` points each.
+fn run_metrics(home: &Home, n: &str, points: &str) -> std::process::Output {
+    home.tg(&[
+        "run",
+        "single",
+        "--plan",
+        "example-python",
+        "--testcase",
+        "metrics",
+        "--builder",
+        "exec:generic",
+        "--runner",
+        "local:exec",
+        "-i",
+        n,
+        "--tp",
+        &format!("points={points}"),
+        "--wait",
+    ])
+}
+
 fn composition(path: &Path) {
     std::fs::write(
         path,
@@ -136,23 +157,7 @@ fn dashboard_in_a_real_browser() {
         eprintln!("browser: {line}");
         if line == "READY" {
             // The page is open on the list: a new run must appear there by itself.
-            let out = home.tg(&[
-                "run",
-                "single",
-                "--plan",
-                "example-python",
-                "--testcase",
-                "metrics",
-                "--builder",
-                "exec:generic",
-                "--runner",
-                "local:exec",
-                "-i",
-                "1",
-                "--tp",
-                "points=3",
-                "--wait",
-            ]);
+            let out = run_metrics(&home, "1", "3");
             assert!(out.status.success(), "{}", text(&out));
         }
         seen.push(line);
@@ -189,23 +194,7 @@ fn dashboard_command_serves_embedded_runs() {
     .unwrap();
     home.import("example-python");
     let run = |points: &str| {
-        let out = home.tg(&[
-            "run",
-            "single",
-            "--plan",
-            "example-python",
-            "--testcase",
-            "metrics",
-            "--builder",
-            "exec:generic",
-            "--runner",
-            "local:exec",
-            "-i",
-            "2",
-            "--tp",
-            &format!("points={points}"),
-            "--wait",
-        ]);
+        let out = run_metrics(&home, "2", points);
         assert!(out.status.success(), "{}", text(&out));
         queued_id(&out)
     };

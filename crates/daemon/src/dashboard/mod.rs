@@ -266,27 +266,41 @@ struct OffsetQuery {
     offset: u64,
 }
 
-/// Up to [`MAX_CHUNK`] bytes of `path` from `offset`, with the offset to ask for next in
-/// `X-Next-Offset`; `X-Done: true` once the file will not grow any more.
-fn read_chunk(path: &Path, offset: u64, done: bool) -> Response {
+/// Up to [`MAX_CHUNK`] bytes of `path` from `offset`, and the file's length.
+fn read_at(path: &Path, offset: u64) -> Result<(Vec<u8>, u64, u64), ApiError> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return not_found(format!("no file {}", path.display()));
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no file {}", path.display()),
+            ));
         }
-        Err(e) => return internal(format!("cannot open {}: {e}", path.display())),
+        Err(e) => {
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot open {}: {e}", path.display()),
+            ));
+        }
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = offset.min(len);
     let mut buf = Vec::new();
-    let read = f
-        .seek(SeekFrom::Start(start))
-        .and_then(|_| f.take(MAX_CHUNK).read_to_end(&mut buf));
-    if let Err(e) = read {
-        return internal(format!("cannot read {}: {e}", path.display()));
-    }
-    let next = start + buf.len() as u64;
-    let mut r = buf.into_response();
+    f.seek(SeekFrom::Start(start))
+        .and_then(|_| f.take(MAX_CHUNK).read_to_end(&mut buf))
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+    Ok((buf, start, len))
+}
+
+/// Text read from a growing file: `X-Next-Offset` is where to read next, `X-Done: true` once
+/// the file will not grow (`done`) and all of it was read.
+fn text_chunk(text: Vec<u8>, next: u64, len: u64, done: bool) -> Response {
+    let mut r = text.into_response();
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -300,25 +314,24 @@ fn read_chunk(path: &Path, offset: u64, done: bool) -> Response {
     r
 }
 
+/// Up to [`MAX_CHUNK`] bytes of `path` from `offset` (see [`text_chunk`]).
+fn read_chunk(path: &Path, offset: u64, done: bool) -> Response {
+    match read_at(path, offset) {
+        Ok((buf, start, len)) => {
+            let next = start + buf.len() as u64;
+            text_chunk(buf, next, len, done)
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 /// [`read_chunk`] for a task log, whose lines are stored as progress chunks: the text of the
 /// whole chunk lines in the next [`MAX_CHUNK`] bytes (`X-Next-Offset` is a file offset).
 fn read_log(path: &Path, offset: u64, done: bool) -> Response {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return not_found(format!("no log {}", path.display()));
-        }
-        Err(e) => return internal(format!("cannot open {}: {e}", path.display())),
+    let (buf, start, len) = match read_at(path, offset) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = offset.min(len);
-    let mut buf = Vec::new();
-    let read = f
-        .seek(SeekFrom::Start(start))
-        .and_then(|_| f.take(MAX_CHUNK).read_to_end(&mut buf));
-    if let Err(e) = read {
-        return internal(format!("cannot read {}: {e}", path.display()));
-    }
     // Only whole lines: the rest is read next time.
     let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut text = Vec::new();
@@ -329,19 +342,7 @@ fn read_log(path: &Path, offset: u64, done: bool) -> Response {
             text.extend_from_slice(&b);
         }
     }
-    let next = start + whole as u64;
-    let mut r = text.into_response();
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert("x-next-offset", HeaderValue::from(next));
-    h.insert(
-        "x-done",
-        HeaderValue::from_static(if done && next >= len { "true" } else { "false" }),
-    );
-    r
+    text_chunk(text, start + whole as u64, len, done)
 }
 
 async fn task_log(
