@@ -126,22 +126,33 @@ function listView() {
 
 // ---- run page -----------------------------------------------------------------------------
 
-// Follows a growing file through ?offset= reads, appending to a <pre>.
+// Follows a growing file through ?offset= reads, appending to a <pre>. The first read asks for
+// the last 256 KiB only, and the <pre> keeps the last 1 MiB: a run's log can be tens of MiB, and
+// the whole file is a link away.
+const TAIL = 256 * 1024;
+const KEEP = 1024 * 1024;
 function tail(url, pre) {
-  let offset = 0, done = false, timer = null, stopped = false;
+  let offset = 0, first = true, done = false, timer = null, stopped = false;
   async function step() {
     if (stopped) return;
     try {
-      const r = await fetch(`${url}${url.includes("?") ? "&" : "?"}offset=${offset}`, { credentials: "same-origin" });
+      const q = first ? `offset=0&tail=${TAIL}` : `offset=${offset}`;
+      const r = await fetch(`${url}${url.includes("?") ? "&" : "?"}${q}`, { credentials: "same-origin" });
       if (r.status === 404) { if (!pre.textContent) pre.textContent = "(no such file yet)"; }
       else if (!r.ok) { pre.textContent += `\n[${r.status}] ${await r.text()}`; done = true; }
       else {
         const text = await r.text();
-        if (offset === 0 && pre.textContent.startsWith("(")) pre.textContent = "";
+        const next = Number(r.headers.get("x-next-offset") || offset);
+        if (first) {
+          pre.textContent = Number(r.headers.get("x-start-offset") || 0) > 0 ? "… (earlier lines not shown)\n" : "";
+          first = false;
+        }
         const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-        pre.textContent += text;
+        let all = pre.textContent + text;
+        if (all.length > KEEP) all = "… (earlier lines not shown)\n" + all.slice(all.length - KEEP);
+        pre.textContent = all;
         if (atBottom) pre.scrollTop = pre.scrollHeight;
-        offset = Number(r.headers.get("x-next-offset") || offset);
+        offset = next;
         done = r.headers.get("x-done") === "true";
         if (text.length > 0 && !done) { timer = setTimeout(step, 0); return; }
       }

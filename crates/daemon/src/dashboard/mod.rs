@@ -264,10 +264,22 @@ fn run_dir(engine: &Engine, task: &Task) -> Option<PathBuf> {
 struct OffsetQuery {
     #[serde(default)]
     offset: u64,
+    /// Without `offset`: start this many bytes before the end, at a line start (a page shows
+    /// the end of a long log first instead of reading megabytes it will not display).
+    #[serde(default)]
+    tail: Option<u64>,
 }
 
-/// Up to [`MAX_CHUNK`] bytes of `path` from `offset`, and the file's length.
-fn read_at(path: &Path, offset: u64) -> Result<(Vec<u8>, u64, u64), ApiError> {
+/// Where reading starts: `offset`, or with `tail` and no offset, `tail` bytes before the end.
+#[derive(Debug, Clone, Copy)]
+struct From {
+    offset: u64,
+    tail: Option<u64>,
+}
+
+/// Up to [`MAX_CHUNK`] bytes of `path` from `from`, the offset they start at (after a `tail`
+/// start, the start of the next line), and the file's length.
+fn read_at(path: &Path, from: From) -> Result<(Vec<u8>, u64, u64), ApiError> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -284,7 +296,11 @@ fn read_at(path: &Path, offset: u64) -> Result<(Vec<u8>, u64, u64), ApiError> {
         }
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = offset.min(len);
+    let tail_start = match from.tail {
+        Some(t) if from.offset == 0 && len > t => Some(len - t),
+        _ => None,
+    };
+    let start = tail_start.unwrap_or(from.offset).min(len);
     let mut buf = Vec::new();
     f.seek(SeekFrom::Start(start))
         .and_then(|_| f.take(MAX_CHUNK).read_to_end(&mut buf))
@@ -294,14 +310,25 @@ fn read_at(path: &Path, offset: u64) -> Result<(Vec<u8>, u64, u64), ApiError> {
                 format!("cannot read {}: {e}", path.display()),
             )
         })?;
+    if tail_start.is_some() {
+        // Mid-line: begin at the next line (the reader sees it started late from the offset).
+        let skip = buf
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(buf.len(), |i| i + 1);
+        buf.drain(..skip);
+        return Ok((buf, start + skip as u64, len));
+    }
     Ok((buf, start, len))
 }
 
-/// Text read from a growing file: `X-Next-Offset` is where to read next, `X-Done: true` once
-/// the file will not grow (`done`) and all of it was read.
-fn text_chunk(text: Vec<u8>, next: u64, len: u64, done: bool) -> Response {
+/// Text read from a growing file: `X-Start-Offset` is where it started in the file,
+/// `X-Next-Offset` where to read next, `X-Done: true` once the file will not grow (`done`) and
+/// all of it was read.
+fn text_chunk(text: Vec<u8>, start: u64, next: u64, len: u64, done: bool) -> Response {
     let mut r = text.into_response();
     let h = r.headers_mut();
+    h.insert("x-start-offset", HeaderValue::from(start));
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -315,11 +342,11 @@ fn text_chunk(text: Vec<u8>, next: u64, len: u64, done: bool) -> Response {
 }
 
 /// Up to [`MAX_CHUNK`] bytes of `path` from `offset` (see [`text_chunk`]).
-fn read_chunk(path: &Path, offset: u64, done: bool) -> Response {
-    match read_at(path, offset) {
+fn read_chunk(path: &Path, from: From, done: bool) -> Response {
+    match read_at(path, from) {
         Ok((buf, start, len)) => {
             let next = start + buf.len() as u64;
-            text_chunk(buf, next, len, done)
+            text_chunk(buf, start, next, len, done)
         }
         Err(e) => e.into_response(),
     }
@@ -327,8 +354,8 @@ fn read_chunk(path: &Path, offset: u64, done: bool) -> Response {
 
 /// [`read_chunk`] for a task log, whose lines are stored as progress chunks: the text of the
 /// whole chunk lines in the next [`MAX_CHUNK`] bytes (`X-Next-Offset` is a file offset).
-fn read_log(path: &Path, offset: u64, done: bool) -> Response {
-    let (buf, start, len) = match read_at(path, offset) {
+fn read_log(path: &Path, from: From, done: bool) -> Response {
+    let (buf, start, len) = match read_at(path, from) {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
@@ -342,7 +369,7 @@ fn read_log(path: &Path, offset: u64, done: bool) -> Response {
             text.extend_from_slice(&b);
         }
     }
-    text_chunk(text, start + whole as u64, len, done)
+    text_chunk(text, start, start + whole as u64, len, done)
 }
 
 async fn task_log(
@@ -357,7 +384,10 @@ async fn task_log(
         };
         read_log(
             &engine.home().task_log(&id),
-            q.offset,
+            From {
+                offset: q.offset,
+                tail: q.tail,
+            },
             task.state().is_final(),
         )
     })
@@ -439,6 +469,9 @@ struct FileQuery {
     path: String,
     #[serde(default)]
     offset: u64,
+    /// As in [`OffsetQuery`].
+    #[serde(default)]
+    tail: Option<u64>,
     /// Send the whole file as an attachment instead of a chunk of text.
     #[serde(default)]
     download: bool,
@@ -486,7 +519,11 @@ async fn file(
     };
     if !q.download {
         return tokio::task::spawn_blocking(move || {
-            read_chunk(&path, q.offset, task.state().is_final())
+            let from = From {
+                offset: q.offset,
+                tail: q.tail,
+            };
+            read_chunk(&path, from, task.state().is_final())
         })
         .await
         .unwrap_or_else(|e| internal(e.to_string()));
@@ -660,6 +697,27 @@ async fn plan_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_reads_start_at_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, "aaaa\nbbbb\ncccc\n").unwrap();
+        let whole = |offset, tail| {
+            read_at(&p, From { offset, tail })
+                .map(|(b, s, l)| (String::from_utf8(b).unwrap(), s, l))
+                .unwrap()
+        };
+        assert_eq!(whole(0, None), ("aaaa\nbbbb\ncccc\n".into(), 0, 15));
+        // 7 bytes before the end is inside "bbbb": start at "cccc".
+        assert_eq!(whole(0, Some(7)), ("cccc\n".into(), 10, 15));
+        assert_eq!(whole(0, Some(100)).1, 0, "a short file is read whole");
+        assert_eq!(
+            whole(5, Some(7)).0,
+            "bbbb\ncccc\n",
+            "an offset wins over tail"
+        );
+    }
 
     #[test]
     fn paths_stay_inside_the_run() {
