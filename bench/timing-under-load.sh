@@ -30,8 +30,8 @@ start_load() {
 }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), Linux $(uname -r); $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo
-echo "| round | load | build | L (ms) | samples | lost | p50 error (µs) | p99 error (µs) | max error (µs) | first error (µs) | pump |"
-echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+echo "| round | load | build | L (ms) | samples | lost | p50 error (µs) | p99 error (µs) | max error (µs) | first error (µs) | pump release late p50 / p99 / max (µs) | pump |"
+echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
 for r in $(seq 1 "$rounds"); do
   for load in quiet "${load_n} busy"; do
     if [ "$load" != quiet ]; then start_load; fi
@@ -43,7 +43,7 @@ for r in $(seq 1 "$rounds"); do
       out=$(env "${env[@]}" "$bin" latency 2>&1) || { echo "$name failed: $out" >&2; continue; }
       pump=$(echo "$out" | sed -n 's/.*pump thread scheduling: //p' | head -1)
       echo "$out" | awk -v r="$r" -v load="$load" -v name="$name" -v pump="$pump" \
-        '$1 == "row" { printf "| %s | %s | %s | %s | %s | %s | %+d | %+d | %+d | %+d | %s |\n", r, load, name, $2, $3, $4, $5, $6, $7, $8, pump }'
+        '$1 == "row" { late = (NF >= 11) ? sprintf("<%s / <%s / %s", $9, $10, $11) : "n/a"; printf "| %s | %s | %s | %s | %s | %s | %+d | %+d | %+d | %+d | %s | %s |\n", r, load, name, $2, $3, $4, $5, $6, $7, $8, late, pump }'
     done
     stop_load
   done

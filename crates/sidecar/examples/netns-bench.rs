@@ -137,6 +137,7 @@ async fn latency() -> Result<()> {
         // A quiet spell before the first probe, as between a plan's configuration and its
         // first packet.
         tokio::time::sleep(Duration::from_millis(200)).await;
+        run.net.take_pump_lateness().await?;
         let (mut rtts, lost) = tokio::task::block_in_place(|| -> io::Result<_> {
             let mut rtts = Vec::with_capacity(count);
             let mut lost = 0u64;
@@ -157,6 +158,7 @@ async fn latency() -> Result<()> {
             println!("   {l_ms:>6}: every probe was lost");
             continue;
         }
+        let pump = run.net.take_pump_lateness().await?;
         let first = rtts[0];
         rtts.sort();
         let conf = 2 * latency;
@@ -177,14 +179,28 @@ async fn latency() -> Result<()> {
             us(max) - us(conf),
             us(first) - us(conf),
         );
-        // For scripts: L, samples, lost, then errors in µs: median, p99, max, first.
+        // The pump's own share: how late it released the delayed packets (bucket tops).
+        let (p50, p99_pump) = (
+            pump.percentile_us(50.0).unwrap_or(0),
+            pump.percentile_us(99.0).unwrap_or(0),
+        );
+        if pump.count > 0 {
+            println!(
+                "          pump release lateness over {} packets: p50 < {p50} µs, p99 < {p99_pump} µs, max {} µs",
+                pump.count,
+                pump.max_ns / 1_000
+            );
+        }
+        // For scripts: L, samples, lost, errors in µs (median, p99, max, first), then the
+        // pump's release lateness in µs (p50 and p99 bucket tops, max).
         println!(
-            "row {l_ms} {} {lost} {} {} {} {}",
+            "row {l_ms} {} {lost} {} {} {} {} {p50} {p99_pump} {}",
             rtts.len(),
             us(median) - us(conf),
             us(p99) - us(conf),
             us(max) - us(conf),
             us(first) - us(conf),
+            pump.max_ns / 1_000,
         );
     }
     stop.store(true, Ordering::Relaxed);

@@ -55,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 pub use addr::{CONTROL_SUBNET, HOST_NAME, SYNC_ADDR, SYNC_NAME};
 pub use config::{ConfigError, Plan, plan};
 pub use forward::ForwardStats;
-pub use pump::{DEFAULT_PRIORITY, Pump, REALTIME_ENV, Realtime, Scheduling};
+pub use pump::{DEFAULT_PRIORITY, Lateness, Pump, REALTIME_ENV, Realtime, Scheduling};
 
 /// The port the sync service answers on inside every control network, whatever the host uses.
 pub const SYNC_PORT: u16 = 5050;
@@ -429,6 +429,16 @@ impl RunNetwork {
     /// How the run's packet pump is scheduled (real-time, or why not).
     pub fn scheduling(&self) -> &Scheduling {
         self.shared.pump.scheduling()
+    }
+
+    /// How late the pump released delayed packets since the last call (then reset): the
+    /// pump's own share of a shaped delay's error.
+    pub async fn take_pump_lateness(&self) -> Result<Lateness, SidecarError> {
+        self.shared
+            .pump
+            .take_lateness()
+            .await
+            .map_err(|_| SidecarError::PumpGone)
     }
 
     /// Where this agent receives packets from other nodes' agents (what they pass to

@@ -143,6 +143,48 @@ fn apply_scheduling(realtime: Realtime) -> Scheduling {
     }
 }
 
+/// How late the pump released delayed packets (from the deadline the emulator gave a packet to
+/// the pump's write of it): counts per power-of-two bucket of microseconds. Tells the pump's
+/// own share of a late round trip from the share of the instances' wake-ups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lateness {
+    /// `buckets[0]`: under 1 µs; `buckets[i]`: from 2^(i-1) to under 2^i µs; the last one
+    /// also holds everything later.
+    buckets: [u64; 24],
+    pub count: u64,
+    pub max_ns: u64,
+}
+
+impl Lateness {
+    fn record(&mut self, ns: u64) {
+        let us = ns / 1_000;
+        let i = if us == 0 {
+            0
+        } else {
+            (u64::BITS - us.leading_zeros()) as usize
+        };
+        self.buckets[i.min(self.buckets.len() - 1)] += 1;
+        self.count += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// An upper bound, in µs, of the `p`-th percentile (0 to 100): the top of its bucket.
+    pub fn percentile_us(&self, p: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(1 << i);
+            }
+        }
+        Some(1 << (self.buckets.len() - 1))
+    }
+}
+
 /// What the pump does next about its earliest deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
@@ -242,6 +284,10 @@ enum Cmd {
     ForwardStats {
         reply: oneshot::Sender<Option<ForwardStats>>,
     },
+    /// The release lateness since the last time it was taken (then reset).
+    TakeLateness {
+        reply: oneshot::Sender<Lateness>,
+    },
     /// The pump thread's scheduling policy, as the kernel reports it.
     Policy {
         reply: oneshot::Sender<io::Result<tg_sys::sched::Policy>>,
@@ -331,6 +377,7 @@ impl Pump {
                     buf: vec![0u8; BUF],
                     forward,
                     waiter: Waiter::new(SPIN_WINDOW, SPIN_BUDGET, SPIN_PERIOD),
+                    lateness: Lateness::default(),
                 };
                 if let Err(e) = worker.run(poll, rx) {
                     tracing::error!("packet pump failed: {e}");
@@ -350,6 +397,13 @@ impl Pump {
     /// How the pump thread is scheduled (see [`Scheduling::message`]).
     pub fn scheduling(&self) -> &Scheduling {
         &self.scheduling
+    }
+
+    /// How late delayed packets were released since the last call (or the start).
+    pub async fn take_lateness(&self) -> Result<Lateness, PumpGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::TakeLateness { reply })?;
+        rx.await.map_err(|_| PumpGone)
     }
 
     /// The pump thread's scheduling policy as the kernel reports it now.
@@ -490,6 +544,7 @@ struct Worker {
     buf: Vec<u8>,
     forward: Option<Forward>,
     waiter: Waiter,
+    lateness: Lateness,
 }
 
 fn token(id: NodeId) -> Token {
@@ -584,7 +639,11 @@ impl Worker {
     }
 
     fn deliver(&mut self, now: u64) {
-        while let Some(d) = self.emu.poll(now) {
+        while let Some((due, d)) = self.emu.poll_timed(now) {
+            // Packets due when they were read (unshaped) are not releases the pump waited for.
+            if due < now {
+                self.lateness.record(self.now().saturating_sub(due));
+            }
             if let Some(node) = self.nodes.get_mut(&d.to) {
                 capture_packet(node, &d.packet);
                 // A full TUN queue drops the packet, as a full device queue would.
@@ -705,6 +764,9 @@ impl Worker {
             }
             Cmd::ForwardStats { reply } => {
                 let _ = reply.send(self.forward.as_ref().map(|f| f.stats));
+            }
+            Cmd::TakeLateness { reply } => {
+                let _ = reply.send(std::mem::take(&mut self.lateness));
             }
             Cmd::Policy { reply } => {
                 let _ = reply.send(tg_sys::sched::thread_policy());
@@ -908,6 +970,23 @@ mod tests {
         // A new period, a new budget.
         assert_eq!(w.plan(1_000, Some(1_500)), Wait::Sleep { at: 1_450 });
         assert_eq!(w.plan(1_460, Some(1_500)), Wait::Spin);
+    }
+
+    #[test]
+    fn lateness_percentiles_are_bucket_tops() {
+        let mut l = Lateness::default();
+        assert_eq!(l.percentile_us(99.0), None);
+        for ns in [300, 1_500, 3_000, 3_900, 70_000] {
+            l.record(ns);
+        }
+        // <1 µs, [1, 2), [2, 4) twice, [64, 128).
+        assert_eq!(l.percentile_us(20.0), Some(1));
+        assert_eq!(l.percentile_us(50.0), Some(4));
+        assert_eq!(l.percentile_us(80.0), Some(4));
+        assert_eq!(l.percentile_us(99.0), Some(128));
+        assert_eq!((l.count, l.max_ns), (5, 70_000));
+        l.record(u64::MAX);
+        assert_eq!(l.percentile_us(100.0), Some(1 << 23));
     }
 
     #[test]
