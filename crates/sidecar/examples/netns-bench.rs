@@ -17,6 +17,11 @@
 //!     cargo run --release -p tg-sidecar --example netns-bench
 //! ```
 //!
+//! `netns-bench latency` runs part 1 only and also prints one `row` line per latency for
+//! scripts (`bench/timing-under-load.sh` compares builds and CPU loads with it). Every probe
+//! counts, the first one after each configuration included: a pump that is slow to wake after
+//! an idle spell shows in the `first` column.
+//!
 //! Every run network is shut down and the veth namespaces are dropped before exit, so nothing
 //! is left behind (the kernel frees fd-held namespaces with their interfaces).
 
@@ -36,9 +41,7 @@ use tg_sys::{NetNs, Netlink};
 type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 
 /// (one-way latency in ms, round trips measured)
-const LATENCIES: [(u64, usize); 4] = [(0, 200), (1, 200), (10, 200), (100, 30)];
-/// Round trips sent before measuring each latency, not counted.
-const WARMUP: usize = 5;
+const LATENCIES: [(u64, usize); 4] = [(0, 200), (1, 200), (10, 200), (100, 50)];
 /// Payload of the latency probes: a sequence number.
 const PROBE: usize = 8;
 const TCP_DURATION: Duration = Duration::from_secs(5);
@@ -62,8 +65,10 @@ async fn main() -> Result<()> {
     println!();
 
     latency().await?;
-    throughput().await?;
-    packet_rate().await?;
+    if std::env::args().nth(1).as_deref() != Some("latency") {
+        throughput().await?;
+        packet_rate().await?;
+    }
 
     println!();
     println!("load average at end: {}", loadavg());
@@ -107,9 +112,20 @@ async fn latency() -> Result<()> {
     let before = (run.counters(0)?, run.counters(1)?);
     let table_fulls = arp_table_fulls();
 
+    println!("   pump thread scheduling: {}", pump_policy(&run.run_id));
     println!(
-        "   {:>6} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>13}",
-        "L (ms)", "conf. RTT", "samples", "lost", "min", "median", "p99", "median error"
+        "   {:>6} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>13} {:>10} {:>10} {:>11}",
+        "L (ms)",
+        "conf. RTT",
+        "samples",
+        "lost",
+        "min",
+        "median",
+        "p99",
+        "median error",
+        "p99 error",
+        "max error",
+        "first error"
     );
     let mut seq = 0u64;
     let mut sent = 0u64;
@@ -118,39 +134,73 @@ async fn latency() -> Result<()> {
         let latency = Duration::from_millis(l_ms);
         run.configure(0, latency).await?;
         run.configure(1, latency).await?;
+        // A quiet spell before the first probe, as between a plan's configuration and its
+        // first packet.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        run.net.take_pump_lateness().await?;
         let (mut rtts, lost) = tokio::task::block_in_place(|| -> io::Result<_> {
             let mut rtts = Vec::with_capacity(count);
             let mut lost = 0u64;
-            for k in 0..WARMUP + count {
+            // No warm-up: the first packet after a quiet spell is part of what is measured.
+            for _ in 0..count {
                 let rtt = round_trip(&client, seq)?;
                 seq += 1;
                 match rtt {
-                    Some(rtt) if k >= WARMUP => rtts.push(rtt),
-                    Some(_) => {}
+                    Some(rtt) => rtts.push(rtt),
                     None => lost += 1,
                 }
             }
             Ok((rtts, lost))
         })?;
-        sent += (WARMUP + count) as u64;
+        sent += count as u64;
         lost_total += lost;
         if rtts.is_empty() {
             println!("   {l_ms:>6}: every probe was lost");
             continue;
         }
+        let pump = run.net.take_pump_lateness().await?;
+        let first = rtts[0];
         rtts.sort();
         let conf = 2 * latency;
         let median = percentile(&rtts, 50.0);
+        let p99 = percentile(&rtts, 99.0);
+        let max = rtts[rtts.len() - 1];
         println!(
-            "   {:>6} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>+13}",
+            "   {:>6} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>+13} {:>+10} {:>+10} {:>+11}",
             l_ms,
             us(conf),
             rtts.len(),
             lost,
             us(rtts[0]),
             us(median),
-            us(percentile(&rtts, 99.0)),
+            us(p99),
             us(median) - us(conf),
+            us(p99) - us(conf),
+            us(max) - us(conf),
+            us(first) - us(conf),
+        );
+        // The pump's own share: how late it released the delayed packets (bucket tops).
+        let (p50, p99_pump) = (
+            pump.percentile_us(50.0).unwrap_or(0),
+            pump.percentile_us(99.0).unwrap_or(0),
+        );
+        if pump.count > 0 {
+            println!(
+                "          pump release lateness over {} packets: p50 < {p50} µs, p99 < {p99_pump} µs, max {} µs",
+                pump.count,
+                pump.max_ns / 1_000
+            );
+        }
+        // For scripts: L, samples, lost, errors in µs (median, p99, max, first), then the
+        // pump's release lateness in µs (p50 and p99 bucket tops, max).
+        println!(
+            "row {l_ms} {} {lost} {} {} {} {} {p50} {p99_pump} {}",
+            rtts.len(),
+            us(median) - us(conf),
+            us(p99) - us(conf),
+            us(max) - us(conf),
+            us(first) - us(conf),
+            pump.max_ns / 1_000,
         );
     }
     stop.store(true, Ordering::Relaxed);
@@ -571,6 +621,27 @@ impl PumpClock {
             nanos,
             ticks: fields.iter().sum(),
         }
+    }
+}
+
+/// The scheduling policy and real-time priority of the thread `tg-pump-<run_id>` (fields 41
+/// and 40 of its `/proc/self/task/<tid>/stat`).
+fn pump_policy(run_id: &str) -> String {
+    let Some(pump) = PumpClock::find(run_id) else {
+        return "pump thread not found".into();
+    };
+    let stat =
+        std::fs::read_to_string(format!("/proc/self/task/{}/stat", pump.tid)).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    // `rest` starts at field 3.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (prio, policy) = (fields.get(37), fields.get(38));
+    match policy.and_then(|p| p.parse::<i32>().ok()) {
+        Some(0) => "SCHED_OTHER (normal)".into(),
+        Some(1) => format!("SCHED_FIFO, priority {}", prio.unwrap_or(&"?")),
+        Some(2) => format!("SCHED_RR, priority {}", prio.unwrap_or(&"?")),
+        Some(p) => format!("policy {p}"),
+        None => "unknown".into(),
     }
 }
 

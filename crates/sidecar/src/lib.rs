@@ -23,7 +23,8 @@
 //! Modules:
 //! - `addr`: the address plan (data subnets, control and host-link addresses).
 //! - `config`: `network.Config` → emulator configuration, with validation.
-//! - `pump`: the packet pump thread (TUN devices ⇄ emulator, timerfd-driven, pcap capture).
+//! - `pump`: the packet pump thread (TUN devices ⇄ emulator, timerfd-driven, pcap capture;
+//!   real-time scheduling where permitted, see [`Realtime`]).
 //! - `forward`: cross-node forwarding between agents (datagram format, accepted senders).
 //!
 //! Cross-node runs: agents on several nodes form one data network when each is created with
@@ -54,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 pub use addr::{CONTROL_SUBNET, HOST_NAME, SYNC_ADDR, SYNC_NAME};
 pub use config::{ConfigError, Plan, plan};
 pub use forward::ForwardStats;
-pub use pump::Pump;
+pub use pump::{DEFAULT_PRIORITY, Lateness, Pump, REALTIME_ENV, Realtime, Scheduling};
 
 /// The port the sync service answers on inside every control network, whatever the host uses.
 pub const SYNC_PORT: u16 = 5050;
@@ -328,6 +329,12 @@ impl RunNetwork {
 
         let pump = Pump::start(opts.seed, &opts.run_id, forward)
             .map_err(io_err("start the packet pump"))?;
+        // Said once per run, at its start: a refusal is a property of the machine (or of the
+        // engine's cgroup), and explains late packets before anyone goes looking.
+        if let Some(line) = pump.scheduling().message() {
+            tracing::warn!("{line}");
+            let _ = log.send(SidecarEvent::Log(line));
+        }
 
         let hosts = opts.work_dir.join("hosts");
         let mut text = format!(
@@ -417,6 +424,21 @@ impl RunNetwork {
     /// The run's data network (`TEST_SUBNET`).
     pub fn subnet(&self) -> Ipv4Net {
         self.shared.subnet
+    }
+
+    /// How the run's packet pump is scheduled (real-time, or why not).
+    pub fn scheduling(&self) -> &Scheduling {
+        self.shared.pump.scheduling()
+    }
+
+    /// How late the pump released delayed packets since the last call (then reset): the
+    /// pump's own share of a shaped delay's error.
+    pub async fn take_pump_lateness(&self) -> Result<Lateness, SidecarError> {
+        self.shared
+            .pump
+            .take_lateness()
+            .await
+            .map_err(|_| SidecarError::PumpGone)
     }
 
     /// Where this agent receives packets from other nodes' agents (what they pass to

@@ -7,6 +7,13 @@
 //! nanosecond resolution instead of tokio's millisecond timer wheel. Everything else talks to the
 //! thread through [`Pump`] (commands over a channel plus a `mio` waker), so nothing is shared.
 //!
+//! Timing under load: the thread asks for real-time scheduling (`SCHED_FIFO`, a modest
+//! priority; [`Realtime`], `TESTGROUND_PUMP_REALTIME`) so that a busy machine does not delay its
+//! wake-ups by a scheduler slice, sets its timer slack to 1 ns, and wakes a little before each
+//! deadline to poll the last microseconds without sleeping ([`Waiter`]; bounded, so a real-time
+//! thread cannot take a core). When real-time scheduling is refused it runs normally and says
+//! why ([`Scheduling::message`]).
+//!
 //! With a forwarding socket (cross-node runs, see `forward`), the thread also owns that socket:
 //! packets the emulator releases for a remote instance leave in one datagram each to that
 //! instance's agent, and datagrams from known peers go straight into the destination's TUN,
@@ -41,6 +48,215 @@ const FORWARD: Token = Token(usize::MAX - 2);
 /// Larger than any packet a 1500-byte-MTU TUN can produce, with room for a raised MTU.
 const BUF: usize = 65_536;
 
+/// The environment variable that turns real-time scheduling of the pump off (`off`, `0`,
+/// `false`, `no`) or sets its priority (1 to 99); unset or `on` means [`DEFAULT_PRIORITY`].
+pub const REALTIME_ENV: &str = "TESTGROUND_PUMP_REALTIME";
+/// The pump's `SCHED_FIFO` priority: above every normal thread, below the kernel's own
+/// real-time threads (which use 50 and up) and anything an operator made more urgent.
+pub const DEFAULT_PRIORITY: i32 = 10;
+/// How long before a deadline the pump stops sleeping and polls instead: a timer wake-up is
+/// tens of microseconds late on a VM even at real-time priority, polling is not.
+const SPIN_WINDOW: u64 = 50_000;
+/// At most this much polling per [`SPIN_PERIOD`] (10 % of a core): with deadlines closer together
+/// than the window, the pump would otherwise poll all the time, at real-time priority.
+const SPIN_BUDGET: u64 = 10_000_000;
+const SPIN_PERIOD: u64 = 100_000_000;
+
+/// Whether the pump thread asks for real-time scheduling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Realtime {
+    Off,
+    /// `SCHED_FIFO` at this priority (1 to 99).
+    Fifo(i32),
+}
+
+impl Realtime {
+    /// The choice in [`REALTIME_ENV`]; an invalid value is reported and the default used.
+    pub fn from_env() -> Realtime {
+        let value = std::env::var(REALTIME_ENV).ok();
+        Realtime::parse(value.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            Realtime::Fifo(DEFAULT_PRIORITY)
+        })
+    }
+
+    fn parse(value: Option<&str>) -> Result<Realtime, String> {
+        let Some(v) = value.map(str::trim) else {
+            return Ok(Realtime::Fifo(DEFAULT_PRIORITY));
+        };
+        match v.to_ascii_lowercase().as_str() {
+            "" | "on" | "true" | "yes" => Ok(Realtime::Fifo(DEFAULT_PRIORITY)),
+            "off" | "0" | "false" | "no" => Ok(Realtime::Off),
+            n => match n.parse::<i32>() {
+                Ok(p) if (1..=99).contains(&p) => Ok(Realtime::Fifo(p)),
+                _ => Err(format!(
+                    "{REALTIME_ENV}={v} is neither on, off nor a priority from 1 to 99; \
+                     using priority {DEFAULT_PRIORITY}"
+                )),
+            },
+        }
+    }
+}
+
+/// How the pump thread is scheduled, as it found out when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheduling {
+    /// `SCHED_FIFO` at this priority.
+    Realtime { priority: i32 },
+    /// Normal scheduling, because real-time scheduling was turned off.
+    Normal,
+    /// Normal scheduling, because the kernel refused real-time scheduling: why, and how to allow it.
+    Refused { priority: i32, reason: String },
+}
+
+impl Scheduling {
+    /// A line for the run log when the pump could not have what it asked for.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Scheduling::Realtime { .. } | Scheduling::Normal => None,
+            Scheduling::Refused { priority, reason } => Some(format!(
+                "network: the packet pump runs at normal priority, so shaped delays can run \
+                 milliseconds late while other work keeps the CPUs busy; real-time scheduling \
+                 (SCHED_FIFO {priority}) was refused: {reason}; \
+                 {REALTIME_ENV}=off does without it and silences this"
+            )),
+        }
+    }
+}
+
+/// Sets up the calling thread (the pump) for timely wake-ups.
+fn apply_scheduling(realtime: Realtime) -> Scheduling {
+    // The pump's own sleeps end at the instant asked rather than up to 50 µs later. Real-time
+    // threads get no slack anyway; this matters when real-time scheduling is off or refused.
+    if let Err(e) = tg_sys::sched::set_timer_slack(1) {
+        tracing::debug!("packet pump: cannot set the timer slack: {e}");
+    }
+    match realtime {
+        Realtime::Off => Scheduling::Normal,
+        Realtime::Fifo(priority) => match tg_sys::sched::set_thread_fifo(priority) {
+            Ok(()) => Scheduling::Realtime { priority },
+            Err(e) => Scheduling::Refused {
+                priority,
+                reason: tg_sys::sched::RtFacts::read().explain(priority, &e),
+            },
+        },
+    }
+}
+
+/// How late the pump released delayed packets (from the deadline the emulator gave a packet to
+/// the pump's write of it): counts per power-of-two bucket of microseconds. Tells the pump's
+/// own share of a late round trip from the share of the instances' wake-ups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lateness {
+    /// `buckets[0]`: under 1 µs; `buckets[i]`: from 2^(i-1) to under 2^i µs; the last one
+    /// also holds everything later.
+    buckets: [u64; 24],
+    pub count: u64,
+    pub max_ns: u64,
+}
+
+impl Lateness {
+    fn record(&mut self, ns: u64) {
+        let us = ns / 1_000;
+        let i = if us == 0 {
+            0
+        } else {
+            (u64::BITS - us.leading_zeros()) as usize
+        };
+        self.buckets[i.min(self.buckets.len() - 1)] += 1;
+        self.count += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// An upper bound, in µs, of the `p`-th percentile (0 to 100): the top of its bucket.
+    pub fn percentile_us(&self, p: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(1 << i);
+            }
+        }
+        Some(1 << (self.buckets.len() - 1))
+    }
+}
+
+/// What the pump does next about its earliest deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Nothing is scheduled: sleep until a packet or a command arrives.
+    Idle,
+    /// The deadline has passed: deliver.
+    Due,
+    /// The deadline is within the spin window: poll for I/O without sleeping until it passes.
+    Spin,
+    /// Sleep until `at` (a packet or a command may wake the pump earlier).
+    Sleep { at: u64 },
+}
+
+/// Decides how the pump waits for a deadline, and keeps the polling within its budget. Pure:
+/// time (nanoseconds since the pump's epoch) is passed in.
+#[derive(Debug)]
+struct Waiter {
+    window: u64,
+    budget: u64,
+    period: u64,
+    period_start: u64,
+    /// Polling time spent in the current period, not counting the ongoing stretch.
+    spent: u64,
+    /// When the ongoing stretch of polling began.
+    spinning_since: Option<u64>,
+}
+
+impl Waiter {
+    fn new(window: u64, budget: u64, period: u64) -> Waiter {
+        Waiter {
+            window,
+            budget,
+            period,
+            period_start: 0,
+            spent: 0,
+            spinning_since: None,
+        }
+    }
+
+    fn plan(&mut self, now: u64, next: Option<u64>) -> Wait {
+        if now.saturating_sub(self.period_start) >= self.period {
+            self.period_start = now;
+            self.spent = 0;
+            if self.spinning_since.is_some() {
+                self.spinning_since = Some(now);
+            }
+        }
+        let spent = self.spent + self.spinning_since.map_or(0, |s| now.saturating_sub(s));
+        let can_spin = spent < self.budget;
+        let wait = match next {
+            None => Wait::Idle,
+            Some(d) if d <= now => Wait::Due,
+            Some(d) if d - now <= self.window && can_spin => Wait::Spin,
+            Some(d) if d - now <= self.window => Wait::Sleep { at: d },
+            Some(d) if can_spin => Wait::Sleep {
+                at: d - self.window,
+            },
+            Some(d) => Wait::Sleep { at: d },
+        };
+        match (wait, self.spinning_since) {
+            (Wait::Spin, None) => self.spinning_since = Some(now),
+            (Wait::Spin, Some(_)) => {}
+            (_, Some(since)) => {
+                self.spent += now.saturating_sub(since);
+                self.spinning_since = None;
+            }
+            (_, None) => {}
+        }
+        wait
+    }
+}
+
 enum Cmd {
     Add {
         id: NodeId,
@@ -68,6 +284,14 @@ enum Cmd {
     ForwardStats {
         reply: oneshot::Sender<Option<ForwardStats>>,
     },
+    /// The release lateness since the last time it was taken (then reset).
+    TakeLateness {
+        reply: oneshot::Sender<Lateness>,
+    },
+    /// The pump thread's scheduling policy, as the kernel reports it.
+    Policy {
+        reply: oneshot::Sender<io::Result<tg_sys::sched::Policy>>,
+    },
     Stop {
         reply: oneshot::Sender<Stats>,
     },
@@ -79,6 +303,7 @@ pub struct Pump {
     tx: std_mpsc::Sender<Cmd>,
     waker: Arc<Waker>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    scheduling: Scheduling,
 }
 
 impl std::fmt::Debug for Pump {
@@ -94,8 +319,19 @@ pub struct PumpGone;
 
 impl Pump {
     /// Starts the pump thread with an emulator seeded by `seed`; `forward` is the socket to
-    /// exchange packets with other agents over, if the run spans nodes.
+    /// exchange packets with other agents over, if the run spans nodes. Real-time scheduling
+    /// as [`REALTIME_ENV`] says.
     pub fn start(seed: u64, name: &str, forward: Option<std::net::UdpSocket>) -> io::Result<Pump> {
+        Pump::start_with(seed, name, forward, Realtime::from_env())
+    }
+
+    /// [`Pump::start`] with the real-time choice made by the caller.
+    pub fn start_with(
+        seed: u64,
+        name: &str,
+        forward: Option<std::net::UdpSocket>,
+        realtime: Realtime,
+    ) -> io::Result<Pump> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let timer = TimerFd::new(
@@ -125,9 +361,13 @@ impl Pump {
             }
         };
         let (tx, rx) = std_mpsc::channel();
+        let (ready, scheduled) = std_mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("tg-pump-{name}"))
             .spawn(move || {
+                // Before anything else, so that the first packet is already read at the
+                // scheduling it will have for the rest of the run.
+                let _ = ready.send(apply_scheduling(realtime));
                 let mut worker = Worker {
                     emu: Emulator::new(seed),
                     nodes: HashMap::new(),
@@ -136,16 +376,41 @@ impl Pump {
                     timer,
                     buf: vec![0u8; BUF],
                     forward,
+                    waiter: Waiter::new(SPIN_WINDOW, SPIN_BUDGET, SPIN_PERIOD),
+                    lateness: Lateness::default(),
                 };
                 if let Err(e) = worker.run(poll, rx) {
                     tracing::error!("packet pump failed: {e}");
                 }
             })?;
+        // The thread reports at once (one system call or two); if it died first, the pump
+        // failed anyway and the run finds out at its first command.
+        let scheduling = scheduled.recv().unwrap_or(Scheduling::Normal);
         Ok(Pump {
             tx,
             waker,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            scheduling,
         })
+    }
+
+    /// How the pump thread is scheduled (see [`Scheduling::message`]).
+    pub fn scheduling(&self) -> &Scheduling {
+        &self.scheduling
+    }
+
+    /// How late delayed packets were released since the last call (or the start).
+    pub async fn take_lateness(&self) -> Result<Lateness, PumpGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::TakeLateness { reply })?;
+        rx.await.map_err(|_| PumpGone)
+    }
+
+    /// The pump thread's scheduling policy as the kernel reports it now.
+    pub async fn policy(&self) -> Result<io::Result<tg_sys::sched::Policy>, PumpGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Policy { reply })?;
+        rx.await.map_err(|_| PumpGone)
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), PumpGone> {
@@ -278,6 +543,8 @@ struct Worker {
     /// The one read buffer: a packet is copied out of it into the emulator.
     buf: Vec<u8>,
     forward: Option<Forward>,
+    waiter: Waiter,
+    lateness: Lateness,
 }
 
 fn token(id: NodeId) -> Token {
@@ -306,8 +573,11 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut readable: Vec<NodeId> = Vec::new();
         let mut forwarded = false;
+        // Whether the next deadline is close enough to poll for it rather than sleep.
+        let mut spin = false;
         loop {
-            match poll.poll(&mut events, None) {
+            let timeout = spin.then_some(Duration::ZERO);
+            match poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -338,7 +608,7 @@ impl Worker {
             if std::mem::take(&mut forwarded) {
                 self.receive();
             }
-            self.release()?;
+            spin = self.release()?;
         }
     }
 
@@ -369,7 +639,11 @@ impl Worker {
     }
 
     fn deliver(&mut self, now: u64) {
-        while let Some(d) = self.emu.poll(now) {
+        while let Some((due, d)) = self.emu.poll_timed(now) {
+            // Packets due when they were read (unshaped) are not releases the pump waited for.
+            if due < now {
+                self.lateness.record(self.now().saturating_sub(due));
+            }
             if let Some(node) = self.nodes.get_mut(&d.to) {
                 capture_packet(node, &d.packet);
                 // A full TUN queue drops the packet, as a full device queue would.
@@ -427,32 +701,37 @@ impl Worker {
         }
     }
 
-    /// Delivers what is due and arms the timer for the next deadline.
-    fn release(&mut self) -> io::Result<()> {
+    /// Delivers what is due and arms the timer for the next deadline; `true` when that
+    /// deadline is so close that the pump should poll rather than sleep.
+    fn release(&mut self) -> io::Result<bool> {
         loop {
             let now = self.now();
             self.deliver(now);
-            let Some(next) = self.emu.next_deadline() else {
-                if self.armed.take().is_some() {
-                    self.timer.unset().map_err(io::Error::from)?;
-                }
-                return Ok(());
-            };
             let now = self.now();
-            if next <= now {
-                continue;
+            match self.waiter.plan(now, self.emu.next_deadline()) {
+                Wait::Due => continue,
+                Wait::Idle => {
+                    if self.armed.take().is_some() {
+                        self.timer.unset().map_err(io::Error::from)?;
+                    }
+                    return Ok(false);
+                }
+                // A timer still armed for this deadline's wake-up fires harmlessly.
+                Wait::Spin => return Ok(true),
+                Wait::Sleep { at } => {
+                    if self.armed != Some(at) {
+                        let wait = Duration::from_nanos(at.saturating_sub(now).max(1));
+                        self.timer
+                            .set(
+                                Expiration::OneShot(TimeSpec::from_duration(wait)),
+                                TimerSetTimeFlags::empty(),
+                            )
+                            .map_err(io::Error::from)?;
+                        self.armed = Some(at);
+                    }
+                    return Ok(false);
+                }
             }
-            if self.armed != Some(next) {
-                let wait = Duration::from_nanos(next - now);
-                self.timer
-                    .set(
-                        Expiration::OneShot(TimeSpec::from_duration(wait)),
-                        TimerSetTimeFlags::empty(),
-                    )
-                    .map_err(io::Error::from)?;
-                self.armed = Some(next);
-            }
-            return Ok(());
         }
     }
 
@@ -485,6 +764,12 @@ impl Worker {
             }
             Cmd::ForwardStats { reply } => {
                 let _ = reply.send(self.forward.as_ref().map(|f| f.stats));
+            }
+            Cmd::TakeLateness { reply } => {
+                let _ = reply.send(std::mem::take(&mut self.lateness));
+            }
+            Cmd::Policy { reply } => {
+                let _ = reply.send(tg_sys::sched::thread_policy());
             }
             Cmd::Stop { reply } => return Some(reply),
         }
@@ -650,6 +935,125 @@ mod tests {
             .unwrap();
         assert!(v6.unwrap_err().contains("not reachable"));
         assert!(pump.stop().await.is_some());
+    }
+
+    #[test]
+    fn the_waiter_sleeps_until_the_window_then_polls() {
+        let mut w = Waiter::new(50, 1_000, 10_000);
+        assert_eq!(w.plan(0, None), Wait::Idle);
+        // A far deadline: sleep until the window opens.
+        assert_eq!(w.plan(0, Some(500)), Wait::Sleep { at: 450 });
+        // Woken inside the window (on time or a little late): poll until it passes.
+        assert_eq!(w.plan(450, Some(500)), Wait::Spin);
+        assert_eq!(w.plan(499, Some(500)), Wait::Spin);
+        assert_eq!(w.plan(500, Some(500)), Wait::Due);
+        // A wake-up later than the window goes straight to delivery.
+        assert_eq!(w.plan(900, Some(800)), Wait::Due);
+        assert_eq!(w.plan(900, None), Wait::Idle);
+    }
+
+    #[test]
+    fn polling_stops_when_its_budget_is_spent_and_resumes_next_period() {
+        // 100 of polling per 1,000.
+        let mut w = Waiter::new(50, 100, 1_000);
+        assert_eq!(w.plan(0, Some(40)), Wait::Spin);
+        assert_eq!(w.plan(40, Some(40)), Wait::Due);
+        assert_eq!(w.plan(100, Some(150)), Wait::Spin);
+        assert_eq!(w.plan(150, Some(150)), Wait::Due);
+        // 90 spent: one more stretch starts, and is cut when the budget runs out.
+        assert_eq!(w.plan(200, Some(300)), Wait::Sleep { at: 250 });
+        assert_eq!(w.plan(250, Some(300)), Wait::Spin);
+        assert_eq!(w.plan(260, Some(300)), Wait::Sleep { at: 300 });
+        // Out of budget: sleep to the deadline itself.
+        assert_eq!(w.plan(300, Some(320)), Wait::Sleep { at: 320 });
+        assert_eq!(w.plan(400, Some(600)), Wait::Sleep { at: 600 });
+        // A new period, a new budget.
+        assert_eq!(w.plan(1_000, Some(1_500)), Wait::Sleep { at: 1_450 });
+        assert_eq!(w.plan(1_460, Some(1_500)), Wait::Spin);
+    }
+
+    #[test]
+    fn lateness_percentiles_are_bucket_tops() {
+        let mut l = Lateness::default();
+        assert_eq!(l.percentile_us(99.0), None);
+        for ns in [300, 1_500, 3_000, 3_900, 70_000] {
+            l.record(ns);
+        }
+        // <1 µs, [1, 2), [2, 4) twice, [64, 128).
+        assert_eq!(l.percentile_us(20.0), Some(1));
+        assert_eq!(l.percentile_us(50.0), Some(4));
+        assert_eq!(l.percentile_us(80.0), Some(4));
+        assert_eq!(l.percentile_us(99.0), Some(128));
+        assert_eq!((l.count, l.max_ns), (5, 70_000));
+        l.record(u64::MAX);
+        assert_eq!(l.percentile_us(100.0), Some(1 << 23));
+    }
+
+    #[test]
+    fn the_realtime_knob_reads_on_off_and_priorities() {
+        let default = Realtime::Fifo(DEFAULT_PRIORITY);
+        assert_eq!(Realtime::parse(None), Ok(default));
+        for on in ["", "on", "TRUE", "yes"] {
+            assert_eq!(Realtime::parse(Some(on)), Ok(default), "{on}");
+        }
+        for off in ["off", "0", "false", "No"] {
+            assert_eq!(Realtime::parse(Some(off)), Ok(Realtime::Off), "{off}");
+        }
+        assert_eq!(Realtime::parse(Some(" 20 ")), Ok(Realtime::Fifo(20)));
+        for bad in ["100", "-1", "fast"] {
+            let e = Realtime::parse(Some(bad)).unwrap_err();
+            assert!(e.contains(REALTIME_ENV), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pump_is_realtime_when_allowed_or_says_why_not() {
+        let off = Pump::start_with(1, "rt-off", None, Realtime::Off).unwrap();
+        assert_eq!(off.scheduling(), &Scheduling::Normal);
+        assert_eq!(off.scheduling().message(), None);
+        assert_eq!(
+            off.policy().await.unwrap().unwrap(),
+            tg_sys::sched::Policy::Normal
+        );
+        off.stop().await;
+
+        let on = Pump::start_with(1, "rt-on", None, Realtime::Fifo(3)).unwrap();
+        let policy = on.policy().await.unwrap().unwrap();
+        match on.scheduling() {
+            Scheduling::Realtime { priority } => {
+                assert_eq!(*priority, 3);
+                assert_eq!(policy, tg_sys::sched::Policy::Fifo(3));
+                assert_eq!(on.scheduling().message(), None);
+            }
+            Scheduling::Refused { .. } => {
+                // Not permitted here: normal scheduling, and a message naming the way out.
+                assert_eq!(policy, tg_sys::sched::Policy::Normal);
+                let m = on.scheduling().message().unwrap();
+                assert!(m.contains("refused") && m.contains(REALTIME_ENV), "{m}");
+            }
+            Scheduling::Normal => panic!("real-time scheduling was asked for"),
+        }
+        // The thread that started the pump keeps its own scheduling.
+        assert_eq!(
+            tg_sys::sched::thread_policy().unwrap(),
+            tg_sys::sched::Policy::Normal
+        );
+        on.stop().await;
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_with_the_reason() {
+        let s = Scheduling::Refused {
+            priority: 10,
+            reason: "Operation not permitted (os error 1): no budget".into(),
+        };
+        let m = s.message().unwrap();
+        assert!(!m.contains('\n'));
+        assert!(
+            m.contains("SCHED_FIFO 10") && m.contains("no budget"),
+            "{m}"
+        );
+        assert_eq!(Scheduling::Realtime { priority: 10 }.message(), None);
     }
 
     #[tokio::test]

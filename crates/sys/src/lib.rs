@@ -13,6 +13,7 @@
 //! - [`netlink`]: [`Netlink`], an async rtnetlink handle bound to one namespace.
 //! - [`jail`]: [`Jail`], what a child process is put into before `exec`.
 //! - [`cgroup`]: [`Cgroup`], a cgroup v2 per run that its processes cannot leave.
+//! - [`sched`]: real-time scheduling and timer slack of the calling thread (the packet pump).
 //! - [`proc`]: what `/proc` says about processes (network namespace, start time, environment).
 //! - [`error`]: errors that keep the errno while naming the failed operation.
 
@@ -26,6 +27,7 @@ pub mod lifetime;
 pub mod netlink;
 pub mod netns;
 pub mod proc;
+pub mod sched;
 pub mod tun;
 
 pub use cgroup::Cgroup;

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The seed's ping-pong (plans/network, case ping-pong, exec:go under local:netns, unmodified:
+# RTT must land in [200 ms, 250 ms]) N times per build under a CPU load, builds alternating,
+# counting passes (issue 12, "timing under load").
+#
+# Usage (as root): bench/pingpong-under-load.sh N NAME=TESTGROUND_BINARY [NAME=BINARY ...]
+# A NAME ending in "-rtoff" runs with TESTGROUND_PUMP_REALTIME=off. LOAD busy shell loops
+# (default 2) run during the whole measurement; each build gets a fresh $TESTGROUND_HOME with
+# the plan imported and built once before the load starts.
+set -euo pipefail
+n=$1
+shift
+load_n=${LOAD:-2}
+here=$(cd "$(dirname "$0")/.." && pwd)
+pids=()
+homes=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for h in "${homes[@]}"; do rm -rf "$h"; done
+}
+trap cleanup EXIT
+declare -A home
+for spec in "$@"; do
+  name=${spec%%=*}
+  bin=${spec#*=}
+  h=$(mktemp -d /tmp/tg-pingpong-"$name".XXXXXX)
+  homes+=("$h")
+  home[$name]=$h
+  TESTGROUND_HOME=$h "$bin" plan import --from "$here/plans/network" >/dev/null
+  # One unloaded run builds the plan (exec:go), so that builds do not count below.
+  TESTGROUND_HOME=$h "$bin" run single -p network -t ping-pong -b exec:go -r local:netns -i 2 --wait >/dev/null 2>&1 || true
+done
+for _ in $(seq 1 "$load_n"); do
+  sh -c 'while :; do :; done' &
+  pids+=($!)
+done
+sleep 1
+echo "load: $load_n busy loops; $(date -u '+%Y-%m-%d %H:%M UTC')"
+declare -A pass
+for i in $(seq 1 "$n"); do
+  for spec in "$@"; do
+    name=${spec%%=*}
+    bin=${spec#*=}
+    env=()
+    case $name in *-rtoff) env=(TESTGROUND_PUMP_REALTIME=off) ;; esac
+    out=$(env "${env[@]}" TESTGROUND_HOME="${home[$name]}" "$bin" run single -p network -t ping-pong -b exec:go -r local:netns -i 2 --wait 2>&1) || true
+    rtts=$(echo "$out" | grep -o 'ping RTT was [0-9.]*[mµ]*s' | awk '{print $4}' | paste -sd' ' -) || true
+    fails=$(echo "$out" | grep -o 'expected an RTT between [^"]*' | head -2 | paste -sd';' -) || true
+    if echo "$out" | grep -q 'outcome = success'; then
+      ok=pass
+      pass[$name]=$(( ${pass[$name]:-0} + 1 ))
+    else
+      ok=FAIL
+    fi
+    echo "$i $name $ok rtt: ${rtts:-none} ${fails}"
+  done
+done
+for spec in "$@"; do
+  name=${spec%%=*}
+  echo "$name: ${pass[$name]:-0} of $n passed"
+done
