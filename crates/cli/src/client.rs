@@ -352,7 +352,9 @@ impl Backend {
                 };
                 r.post("/healthcheck", &req).await
             }
-            Backend::Embedded(e) => Ok(result_or_error(e.healthcheck(runner, fix, instances).await)),
+            Backend::Embedded(e) => {
+                Ok(result_or_error(e.healthcheck(runner, fix, instances).await))
+            }
         }
     }
 

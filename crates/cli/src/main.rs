@@ -105,7 +105,10 @@ fn init_tracing(global: &cli::GlobalArgs, daemon: bool) {
 
 fn main() -> ExitCode {
     // A helper process of a large local:exec run (see tg-runner's `helper`): nothing else.
-    if std::env::args_os().nth(1).is_some_and(|a| a == tg_runner::HELPER_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == tg_runner::HELPER_ARG)
+    {
         return tg_runner::helper_main();
     }
     if let Ok(exe) = std::env::current_exe() {

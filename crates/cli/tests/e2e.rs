@@ -1157,8 +1157,19 @@ fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
         .cmd()
         .env("TESTGROUND_EXEC_HELPER_SHARE", "2")
         .args([
-            "run", "single", "--plan", "sh-streams", "--testcase", "streams", "--builder",
-            "exec:generic", "--runner", "local:exec", "--instances", "5", "--wait",
+            "run",
+            "single",
+            "--plan",
+            "sh-streams",
+            "--testcase",
+            "streams",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "--instances",
+            "5",
+            "--wait",
         ])
         .output()
         .unwrap();
@@ -1169,9 +1180,9 @@ fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
     let id = queued_id(&out);
     assert_no_process_left(&id);
     for i in 0..5 {
-        let dir = home
-            .path()
-            .join(format!("data/outputs/local_exec/sh-streams/{id}/single/{i}"));
+        let dir = home.path().join(format!(
+            "data/outputs/local_exec/sh-streams/{id}/single/{i}"
+        ));
         let run_out = std::fs::read_to_string(dir.join("run.out")).unwrap();
         let run_err = std::fs::read_to_string(dir.join("run.err")).unwrap();
         let want_out: Vec<String> = (0..300).map(|n| format!("out {n}")).collect();
@@ -1179,7 +1190,11 @@ fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
         let got_out: Vec<&str> = run_out.lines().filter(|l| !l.starts_with('{')).collect();
         assert_eq!(got_out, want_out, "instance {i}: stdout");
         assert!(run_out.contains("success_event"), "{run_out}");
-        assert_eq!(run_err.lines().collect::<Vec<_>>(), want_err, "instance {i}: stderr");
+        assert_eq!(
+            run_err.lines().collect::<Vec<_>>(),
+            want_err,
+            "instance {i}: stderr"
+        );
     }
 }
 
@@ -1196,8 +1211,19 @@ fn a_run_beyond_the_open_file_limit_fails_at_once_naming_it() {
         .arg("--")
         .arg(home.cmd().get_program())
         .args([
-            "run", "single", "--plan", "sh-streams", "--testcase", "streams", "--builder",
-            "exec:generic", "--runner", "local:exec", "--instances", "60", "--wait",
+            "run",
+            "single",
+            "--plan",
+            "sh-streams",
+            "--testcase",
+            "streams",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "--instances",
+            "60",
+            "--wait",
         ])
         .envs(home.cmd().get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
         .env_remove("LOG_LEVEL")
@@ -1216,12 +1242,21 @@ fn a_run_beyond_the_open_file_limit_fails_at_once_naming_it() {
 #[test]
 fn healthcheck_warns_when_host_limits_are_too_low_for_the_count() {
     let home = Home::new();
-    let out = home.tg(&["healthcheck", "--runner", "local:exec", "--instances", "100000000"]);
+    let out = home.tg(&[
+        "healthcheck",
+        "--runner",
+        "local:exec",
+        "--instances",
+        "100000000",
+    ]);
     let s = text(&out);
     assert!(out.status.success(), "{s}");
     assert!(s.contains("- open-files: failed;"), "{s}");
     assert!(s.contains("ulimit -Hn"), "{s}");
-    assert!(s.contains("- pid-max: failed;") && s.contains("sysctl -w kernel.pid_max"), "{s}");
+    assert!(
+        s.contains("- pid-max: failed;") && s.contains("sysctl -w kernel.pid_max"),
+        "{s}"
+    );
     let out = home.tg(&["healthcheck", "--runner", "local:exec", "--instances", "2"]);
     let s = text(&out);
     assert!(s.contains("- open-files: ok;"), "{s}");

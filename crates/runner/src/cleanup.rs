@@ -57,11 +57,10 @@ fn cleaner() -> &'static Cleaner {
 pub(crate) fn defer(job: impl FnOnce() + Send + 'static) {
     let c = cleaner();
     *c.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-    let sent = c
-        .tx
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(Box::new(job));
+    let sent =
+        c.tx.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Box::new(job));
     if let Err(mpsc::SendError(job)) = sent {
         // No cleanup thread: do it here rather than not at all.
         job();

@@ -150,7 +150,10 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<(u8, u
     }
     let len = u32::from_le_bytes(len) as usize;
     if !(5..=MAX_FRAME).contains(&len) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad frame length"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad frame length",
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -197,8 +200,7 @@ async fn serve() -> io::Result<()> {
     use std::os::fd::AsFd;
     let stdin = io::stdin().as_fd().try_clone_to_owned()?;
     let stdout = io::stdout().as_fd().try_clone_to_owned()?;
-    let mut input =
-        BufReader::new(tokio::net::unix::pipe::Receiver::from_owned_fd(stdin)?);
+    let mut input = BufReader::new(tokio::net::unix::pipe::Receiver::from_owned_fd(stdin)?);
     let mut output = tokio::net::unix::pipe::Sender::from_owned_fd(stdout)?;
 
     // All frames to the engine go through one writer; the queue is bounded by the credits
@@ -226,7 +228,10 @@ async fn serve() -> io::Result<()> {
                 let n = f.u32()?;
                 let mut env = Vec::with_capacity(n as usize);
                 for _ in 0..n {
-                    env.push((OsString::from_vec(f.bytes()?), OsString::from_vec(f.bytes()?)));
+                    env.push((
+                        OsString::from_vec(f.bytes()?),
+                        OsString::from_vec(f.bytes()?),
+                    ));
                 }
                 spawn_one(ordinal, &program, env, &tx, &live).await;
             }
@@ -443,9 +448,12 @@ impl AsyncRead for HelperPipe {
                     this.cur = chunk;
                     this.pos = 0;
                     // The chunk left the channel: its room goes back to the helper.
-                    let _ = this
-                        .tx
-                        .send(Frame::new(CREDIT, this.ordinal).u8(this.stream).u32(1).done());
+                    let _ = this.tx.send(
+                        Frame::new(CREDIT, this.ordinal)
+                            .u8(this.stream)
+                            .u32(1)
+                            .done(),
+                    );
                 }
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
@@ -497,7 +505,10 @@ impl HelperPool {
         prepare(&mut cmd);
         tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
         let mut child = cmd.spawn()?;
-        let mut stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| io::Error::other("no stdin"))?;
         let stdout = child
             .stdout
             .take()
@@ -515,13 +526,8 @@ impl HelperPool {
         let demux_slots = slots.clone();
         tasks.spawn(async move {
             let mut input = BufReader::with_capacity(64 * 1024, stdout);
-            loop {
-                match read_frame(&mut input).await {
-                    Ok(Some((tag, ordinal, body))) => {
-                        dispatch(&demux_slots, tag, ordinal, body);
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some((tag, ordinal, body))) = read_frame(&mut input).await {
+                dispatch(&demux_slots, tag, ordinal, body);
             }
             // The helper is gone: so are its instances (their pdeath signal).
             let mut slots = demux_slots.lock().unwrap_or_else(|e| e.into_inner());

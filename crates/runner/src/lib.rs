@@ -33,10 +33,10 @@
 //!   [`clean_leftovers`] for runs whose engine was killed.
 //! - `error`: [`RunError`].
 
+mod cleanup;
 mod config;
 mod docker;
 mod env;
-mod cleanup;
 mod error;
 mod exec;
 mod helper;
@@ -63,8 +63,8 @@ use tg_api::task::RunResult;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ConfigKey, DockerConfig, K8sConfig, RunConfig};
 pub use cleanup::wait_for_cleanup;
+pub use config::{ConfigKey, DockerConfig, K8sConfig, RunConfig};
 pub use error::RunError;
 pub use helper::{HELPER_ARG, helper_main, set_helper_program};
 pub use instance::MAX_LINE;

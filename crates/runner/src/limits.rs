@@ -124,26 +124,45 @@ pub fn host_checks(runner: &str, instances: u32) -> Vec<HealthCheck> {
         let helpers = n.div_ceil(helper_share(hard));
         let helped = engine_need(runner, n, helpers);
         if direct <= soft {
-            (true, format!("open files: limit {soft} (hard {hard}) holds {instances} instances ({direct} needed)"))
+            (
+                true,
+                format!(
+                    "open files: limit {soft} (hard {hard}) holds {instances} instances ({direct} needed)"
+                ),
+            )
         } else if helped <= soft {
-            (true, format!(
-                "open files: limit {soft} (hard {hard}) holds {instances} instances through {helpers} helper processes \
+            (
+                true,
+                format!(
+                    "open files: limit {soft} (hard {hard}) holds {instances} instances through {helpers} helper processes \
                  ({helped} needed in the engine; {direct} without helpers)"
-            ))
+                ),
+            )
         } else {
-            (false, format!(
-                "open files: limit {soft} (hard {hard}) is too low for {instances} instances: the engine needs {helped} \
+            (
+                false,
+                format!(
+                    "open files: limit {soft} (hard {hard}) is too low for {instances} instances: the engine needs {helped} \
                  (one sync connection each, even with helpers); {}",
-                raise_nofile_hint(helped, hard)
-            ))
+                    raise_nofile_hint(helped, hard)
+                ),
+            )
         }
     } else if direct <= soft {
-        (true, format!("open files: limit {soft} (hard {hard}) holds {instances} instances ({direct} needed)"))
+        (
+            true,
+            format!(
+                "open files: limit {soft} (hard {hard}) holds {instances} instances ({direct} needed)"
+            ),
+        )
     } else {
-        (false, format!(
-            "open files: limit {soft} (hard {hard}) is too low for {instances} instances ({direct} needed); {}",
-            raise_nofile_hint(direct, hard)
-        ))
+        (
+            false,
+            format!(
+                "open files: limit {soft} (hard {hard}) is too low for {instances} instances ({direct} needed); {}",
+                raise_nofile_hint(direct, hard)
+            ),
+        )
     };
     checks.push(HealthCheck::new("open-files", ok, message));
 
@@ -201,7 +220,11 @@ pub fn host_checks(runner: &str, instances: u32) -> Vec<HealthCheck> {
         ));
     }
     // A trivial Rust instance takes about 1 MiB of proportional memory, an sdk-go one 3.5.
-    let per = if runner == "local:netns" { 3 << 20 } else { 2 << 20 };
+    let per = if runner == "local:netns" {
+        3 << 20
+    } else {
+        2 << 20
+    };
     if let Some(avail) = mem_available() {
         let need = n * per;
         let ok = avail >= need;
