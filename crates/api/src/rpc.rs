@@ -171,6 +171,9 @@ pub struct HealthcheckRequest {
     pub runner: String,
     #[serde(default)]
     pub fix: bool,
+    /// The instance count to check host limits for (default: the runner's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
 }
 
 /// Healthcheck report (Go field names, as in the original).

@@ -357,6 +357,10 @@ pub struct HealthcheckArgs {
     /// Try to fix what is broken.
     #[arg(long)]
     pub fix: bool,
+    /// Check this host's limits (open files, pids, threads, memory) for a run of this many
+    /// instances (local:exec and local:netns; default 10000).
+    #[arg(long)]
+    pub instances: Option<u32>,
 }
 
 /// `run single`'s after-help: every runner's `--run-cfg` keys, from the runner registry's key

@@ -337,16 +337,24 @@ impl Backend {
         }
     }
 
-    pub async fn healthcheck(&self, runner: &str, fix: bool) -> Result<Chunks> {
+    pub async fn healthcheck(
+        &self,
+        runner: &str,
+        fix: bool,
+        instances: Option<u32>,
+    ) -> Result<Chunks> {
         match self {
             Backend::Remote(r) => {
                 let req = HealthcheckRequest {
                     runner: runner.into(),
                     fix,
+                    instances,
                 };
                 r.post("/healthcheck", &req).await
             }
-            Backend::Embedded(e) => Ok(result_or_error(e.healthcheck(runner, fix).await)),
+            Backend::Embedded(e) => {
+                Ok(result_or_error(e.healthcheck(runner, fix, instances).await))
+            }
         }
     }
 

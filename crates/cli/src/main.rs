@@ -104,6 +104,16 @@ fn init_tracing(global: &cli::GlobalArgs, daemon: bool) {
 }
 
 fn main() -> ExitCode {
+    // A helper process of a large local:exec run (see tg-runner's `helper`): nothing else.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == tg_runner::HELPER_ARG)
+    {
+        return tg_runner::helper_main();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        tg_runner::set_helper_program(exe);
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -153,6 +163,9 @@ fn main() -> ExitCode {
         }
     };
     let res = rt.block_on(cmd::dispatch(cli));
+    // Temp dirs of runs removed after their outcome was shown; what a 10-minute wait does not
+    // finish stays on record for the next engine start.
+    tg_runner::wait_for_cleanup(std::time::Duration::from_secs(600));
     // Do not wait for stray blocking tasks (e.g. a stdin reader) once the command is done.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     match res {

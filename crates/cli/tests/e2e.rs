@@ -916,10 +916,7 @@ fn output_off_a_terminal_is_todays_lines_byte_for_byte() {
         format!("{hd}   #.#s         OK << single[#] >> "),
         format!("{hd}   #.#s    MESSAGE << single[#] >> example-python ok"),
         format!("{hd}   #.#s         OK << single[#] >> "),
-        format!(
-            "{hd}run ID: removed {}/tg-ID-RANDOM",
-            std::env::temp_dir().display()
-        ),
+        // The run's temp dir is removed after the outcome, off the run log.
         format!("{hd}run finished with outcome = success (single:#/#)\t{fields}"),
         String::new(),
         ">>> Result:".into(),
@@ -1117,4 +1114,150 @@ instances = { count = 1 }
         "x.csv",
     ]);
     assert_eq!(out.code, Some(2), "{out}");
+}
+
+/// A plan in `sh` whose instances write `n` numbered lines to stdout and to stderr,
+/// interleaved, then a success event.
+const SH_MANIFEST: &str = r#"name = "sh-streams"
+
+[defaults]
+builder = "exec:generic"
+runner = "local:exec"
+
+[builders."exec:generic"]
+enabled = true
+exec = "sh main.sh"
+
+[runners."local:exec"]
+enabled = true
+
+[[testcases]]
+name = "streams"
+instances = { min = 1, max = 10000, default = 1 }
+"#;
+
+const SH_MAIN: &str = r#"i=0
+while [ $i -lt 300 ]; do
+  echo "out $i"
+  echo "err $i" >&2
+  i=$((i+1))
+done
+echo '{"ts":1,"event":{"success_event":{"group":"single"}}}'
+"#;
+
+#[test]
+fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
+    let home = Home::new();
+    let src = home.plan_src("sh-streams", SH_MANIFEST);
+    std::fs::write(src.join("main.sh"), SH_MAIN).unwrap();
+    let out = home.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Two instances per helper: five instances take three helpers.
+    let out = home
+        .cmd()
+        .env("TESTGROUND_EXEC_HELPER_SHARE", "2")
+        .args([
+            "run",
+            "single",
+            "--plan",
+            "sh-streams",
+            "--testcase",
+            "streams",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "--instances",
+            "5",
+            "--wait",
+        ])
+        .output()
+        .unwrap();
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(s.contains("through 3 helper processes"), "{s}");
+    assert!(s.contains("outcome = success (single:5/5)"), "{s}");
+    let id = queued_id(&out);
+    assert_no_process_left(&id);
+    for i in 0..5 {
+        let dir = home.path().join(format!(
+            "data/outputs/local_exec/sh-streams/{id}/single/{i}"
+        ));
+        let run_out = std::fs::read_to_string(dir.join("run.out")).unwrap();
+        let run_err = std::fs::read_to_string(dir.join("run.err")).unwrap();
+        let want_out: Vec<String> = (0..300).map(|n| format!("out {n}")).collect();
+        let want_err: Vec<String> = (0..300).map(|n| format!("err {n}")).collect();
+        let got_out: Vec<&str> = run_out.lines().filter(|l| !l.starts_with('{')).collect();
+        assert_eq!(got_out, want_out, "instance {i}: stdout");
+        assert!(run_out.contains("success_event"), "{run_out}");
+        assert_eq!(
+            run_err.lines().collect::<Vec<_>>(),
+            want_err,
+            "instance {i}: stderr"
+        );
+    }
+}
+
+#[test]
+fn a_run_beyond_the_open_file_limit_fails_at_once_naming_it() {
+    let home = Home::new();
+    let src = home.plan_src("sh-streams", SH_MANIFEST);
+    std::fs::write(src.join("main.sh"), SH_MAIN).unwrap();
+    let out = home.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // 300 open files, hard: 60 instances need more even through helpers.
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg("--nofile=300:300")
+        .arg("--")
+        .arg(home.cmd().get_program())
+        .args([
+            "run",
+            "single",
+            "--plan",
+            "sh-streams",
+            "--testcase",
+            "streams",
+            "--builder",
+            "exec:generic",
+            "--runner",
+            "local:exec",
+            "--instances",
+            "60",
+            "--wait",
+        ])
+        .envs(home.cmd().get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .env_remove("LOG_LEVEL")
+        .env_remove("RUST_LOG")
+        .current_dir(home.path())
+        .stdin(Stdio::null());
+    let out = cmd.output().unwrap();
+    let s = text(&out);
+    assert!(!out.status.success(), "{s}");
+    assert!(s.contains("60 instances need about"), "{s}");
+    assert!(s.contains("limit is 300"), "{s}");
+    assert!(s.contains("ulimit -Hn"), "{s}");
+    assert!(!s.contains("started 1/60"), "no instance starts: {s}");
+}
+
+#[test]
+fn healthcheck_warns_when_host_limits_are_too_low_for_the_count() {
+    let home = Home::new();
+    let out = home.tg(&[
+        "healthcheck",
+        "--runner",
+        "local:exec",
+        "--instances",
+        "100000000",
+    ]);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(s.contains("- open-files: failed;"), "{s}");
+    assert!(s.contains("ulimit -Hn"), "{s}");
+    assert!(
+        s.contains("- pid-max: failed;") && s.contains("sysctl -w kernel.pid_max"),
+        "{s}"
+    );
+    let out = home.tg(&["healthcheck", "--runner", "local:exec", "--instances", "2"]);
+    let s = text(&out);
+    assert!(s.contains("- open-files: ok;"), "{s}");
 }

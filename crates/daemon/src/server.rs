@@ -439,7 +439,11 @@ async fn healthcheck(State(st): State<AppState>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return *e,
     };
-    match st.engine.healthcheck(&req.runner, req.fix).await {
+    match st
+        .engine
+        .healthcheck(&req.runner, req.fix, req.instances)
+        .await
+    {
         Ok(r) => one(Chunk::result(serde_json::to_value(r).unwrap_or_default())),
         Err(e) => one(Chunk::error(e.to_string())),
     }

@@ -44,6 +44,16 @@ pub enum RunError {
         source: std::io::Error,
     },
 
+    #[error(
+        "{instances} instances need about {need} open files in the engine, but its limit is {limit}: {hint}"
+    )]
+    FileLimit {
+        instances: u32,
+        need: u64,
+        limit: u64,
+        hint: String,
+    },
+
     #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,

@@ -9,6 +9,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
+use crate::helper::{HelperPipe, HelperPool};
 use crate::launch::{InstanceSpec, LaunchContext, Launched, Launcher, NetEnv, Stop};
 use crate::supervisor::Termination;
 use crate::tracking::RunTracker;
@@ -33,7 +34,10 @@ pub(crate) struct ExecLauncher {
     sync_port: u16,
     state_dir: PathBuf,
     run_id: String,
+    total: u32,
     tracker: Option<RunTracker>,
+    /// Set when the run's instances are started through helper processes (see `helper.rs`).
+    helpers: Option<HelperPool>,
 }
 
 impl ExecLauncher {
@@ -43,7 +47,9 @@ impl ExecLauncher {
             sync_port: input.sync_port,
             state_dir: state_dir(input),
             run_id: input.run_id.clone(),
+            total: input.total_instances,
             tracker: None,
+            helpers: None,
         }
     }
 
@@ -109,8 +115,59 @@ impl ExecLauncher {
         }
     }
 
+    /// Decides how `local:exec` holds the run's instances within the engine's open-file limit:
+    /// directly when they fit, else through helper processes (each holding a share of the
+    /// pipes), else not at all: an error that names the limit, what is needed and how to
+    /// raise it, before any instance starts. `TESTGROUND_EXEC_HELPER_SHARE=<n>` forces helpers
+    /// of `n` instances each (for tests and measurements).
+    fn plan_descriptors(&mut self) -> Result<Option<String>, RunError> {
+        use crate::limits::{engine_need, helper_share, raise_nofile_hint, try_raise_nofile};
+        let n = u64::from(self.total);
+        let forced = std::env::var("TESTGROUND_EXEC_HELPER_SHARE")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0);
+        let direct = engine_need("local:exec", n, 0);
+        if forced.is_none() && try_raise_nofile(direct) >= direct {
+            return Ok(None);
+        }
+        let hard = crate::limits::nofile().1;
+        let Some(program) = crate::helper::helper_program() else {
+            let limit = try_raise_nofile(direct);
+            return Err(RunError::FileLimit {
+                instances: self.total,
+                need: direct,
+                limit,
+                hint: raise_nofile_hint(direct, hard),
+            });
+        };
+        let share = forced.unwrap_or_else(|| helper_share(hard));
+        let helpers = n.div_ceil(share);
+        let need = engine_need("local:exec", n, helpers);
+        let limit = try_raise_nofile(need);
+        if limit < need {
+            return Err(RunError::FileLimit {
+                instances: self.total,
+                need,
+                limit,
+                hint: raise_nofile_hint(need, hard),
+            });
+        }
+        self.helpers = Some(HelperPool::new(
+            program.to_path_buf(),
+            share as usize,
+            &self.run_id,
+        ));
+        Ok(Some(format!(
+            "starting instances through {helpers} helper processes of {share} instances each \
+             (open files: {direct} needed without helpers, limit {limit})"
+        )))
+    }
+
     /// Kills what is left of the run's processes; returns lines for the run log.
-    pub(crate) async fn finish(self) -> Vec<String> {
+    pub(crate) async fn finish(mut self) -> Vec<String> {
+        // Helpers kill what they still run once their stdin closes.
+        drop(self.helpers.take());
         match self.tracker {
             Some(t) => t.finish().await,
             None => Vec::new(),
@@ -123,6 +180,9 @@ impl Launcher for ExecLauncher {
 
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
         for line in self.track(&ctx.temp_root)? {
+            let _ = ctx.events.send(RunnerEvent::Log(line)).await;
+        }
+        if let Some(line) = self.plan_descriptors()? {
             let _ = ctx.events.send(RunnerEvent::Log(line)).await;
         }
         Ok(NetEnv {
@@ -138,6 +198,34 @@ impl Launcher for ExecLauncher {
     }
 
     async fn launch(&mut self, spec: &InstanceSpec) -> Result<ExecInstance, RunError> {
+        if let Some(pool) = &mut self.helpers {
+            let artifact = absolute(&spec.artifact);
+            let tracker = &self.tracker;
+            let prepare = |cmd: &mut Command| {
+                if let Some(t) = tracker {
+                    t.apply(cmd);
+                }
+            };
+            return match pool
+                .spawn(spec.ordinal, &artifact, &spec.env, &prepare)
+                .await
+            {
+                Ok(h) => Ok(ExecInstance {
+                    pgid: Some(h.pid),
+                    proc: Proc::Helped {
+                        exit: h.exit,
+                        stdout: h.stdout,
+                        stderr: h.stderr,
+                    },
+                }),
+                Err(source) => Err(RunError::Spawn {
+                    group: spec.group_id.clone(),
+                    index: spec.index,
+                    path: artifact,
+                    source,
+                }),
+            };
+        }
         let (cmd, artifact) = self.command(spec);
         self.spawn(spec, cmd, artifact).await
     }
@@ -149,14 +237,29 @@ impl Launcher for ExecLauncher {
 
 /// A host process, leader of its own process group.
 pub(crate) struct ExecInstance {
-    child: Child,
+    proc: Proc,
     pgid: Option<u32>,
+}
+
+/// Who holds the instance's pipes and reaps it.
+enum Proc {
+    /// The engine: a child of this process.
+    Direct(Child),
+    /// A helper process, which forwards its output and exit status.
+    Helped {
+        exit: tokio::sync::watch::Receiver<Option<Termination>>,
+        stdout: Option<HelperPipe>,
+        stderr: Option<HelperPipe>,
+    },
 }
 
 impl ExecInstance {
     fn new(child: Child) -> Self {
         let pgid = child.id();
-        ExecInstance { child, pgid }
+        ExecInstance {
+            proc: Proc::Direct(child),
+            pgid,
+        }
     }
 
     /// Signals the instance's whole process group. Guarded so that a bogus id can never turn
@@ -197,6 +300,7 @@ fn termination(status: std::io::Result<std::process::ExitStatus>) -> Termination
 pub(crate) enum ChildPipe {
     Out(ChildStdout),
     Err(ChildStderr),
+    Helped(HelperPipe),
 }
 
 impl tokio::io::AsyncRead for ChildPipe {
@@ -208,6 +312,7 @@ impl tokio::io::AsyncRead for ChildPipe {
         match self.get_mut() {
             ChildPipe::Out(p) => std::pin::Pin::new(p).poll_read(cx, buf),
             ChildPipe::Err(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+            ChildPipe::Helped(p) => std::pin::Pin::new(p).poll_read(cx, buf),
         }
     }
 }
@@ -216,15 +321,28 @@ impl Launched for ExecInstance {
     type Pipe = ChildPipe;
 
     fn take_stdout(&mut self) -> Option<ChildPipe> {
-        self.child.stdout.take().map(ChildPipe::Out)
+        match &mut self.proc {
+            Proc::Direct(c) => c.stdout.take().map(ChildPipe::Out),
+            Proc::Helped { stdout, .. } => stdout.take().map(ChildPipe::Helped),
+        }
     }
 
     fn take_stderr(&mut self) -> Option<ChildPipe> {
-        self.child.stderr.take().map(ChildPipe::Err)
+        match &mut self.proc {
+            Proc::Direct(c) => c.stderr.take().map(ChildPipe::Err),
+            Proc::Helped { stderr, .. } => stderr.take().map(ChildPipe::Helped),
+        }
     }
 
     async fn wait(&mut self) -> Termination {
-        termination(self.child.wait().await)
+        match &mut self.proc {
+            Proc::Direct(c) => termination(c.wait().await),
+            Proc::Helped { exit, .. } => match exit.wait_for(Option::is_some).await {
+                Ok(t) => t.unwrap_or(Termination::Unknown),
+                // The helper vanished without a word about this instance.
+                Err(_) => Termination::Unknown,
+            },
+        }
     }
 
     fn stop(&mut self, how: Stop) {
@@ -238,7 +356,7 @@ impl Launched for ExecInstance {
 /// Spawns `cmd`, retrying briefly on `ETXTBSY`: a freshly built artifact can still be open
 /// for writing in a child that another thread of this process forked before the builder
 /// closed it (the descriptor goes away at that child's exec).
-async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Child> {
+pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Child> {
     let mut delay = std::time::Duration::from_millis(5);
     for _ in 0..8 {
         match cmd.spawn() {

@@ -47,7 +47,10 @@ struct Pipe<R> {
     /// The current line grew past [`MAX_LINE`]: its rest is captured, not kept.
     overlong: bool,
     capture: PathBuf,
+    /// Open only while output comes in: 10,000 idle instances must not hold 10,000 files.
     file: Option<BufWriter<File>>,
+    /// The capture file exists (later opens append to it).
+    created: bool,
     write_failed: bool,
 }
 
@@ -59,6 +62,7 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
             overlong: false,
             capture,
             file: None,
+            created: false,
             write_failed: false,
         }
     }
@@ -119,6 +123,10 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
     /// Takes the line in `buf` (captured to the file) as text without its line ending.
     fn take_line(&mut self) -> String {
         self.capture_bytes();
+        // Nothing more is buffered: the instance is quiet for now, so give the descriptor back.
+        if self.reader.as_ref().is_none_or(|r| r.buffer().is_empty()) {
+            self.close();
+        }
         let mut end = self.buf.len();
         if end > 0 && self.buf[end - 1] == b'\n' {
             end -= 1;
@@ -142,8 +150,16 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
             return;
         }
         if self.file.is_none() {
-            match File::create(&self.capture) {
-                Ok(f) => self.file = Some(BufWriter::new(f)),
+            let opened = if self.created {
+                std::fs::OpenOptions::new().append(true).open(&self.capture)
+            } else {
+                File::create(&self.capture)
+            };
+            match opened {
+                Ok(f) => {
+                    self.created = true;
+                    self.file = Some(BufWriter::new(f));
+                }
                 Err(e) => {
                     self.fail(e);
                     return;
@@ -152,6 +168,15 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
         }
         if let Some(f) = &mut self.file
             && let Err(e) = f.write_all(bytes)
+        {
+            self.fail(e);
+        }
+    }
+
+    /// Flushes and closes the capture file (it is reopened for the next output).
+    fn close(&mut self) {
+        if let Some(mut f) = self.file.take()
+            && let Err(e) = f.flush()
         {
             self.fail(e);
         }
@@ -166,11 +191,8 @@ impl<R: AsyncRead + Unpin> Pipe<R> {
     /// its events into `run.out`; its own file wins). Without any output, `target` is created
     /// empty so that every instance has both files.
     fn finish(mut self, target: &Path) {
-        let file = self.file.take();
-        let flushed = match file {
-            Some(mut f) => f.flush().is_ok(),
-            None => false,
-        };
+        self.close();
+        let flushed = self.created && !self.write_failed;
         if target.exists() {
             let _ = std::fs::remove_file(&self.capture);
             return;

@@ -17,6 +17,9 @@
 //! - `run_loop`: the shared loop: outputs, start, timeout, cancellation, the result.
 //! - `launch`: the launcher seam (`Launcher`, `Launched`).
 //! - `exec`: host processes (`local:exec`), also used by `netns`.
+//! - `helper`: helper processes that hold a share of a large `local:exec` run's pipes.
+//! - `limits`: the open-file budget of a run and the host limits `healthcheck` reports.
+//! - `cleanup`: slow cleanup (temp dirs) done after the outcome is out, on one thread.
 //! - `netns`: what `local:netns` adds: privilege check, the run's network, jails.
 //! - `docker`: `local:docker`: containers joined to pause containers whose namespaces the
 //!   run's sidecar wires exactly as under `local:netns`.
@@ -30,14 +33,17 @@
 //!   [`clean_leftovers`] for runs whose engine was killed.
 //! - `error`: [`RunError`].
 
+mod cleanup;
 mod config;
 mod docker;
 mod env;
 mod error;
 mod exec;
+mod helper;
 mod instance;
 mod k8s;
 mod launch;
+mod limits;
 mod line;
 mod netns;
 mod outputs;
@@ -57,9 +63,12 @@ use tg_api::task::RunResult;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use cleanup::wait_for_cleanup;
 pub use config::{ConfigKey, DockerConfig, K8sConfig, RunConfig};
 pub use error::RunError;
+pub use helper::{HELPER_ARG, helper_main, set_helper_program};
 pub use instance::MAX_LINE;
+pub use limits::{DEFAULT_CHECK_INSTANCES, host_checks};
 pub use line::{InstanceLine, LineKind};
 pub use outputs::{collect_outputs, outputs_dir};
 pub use registry::{get as runner, runners};
@@ -125,6 +134,14 @@ pub trait Runner: Send + Sync {
     /// images) and reports it in [`HealthCheck::fix`]. `env` is the runner's configuration
     /// from `.env.toml` (where a cluster runner finds its cluster).
     fn healthcheck(&self, fix: bool, env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>>;
+
+    /// Whether this host's limits (open files, pids, threads, memory) hold a run of
+    /// `instances` instances on this machine; each failed check says how to raise its limit.
+    /// Runners whose instances run elsewhere have none.
+    fn host_checks(&self, instances: u32) -> Vec<HealthCheck> {
+        let _ = instances;
+        Vec::new()
+    }
 
     /// Runs to completion. Returns `Ok` whatever the instances did (their fate is in
     /// [`RunOutput::result`]; a fired cancel gives outcome `canceled`); `Err` only when the

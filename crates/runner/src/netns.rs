@@ -115,6 +115,7 @@ impl Launcher for NetnsLauncher {
 
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
         check_privileges()?;
+        crate::limits::check_direct("local:netns", self.input.total_instances)?;
         self.events = Some(ctx.events.clone());
         for line in self.exec.track(&ctx.temp_root)? {
             let _ = ctx.events.send(RunnerEvent::Log(line)).await;

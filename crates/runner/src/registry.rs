@@ -92,6 +92,10 @@ impl Runner for LocalExec {
         Box::pin(async { Vec::new() })
     }
 
+    fn host_checks(&self, instances: u32) -> Vec<HealthCheck> {
+        crate::limits::host_checks(self.id(), instances)
+    }
+
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
         Box::pin(async move {
             let launcher = ExecLauncher::new(&ctx.input);
@@ -123,6 +127,10 @@ impl Runner for LocalNetns {
 
     fn healthcheck(&self, _fix: bool, _env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {
         Box::pin(async { crate::netns::health() })
+    }
+
+    fn host_checks(&self, instances: u32) -> Vec<HealthCheck> {
+        crate::limits::host_checks(self.id(), instances)
     }
 
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {

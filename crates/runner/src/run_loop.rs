@@ -290,9 +290,17 @@ pub(crate) async fn run_loop<L: Launcher>(
     let elapsed = start.elapsed();
     let outcomes = sup.finish(elapsed);
     flush(&mut sup, &events).await;
-    if let Err(e) = tokio::task::spawn_blocking(move || temp_root.close()).await {
-        tracing::warn!(error = %e, "cannot remove the run's temp dir");
-    }
+    // Thousands of instance dirs take seconds to remove: the outcome does not wait for that.
+    // (A tracked run's record names this dir, so a process that exits first leaves it to the
+    // next engine start.)
+    let temp_root = temp_root.keep();
+    crate::cleanup::defer(move || {
+        if let Err(e) = std::fs::remove_dir_all(&temp_root)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, dir = %temp_root.display(), "cannot remove the run's temp dir");
+        }
+    });
     if let Some(e) = spawn_error {
         return Err(e);
     }
@@ -344,6 +352,7 @@ mod tests {
         stops: Vec<(usize, Stop, Duration)>,
         teardowns: u32,
         temp_root_mode: u32,
+        temp_root: Option<std::path::PathBuf>,
     }
 
     struct Fake {
@@ -367,6 +376,7 @@ mod tests {
 
         async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
             use std::os::unix::fs::PermissionsExt;
+            self.log.lock().unwrap().temp_root = Some(ctx.temp_root.clone());
             self.log.lock().unwrap().temp_root_mode = std::fs::metadata(&ctx.temp_root)
                 .unwrap()
                 .permissions()
@@ -639,6 +649,27 @@ mod tests {
         assert_eq!(log.launched, vec![0]);
         assert_eq!(log.stops[0].0, 0);
         assert_eq!(log.teardowns, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_outcome_does_not_wait_for_the_temp_dirs() {
+        let h = Harness::new();
+        // Hold the cleanup thread: the run must still end, with its temp dir not yet removed.
+        let gate = crate::cleanup::GATE.lock().await;
+        let (out, _) = h
+            .run(
+                vec![Script::OkAfter(Duration::from_secs(1)); 3],
+                Duration::from_secs(60),
+                CancellationToken::new(),
+                None,
+            )
+            .await;
+        assert_eq!(out.unwrap().result.outcome, Outcome::Success);
+        let temp = h.log.lock().unwrap().temp_root.clone().unwrap();
+        assert!(temp.join("g/2").is_dir(), "cleanup ran before the outcome");
+        drop(gate);
+        assert!(crate::cleanup::wait_for_cleanup(Duration::from_secs(60)));
+        assert!(!temp.exists(), "the temp dir is removed after the outcome");
     }
 
     #[tokio::test(start_paused = true)]

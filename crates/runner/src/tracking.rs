@@ -208,16 +208,26 @@ impl RunTracker {
         self.cgroup.is_some()
     }
 
-    /// Kills every remaining process of the run, removes its cgroup, any temp dir still there,
-    /// and the record. Returns what it did, for the run log.
+    /// Kills every remaining process of the run and removes its cgroup; returns what it did,
+    /// for the run log. Removing its temp dirs, then its record, is left to the cleanup thread
+    /// (`cleanup.rs`), so that the run's outcome does not wait for the disk: until the record
+    /// is gone, the next engine start would finish the job.
     pub(crate) async fn finish(mut self) -> Vec<String> {
         self.live = false;
         let record = self.record.clone();
         let cgroup = self.cgroup.take();
         let state_dir = self.state_dir.clone();
-        tokio::task::spawn_blocking(move || clean_run(&state_dir, &record, cgroup))
-            .await
-            .unwrap_or_else(|e| vec![format!("cleaning the run's processes failed: {e}")])
+        let killed = tokio::task::spawn_blocking(move || {
+            let (lines, cgroup_kept) = kill_run(&record, cgroup);
+            crate::cleanup::defer(move || {
+                for line in remove_rest(&state_dir, &record, cgroup_kept) {
+                    tracing::info!("{line}");
+                }
+            });
+            lines
+        })
+        .await;
+        killed.unwrap_or_else(|e| vec![format!("cleaning the run's processes failed: {e}")])
     }
 }
 
@@ -245,6 +255,14 @@ impl Drop for RunTracker {
 /// Kills what remains of the run `record` describes (cgroup members and marked processes),
 /// removes its cgroup, temp dirs and record. Blocking.
 fn clean_run(state_dir: &Path, record: &Record, cgroup: Option<Cgroup>) -> Vec<String> {
+    let (mut done, cgroup_kept) = kill_run(record, cgroup);
+    done.extend(remove_rest(state_dir, record, cgroup_kept));
+    done
+}
+
+/// Kills what remains of the run (cgroup members and marked processes) and removes its cgroup.
+/// Returns what it did and whether the cgroup had to be kept.
+fn kill_run(record: &Record, cgroup: Option<Cgroup>) -> (Vec<String>, bool) {
     let id = &record.run_id;
     let mut done = Vec::new();
     let mut cgroup_kept = false;
@@ -275,6 +293,13 @@ fn clean_run(state_dir: &Path, record: &Record, cgroup: Option<Cgroup>) -> Vec<S
             "run {id}: killed {killed} processes marked {MARKER}={id}"
         ));
     }
+    (done, cgroup_kept)
+}
+
+/// Removes the run's temp dirs, then its record (kept while its cgroup is).
+fn remove_rest(state_dir: &Path, record: &Record, cgroup_kept: bool) -> Vec<String> {
+    let id = &record.run_id;
+    let mut done = Vec::new();
     for dir in &record.temp_dirs {
         if owned_dir(id, dir) && dir.exists() {
             match fs::remove_dir_all(dir) {
@@ -669,6 +694,8 @@ mod tests {
         child.wait().await.unwrap();
         assert!(members.iter().all(|&p| dead(p)));
         assert!(!cg_path.exists());
+        // Temp dirs and the record go on the cleanup thread, after the outcome.
+        assert!(crate::cleanup::wait_for_cleanup(Duration::from_secs(60)));
         assert!(!temp.exists());
         assert!(!Record::path(state.path(), &id).exists());
     }

@@ -359,8 +359,10 @@ async fn environment_contract() {
     assert_eq!(v("REDIS_HOST"), "localhost");
     assert_eq!(v("INFLUXDB_URL"), "");
     assert_eq!(v("HOSTNAME"), "envgroup-1-c7fjstge");
-    // The temp dir existed for the instance and is gone after the run.
+    // The temp dir existed for the instance and is gone once the run's cleanup is done
+    // (it runs after the outcome, on the cleanup thread).
     assert!(dir.join("temp-existed").exists());
+    assert!(tg_runner::wait_for_cleanup(std::time::Duration::from_secs(60)));
     assert!(!Path::new(v("TEST_TEMP_PATH")).exists());
 }
 

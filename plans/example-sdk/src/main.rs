@@ -11,6 +11,7 @@ fn main() {
         ("ok", TestCase::plain(ok)),
         ("params", TestCase::plain(params)),
         ("sync", TestCase::initialized(sync)),
+        ("barriers", TestCase::initialized(barriers)),
         ("metrics", TestCase::plain(metrics)),
         ("output", TestCase::plain(output)),
         ("panic", TestCase::plain(crash)),
@@ -57,6 +58,22 @@ async fn sync(env: &RunEnv, ic: &InitContext) -> CaseResult {
     env.record_message(format!("instance {} saw all {n} instances", ic.global_seq));
     // Nobody leaves before everyone has checked.
     ic.sync.signal_and_wait("done", n as i64).await?;
+    Ok(())
+}
+
+/// `rounds` barriers of all instances, one after the other: the load of many live instances
+/// on the sync service and the engine (the 10,000-instance benchmark).
+async fn barriers(env: &RunEnv, ic: &InitContext) -> CaseResult {
+    let n = env.test_instance_count as i64;
+    let rounds = env.int_param("rounds")?;
+    for round in 0..rounds {
+        ic.sync
+            .signal_and_wait(&format!("round-{round}"), n)
+            .await?;
+    }
+    if ic.global_seq == 1 {
+        env.record_message(format!("{n} instances passed {rounds} barriers"));
+    }
     Ok(())
 }
 

@@ -265,7 +265,7 @@ fn report_text(r: &HealthcheckReport) -> String {
 
 pub async fn healthcheck(ctx: Ctx, g: &GlobalArgs, a: &HealthcheckArgs) -> Result<()> {
     with_backend(&ctx, g, async move |b| {
-        let chunks = b.healthcheck(&a.runner, a.fix).await?;
+        let chunks = b.healthcheck(&a.runner, a.fix, a.instances).await?;
         let v = consume(chunks, None).await?;
         let r: HealthcheckReport =
             serde_json::from_value(v).context("cannot decode the healthcheck report")?;

@@ -757,6 +757,7 @@ impl Engine {
         &self,
         runner: &str,
         fix: bool,
+        instances: Option<u32>,
     ) -> Result<HealthcheckReport, EngineError> {
         let runner = tg_runner::runner(runner)?;
         let mut report = HealthcheckReport::default();
@@ -788,7 +789,9 @@ impl Engine {
             }
         }
         let env = self.runner_env(runner.id());
-        for check in runner.healthcheck(fix, &env).await {
+        let mut checks = runner.healthcheck(fix, &env).await;
+        checks.extend(runner.host_checks(instances.unwrap_or(tg_runner::DEFAULT_CHECK_INSTANCES)));
+        for check in checks {
             report.checks.push(HealthcheckItem {
                 name: check.name.into(),
                 status: if check.ok { "ok" } else { "failed" }.into(),
