@@ -362,7 +362,9 @@ async fn environment_contract() {
     // The temp dir existed for the instance and is gone once the run's cleanup is done
     // (it runs after the outcome, on the cleanup thread).
     assert!(dir.join("temp-existed").exists());
-    assert!(tg_runner::wait_for_cleanup(std::time::Duration::from_secs(60)));
+    assert!(tg_runner::wait_for_cleanup(std::time::Duration::from_secs(
+        60
+    )));
     assert!(!Path::new(v("TEST_TEMP_PATH")).exists());
 }
 
