@@ -77,21 +77,10 @@ impl ExecLauncher {
         Ok(lines)
     }
 
-    /// The command of one instance, before spawning.
+    /// The command of one instance, before spawning (its tracking applied).
     pub(crate) fn command(&self, spec: &InstanceSpec) -> (Command, PathBuf) {
         let artifact = absolute(&spec.artifact);
-        let mut cmd = Command::new(&artifact);
-        cmd.env_clear()
-            .envs(spec.env.iter().cloned())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            // The leader is reaped even if its task is aborted (the instance's drop kills it).
-            .kill_on_drop(true);
-        // A killed engine takes its instances with it at once; what they started is in the
-        // run's tracker, for the next engine start.
-        tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
+        let mut cmd = instance_command(artifact.as_os_str(), spec.env.iter().cloned());
         if let Some(t) = &self.tracker {
             t.apply(&mut cmd);
         }
@@ -368,4 +357,29 @@ pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Ch
         }
     }
     cmd.spawn()
+}
+
+/// An instance's process, as the engine or a helper spawns it: only its environment, piped
+/// stdout and stderr, its own process group, and tied to its parent.
+pub(crate) fn instance_command<K, V>(
+    program: &std::ffi::OsStr,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> Command
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(program);
+    cmd.env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        // The leader is reaped even if its task is aborted (the instance's drop kills it).
+        .kill_on_drop(true);
+    // A killed parent takes its instances with it at once; what they started is in the run's
+    // tracker, for the next engine start.
+    tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
+    cmd
 }

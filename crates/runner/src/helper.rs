@@ -278,15 +278,7 @@ async fn spawn_one(
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     live: &Arc<Mutex<HashMap<u32, Served>>>,
 ) {
-    let mut cmd = Command::new(program);
-    cmd.env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
+    let mut cmd = crate::exec::instance_command(program, env);
     let mut child = match crate::exec::spawn_retrying_busy(&mut cmd).await {
         Ok(c) => c,
         Err(e) => {

@@ -70,7 +70,7 @@ pub use helper::{HELPER_ARG, helper_main, set_helper_program};
 pub use instance::MAX_LINE;
 pub use limits::{DEFAULT_CHECK_INSTANCES, host_checks};
 pub use line::{InstanceLine, LineKind};
-pub use outputs::{collect_outputs, outputs_dir};
+pub use outputs::{collect_outputs, instance_dirs, outputs_dir};
 pub use registry::{get as runner, runners};
 pub use supervisor::{Exit, InstanceReport, OutcomeRule, StopReason, Termination};
 pub use tracking::{clean_leftovers, runs_dir};

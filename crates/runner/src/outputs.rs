@@ -22,6 +22,38 @@ pub fn outputs_dir(outputs_root: &Path, runner: &str, plan: &str, run_id: &str) 
         .join(run_id)
 }
 
+/// `(group, index, <run dir>/<group>/<index>)` of every instance directory of a run, by group
+/// then index; none when the run left no outputs. Entries that are not an instance's directory
+/// (files, non-numeric names) are skipped.
+pub fn instance_dirs(run_dir: &Path) -> std::io::Result<Vec<(String, u32, PathBuf)>> {
+    let mut out = Vec::new();
+    let groups = match std::fs::read_dir(run_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for g in groups {
+        let g = g?;
+        if !g.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(group) = g.file_name().into_string() else {
+            continue;
+        };
+        for i in std::fs::read_dir(g.path())? {
+            let i = i?;
+            let index = i.file_name().to_str().and_then(|s| s.parse::<u32>().ok());
+            if let Some(index) = index
+                && i.file_type().is_ok_and(|t| t.is_dir())
+            {
+                out.push((group.clone(), index, i.path()));
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    Ok(out)
+}
+
 /// A name that is a single, ordinary path component (nothing that climbs out of the root).
 pub(crate) fn is_plain_component(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')

@@ -75,33 +75,9 @@ pub fn default_measure(kind: &str) -> &'static str {
     }
 }
 
-/// `<run dir>/<group>/<index>` of every instance that has an outputs directory, in order.
-pub fn instance_dirs(run_dir: &Path) -> Vec<(String, u32, PathBuf)> {
-    let mut out = Vec::new();
-    let Ok(groups) = std::fs::read_dir(run_dir) else {
-        return out;
-    };
-    for g in groups.flatten() {
-        let Ok(name) = g.file_name().into_string() else {
-            continue;
-        };
-        if !g.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let Ok(instances) = std::fs::read_dir(g.path()) else {
-            continue;
-        };
-        for i in instances.flatten() {
-            let idx = i.file_name().to_str().and_then(|s| s.parse::<u32>().ok());
-            if let Some(idx) = idx
-                && i.file_type().is_ok_and(|t| t.is_dir())
-            {
-                out.push((name.clone(), idx, i.path()));
-            }
-        }
-    }
-    out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-    out
+/// Every instance directory of the run; an unreadable run directory shows as no instances.
+fn instance_dirs(run_dir: &Path) -> Vec<(String, u32, PathBuf)> {
+    tg_runner::instance_dirs(run_dir).unwrap_or_default()
 }
 
 /// Calls `f` with every metric line of `set` in `dir`.

@@ -368,34 +368,21 @@ async fn skip_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Re
 /// `(group, <dir>/<group>/<index>)` for every instance directory of a run, in order. A run that
 /// left no outputs has none.
 async fn instance_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>, ExportError> {
-    let read = |path: &Path| {
-        let path = path.to_path_buf();
-        async move {
-            let mut out = Vec::new();
-            let mut rd = match tokio::fs::read_dir(&path).await {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                Err(source) => return Err(ExportError::Read { path, source }),
-            };
-            while let Some(e) = rd.next_entry().await.map_err(|source| ExportError::Read {
-                path: path.clone(),
-                source,
-            })? {
-                if e.file_type().await.is_ok_and(|t| t.is_dir()) {
-                    out.push((e.file_name().to_string_lossy().into_owned(), e.path()));
-                }
-            }
-            out.sort();
-            Ok(out)
+    let path = dir.to_path_buf();
+    let listed = tokio::task::spawn_blocking(move || tg_runner::instance_dirs(&path)).await;
+    let dirs = match listed {
+        Ok(r) => r.map_err(|source| ExportError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?,
+        Err(e) => {
+            return Err(ExportError::Read {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(e),
+            });
         }
     };
-    let mut all = Vec::new();
-    for (group, gdir) in read(dir).await? {
-        for (_, idir) in read(&gdir).await? {
-            all.push((group.clone(), idir));
-        }
-    }
-    Ok(all)
+    Ok(dirs.into_iter().map(|(g, _, p)| (g, p)).collect())
 }
 
 #[cfg(test)]
