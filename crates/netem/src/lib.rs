@@ -61,6 +61,7 @@
 
 pub mod config;
 pub mod link;
+pub mod offload;
 pub mod packet;
 mod sched;
 pub mod stage;
@@ -72,6 +73,7 @@ use std::net::Ipv4Addr;
 
 pub use config::{Filter, NodeConfig, Rule, Shape};
 pub use link::{Link, Transmit};
+pub use offload::Offload;
 pub use stats::{DropReason, Stats, Verdict};
 
 /// Nanoseconds on a monotonic clock whose origin the caller picks.
@@ -100,6 +102,9 @@ impl std::fmt::Display for NodeId {
 pub struct Delivery {
     pub to: NodeId,
     pub packet: Vec<u8>,
+    /// What the receiving kernel is to finish: [`Offload::NONE`] unless the packet was offered with
+    /// offloads through [`Emulator::send_offloaded`] and passed whole.
+    pub offload: Offload,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -400,6 +405,76 @@ impl Emulator {
         }
     }
 
+    /// Offers a packet read from a TUN with offloads: `off` says what its sender's kernel left undone (see
+    /// [`offload`]). Every impairment still acts per wire packet, and the counters count wire packets:
+    ///
+    /// - a link that only delays (accepts, no loss, duplication, corruption, reordering, jitter or bandwidth
+    ///   limit; [`Link::only_delays`]) would treat each of the packet's wire packets alike, so the packet
+    ///   passes whole, still offloaded: one delivery (with [`Delivery::offload`]) for all its segments,
+    ///   due `latency` after `now`, counted as as many packets sent and delivered as it has segments;
+    /// - on any other link, and whatever is dropped before the link is chosen, the packet is first turned
+    ///   into its wire packets ([`offload::wire_packets`]: a super-packet segmented, a partial checksum
+    ///   completed, so that a corrupted bit is caught by the receiver as on a wire), which then go through
+    ///   [`send`](Self::send) one by one: the same fates, random draws and counters as if the sender's
+    ///   kernel had segmented them itself.
+    ///
+    /// A packet whose offloads cannot be carried out (not TCP/IPv4, a checksum offset outside it) is dropped
+    /// as malformed.
+    pub fn send_offloaded(
+        &mut self,
+        now: Nanos,
+        from: NodeId,
+        packet: Vec<u8>,
+        off: Offload,
+    ) -> Verdict {
+        if off.is_none() {
+            return self.send(now, from, packet);
+        }
+        if let Some((to, latency)) = self.whole_path(from, &packet) {
+            let Ok(wire) = offload::wire_count(&packet, off) else {
+                self.stats.sent += 1;
+                return self.dropped(DropReason::Malformed);
+            };
+            self.stats.sent += wire as u64;
+            self.sched.push_offloaded(
+                now.saturating_add(latency),
+                to,
+                packet,
+                off,
+                u32::try_from(wire).unwrap_or(u32::MAX),
+            );
+            return Verdict::Scheduled;
+        }
+        let mut wire = Vec::new();
+        if offload::wire_packets(packet, off, &mut wire).is_err() {
+            self.stats.sent += 1;
+            return self.dropped(DropReason::Malformed);
+        }
+        // Scheduled if any wire packet was, else what happened to the first.
+        let mut verdict = None;
+        for p in wire {
+            let v = self.send(now, from, p);
+            if verdict.is_none() || v == Verdict::Scheduled {
+                verdict = Some(v);
+            }
+        }
+        verdict.unwrap_or(Verdict::Dropped(DropReason::Malformed))
+    }
+
+    /// The receiver and the latency when `from`'s packet would pass every check and its link only delays it.
+    fn whole_path(&mut self, from: NodeId, packet: &[u8]) -> Option<(NodeId, Nanos)> {
+        let dst = u32::from(packet::parse_ipv4(packet)?.dst);
+        let &to = self.by_addr.get(&dst)?;
+        if !self.node(to)?.config.enabled {
+            return None;
+        }
+        let sender = self.nodes.get_mut(from.index())?.as_mut()?;
+        if !sender.config.enabled {
+            return None;
+        }
+        Some((to, sender.link_for(dst).only_delays()?))
+    }
+
     /// The next packet due at or before `now`, in due-time order (ties broken by the order they were
     /// scheduled, so it is deterministic). Call repeatedly until None.
     pub fn poll(&mut self, now: Nanos) -> Option<Delivery> {
@@ -411,16 +486,17 @@ impl Emulator {
         loop {
             let e = self.sched.pop_due(now)?;
             if self.node(e.to).is_some() {
-                self.stats.delivered += 1;
+                self.stats.delivered += u64::from(e.wire);
                 return Some((
                     e.due,
                     Delivery {
                         to: e.to,
                         packet: e.packet,
+                        offload: e.offload,
                     },
                 ));
             }
-            self.stats.discarded += 1;
+            self.stats.discarded += u64::from(e.wire);
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use crate::stage::{Corrupt, Delay, Duplicate, Loss, Rate};
+use crate::stage::{Chance, Corrupt, Delay, Duplicate, Loss, Rate};
 use crate::{Filter, Nanos, Shape};
 
 /// The state of one (sender, rule-or-default) pair: its filter and the stages of its pipeline.
@@ -18,6 +18,10 @@ pub struct Link {
     corrupt: Corrupt,
     rate: Rate,
     delay: Delay,
+    /// The latency, when the link does nothing else to a packet (accepts it, no random stage, no
+    /// bandwidth limit): then every wire packet of a super-packet would get the same fate, so it may pass
+    /// whole.
+    whole: Option<Nanos>,
 }
 
 /// A packet's fate after the corrupt, rate and delay stages.
@@ -32,7 +36,17 @@ pub struct Transmit {
 impl Link {
     /// A fresh link (empty queue, no correlation memory) whose random streams all derive from `seed`.
     pub fn new(filter: Filter, shape: &Shape, seed: u64) -> Self {
+        let never = |p: f32| Chance::new(p, 0.0).never();
+        let whole = (filter == Filter::Accept
+            && never(shape.loss)
+            && never(shape.duplicate)
+            && never(shape.corrupt)
+            && (never(shape.reorder) || shape.latency == 0)
+            && shape.jitter == 0
+            && shape.bandwidth == 0)
+            .then_some(shape.latency);
         Self {
+            whole,
             filter,
             // The link shape has no loss correlation (neither has Testground's LinkShape).
             loss: Loss::new(shape.loss, 0.0, seed),
@@ -47,6 +61,14 @@ impl Link {
                 seed,
             ),
         }
+    }
+
+    /// `Some(latency)` when the link only delays packets (see [`Emulator::send_offloaded`]): each wire
+    /// packet would be accepted and due `latency` after it was offered, with no random draw.
+    ///
+    /// [`Emulator::send_offloaded`]: crate::Emulator::send_offloaded
+    pub fn only_delays(&self) -> Option<Nanos> {
+        self.whole
     }
 
     pub fn filter(&self) -> Filter {

@@ -3,12 +3,17 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 
+use crate::offload::Offload;
 use crate::{Nanos, NodeId};
 
 pub(crate) struct Entry {
     pub due: Nanos,
     pub to: NodeId,
     pub packet: Vec<u8>,
+    /// What the receiving kernel is to finish (a super-packet, a partial checksum).
+    pub offload: Offload,
+    /// How many wire packets it stands for (the segments of a super-packet), for the counters.
+    pub wire: u32,
 }
 
 /// A lane entry: the packet with its ordering key.
@@ -58,9 +63,26 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub fn push(&mut self, due: Nanos, to: NodeId, packet: Vec<u8>) {
+        self.push_offloaded(due, to, packet, Offload::NONE, 1);
+    }
+
+    pub fn push_offloaded(
+        &mut self,
+        due: Nanos,
+        to: NodeId,
+        packet: Vec<u8>,
+        offload: Offload,
+        wire: u32,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let entry = Entry { due, to, packet };
+        let entry = Entry {
+            due,
+            to,
+            packet,
+            offload,
+            wire,
+        };
         if self.lane.back().is_none_or(|last| last.entry.due <= due) {
             self.lane.push_back(Queued { seq, entry });
             return;

@@ -65,6 +65,11 @@ impl Chance {
         self.threshold > 0 && self.threshold < ONE
     }
 
+    /// Whether the event never happens (p = 0).
+    pub fn never(&self) -> bool {
+        self.threshold == 0
+    }
+
     /// One trial. Certain outcomes draw nothing and leave the correlation memory alone.
     pub fn draw(&mut self, rng: &mut impl RngCore) -> bool {
         if !self.is_random() {
