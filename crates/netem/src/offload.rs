@@ -537,7 +537,7 @@ mod tests {
         let mut out = Vec::new();
         let p = tcp(100, 0x10, 0, 0);
         wire_packets(p.clone(), Offload::NONE, &mut out).unwrap();
-        assert_eq!(out, [p.clone()]);
+        assert_eq!(out, std::slice::from_ref(&p));
         out.clear();
         let mut partial = p.clone();
         partial[36..38].copy_from_slice(&pseudo_sum(&p).to_be_bytes());

@@ -5,8 +5,9 @@
 //!
 //! 1. Latency accuracy: one-way latency L on both instances (`default.latency`), UDP round trips
 //!    of small datagrams, compared with the configured 2L.
-//! 2. Unshaped TCP throughput, one stream, next to the same stream over a plain veth pair (the
-//!    kernel's own path between two namespaces: the limit of this machine).
+//! 2. TCP throughput, one stream, unshaped, with latency and with loss, next to the same stream
+//!    over a plain veth pair (the kernel's own path between two namespaces: the limit of this
+//!    machine) shaped alike with `tc netem`, with the pump's CPU per byte and per wire packet.
 //! 3. Small-packet rate: 64-byte UDP datagrams blasted from one instance to another, with the
 //!    pump thread's CPU time per packet and where the packets that did not arrive were lost.
 //!
@@ -16,6 +17,9 @@
 //! cd /work/main && CARGO_TARGET_DIR=/work/target-bench \
 //!     cargo run --release -p tg-sidecar --example netns-bench
 //! ```
+//!
+//! `netns-bench throughput` runs part 2 only (unshaped, latency-only and lossy TCP, each next to a
+//! veth pair shaped alike by `tc netem`; the `row` lines are for scripts).
 //!
 //! `netns-bench latency` runs part 1 only and also prints one `row` line per latency for
 //! scripts (`bench/timing-under-load.sh` compares builds and CPU loads with it). Every probe
@@ -64,10 +68,14 @@ async fn main() -> Result<()> {
     println!("load average at start: {}", loadavg());
     println!();
 
-    latency().await?;
-    if std::env::args().nth(1).as_deref() != Some("latency") {
-        throughput().await?;
-        packet_rate().await?;
+    match std::env::args().nth(1).as_deref() {
+        Some("latency") => latency().await?,
+        Some("throughput") => throughput().await?,
+        _ => {
+            latency().await?;
+            throughput().await?;
+            packet_rate().await?;
+        }
     }
 
     println!();
@@ -303,56 +311,93 @@ fn us(d: Duration) -> i64 {
 // 2. Unshaped TCP throughput: emulator vs plain veth
 // ---------------------------------------------------------------------------------------------
 
+/// The throughput cases: a name and the sender's shaping.
+fn throughput_cases() -> Vec<(&'static str, LinkShape)> {
+    vec![
+        ("unshaped", LinkShape::default()),
+        (
+            "latency 1 ms (sender)",
+            LinkShape {
+                latency: Duration::from_millis(1),
+                ..LinkShape::default()
+            },
+        ),
+        (
+            "loss 1% (sender)",
+            LinkShape {
+                loss: 1.0,
+                ..LinkShape::default()
+            },
+        ),
+    ]
+}
+
 async fn throughput() -> Result<()> {
     println!(
-        "2. Unshaped TCP throughput: one stream for {} s, {} KiB writes",
+        "2. TCP throughput: one stream for {} s, {} KiB writes, through the emulator, each \
+         next to the same stream over a plain unshaped veth pair (the kernel's own path: this \
+         machine's limit; this kernel has no netem qdisc to shape it alike)",
         TCP_DURATION.as_secs(),
         TCP_WRITE / 1024
     );
-    // Through the emulator: instance 0 -> pump -> instance 1, no config published.
-    let run = Run::start("tcp", 2).await?;
-    let listener = run.listen(1, 9001)?;
-    let to = SocketAddr::from((run.addr(1), 9001));
-    let ns0 = run.instances[0].netns.try_clone()?;
-    let pump = PumpClock::find(&run.run_id);
-    let cpu0 = pump.as_ref().map(PumpClock::read);
-    let emu = tokio::task::block_in_place(|| tcp_stream(listener, &ns0, to));
-    let cpu = pump.as_ref().zip(cpu0).map(|(p, c0)| p.read() - c0);
-    drop(ns0);
-    let stats = run.net.shutdown().await;
-    let (emu_bytes, emu_secs) = emu?;
+    for (name, shape) in throughput_cases() {
+        println!("   {name}:");
+        // Through the emulator: instance 0 -> pump -> instance 1.
+        let run = Run::start("tcp", 2).await?;
+        if shape != LinkShape::default() {
+            run.configure_shape(0, shape).await?;
+        }
+        let listener = run.listen(1, 9001)?;
+        let to = SocketAddr::from((run.addr(1), 9001));
+        let ns0 = run.instances[0].netns.try_clone()?;
+        let pump = PumpClock::find(&run.run_id);
+        let cpu0 = pump.as_ref().map(PumpClock::read);
+        let tun0 = run.counters(0)?;
+        let emu = tokio::task::block_in_place(|| tcp_stream(listener, &ns0, to));
+        let cpu = pump.as_ref().zip(cpu0).map(|(p, c0)| p.read() - c0);
+        // What the sender's TUN handed the pump: one read each (a super-packet with offloads).
+        let reads = run.counters(0)?.tx_packets - tun0.tx_packets;
+        drop(ns0);
+        let stats = run.net.shutdown().await;
+        let (emu_bytes, emu_secs) = emu?;
 
-    // The same stream over a veth pair between two fresh namespaces.
-    let (a, b) = veth_pair().await?;
-    let listener = b.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 9001)))??;
-    let veth = tokio::task::block_in_place(|| tcp_stream(listener, &a, (VETH_B, 9001).into()));
-    // The last handles: the kernel frees both namespaces and the veth pair with them.
-    drop((a, b));
-    let (veth_bytes, veth_secs) = veth?;
+        // The same stream over a veth pair between two fresh namespaces.
+        let (a, b) = veth_pair().await?;
+        let listener = b.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 9001)))??;
+        let veth = tokio::task::block_in_place(|| tcp_stream(listener, &a, (VETH_B, 9001).into()));
+        // The last handles: the kernel frees both namespaces and the veth pair with them.
+        drop((a, b));
+        let (veth_bytes, veth_secs) = veth?;
 
-    let emu_rate = gbit(emu_bytes, emu_secs);
-    let veth_rate = gbit(veth_bytes, veth_secs);
-    println!(
-        "   through the emulator (TUN eth1, MTU 1500): {emu_rate:>6.2} Gbit/s  ({:.2} GiB in {emu_secs:.2} s)",
-        emu_bytes as f64 / GIB
-    );
-    if let Some(cpu) = cpu {
+        let emu_rate = gbit(emu_bytes, emu_secs);
+        let veth_rate = gbit(veth_bytes, veth_secs);
         println!(
-            "      pump thread CPU: {:.2} s = {:.0}% of one core over the transfer",
-            cpu.secs(),
-            100.0 * cpu.secs() / emu_secs
+            "      through the emulator (TUN eth1, MTU 1500): {emu_rate:>6.2} Gbit/s  ({:.2} GiB in {emu_secs:.2} s)",
+            emu_bytes as f64 / GIB
+        );
+        if let Some(cpu) = cpu {
+            let wire = stats.as_ref().map_or(0, |s| s.sent);
+            println!(
+                "         pump thread CPU: {:.2} s = {:.0}% of one core; {:.2} ns per byte received, \
+                 {:.0} ns per wire packet ({wire} wire packets through the emulator in {reads} \
+                 reads from the sender's TUN: {:.1} per read)",
+                cpu.secs(),
+                100.0 * cpu.secs() / emu_secs,
+                cpu.secs() * 1e9 / emu_bytes.max(1) as f64,
+                cpu.secs() * 1e9 / wire.max(1) as f64,
+                wire as f64 / reads.max(1) as f64,
+            );
+        }
+        println!("         emulator counters: {}", counters(stats.as_ref()));
+        println!(
+            "      plain veth pair (kernel only, offloads on):  {veth_rate:>6.2} Gbit/s  ({:.2} GiB in {veth_secs:.2} s)",
+            veth_bytes as f64 / GIB
+        );
+        println!(
+            "      row {name:<24} emulator {emu_rate:.3} Gbit/s  veth {veth_rate:.3} Gbit/s  ratio {:.1}%",
+            100.0 * emu_rate / veth_rate
         );
     }
-    println!("      emulator counters: {}", counters(stats.as_ref()));
-    println!(
-        "   plain veth pair (kernel only, offloads on): {veth_rate:>6.2} Gbit/s  ({:.2} GiB in {veth_secs:.2} s)",
-        veth_bytes as f64 / GIB
-    );
-    println!(
-        "   emulator / veth: {:.1}% (veth is {:.1}x faster)",
-        100.0 * emu_rate / veth_rate,
-        veth_rate / emu_rate
-    );
     println!();
     Ok(())
 }
@@ -783,6 +828,28 @@ impl Run {
             .publish(&topic, serde_json::value::to_raw_value(&cfg)?)
             .await?;
         // Each callback state is used once per run (instance and latency are in its name).
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.sync
+                .barrier(&format!("{}:states:{state}", self.prefix), 1),
+        )
+        .await
+        .map_err(|_| "the sidecar did not apply the config within 10 s")??;
+        Ok(())
+    }
+
+    /// Sets instance `i`'s default link shape, as [`configure`](Self::configure) does its latency.
+    async fn configure_shape(&self, i: usize, shape: LinkShape) -> Result<()> {
+        let state = format!("shape-{i}");
+        let cfg = NetworkConfig {
+            default: shape,
+            callback_state: state.clone(),
+            ..NetworkConfig::default()
+        };
+        let topic = format!("{}:topics:network:{}", self.prefix, self.hostnames[i]);
+        self.sync
+            .publish(&topic, serde_json::value::to_raw_value(&cfg)?)
+            .await?;
         tokio::time::timeout(
             Duration::from_secs(10),
             self.sync

@@ -143,6 +143,52 @@ struct Shared {
     /// The host's end of the run's host link, named in the log when `allow_all` is first used.
     host_addr: Option<Ipv4Addr>,
     log: mpsc::UnboundedSender<SidecarEvent>,
+    /// Whether data interfaces are created with offloads ([`OFFLOAD_ENV`]).
+    offloads: bool,
+    /// Set once the run log said that offloads are unavailable.
+    offloads_refused: std::sync::atomic::AtomicBool,
+}
+
+/// The environment variable that turns TUN offloads of the data interfaces off (`off`, `0`,
+/// `false`, `no`); on by default. Off, the pump reads and writes one wire packet per system
+/// call, as before offloads (for comparisons, or a kernel whose offloads misbehave).
+pub const OFFLOAD_ENV: &str = "TESTGROUND_TUN_OFFLOAD";
+
+fn offloads_from_env() -> bool {
+    let v = std::env::var(OFFLOAD_ENV).unwrap_or_default();
+    !matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "off" | "0" | "false" | "no"
+    )
+}
+
+/// Creates an instance's data interface `eth1`, with offloads when the run uses them. A kernel
+/// that refuses them gets a device without, and the run log says so once.
+fn data_interface(sh: &Shared, ns: &NetNs) -> Result<Tun, SidecarError> {
+    let create = |ns: &NetNs| Tun::create(ns, "eth1").map_err(io_err("create the data interface"));
+    if !sh.offloads {
+        return create(ns);
+    }
+    let (tun, refused) = match Tun::create_offloaded(ns, "eth1") {
+        Ok((tun, Ok(()))) => (tun, None),
+        Ok((tun, Err(e))) => (tun, Some(e)),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            return Err(io_err("create the data interface")(e));
+        }
+        Err(e) => (create(ns)?, Some(e)),
+    };
+    if let Some(e) = refused
+        && !sh
+            .offloads_refused
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        sh.log(format!(
+            "network: TUN offloads are unavailable ({e}), so the packet pump moves one wire \
+             packet per system call and unshaped TCP between instances is several times slower; \
+             shaping is unaffected"
+        ));
+    }
+    Ok(tun)
 }
 
 impl Shared {
@@ -358,6 +404,8 @@ impl RunNetwork {
                 nat: OnceCell::new(),
                 host_addr: host_link.map(|h| h.host_addr()),
                 log,
+                offloads: offloads_from_env(),
+                offloads_refused: std::sync::atomic::AtomicBool::new(false),
             }),
             _lease: lease,
             forward_addr,
@@ -666,7 +714,7 @@ async fn prepare(
         ControlLink::Veth => Some(veth_control_link(sh, &ns, &ctl_if, caddr).await?),
         ControlLink::Existing { .. } => None,
     };
-    let tun = Tun::create(&ns, "eth1").map_err(io_err("create the data interface"))?;
+    let tun = data_interface(sh, &ns)?;
     // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
     tun.set_persist(true)
         .map_err(io_err("make the data interface persistent"))?;

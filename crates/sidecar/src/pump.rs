@@ -36,7 +36,8 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
-use tg_netem::{Emulator, NetemError, NodeConfig, NodeId, Stats};
+use tg_netem::offload::{self, OffloadError, VNET_HDR_LEN, VnetHeader};
+use tg_netem::{Emulator, NetemError, NodeConfig, NodeId, Offload, Stats};
 use tg_sys::Tun;
 use tokio::sync::oneshot;
 
@@ -45,8 +46,10 @@ use crate::forward::{self, ForwardStats, Peers, Refused};
 const WAKER: Token = Token(usize::MAX);
 const TIMER: Token = Token(usize::MAX - 1);
 const FORWARD: Token = Token(usize::MAX - 2);
-/// Larger than any packet a 1500-byte-MTU TUN can produce, with room for a raised MTU.
-const BUF: usize = 65_536;
+/// Room for the largest packet a TUN can produce (a 64 KiB TCP super-packet with offloads, or a
+/// raised MTU) behind its `virtio_net_hdr`.
+const BUF: usize = VNET_HDR_LEN + 65_536;
+const _: () = assert!(VNET_HDR_LEN == tg_sys::tun::VNET_HDR_LEN);
 
 /// The environment variable that turns real-time scheduling of the pump off (`off`, `0`,
 /// `false`, `no`) or sets its priority (1 to 99); unset or `on` means [`DEFAULT_PRIORITY`].
@@ -375,6 +378,7 @@ impl Pump {
                     armed: None,
                     timer,
                     buf: vec![0u8; BUF],
+                    wire: Vec::new(),
                     forward,
                     waiter: Waiter::new(SPIN_WINDOW, SPIN_BUDGET, SPIN_PERIOD),
                     lateness: Lateness::default(),
@@ -542,6 +546,9 @@ struct Worker {
     timer: TimerFd,
     /// The one read buffer: a packet is copied out of it into the emulator.
     buf: Vec<u8>,
+    /// Scratch space for the wire packets of an offloaded packet (segments for a capture, or for
+    /// a destination that cannot take it whole).
+    wire: Vec<Vec<u8>>,
     forward: Option<Forward>,
     waiter: Waiter,
     lateness: Lateness,
@@ -549,6 +556,56 @@ struct Worker {
 
 fn token(id: NodeId) -> Token {
     Token(id.0 as usize)
+}
+
+/// Splits what a TUN read returned into the packet and what its kernel left undone.
+fn offloaded(vnet_hdr: bool, read: &[u8]) -> Result<(&[u8], Offload), OffloadError> {
+    if !vnet_hdr {
+        return Ok((read, Offload::NONE));
+    }
+    let off = VnetHeader::parse(read)?.offload()?;
+    Ok((&read[VNET_HDR_LEN..], off))
+}
+
+/// Captures `data` as the wire packets it stands for: a capture shows what a wire would have
+/// carried (segments, complete checksums), never a super-packet.
+fn capture_offloaded(node: &mut Node, data: &[u8], off: Offload, wire: &mut Vec<Vec<u8>>) {
+    if node.capture.is_none() {
+        return;
+    }
+    if off.is_none() {
+        return capture_packet(node, data);
+    }
+    wire.clear();
+    // The emulator drops what cannot be segmented; the capture shows it as it came.
+    if offload::wire_packets(data.to_vec(), off, wire).is_err() {
+        return capture_packet(node, data);
+    }
+    for p in wire.drain(..) {
+        capture_packet(node, &p);
+    }
+}
+
+/// Writes a packet to a local instance's TUN (and capture). A TUN with offloads gets it as it
+/// is, behind the header that tells its kernel what is left to do; one without gets its wire
+/// packets. A full TUN queue drops the packet, as a full device queue would.
+fn write_tun(node: &mut Node, packet: &[u8], off: Offload, wire: &mut Vec<Vec<u8>>) {
+    capture_offloaded(node, packet, off, wire);
+    if node.tun.vnet_hdr() {
+        let hdr = VnetHeader::for_packet(packet, off).to_bytes();
+        let _ = node
+            .tun
+            .send_parts(&[io::IoSlice::new(&hdr), io::IoSlice::new(packet)]);
+    } else if off.is_none() {
+        let _ = node.tun.send(packet);
+    } else {
+        wire.clear();
+        if offload::wire_packets(packet.to_vec(), off, wire).is_ok() {
+            for p in wire.drain(..) {
+                let _ = node.tun.send(&p);
+            }
+        }
+    }
 }
 
 fn capture_packet(node: &mut Node, data: &[u8]) {
@@ -620,10 +677,16 @@ impl Worker {
             };
             match node.tun.recv(&mut self.buf) {
                 Ok(n) => {
-                    let data = &self.buf[..n];
-                    capture_packet(node, data);
+                    let (data, off) = match offloaded(node.tun.vnet_hdr(), &self.buf[..n]) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::debug!("instance {}: packet dropped: {e}", id.0);
+                            continue;
+                        }
+                    };
+                    capture_offloaded(node, data, off, &mut self.wire);
                     let now = self.now();
-                    self.emu.send(now, id, data.to_vec());
+                    self.emu.send_offloaded(now, id, data.to_vec(), off);
                     // Packets due now (unshaped links, ICMP rejects) go out before the next
                     // read, so an unshaped link adds no batching delay.
                     self.deliver(now);
@@ -645,13 +708,21 @@ impl Worker {
                 self.lateness.record(self.now().saturating_sub(due));
             }
             if let Some(node) = self.nodes.get_mut(&d.to) {
-                capture_packet(node, &d.packet);
-                // A full TUN queue drops the packet, as a full device queue would.
-                let _ = node.tun.send(&d.packet);
+                write_tun(node, &d.packet, d.offload, &mut self.wire);
             } else if let Some(fw) = &mut self.forward
                 && let Some(&peer) = fw.remotes.get(&d.to)
             {
-                fw.send(d.to, peer, &d.packet);
+                // Datagrams carry wire packets: the remote agent's TUN may have no offloads.
+                if d.offload.is_none() {
+                    fw.send(d.to, peer, &d.packet);
+                } else {
+                    self.wire.clear();
+                    if offload::wire_packets(d.packet, d.offload, &mut self.wire).is_ok() {
+                        for p in self.wire.drain(..) {
+                            fw.send(d.to, peer, &p);
+                        }
+                    }
+                }
             }
         }
     }
@@ -694,9 +765,7 @@ impl Worker {
                 fw.stats.disabled += 1;
                 continue;
             }
-            capture_packet(node, packet);
-            // As in `deliver`: a full TUN queue drops the packet.
-            let _ = node.tun.send(packet);
+            write_tun(node, packet, Offload::NONE, &mut self.wire);
             fw.stats.received += 1;
         }
     }
