@@ -3,7 +3,9 @@
 //! The device is created from a thread inside the target namespace so it is born there
 //! (moving it afterwards would need a netlink round trip and would briefly expose it in
 //! the runner's namespace). `IFF_NO_PI` means every read/write is exactly one raw IPv4
-//! or IPv6 packet, which is what the sidecar's packet pipeline wants.
+//! or IPv6 packet, which is what the sidecar's packet pipeline wants. A device created with
+//! offloads ([`Tun::create_offloaded`]) prefixes each of them with a `virtio_net_hdr` and may
+//! carry TCP super-packets; parsing that header is the caller's business (`tg_netem::offload`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
