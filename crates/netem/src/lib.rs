@@ -57,6 +57,8 @@
 //!   [`stage::Rate`], [`stage::Delay`]) and netem's correlated random trial [`stage::Chance`];
 //! - [`stats`]: [`Stats`], [`Verdict`], [`DropReason`];
 //! - [`packet`]: IPv4 header parsing, the internet checksum, the ICMP error a rejecting filter sends;
+//! - [`offload`]: TUN offloads: the `virtio_net_hdr`, TCP/IPv4 segmentation of super-packets and checksum
+//!   completion, used by [`Emulator::send_offloaded`];
 //! - `sched` (private): the release schedule.
 
 pub mod config;
