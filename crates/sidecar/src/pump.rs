@@ -1007,6 +1007,20 @@ mod tests {
     }
 
     #[test]
+    fn reads_are_split_into_header_and_packet() {
+        let p = packet();
+        assert_eq!(offloaded(false, &p), Ok((&p[..], Offload::NONE)));
+        let mut read = VnetHeader::default().to_bytes().to_vec();
+        read.extend_from_slice(&p);
+        assert_eq!(offloaded(true, &read), Ok((&p[..], Offload::NONE)));
+        // A GSO type the pump never enables (UDP) is refused rather than passed on.
+        read[1] = 3;
+        read[4] = 100;
+        assert!(offloaded(true, &read).is_err());
+        assert!(offloaded(true, &read[..4]).is_err());
+    }
+
+    #[test]
     fn the_waiter_sleeps_until_the_window_then_polls() {
         let mut w = Waiter::new(50, 1_000, 10_000);
         assert_eq!(w.plan(0, None), Wait::Idle);

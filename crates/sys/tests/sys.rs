@@ -237,6 +237,70 @@ async fn tun_reads_and_writes_ip_packets() {
     assert_eq!(from, "10.201.0.2:9999".parse::<SocketAddr>().unwrap());
 }
 
+/// With offloads, every read and write carries a 10-byte `virtio_net_hdr` before the packet.
+#[tokio::test]
+async fn tun_with_offloads_frames_packets_with_a_vnet_header() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    let (tun, offloads) = Tun::create_offloaded(&ns, "tun0").unwrap();
+    offloads.expect("this kernel takes TUNSETOFFLOAD with TSO4 and checksum offload");
+    assert!(tun.vnet_hdr());
+    let nl = Netlink::open(&ns).await.unwrap();
+    let index = nl.link_index("tun0").await.unwrap();
+    nl.add_address(index, Ipv4Addr::new(10, 202, 0, 1), 24)
+        .await
+        .unwrap();
+    nl.set_up(index).await.unwrap();
+    nl.wait_oper_up(index, Duration::from_secs(10))
+        .await
+        .unwrap();
+    nl.add_neighbour(index, Ipv4Addr::new(10, 202, 0, 2), &[])
+        .await
+        .unwrap();
+    let sock = ns
+        .run(|| UdpSocket::bind("10.202.0.1:7777"))
+        .unwrap()
+        .unwrap();
+    sock.send_to(b"to the tun", "10.202.0.2:9999").unwrap();
+    let hdr = tg_sys::tun::VNET_HDR_LEN;
+    let mut buf = vec![0u8; hdr + 65_536];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let read = loop {
+        match tun.recv(&mut buf) {
+            Ok(n) if n > hdr && buf[hdr] >> 4 == 4 && buf[hdr + 9] == 17 => {
+                break buf[..n].to_vec();
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no IPv4/UDP packet from the tun");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("tun recv: {e}"),
+        }
+    };
+    // No segmentation for a datagram (gso_type 0); the packet follows the header.
+    assert_eq!(read[1], 0, "gso_type");
+    assert_eq!(&read[hdr + 16..hdr + 20], &[10, 202, 0, 2]);
+    assert_eq!(&read[hdr + 28..], b"to the tun");
+
+    // Inbound: an all-zero header (a complete packet) and the packet, in one write.
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let packet = udp_packet(
+        Ipv4Addr::new(10, 202, 0, 2),
+        Ipv4Addr::new(10, 202, 0, 1),
+        9999,
+        7777,
+        b"from the tun",
+    );
+    let zero = [0u8; 10];
+    let parts = [io::IoSlice::new(&zero), io::IoSlice::new(&packet)];
+    assert_eq!(tun.send_parts(&parts).unwrap(), hdr + packet.len());
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"from the tun");
+}
+
 #[tokio::test]
 async fn routes_addresses_mtu_and_lookups() {
     if !privileged() {
