@@ -60,8 +60,13 @@ const READS_PER_WAKE: usize = 8;
 /// Largest HTTP upgrade request accepted.
 const MAX_HANDSHAKE: usize = 16 << 10;
 
-/// Initial size of an output buffer when a reply arrives for an idle connection.
-const WRITE_CHUNK: usize = 4 << 10;
+/// Initial size of an output buffer when a reply arrives for an idle connection: one reply
+/// fits; a batch grows it. (4 KiB here cost 40 MB of fresh pages on a 10,000-waiter release.)
+const WRITE_CHUNK: usize = 256;
+
+/// A batch whose replies go to more connections than this has its writes shared out among the
+/// runtime's workers (a 10,000-waiter release is 10,000 socket writes).
+const FANOUT_SPLIT: usize = 64;
 
 /// How long a connection that ends may take to flush what is queued for it (a close echo, an
 /// eviction notice), so a peer that stopped reading cannot pin its task.
@@ -291,6 +296,28 @@ fn push_frame(buf: &mut Vec<u8>, opcode: u8, fill: impl FnOnce(&mut Vec<u8>)) ->
     len
 }
 
+/// Writes the output of every connection in `flush`, sharing a large fan-out among the
+/// runtime's workers.
+pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>) {
+    if flush.len() > FANOUT_SPLIT {
+        let workers = tokio::runtime::Handle::try_current()
+            .map_or(1, |h| h.metrics().num_workers())
+            .max(1);
+        let share = flush.len().div_ceil(workers);
+        while flush.len() > share {
+            let part = flush.split_off(flush.len() - share);
+            tokio::spawn(async move {
+                for n in part {
+                    n.flush();
+                }
+            });
+        }
+    }
+    for n in flush.drain(..) {
+        n.flush();
+    }
+}
+
 /// Why a connection's loop ended.
 enum End {
     /// EOF, a read error or a protocol error.
@@ -489,9 +516,13 @@ async fn serve_connection(
         if ready_input {
             ready_input = false;
             let parsed = reader.parse(net, ticket, handle, &mut batch);
+            // Timed for the fan-out log below (a large barrier release).
+            let t0 = std::time::Instant::now();
             if !batch.is_empty() {
                 service.apply_batch(conn, &mut batch, &mut flush);
             }
+            let t1 = std::time::Instant::now();
+            let big = flush.len();
             let end = match parsed {
                 Parsed::More => None,
                 Parsed::Close => Some(End::Closed),
@@ -505,8 +536,15 @@ async fn serve_connection(
             {
                 flush.push(Arc::clone(net));
             }
-            for n in flush.drain(..) {
-                n.flush();
+            flush_all(&mut flush);
+            if big > FANOUT_SPLIT {
+                tracing::debug!(
+                    conn,
+                    connections = big,
+                    apply = ?(t1 - t0),
+                    write = ?t1.elapsed(),
+                    "fan-out written"
+                );
             }
             if let Some(end) = end {
                 return end;
@@ -543,9 +581,7 @@ async fn serve_connection(
                         let _ = reader.parse(net, ticket, handle, &mut batch);
                         if !batch.is_empty() {
                             service.apply_batch(conn, &mut batch, &mut flush);
-                            for n in flush.drain(..) {
-                                n.flush();
-                            }
+                            flush_all(&mut flush);
                         }
                         return End::Gone;
                     }
@@ -689,7 +725,12 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 }
 
 fn on_message(handle: &ConnHandle, ticket: &mut Ticket, bytes: &[u8], batch: &mut Vec<Batched>) {
-    match serde_json::from_slice::<Request>(bytes) {
+    // One UTF-8 check of the whole message (std's is fast on ASCII), rather than serde_json's
+    // check of every string in it (measured at about 5 % of the service's CPU).
+    let parsed = std::str::from_utf8(bytes)
+        .map_err(serde::de::Error::custom)
+        .and_then(serde_json::from_str::<Request>);
+    match parsed {
         // As the reference does: no operation, no answer.
         Ok(req) if !req.is_cancel && !req.has_op() => {
             tracing::debug!(conn = handle.id(), id = %req.id, "request names no operation; ignored");

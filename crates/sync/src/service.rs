@@ -203,9 +203,7 @@ impl SyncService {
             f(&mut sh.core, &mut sh.out);
             sh.after(Vec::new(), &mut flush);
         }
-        for net in flush {
-            net.flush();
-        }
+        crate::server::flush_all(&mut flush);
     }
 
     /// Publishes `payload` (kept verbatim) to `topic`; returns its 1-based sequence number.
@@ -407,17 +405,9 @@ impl Shared {
         for o in self.out.drain(..) {
             let conn = o.conn;
             match self.sinks.get(&conn) {
-                Some(Sink::Net(net)) => {
-                    if net.push(&o) {
-                        flush.push(Arc::clone(net));
-                    }
-                }
-                Some(Sink::Chan(tx)) => {
-                    if tx.send(o).is_err() {
-                        dead.push(conn);
-                    }
-                }
-                None => {}
+                Some(Sink::Net(net)) if net.push(&o) => flush.push(Arc::clone(net)),
+                Some(Sink::Chan(tx)) if tx.send(o).is_err() => dead.push(conn),
+                _ => {}
             }
         }
         // A receiver dropped without its handle: stop feeding it.
