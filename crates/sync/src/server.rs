@@ -407,15 +407,7 @@ async fn handshake(stream: &TcpStream, input: &mut Vec<u8>) -> Result<bool, Stri
             Err(e) => return Err(e.to_string()),
         }
     };
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    let parsed = req.parse(&input[..end]);
-    let checked = match parsed {
-        Ok(httparse::Status::Complete(_)) => check_upgrade(&req),
-        Ok(httparse::Status::Partial) => Err("incomplete upgrade request".to_owned()),
-        Err(e) => Err(e.to_string()),
-    };
-    let (key, is_go) = match checked {
+    let (key, is_go) = match parse_upgrade(&input[..end]) {
         Ok(k) => k,
         Err(e) => {
             refuse(stream, "400 Bad Request").await;
@@ -432,6 +424,18 @@ async fn handshake(stream: &TcpStream, input: &mut Vec<u8>) -> Result<bool, Stri
         .map_err(|e| e.to_string())?;
     input.drain(..end);
     Ok(is_go)
+}
+
+/// Parses an upgrade request. Not inline in [`handshake`]: its header array would then live
+/// in every connection's task for good (measured at 2 KiB of each idle connection).
+fn parse_upgrade(head: &[u8]) -> Result<(String, bool), String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => check_upgrade(&req),
+        Ok(httparse::Status::Partial) => Err("incomplete upgrade request".to_owned()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Checks an upgrade request as RFC 6455 §4.2.1 asks; returns its key and whether it came
