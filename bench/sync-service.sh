@@ -54,7 +54,7 @@ for setup in rt-pinned shared; do
   echo
   echo "| server | op | conns | depth | ops/s | server CPU | server µs/op | client CPU | errors |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-  for cell in "10 1" "10 16" "10 64" "100 16" "1000 4"; do
+  for cell in "10 1" "10 16" "10 64" "10 256" "100 16" "1000 4"; do
     set -- $cell
     for op in signal-entry publish barrier; do
       for which in before after; do
@@ -62,7 +62,7 @@ for setup in rt-pinned shared; do
         start_server "$bin" $sthreads $scpus $rt
         row=$(run_client $ccpus $rt throughput --op $op --conns "$1" --depth "$2" --secs "$secs" --run t)
         stop_server
-        echo "| $which ${row#| }"
+        echo "| $which | ${row#| }"
       done
     done
   done
@@ -81,7 +81,7 @@ for setup in rt shared; do
       start_server "$bin" 2 0-1 $rt
       row=$(run_client 0-1 $rt --threads 2 barrier --waiters $w --rounds 5 --run b | tail -1)
       stop_server
-      echo "| $which ${row#| }"
+      echo "| $which | ${row#| }"
     done
   done
   echo
@@ -96,5 +96,5 @@ for which in before after; do
   start_server "$bin" 2 0-1 0
   row=$(run_client 0-1 0 idle-mem --conns 10000 --run i)
   stop_server
-  echo "| $which ${row#| }"
+  echo "| $which | ${row#| }"
 done

@@ -296,6 +296,26 @@ fn push_frame(buf: &mut Vec<u8>, opcode: u8, fill: impl FnOnce(&mut Vec<u8>)) ->
     len
 }
 
+/// Connections with output collected under the lock before their writes are handed to another
+/// task ([`flush_elsewhere`]).
+pub(crate) const FANOUT_CHUNK: usize = 1024;
+
+/// Writes the output of `flush` from a new task (so from another worker, when one is free), or
+/// here outside a runtime.
+pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(async move {
+            for n in flush {
+                n.flush();
+            }
+        });
+    } else {
+        for n in flush {
+            n.flush();
+        }
+    }
+}
+
 /// Writes the output of every connection in `flush`, sharing a large fan-out among the
 /// runtime's workers.
 pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>) {

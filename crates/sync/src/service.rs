@@ -76,7 +76,7 @@ pub(crate) enum Batched {
 /// Everything behind the lock.
 struct Shared {
     core: Core,
-    sinks: HashMap<ConnId, Sink>,
+    sinks: HashMap<ConnId, Sink, foldhash::fast::RandomState>,
     /// (limit, run) pairs already warned about: a run flooding junk is named once per limit.
     warned: HashSet<(Limit, Option<String>)>,
     /// Replies of the operation in progress (kept to reuse its allocation).
@@ -116,7 +116,7 @@ impl SyncService {
             inner: Arc::new(Inner {
                 shared: Mutex::new(Shared {
                     core: Core::with_limits(limits.clone()),
-                    sinks: HashMap::new(),
+                    sinks: HashMap::default(),
                     warned: HashSet::new(),
                     out: Vec::new(),
                 }),
@@ -405,7 +405,16 @@ impl Shared {
         for o in self.out.drain(..) {
             let conn = o.conn;
             match self.sinks.get(&conn) {
-                Some(Sink::Net(net)) if net.push(&o) => flush.push(Arc::clone(net)),
+                Some(Sink::Net(net)) if net.push(&o) => {
+                    flush.push(Arc::clone(net));
+                    // A large fan-out (a 10,000-waiter release): start writing what is encoded
+                    // on another worker while the rest is encoded here. Appends stay under the
+                    // lock, so the order per connection holds; a buffer emptied by that writer
+                    // meanwhile is simply flushed again by whoever appends to it next.
+                    if flush.len() >= crate::server::FANOUT_CHUNK {
+                        crate::server::flush_elsewhere(std::mem::take(flush));
+                    }
+                }
                 Some(Sink::Chan(tx)) if tx.send(o).is_err() => dead.push(conn),
                 _ => {}
             }
