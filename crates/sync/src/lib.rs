@@ -10,9 +10,10 @@
 //! Modules:
 //! - [`core`]: the pure, synchronous state machine (no I/O, no tokio); every semantic rule
 //!   lives here.
-//! - [`service`]: [`SyncService`], the actor task that owns the core, plus its in-process API
+//! - [`service`]: [`SyncService`], the core behind one lock, plus its in-process API
 //!   (publish, signal, barrier, subscribe, run events, drop a run, stats).
-//! - [`server`]: [`serve`], the websocket driver (one reader and one writer task per connection).
+//! - [`server`]: [`serve`], the websocket server (one task per connection, batched reads and
+//!   writes; see DESIGN.md).
 //! - [`limits`]: [`SyncLimits`], what one run may hold (bytes, connections), so that one run's
 //!   junk cannot exhaust the daemon for the others.
 

@@ -1,13 +1,18 @@
-//! [`SyncService`]: the actor that owns the [`Core`] and the in-process API around it.
+//! [`SyncService`]: the [`Core`] behind one lock, and the in-process API around it.
 //!
-//! One task owns the state; connections and in-process callers talk to it over one unbounded
-//! channel, and each connection has its own unbounded outgoing queue. Unbounded on purpose: a
-//! reader must never stall behind a slow writer (sdk-go gives every request write one second).
+//! There is no actor task: whoever has requests (a network connection's task with a batch of
+//! frames, an in-process caller) takes the lock once, applies them, and queues every reply on
+//! the sink of the connection it is for, still under the lock, so each connection sees its
+//! replies in the order the core produced them. A network sink is the connection's output
+//! buffer (replies are encoded there as websocket frames); an in-process sink is an unbounded
+//! channel. Both are unbounded on purpose: a reader must never stall behind a slow writer
+//! (sdk-go gives every request write one second). The socket writes happen after the lock is
+//! released (see `server`).
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -15,13 +20,14 @@ use serde_json::value::RawValue;
 use tg_api::sync::{
     BarrierRequest, Op, PublishRequest, Request, RunKeys, SignalEntryRequest, SubscribeRequest,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::admission::Admission;
 use crate::core::{ConnId, Core, CoreStats, Dropped, Handled, Item, Outgoing, Reply};
 use crate::limits::{Limit, LimitExceeded, SyncLimits};
+use crate::server::NetConn;
 
-/// The in-process API failed because the service actor is gone (its runtime shut down).
+/// The in-process API failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ServiceError {
     #[error("sync service is not running")]
@@ -49,40 +55,45 @@ pub struct ServiceStats {
     pub unidentified_connections: usize,
 }
 
-enum Command {
-    Open {
-        conn: ConnId,
-        sink: mpsc::UnboundedSender<Outgoing>,
-    },
-    Request {
-        conn: ConnId,
-        req: Request,
-    },
-    Close {
-        conn: ConnId,
-    },
-    /// Answers request `id` of `conn` with a limit's error, without applying it.
+/// Where a connection's replies go.
+pub(crate) enum Sink {
+    /// An in-process caller.
+    Chan(mpsc::UnboundedSender<Outgoing>),
+    /// A websocket: replies are encoded into its output buffer.
+    Net(Arc<NetConn>),
+}
+
+/// One unit of a network connection's batch.
+pub(crate) enum Batched {
+    Request(Request),
+    /// Answers request `id` with a limit's error, without applying it.
     Reject {
-        conn: ConnId,
         id: String,
         hit: LimitExceeded,
     },
-    DropPrefix {
-        prefix: String,
-        reply: oneshot::Sender<Dropped>,
-    },
-    Stats {
-        reply: oneshot::Sender<ServiceStats>,
-    },
+}
+
+/// Everything behind the lock.
+struct Shared {
+    core: Core,
+    sinks: HashMap<ConnId, Sink, foldhash::fast::RandomState>,
+    /// (limit, run) pairs already warned about: a run flooding junk is named once per limit.
+    warned: HashSet<(Limit, Option<String>)>,
+    /// Replies of the operation in progress (kept to reuse its allocation).
+    out: Vec<Outgoing>,
+}
+
+struct Inner {
+    shared: Mutex<Shared>,
+    next_conn: AtomicU64,
+    limits: SyncLimits,
+    admission: Arc<Admission>,
 }
 
 /// A cheap-to-clone handle to the running sync service.
 #[derive(Clone)]
 pub struct SyncService {
-    tx: mpsc::UnboundedSender<Command>,
-    next_conn: Arc<AtomicU64>,
-    limits: Arc<SyncLimits>,
-    admission: Arc<Admission>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for SyncService {
@@ -92,53 +103,107 @@ impl std::fmt::Debug for SyncService {
 }
 
 impl SyncService {
-    /// Starts the actor on the current tokio runtime with the default [`SyncLimits`]. It stops
-    /// when every handle (and every connection opened from one) is dropped.
+    /// A service with the default [`SyncLimits`]. Its state lives as long as any handle (or
+    /// connection opened from one).
     pub fn spawn() -> Self {
         Self::spawn_with(SyncLimits::default())
     }
 
-    /// Starts the actor on the current tokio runtime, enforcing `limits` (also in every
-    /// [`crate::serve`] of this service).
+    /// A service that enforces `limits` (also in every [`crate::serve`] of this service).
     pub fn spawn_with(limits: SyncLimits) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         let admission = Arc::new(Admission::new(&limits));
-        tokio::spawn(actor(
-            rx,
-            Core::with_limits(limits.clone()),
-            Arc::clone(&admission),
-        ));
         SyncService {
-            tx,
-            next_conn: Arc::new(AtomicU64::new(1)),
-            limits: Arc::new(limits),
-            admission,
+            inner: Arc::new(Inner {
+                shared: Mutex::new(Shared {
+                    core: Core::with_limits(limits.clone()),
+                    sinks: HashMap::default(),
+                    warned: HashSet::new(),
+                    out: Vec::new(),
+                }),
+                next_conn: AtomicU64::new(1),
+                limits,
+                admission,
+            }),
         }
     }
 
     /// The limits this service enforces.
     pub fn limits(&self) -> &SyncLimits {
-        &self.limits
+        &self.inner.limits
     }
 
     pub(crate) fn admission(&self) -> &Arc<Admission> {
-        &self.admission
+        &self.inner.admission
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // Nothing panics while holding the lock in normal operation; if something did, the
+        // state is still the last consistent one each operation leaves.
+        self.inner.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Opens a connection: requests go through the returned handle, replies come out of the
     /// receiver in the order the core produced them. Dropping the handle closes the connection.
     pub fn open(&self) -> (ConnHandle, mpsc::UnboundedReceiver<Outgoing>) {
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (sink, rx) = mpsc::unbounded_channel();
-        // A closed actor shows up later as a closed receiver; nothing to do here.
-        let _ = self.tx.send(Command::Open { conn, sink });
-        (
-            ConnHandle {
-                conn,
-                tx: self.tx.clone(),
-            },
-            rx,
-        )
+        (self.register(Sink::Chan(sink)), rx)
+    }
+
+    /// Opens a network connection whose replies are encoded into `net`'s output buffer.
+    pub(crate) fn open_net(&self, net: Arc<NetConn>) -> ConnHandle {
+        self.register(Sink::Net(net))
+    }
+
+    fn register(&self, sink: Sink) -> ConnHandle {
+        let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.lock().sinks.insert(conn, sink);
+        ConnHandle {
+            conn,
+            service: self.clone(),
+        }
+    }
+
+    /// Applies a network connection's batch in order under one lock; replies are queued on
+    /// their connections' sinks, and the network connections that now have output to write
+    /// (this one included) are appended to `flush`, for the caller to write after the lock.
+    pub(crate) fn apply_batch(
+        &self,
+        conn: ConnId,
+        batch: &mut Vec<Batched>,
+        flush: &mut Vec<Arc<NetConn>>,
+    ) {
+        let mut guard = self.lock();
+        let sh = &mut *guard;
+        let mut hits = Vec::new();
+        for b in batch.drain(..) {
+            match b {
+                Batched::Request(req) => {
+                    if sh.core.handle(conn, req, &mut sh.out) == Handled::NoOp {
+                        tracing::debug!(conn, "request names no operation; ignored");
+                    }
+                }
+                Batched::Reject { id, hit } => {
+                    sh.out.push(Outgoing {
+                        conn,
+                        id: Arc::from(id.as_str()),
+                        reply: Reply::Error(hit.to_string()),
+                    });
+                    hits.push(hit);
+                }
+            }
+        }
+        sh.after(hits, flush);
+    }
+
+    fn with_core(&self, f: impl FnOnce(&mut Core, &mut Vec<Outgoing>)) {
+        let mut flush = Vec::new();
+        {
+            let mut guard = self.lock();
+            let sh = &mut *guard;
+            f(&mut sh.core, &mut sh.out);
+            sh.after(Vec::new(), &mut flush);
+        }
+        crate::server::flush_all(&mut flush);
     }
 
     /// Publishes `payload` (kept verbatim) to `topic`; returns its 1-based sequence number.
@@ -204,22 +269,33 @@ impl SyncService {
 
     /// Removes every state and topic whose key starts with `prefix`.
     pub async fn drop_prefix(&self, prefix: &str) -> Result<Dropped, ServiceError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::DropPrefix {
-                prefix: prefix.to_owned(),
-                reply,
-            })
-            .map_err(|_| ServiceError::Closed)?;
-        rx.await.map_err(|_| ServiceError::Closed)
+        let mut sh = self.lock();
+        let dropped = sh.core.drop_prefix(prefix);
+        // A run that is gone may be warned about afresh if its id comes back.
+        sh.warned.clear();
+        tracing::debug!(%prefix, states = dropped.states, topics = dropped.topics, "dropped keys");
+        Ok(dropped)
     }
 
     pub async fn stats(&self) -> Result<ServiceStats, ServiceError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Stats { reply })
-            .map_err(|_| ServiceError::Closed)?;
-        rx.await.map_err(|_| ServiceError::Closed)
+        let sh = self.lock();
+        let CoreStats {
+            states,
+            topics,
+            waiters,
+            subscriptions,
+            ..
+        } = sh.core.stats();
+        Ok(ServiceStats {
+            keys: states + topics,
+            states,
+            topics,
+            connections: sh.sinks.len(),
+            waiters,
+            subscriptions,
+            retained_bytes: sh.core.retained_bytes(),
+            unidentified_connections: self.inner.admission.unidentified(),
+        })
     }
 
     async fn call(&self, op: Op) -> Result<Reply, ServiceError> {
@@ -239,10 +315,17 @@ fn unexpected(what: &'static str, _reply: Reply) -> ServiceError {
 
 /// The request side of one connection. Dropping it closes the connection: its barriers and
 /// subscriptions end, the state they touched stays.
-#[derive(Debug)]
 pub struct ConnHandle {
     conn: ConnId,
-    tx: mpsc::UnboundedSender<Command>,
+    service: SyncService,
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle")
+            .field("conn", &self.conn)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnHandle {
@@ -250,28 +333,22 @@ impl ConnHandle {
         self.conn
     }
 
-    /// Queues a request; its replies arrive on the connection's receiver.
+    /// Applies a request; its replies arrive on the connection's receiver.
     pub fn send(&self, req: Request) {
-        let _ = self.tx.send(Command::Request {
-            conn: self.conn,
-            req,
-        });
-    }
-
-    /// Answers request `id` with the error of `hit`, in order with the connection's other
-    /// replies, without applying the request; the service logs it as its own refusals.
-    pub(crate) fn reject(&self, id: String, hit: LimitExceeded) {
-        let _ = self.tx.send(Command::Reject {
-            conn: self.conn,
-            id,
-            hit,
+        let conn = self.conn;
+        self.service.with_core(|core, out| {
+            if core.handle(conn, req, out) == Handled::NoOp {
+                tracing::debug!(conn, "request names no operation; ignored");
+            }
         });
     }
 }
 
 impl Drop for ConnHandle {
     fn drop(&mut self) {
-        let _ = self.tx.send(Command::Close { conn: self.conn });
+        let mut sh = self.service.lock();
+        sh.sinks.remove(&self.conn);
+        sh.core.disconnect(self.conn);
     }
 }
 
@@ -312,86 +389,40 @@ impl Stream for Subscription {
     }
 }
 
-async fn actor(
-    mut rx: mpsc::UnboundedReceiver<Command>,
-    mut core: Core,
-    admission: Arc<Admission>,
-) {
-    // (limit, run) pairs already warned about: a run flooding junk is named once per limit.
-    let mut warned: HashSet<(Limit, Option<String>)> = HashSet::new();
-    let mut hits: Vec<LimitExceeded> = Vec::new();
-    let mut sinks: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
-    let mut out: Vec<Outgoing> = Vec::new();
-    let mut dead: Vec<ConnId> = Vec::new();
-    while let Some(cmd) = rx.recv().await {
-        match cmd {
-            Command::Open { conn, sink } => {
-                sinks.insert(conn, sink);
-            }
-            Command::Request { conn, req } => {
-                if core.handle(conn, req, &mut out) == Handled::NoOp {
-                    tracing::debug!(conn, "request names no operation; ignored");
-                }
-            }
-            Command::Close { conn } => {
-                sinks.remove(&conn);
-                core.disconnect(conn);
-            }
-            Command::Reject { conn, id, hit } => {
-                out.push(Outgoing {
-                    conn,
-                    id: Arc::from(id.as_str()),
-                    reply: Reply::Error(hit.to_string()),
-                });
-                hits.push(hit);
-            }
-            Command::DropPrefix { prefix, reply } => {
-                let dropped = core.drop_prefix(&prefix);
-                // A run that is gone may be warned about afresh if its id comes back.
-                warned.clear();
-                tracing::debug!(%prefix, states = dropped.states, topics = dropped.topics, "dropped keys");
-                let _ = reply.send(dropped);
-            }
-            Command::Stats { reply } => {
-                let CoreStats {
-                    states,
-                    topics,
-                    waiters,
-                    subscriptions,
-                    ..
-                } = core.stats();
-                let _ = reply.send(ServiceStats {
-                    keys: states + topics,
-                    states,
-                    topics,
-                    connections: sinks.len(),
-                    waiters,
-                    subscriptions,
-                    retained_bytes: core.retained_bytes(),
-                    unidentified_connections: admission.unidentified(),
-                });
-            }
-        }
-        hits.extend(core.take_limit_hits());
-        for hit in hits.drain(..) {
-            if warned.insert((hit.limit, hit.run.clone())) {
+impl Shared {
+    /// Logs the limits hit, queues the replies in `self.out` on their sinks, and collects the
+    /// network connections that got output and need a write.
+    fn after(&mut self, mut hits: Vec<LimitExceeded>, flush: &mut Vec<Arc<NetConn>>) {
+        hits.extend(self.core.take_limit_hits());
+        for hit in hits {
+            if self.warned.insert((hit.limit, hit.run.clone())) {
                 tracing::warn!(run = hit.run.as_deref().unwrap_or(""), "{hit}");
             } else {
                 tracing::debug!(run = hit.run.as_deref().unwrap_or(""), "{hit}");
             }
         }
-        for o in out.drain(..) {
+        let mut dead = Vec::new();
+        for o in self.out.drain(..) {
             let conn = o.conn;
-            if let Some(sink) = sinks.get(&conn)
-                && sink.send(o).is_err()
-            {
-                dead.push(conn);
+            match self.sinks.get(&conn) {
+                Some(Sink::Net(net)) if net.push(&o) => {
+                    flush.push(Arc::clone(net));
+                    // A large fan-out (a 10,000-waiter release): start writing what is encoded
+                    // on another worker while the rest is encoded here. Appends stay under the
+                    // lock, so the order per connection holds; a buffer emptied by that writer
+                    // meanwhile is simply flushed again by whoever appends to it next.
+                    if flush.len() >= crate::server::FANOUT_CHUNK {
+                        crate::server::flush_elsewhere(std::mem::take(flush));
+                    }
+                }
+                Some(Sink::Chan(tx)) if tx.send(o).is_err() => dead.push(conn),
+                _ => {}
             }
         }
-        // A receiver dropped without its handle (e.g. a writer that failed): stop feeding it.
-        for conn in dead.drain(..) {
-            if sinks.remove(&conn).is_some() {
-                core.disconnect(conn);
+        // A receiver dropped without its handle: stop feeding it.
+        for conn in dead {
+            if self.sinks.remove(&conn).is_some() {
+                self.core.disconnect(conn);
             }
         }
     }

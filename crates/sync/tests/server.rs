@@ -957,3 +957,212 @@ async fn twenty_thousand_idle_sockets_cannot_keep_a_new_run_out() {
         );
     }
 }
+
+/// A client frame: masked, as RFC 6455 requires of clients.
+fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Connects with a hand-written handshake and writes `after` in the same write as the upgrade
+/// request, as a pipelining client may.
+async fn raw_ws(addr: SocketAddr, after: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut req = b"GET / HTTP/1.1\r\nHost: ...\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: sKdPobNUhCjhD5E1kCa9qw==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    req.extend_from_slice(after);
+    tcp.write_all(&req).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        timeout(LIMIT, tcp.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    tcp
+}
+
+/// Reads one server frame: (opcode, payload). Server frames are never masked.
+async fn raw_frame(tcp: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    timeout(LIMIT, tcp.read_exact(&mut h))
+        .await
+        .expect("no frame in time")
+        .unwrap();
+    assert_eq!(h[0] & 0x80, 0x80, "server frames are final");
+    assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            tcp.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            tcp.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await.unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+#[tokio::test]
+async fn pipelined_frames_in_one_write_are_answered_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let (_service, addr) = start().await;
+    // 300 requests (text and binary, with and without sdk-go's newline), a ping, and a
+    // request fragmented in three, all in the write that carries the handshake.
+    let mut burst = Vec::new();
+    for i in 0..300 {
+        let req = format!(
+            r#"{{"id":"{i}","is_cancel":false,"signal_entry":{{"state":"{K}:states:p"}}}}"#
+        );
+        if i % 2 == 0 {
+            burst.extend(masked_frame(true, 0x1, format!("{req}\n").as_bytes()));
+        } else {
+            burst.extend(masked_frame(true, 0x2, req.as_bytes()));
+        }
+    }
+    burst.extend(masked_frame(true, 0x9, b"are you there"));
+    let last = format!(
+        r#"{{"id":"300","publish":{{"topic":"{K}:topics:p","payload":{{"x":"{}"}}}}}}"#,
+        "y".repeat(200)
+    );
+    let (a, rest) = last.as_bytes().split_at(10);
+    let (b, c) = rest.split_at(150);
+    burst.extend(masked_frame(false, 0x1, a));
+    burst.extend(masked_frame(false, 0x0, b));
+    burst.extend(masked_frame(true, 0x0, c));
+    let mut tcp = raw_ws(addr, &burst).await;
+    // The pong may come before, between or after the replies (RFC 6455 only asks for it "as
+    // soon as practical"); the replies come in request order.
+    let mut texts = Vec::new();
+    let mut pongs = 0;
+    while texts.len() < 301 {
+        match raw_frame(&mut tcp).await {
+            (0x1, payload) => texts.push(String::from_utf8(payload).unwrap()),
+            (0xa, payload) => {
+                assert_eq!(payload, b"are you there");
+                pongs += 1;
+            }
+            (op, _) => panic!("unexpected opcode {op}"),
+        }
+    }
+    for (i, text) in texts[..300].iter().enumerate() {
+        assert_eq!(
+            *text,
+            format!(
+                r#"{{"id":"{i}","error":"","publish":null,"subscribe":"","signal_entry":{{"seq":{}}}}}"#,
+                i + 1
+            )
+        );
+    }
+    assert_eq!(
+        texts[300],
+        r#"{"id":"300","error":"","publish":{"seq":1},"subscribe":"","signal_entry":null}"#
+    );
+    if pongs == 0 {
+        assert_eq!(raw_frame(&mut tcp).await, (0xa, b"are you there".to_vec()));
+    }
+    // Frames that arrive a byte at a time are assembled too.
+    let one = masked_frame(
+        true,
+        0x2,
+        format!(r#"{{"id":"301","signal_entry":{{"state":"{K}:states:p"}}}}"#).as_bytes(),
+    );
+    for byte in one {
+        tcp.write_all(&[byte]).await.unwrap();
+        tcp.flush().await.unwrap();
+    }
+    let (_, payload) = raw_frame(&mut tcp).await;
+    assert!(
+        String::from_utf8(payload)
+            .unwrap()
+            .starts_with(r#"{"id":"301","error":"","publish":null"#)
+    );
+    // A close frame is echoed with its status code, then the connection ends.
+    tcp.write_all(&masked_frame(true, 0x8, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let (op, payload) = raw_frame(&mut tcp).await;
+    assert_eq!((op, payload), (0x8, 1000u16.to_be_bytes().to_vec()));
+}
+
+#[tokio::test]
+async fn a_barrier_release_reaches_every_waiter_with_its_own_id() {
+    let (service, addr) = start().await;
+    let mut waiters = Vec::new();
+    for i in 0..20 {
+        let req = masked_frame(
+            true,
+            0x1,
+            format!(
+                r#"{{"id":"{}","barrier":{{"state":"{K}:states:fan","target":3}}}}"#,
+                1000 + i
+            )
+            .as_bytes(),
+        );
+        waiters.push(raw_ws(addr, &req).await);
+    }
+    wait_until(&service, "20 waiters", |s| s.waiters == 20).await;
+    for _ in 0..3 {
+        service
+            .signal_entry(&format!("{K}:states:fan"))
+            .await
+            .unwrap();
+    }
+    for (i, w) in waiters.iter_mut().enumerate() {
+        let (op, payload) = raw_frame(w).await;
+        assert_eq!(op, 0x1);
+        assert_eq!(
+            String::from_utf8(payload).unwrap(),
+            format!(
+                r#"{{"id":"{}","error":"","publish":null,"subscribe":"","signal_entry":null}}"#,
+                1000 + i
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_an_upgrade_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_service, addr) = start().await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    timeout(LIMIT, tcp.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}

@@ -1,10 +1,20 @@
-//! sync-bench: measures the sync service in-process over real loopback websockets.
+//! sync-bench: measures a sync service.
 //!
-//! Reports ops/s per operation for N concurrent clients (one request in flight per client),
-//! barrier latency from the last signal to the last release for 1,000 and 10,000 waiters (one
-//! socket each when the fd limit allows), and peak RSS. It measures; it asserts nothing.
+//! Modes (see `sync-bench --help`):
+//! - `inproc` (also with no arguments): the server and simple clients (one request in flight
+//!   each, the `tg-sync-client` crate) in this one process.
+//! - `server`: our sync service alone, for `client` to load from another process.
+//! - `client`: a load generator against ANY sync service address (ours, or the original Go
+//!   sync-service): pipelined throughput, barrier release latency, idle memory per connection.
+//!   It is built to cost the server's machine as little as possible: requests are pre-encoded
+//!   masked websocket frames (only the id digits change), and responses are counted by walking
+//!   frame headers, without JSON decoding.
+//! - `idle`: the idle-socket load of the service's tests.
 //!
-//! `SYNC_BENCH_SECS` sets the length of each throughput phase (default 3).
+//! It measures; it asserts nothing.
+
+#[path = "sync-bench/remote.rs"]
+mod remote;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -38,26 +48,89 @@ impl Op {
     }
 }
 
+/// Measures a sync service: in this process (`inproc`), or any service at an address from
+/// another process (`server` here, `client` there). See the subcommands' help.
+#[derive(clap::Parser)]
+#[command(name = "sync-bench")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(clap::Subcommand)]
+enum Mode {
+    /// Server and clients (one request in flight each) in this process; the default.
+    Inproc,
+    /// Runs our sync service alone on ADDR until stdin closes or the process is killed, with
+    /// `max_connections_per_run` raised so that 10,000-waiter barriers fit in one run.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:5050")]
+        addr: String,
+        /// Tokio worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Loads ANY sync service at --addr (ours, or e.g. the original Go sync-service, which
+    /// listens on :5050) with the same traffic, from this separate process.
+    Client(remote::ClientArgs),
+    /// The idle-socket load of the sync service's tests: `websockets` silent websockets, then
+    /// `plain` TCP connects that never start a handshake; prints `ready` and holds them until
+    /// stdin closes.
+    Idle {
+        addr: String,
+        plain: usize,
+        websockets: usize,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
+    use clap::Parser as _;
+    let cli = Cli::parse();
     let fd_limit = raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => runtime.block_on(run(fd_limit)),
-        [mode, addr, plain, websockets] if mode == "idle" => {
-            runtime.block_on(idle(addr, plain.parse()?, websockets.parse()?))
-        }
-        _ => anyhow::bail!("usage: sync-bench [idle <addr> <plain sockets> <silent websockets>]"),
+    match cli.mode.unwrap_or(Mode::Inproc) {
+        Mode::Inproc => runtime(None)?.block_on(run(fd_limit)),
+        Mode::Server { addr, threads } => runtime(threads)?.block_on(server(&addr)),
+        Mode::Client(args) => runtime(Some(args.threads))?.block_on(remote::client(args)),
+        Mode::Idle {
+            addr,
+            plain,
+            websockets,
+        } => runtime(None)?.block_on(idle(&addr, plain, websockets)),
     }
+}
+
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n.max(1));
+    }
+    Ok(b.enable_all().build()?)
+}
+
+async fn server(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind(addr).await.context("bind")?;
+    let limits = tg_sync::SyncLimits {
+        max_connections_per_run: 1 << 20,
+        max_unidentified_connections: 1 << 20,
+        ..Default::default()
+    };
+    let service = SyncService::spawn_with(limits);
+    println!(
+        "listening {} pid {}",
+        listener.local_addr()?,
+        std::process::id()
+    );
+    let stop = async {
+        let mut rest = Vec::new();
+        let _ = tokio::io::stdin().read_to_end(&mut rest).await;
+    };
+    serve(listener, service, stop).await;
+    Ok(())
 }
 
 /// `sync-bench idle <addr> <plain> <websockets>`: the idle-socket load of the sync service's
 /// tests, in a process of its own so that its descriptors do not count against the server's.
-/// Opens `websockets` websockets that complete the handshake and never send a request, then
-/// `plain` TCP connections that never start one; prints `ready` and holds them all until stdin
-/// closes.
 async fn idle(addr: &str, plain: usize, websockets: usize) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpStream;
