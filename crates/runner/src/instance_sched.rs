@@ -95,8 +95,8 @@ impl InstanceSched {
     /// slice with the reason (the instances then keep the default slice).
     pub(crate) fn settle_from_env() -> (InstanceSched, Vec<String>) {
         let mut lines = Vec::new();
-        let mut sched = InstanceSched::parse(std::env::var(ENV).ok().as_deref())
-            .unwrap_or_else(|e| {
+        let mut sched =
+            InstanceSched::parse(std::env::var(ENV).ok().as_deref()).unwrap_or_else(|e| {
                 lines.push(e);
                 InstanceSched::default()
             });

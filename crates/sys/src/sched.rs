@@ -576,7 +576,10 @@ mod tests {
     fn a_spawned_program_leads_a_session_of_its_own() {
         let mut cmd = std::process::Command::new("sh");
         // Field 6 of /proc/<pid>/stat is the session id; the shell's pid is `$$`.
-        cmd.args(["-c", "echo $$ $(cut -d' ' -f6 /proc/$$/stat) $(cut -d' ' -f5 /proc/$$/stat)"]);
+        cmd.args([
+            "-c",
+            "echo $$ $(cut -d' ' -f6 /proc/$$/stat) $(cut -d' ' -f5 /proc/$$/stat)",
+        ]);
         own_session_on_exec(&mut cmd);
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{out:?}");
