@@ -4,9 +4,10 @@
 # counting passes (issue 12, "timing under load").
 #
 # Usage (as root): bench/pingpong-under-load.sh N NAME=TESTGROUND_BINARY [NAME=BINARY ...]
-# A NAME ending in "-rtoff" runs with TESTGROUND_PUMP_REALTIME=off. LOAD busy shell loops
-# (default 2) run during the whole measurement; each build gets a fresh $TESTGROUND_HOME with
-# the plan imported and built once before the load starts.
+# A NAME ending in "-rtoff" runs with TESTGROUND_PUMP_REALTIME=off; "-schedoff", "-session",
+# "-slice" with TESTGROUND_INSTANCE_SCHED=off, session, slice (default on: both). LOAD busy
+# shell loops (default 2) run during the whole measurement; each build gets a fresh
+# $TESTGROUND_HOME with the plan imported and built once before the load starts.
 set -euo pipefail
 n=$1
 shift
@@ -43,7 +44,12 @@ for i in $(seq 1 "$n"); do
     name=${spec%%=*}
     bin=${spec#*=}
     env=()
-    case $name in *-rtoff) env=(TESTGROUND_PUMP_REALTIME=off) ;; esac
+    case $name in
+      *-rtoff) env=(TESTGROUND_PUMP_REALTIME=off) ;;
+      *-schedoff) env=(TESTGROUND_INSTANCE_SCHED=off) ;;
+      *-session) env=(TESTGROUND_INSTANCE_SCHED=session) ;;
+      *-slice) env=(TESTGROUND_INSTANCE_SCHED=slice) ;;
+    esac
     out=$(env "${env[@]}" TESTGROUND_HOME="${home[$name]}" "$bin" run single -p network -t ping-pong -b exec:go -r local:netns -i 2 --wait 2>&1) || true
     rtts=$(echo "$out" | grep -o 'ping RTT was [0-9.]*[mµ]*s' | awk '{print $4}' | paste -sd' ' -) || true
     fails=$(echo "$out" | grep -o 'expected an RTT between [^"]*' | head -2 | paste -sd';' -) || true

@@ -10,6 +10,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::helper::{HelperPipe, HelperPool};
+use crate::instance_sched::InstanceSched;
 use crate::launch::{InstanceSpec, LaunchContext, Launched, Launcher, NetEnv, Stop};
 use crate::supervisor::Termination;
 use crate::tracking::RunTracker;
@@ -38,6 +39,8 @@ pub(crate) struct ExecLauncher {
     tracker: Option<RunTracker>,
     /// Set when the run's instances are started through helper processes (see `helper.rs`).
     helpers: Option<HelperPool>,
+    /// How instances are scheduled (`instance_sched.rs`), settled when the run starts.
+    sched: InstanceSched,
 }
 
 impl ExecLauncher {
@@ -50,7 +53,17 @@ impl ExecLauncher {
             total: input.total_instances,
             tracker: None,
             helpers: None,
+            sched: InstanceSched::default(),
         }
+    }
+
+    /// Settles how instances are scheduled ([`crate::instance_sched`]): the engine's choice and
+    /// whether the kernel allows it. Returns lines for the run log (only when something is not
+    /// as asked).
+    pub(crate) fn settle_sched(&mut self) -> Vec<String> {
+        let (sched, lines) = InstanceSched::settle_from_env();
+        self.sched = sched;
+        lines
     }
 
     /// Removes what runs of dead engines left, then creates this run's process tracker.
@@ -80,7 +93,7 @@ impl ExecLauncher {
     /// The command of one instance, before spawning (its tracking applied).
     pub(crate) fn command(&self, spec: &InstanceSpec) -> (Command, PathBuf) {
         let artifact = absolute(&spec.artifact);
-        let mut cmd = instance_command(artifact.as_os_str(), spec.env.iter().cloned());
+        let mut cmd = instance_command(artifact.as_os_str(), spec.env.iter().cloned(), self.sched);
         if let Some(t) = &self.tracker {
             t.apply(&mut cmd);
         }
@@ -146,6 +159,7 @@ impl ExecLauncher {
             program.to_path_buf(),
             share as usize,
             &self.run_id,
+            self.sched,
         ));
         Ok(Some(format!(
             "starting instances through {helpers} helper processes of {share} instances each \
@@ -169,6 +183,9 @@ impl Launcher for ExecLauncher {
 
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
         for line in self.track(&ctx.temp_root)? {
+            let _ = ctx.events.send(RunnerEvent::Log(line)).await;
+        }
+        for line in self.settle_sched() {
             let _ = ctx.events.send(RunnerEvent::Log(line)).await;
         }
         if let Some(line) = self.plan_descriptors()? {
@@ -364,6 +381,7 @@ pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Ch
 pub(crate) fn instance_command<K, V>(
     program: &std::ffi::OsStr,
     env: impl IntoIterator<Item = (K, V)>,
+    sched: InstanceSched,
 ) -> Command
 where
     K: AsRef<std::ffi::OsStr>,
@@ -375,9 +393,11 @@ where
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         // The leader is reaped even if its task is aborted (the instance's drop kills it).
         .kill_on_drop(true);
+    // A process group of its own (signals reach all it started), in a session of its own
+    // unless turned off, and its time slice.
+    sched.apply(&mut cmd);
     // A killed parent takes its instances with it at once; what they started is in the run's
     // tracker, for the next engine start.
     tg_sys::lifetime::die_with_parent(cmd.as_std_mut());

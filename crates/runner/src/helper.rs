@@ -38,6 +38,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::instance_sched::InstanceSched;
 use crate::supervisor::Termination;
 
 /// The first argument that makes the `testground` executable a helper.
@@ -215,6 +216,9 @@ async fn serve() -> io::Result<()> {
     });
 
     let live: Arc<Mutex<HashMap<u32, Served>>> = Arc::default();
+    // The engine's settled choice (it checked what the kernel allows), passed in our environment.
+    let sched = InstanceSched::parse(std::env::var(crate::instance_sched::ENV).ok().as_deref())
+        .unwrap_or_default();
     let result = loop {
         let (tag, ordinal, body) = match read_frame(&mut input).await {
             Ok(Some(f)) => f,
@@ -233,7 +237,7 @@ async fn serve() -> io::Result<()> {
                         OsString::from_vec(f.bytes()?),
                     ));
                 }
-                spawn_one(ordinal, &program, env, &tx, &live).await;
+                spawn_one(ordinal, &program, env, sched, &tx, &live).await;
             }
             CREDIT => {
                 let stream = f.u8()? as usize;
@@ -275,10 +279,11 @@ async fn spawn_one(
     ordinal: u32,
     program: &OsStr,
     env: Vec<(OsString, OsString)>,
+    sched: InstanceSched,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     live: &Arc<Mutex<HashMap<u32, Served>>>,
 ) {
-    let mut cmd = crate::exec::instance_command(program, env);
+    let mut cmd = crate::exec::instance_command(program, env, sched);
     let mut child = match crate::exec::spawn_retrying_busy(&mut cmd).await {
         Ok(c) => c,
         Err(e) => {
@@ -407,6 +412,8 @@ pub(crate) struct HelperPool {
     program: PathBuf,
     share: usize,
     run_id: String,
+    /// How the helpers start instances (handed to them in their environment).
+    sched: InstanceSched,
     helpers: Vec<Helper>,
     in_last: usize,
 }
@@ -472,11 +479,17 @@ pub(crate) struct Helped {
 }
 
 impl HelperPool {
-    pub(crate) fn new(program: PathBuf, share: usize, run_id: &str) -> HelperPool {
+    pub(crate) fn new(
+        program: PathBuf,
+        share: usize,
+        run_id: &str,
+        sched: InstanceSched,
+    ) -> HelperPool {
         HelperPool {
             program,
             share: share.max(1),
             run_id: run_id.to_string(),
+            sched,
             helpers: Vec::new(),
             in_last: 0,
         }
@@ -489,6 +502,7 @@ impl HelperPool {
             .env_clear()
             // The marker of the run's processes: the cleaner finds the helper too.
             .env("TEST_RUN", &self.run_id)
+            .env(crate::instance_sched::ENV, self.sched.env_value())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -41,6 +41,7 @@ mod error;
 mod exec;
 mod helper;
 mod instance;
+mod instance_sched;
 mod k8s;
 mod launch;
 mod limits;

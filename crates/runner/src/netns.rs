@@ -120,6 +120,9 @@ impl Launcher for NetnsLauncher {
         for line in self.exec.track(&ctx.temp_root)? {
             let _ = ctx.events.send(RunnerEvent::Log(line)).await;
         }
+        for line in self.exec.settle_sched() {
+            let _ = ctx.events.send(RunnerEvent::Log(line)).await;
+        }
         let net = create(&self.input, &self.config, &ctx.temp_root.join(".net"), ctx).await?;
         let env = NetEnv {
             sidecar: true,

@@ -63,16 +63,19 @@ async fn main() -> Result<()> {
         println!("netns-bench needs root (network namespaces, TUN devices); skipping.");
         return Ok(());
     }
+    // Before any measurement: the endpoints below stand in for instances, so they are
+    // scheduled as the runners schedule instances.
+    let endpoints = endpoint_sched();
     println!("local:netns data plane benchmark (tg-sidecar example netns-bench)");
     println!("machine: {}", machine());
     println!("load average at start: {}", loadavg());
     println!();
 
     match std::env::args().nth(1).as_deref() {
-        Some("latency") => latency().await?,
+        Some("latency") => latency(endpoints).await?,
         Some("throughput") => throughput().await?,
         _ => {
-            latency().await?;
+            latency(endpoints).await?;
             throughput().await?;
             packet_rate().await?;
         }
@@ -87,7 +90,7 @@ async fn main() -> Result<()> {
 // 1. Latency accuracy
 // ---------------------------------------------------------------------------------------------
 
-async fn latency() -> Result<()> {
+async fn latency(endpoints: EndpointSched) -> Result<()> {
     println!(
         "1. Latency accuracy: UDP round trips of {PROBE}-byte datagrams, instance 0 -> 1 -> 0,"
     );
@@ -106,6 +109,7 @@ async fn latency() -> Result<()> {
     let echo_thread = {
         let (stop, echoed, echo_errors) = (stop.clone(), echoed.clone(), echo_errors.clone());
         std::thread::spawn(move || {
+            endpoints.enter_thread();
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = echo.recv_from(&mut buf) {
@@ -121,6 +125,7 @@ async fn latency() -> Result<()> {
     let table_fulls = arp_table_fulls();
 
     println!("   pump thread scheduling: {}", pump_policy(&run.run_id));
+    println!("   endpoint scheduling: {}", endpoints.describe());
     println!(
         "   {:>6} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9} {:>13} {:>10} {:>10} {:>11}",
         "L (ms)",
@@ -147,6 +152,8 @@ async fn latency() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         run.net.take_pump_lateness().await?;
         let (mut rtts, lost) = tokio::task::block_in_place(|| -> io::Result<_> {
+            // This thread is the client for now (a runtime worker: it keeps the slice after).
+            endpoints.enter_thread();
             let mut rtts = Vec::with_capacity(count);
             let mut lost = 0u64;
             // No warm-up: the first packet after a quiet spell is part of what is measured.
@@ -741,6 +748,54 @@ impl std::ops::Sub for Counters {
             udp_rcvbuf_errors: self.udp_rcvbuf_errors - o.udp_rcvbuf_errors,
             udp_sndbuf_errors: self.udp_sndbuf_errors - o.udp_sndbuf_errors,
         }
+    }
+}
+
+/// How the latency endpoints are scheduled: as `local:exec` and `local:netns` schedule an
+/// instance's process (tg-runner's `instance_sched.rs`), chosen by the same environment
+/// variable, `TESTGROUND_INSTANCE_SCHED` (`on`, the default: a session of its own and a 0.1 ms
+/// time slice; `session`; `slice`; `off`). The session is the whole benchmark's (the pump
+/// thread is real-time anyway); the slice is the endpoint threads'.
+#[derive(Debug, Clone, Copy)]
+struct EndpointSched {
+    session: Option<bool>,
+    slice: Option<u64>,
+}
+
+const ENDPOINT_SLICE_NS: u64 = 100_000;
+
+fn endpoint_sched() -> EndpointSched {
+    let v = std::env::var("TESTGROUND_INSTANCE_SCHED").unwrap_or_default();
+    let (session, slice) = match v.trim().to_ascii_lowercase().as_str() {
+        "off" | "false" | "0" | "no" => (false, false),
+        "session" => (true, false),
+        "slice" => (false, true),
+        _ => (true, true),
+    };
+    let session = session.then(|| tg_sys::sched::start_session().is_ok());
+    let slice = (slice && tg_sys::sched::probe_slice(ENDPOINT_SLICE_NS).is_ok())
+        .then_some(ENDPOINT_SLICE_NS);
+    EndpointSched { session, slice }
+}
+
+impl EndpointSched {
+    fn enter_thread(&self) {
+        if let Some(s) = self.slice {
+            let _ = tg_sys::sched::set_thread_slice(s);
+        }
+    }
+
+    fn describe(&self) -> String {
+        let session = match self.session {
+            Some(true) => "a session of their own",
+            Some(false) => "a session of their own was refused",
+            None => "the caller's session",
+        };
+        let slice = match self.slice {
+            Some(s) => format!("{} µs slice", s / 1_000),
+            None => "default slice".to_string(),
+        };
+        format!("{session}, {slice}")
     }
 }
 

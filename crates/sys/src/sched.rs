@@ -1,13 +1,15 @@
 //! Scheduling of the calling thread: the real-time policy and timer slack that keep the packet
-//! pump's wake-ups on time when other work shares the CPU, and the facts that explain why the
-//! kernel refused real-time scheduling.
+//! pump's wake-ups on time when other work shares the CPU, the facts that explain why the
+//! kernel refused real-time scheduling, and the custom time slice that lets test instances wake
+//! up ahead of CPU-bound work without a larger share of the CPU.
 //!
-//! Everything here acts on the calling *thread* (Linux treats pid 0 in `sched_setscheduler` and
-//! `prctl(PR_SET_TIMERSLACK)` as the calling task), never on the whole process: only the pump
-//! thread is made real-time, so the engine's other threads and the instances it spawns keep
-//! normal scheduling. `SCHED_RESET_ON_FORK` is set as well, so that nothing forked from a
-//! real-time thread inherits the policy.
-
+//! Everything here acts on the calling *thread* (Linux treats pid 0 in `sched_setscheduler`,
+//! `sched_setattr` and `prctl(PR_SET_TIMERSLACK)` as the calling task), never on the whole
+//! process: only the pump thread is made real-time, so the engine's other threads and the
+//! instances it spawns keep normal scheduling. `SCHED_RESET_ON_FORK` is set as well, so that
+//! nothing forked from a real-time thread inherits the policy. A time slice, by contrast, is
+//! meant to be inherited: it is set in an instance's process before `exec` ([`slice_on_exec`])
+//! and passes to every thread and child it starts.
 use std::fs;
 use std::io;
 use std::path::PathBuf;
@@ -94,6 +96,172 @@ pub fn timer_slack() -> io::Result<u64> {
     // SAFETY: PR_GET_TIMERSLACK returns the value and touches no memory of ours.
     let r = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
     u64::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// The shortest and the longest time slice the kernel accepts for a normal task (it clamps
+/// `sched_runtime` to this range).
+pub const SLICE_RANGE: std::ops::RangeInclusive<u64> = 100_000..=100_000_000;
+
+/// `struct sched_attr` of `include/uapi/linux/sched/types.h`, its first version
+/// (`SCHED_ATTR_SIZE_VER0`, 48 bytes): the utilization clamps that follow are left out, so the
+/// kernel neither reads nor writes them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+const SCHED_ATTR_SIZE_VER0: u32 = 48;
+
+fn getattr(tid: i32) -> io::Result<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    // SAFETY: `attr` is a writable `SchedAttr` of the size passed (48 bytes, VER0), valid for
+    // the duration of the call; the kernel writes at most that many bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            tid,
+            &mut attr as *mut SchedAttr,
+            SCHED_ATTR_SIZE_VER0,
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(attr)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Gives the calling thread a time slice of `nanos` (the kernel clamps it to [`SLICE_RANGE`]),
+/// keeping its policy and nice value.
+///
+/// Since Linux 6.12 (EEVDF) a normal task's `sched_runtime` is its requested slice: a shorter
+/// slice gives it an earlier virtual deadline, so when it wakes up it preempts a task that is
+/// using a longer one (a CPU-bound loop) at once, instead of waiting for that task's slice to
+/// end; its share of the CPU (its weight, from the nice value) stays the same. Older kernels
+/// accept and ignore the value for normal tasks: [`thread_slice`] then does not report it.
+/// Fails with `EINVAL` for a thread that is not `SCHED_OTHER` or `SCHED_BATCH` (a real-time
+/// thread has no slice). Async-signal-safe (two system calls on the stack, no allocation but
+/// an error value from a raw errno), so it may run between `fork` and `exec`.
+pub fn set_thread_slice(nanos: u64) -> io::Result<()> {
+    let mut attr = getattr(0)?;
+    let policy = attr.policy as i32;
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    attr.size = SCHED_ATTR_SIZE_VER0;
+    // Keeps SCHED_RESET_ON_FORK if it was set; nothing else is a flag of a normal task.
+    attr.flags &= libc::SCHED_FLAG_RESET_ON_FORK as u64;
+    attr.priority = 0;
+    attr.runtime = nanos;
+    attr.deadline = 0;
+    attr.period = 0;
+    // SAFETY: `attr` is an initialised `SchedAttr` of the size it states, read by the kernel
+    // during the call only; pid 0 names the calling thread.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The time slice of thread `tid` (0: the calling thread) in nanoseconds, as `sched_getattr`
+/// reports it for a normal task: its custom slice if it has one, else the kernel's default
+/// (0.7 ms × (1 + log2 CPUs) with EEVDF); `None` for a real-time thread.
+pub fn thread_slice(tid: i32) -> io::Result<Option<u64>> {
+    let attr = getattr(tid)?;
+    let policy = attr.policy as i32;
+    Ok((policy == libc::SCHED_OTHER || policy == libc::SCHED_BATCH).then_some(attr.runtime))
+}
+
+/// Checks that this kernel gives a normal thread a custom time slice of `nanos`, on a scratch
+/// thread (the caller's own scheduling is not touched): the slice must be accepted and then
+/// reported back. Fails with the kernel's error, or with `Unsupported` when the kernel accepts
+/// the value without using it (before Linux 6.12).
+pub fn probe_slice(nanos: u64) -> io::Result<()> {
+    let want = nanos.clamp(*SLICE_RANGE.start(), *SLICE_RANGE.end());
+    let probe = std::thread::Builder::new()
+        .name("tg-slice-probe".into())
+        .spawn(move || -> io::Result<Option<u64>> {
+            set_thread_slice(want)?;
+            thread_slice(0)
+        })?;
+    let got = probe
+        .join()
+        .map_err(|_| io::Error::other("the time slice probe panicked"))??;
+    if got == Some(want) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "this kernel does not give normal tasks a custom time slice (it needs Linux \
+                 6.12 or later; asked for {want} ns, the thread reports {})",
+                got.map_or_else(|| "no slice".to_string(), |g| format!("{g} ns"))
+            ),
+        ))
+    }
+}
+
+/// Makes `cmd`'s child take a time slice of `nanos` before it executes anything, so that the
+/// program and every thread and process it starts have it (the kernel copies it on `fork` and
+/// `clone`, unless `SCHED_RESET_ON_FORK` is set). Best effort: a refusal leaves the child with
+/// the default slice and the spawn goes on; callers learn whether the kernel allows it from
+/// [`probe_slice`] first. Composes with other `pre_exec` hooks (each runs in the order it was
+/// added).
+pub fn slice_on_exec(cmd: &mut std::process::Command, nanos: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the two system
+    // calls of `set_thread_slice` on its stack: no allocation (its error, dropped here, is a
+    // raw errno), no lock, so it is async-signal-safe as `pre_exec` requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = set_thread_slice(nanos);
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd`'s child start a session of its own (`setsid`) before it executes anything, so
+/// that it is also its own process group (its pid is the group's id, as with
+/// `process_group(0)`, which must not be set as well: a group leader cannot start a session).
+///
+/// Why a session: with the kernel's automatic grouping (`CONFIG_SCHED_AUTOGROUP`,
+/// `/proc/sys/kernel/sched_autogroup_enabled` = 1, the default of most distributions) every
+/// session is one scheduling group, and groups share the CPU as equals. A process left in its
+/// parent's session competes as part of that group: when the group's other members (a
+/// CPU-bound tool started from the same shell, a test's `stress`) have used its share, a
+/// wake-up waits until the group's turn, milliseconds under load. In a session of its own, a
+/// mostly sleeping process is a group that is owed time when it wakes, so it runs at once;
+/// a CPU-bound one gets one group's share, as a process does without automatic grouping.
+pub fn own_session_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
+    // is async-signal-safe; its error is a raw errno (no allocation).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes the calling process the leader of a new session (and process group): what
+/// [`own_session_on_exec`] does for a child, for a process that stands in for one (a
+/// benchmark's endpoints). Fails with `EPERM` when the process already leads a process group.
+pub fn start_session() -> io::Result<()> {
+    nix::unistd::setsid().map(|_| ()).map_err(io::Error::from)
 }
 
 /// What decides whether the calling thread may become real-time, read when the kernel said no,
@@ -320,5 +488,106 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// `se.slice` of `/proc/<pid>/task/<tid>/sched` (kernels with the scheduler's debug files).
+    fn proc_slice(path: &str) -> Option<u64> {
+        let text = fs::read_to_string(path).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("se.slice"))
+            .and_then(|v| v.trim_start_matches([' ', ':']).trim().parse().ok())
+    }
+
+    #[test]
+    fn a_thread_takes_a_time_slice_or_the_probe_says_why_not() {
+        match probe_slice(300_000) {
+            Ok(()) => std::thread::spawn(|| {
+                let tid = nix::unistd::gettid().as_raw();
+                set_thread_slice(300_000).unwrap();
+                assert_eq!(thread_slice(0).unwrap(), Some(300_000));
+                assert_eq!(thread_slice(tid).unwrap(), Some(300_000));
+                if let Some(s) = proc_slice("/proc/thread-self/sched") {
+                    assert_eq!(s, 300_000);
+                }
+                // Out of range: the kernel clamps.
+                set_thread_slice(1).unwrap();
+                assert_eq!(thread_slice(0).unwrap(), Some(*SLICE_RANGE.start()));
+            })
+            .join()
+            .unwrap(),
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+
+    #[test]
+    fn a_real_time_thread_has_no_slice_to_set() {
+        std::thread::spawn(|| {
+            if set_thread_fifo(1).is_err() {
+                return;
+            }
+            assert_eq!(thread_slice(0).unwrap(), None);
+            assert_eq!(
+                set_thread_slice(300_000).unwrap_err().raw_os_error(),
+                Some(libc::EINVAL)
+            );
+            assert_eq!(thread_policy().unwrap(), Policy::Fifo(1));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_spawned_program_and_its_children_inherit_the_slice() {
+        if let Err(e) = probe_slice(400_000) {
+            println!("skipping: {e}");
+            return;
+        }
+        // The shell reports its own slice, then its child's (a forked `cat`; the trailing `:`
+        // keeps the shell from exec'ing it in place).
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "grep '^se.slice' /proc/$$/sched; cat /proc/self/sched | grep '^se.slice'; :",
+        ]);
+        slice_on_exec(&mut cmd, 400_000);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let slices: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse().ok())
+            .collect();
+        if slices.is_empty() {
+            // No scheduler debug files: check the program itself through sched_getattr.
+            let mut child = std::process::Command::new("sleep");
+            child.arg("30");
+            slice_on_exec(&mut child, 400_000);
+            let mut child = child.spawn().unwrap();
+            let slice = thread_slice(child.id() as i32);
+            let _ = child.kill();
+            let _ = child.wait();
+            assert_eq!(slice.unwrap(), Some(400_000));
+            return;
+        }
+        assert_eq!(slices, vec![400_000, 400_000], "{text}");
+    }
+
+    #[test]
+    fn a_spawned_program_leads_a_session_of_its_own() {
+        let mut cmd = std::process::Command::new("sh");
+        // Field 6 of /proc/<pid>/stat is the session id; the shell's pid is `$$`.
+        cmd.args([
+            "-c",
+            "echo $$ $(cut -d' ' -f6 /proc/$$/stat) $(cut -d' ' -f5 /proc/$$/stat)",
+        ]);
+        own_session_on_exec(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ids: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(ids.len(), 3, "{text}");
+        // pid = session id = process group id.
+        assert_eq!(ids[0], ids[1], "{text}");
+        assert_eq!(ids[0], ids[2], "{text}");
     }
 }
