@@ -40,19 +40,14 @@ impl Tun {
     /// it with [`crate::Netlink`]. Fails with EBUSY if another fd already holds a TUN
     /// device of that name, EINVAL if a non-TUN interface has that name.
     pub fn create(ns: &NetNs, name: &str) -> io::Result<Tun> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "invalid interface name {name:?} (1 to {} bytes, no NUL or '/')",
-                    libc::IFNAMSIZ - 1
-                ),
-            ));
-        }
+        check_name(name)?;
         ns.run(|| Self::create_here(name))?
     }
 
-    fn create_here(name: &str) -> io::Result<Tun> {
+    /// [`Tun::create`] in the calling thread's own namespace, for code already running inside
+    /// it (e.g. in [`NetNs::new_with`]), without another helper thread.
+    pub fn create_here(name: &str) -> io::Result<Tun> {
+        check_name(name)?;
         let fd = open(
             "/dev/net/tun",
             OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
@@ -63,7 +58,7 @@ impl Tun {
         // SAFETY: `ifreq` is a plain C struct (arrays, integers, a raw pointer in a
         // union) for which all-zero bytes is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        // The last byte stays 0: `name` is shorter than IFNAMSIZ (checked by caller).
+        // The last byte stays 0: `name` is shorter than IFNAMSIZ (checked above).
         for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
@@ -114,6 +109,20 @@ impl Tun {
     pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
         Ok(nix::unistd::write(&self.fd, packet)?)
     }
+}
+
+/// TUNSETIFF takes a NUL-terminated name of fewer than `IFNAMSIZ` bytes.
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "invalid interface name {name:?} (1 to {} bytes, no NUL or '/')",
+                libc::IFNAMSIZ - 1
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl AsFd for Tun {
