@@ -619,7 +619,9 @@ impl<'a> Batch<'a> {
         msg.header.state = NeighbourState::Permanent;
         msg.header.kind = RouteType::Unspec;
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)));
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                addr,
+            )));
         if !mac.is_empty() {
             msg.attributes
                 .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));

@@ -309,8 +309,18 @@ fn batches_configure_a_namespace_built_from_inside() {
         // Control side: the veth, up, with its route and neighbour, in one batch.
         let mut b = Batch::new();
         b.add_veth(
-            VethEnd { name: "c7", index: 23, mac: &mac_c, up: true },
-            VethEnd { name: "eth0", index: 0, mac: &mac_e, up: false },
+            VethEnd {
+                name: "c7",
+                index: 23,
+                mac: &mac_c,
+                up: true,
+            },
+            VethEnd {
+                name: "eth0",
+                index: 0,
+                mac: &mac_e,
+                up: false,
+            },
             ns,
         );
         b.add_address(23, Ipv4Addr::new(10, 201, 0, 1), 32);
@@ -322,7 +332,9 @@ fn batches_configure_a_namespace_built_from_inside() {
         tg_sys::write_sysctl_here("net/ipv6/conf/eth0/disable_ipv6", "1").unwrap();
         let eth0 = tg_sys::netlink::link_index_here("eth0").unwrap();
         assert_eq!(
-            tg_sys::netlink::link_index_here("nope0").unwrap_err().kind(),
+            tg_sys::netlink::link_index_here("nope0")
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::NotFound
         );
         let mut b = Batch::new();
@@ -339,19 +351,31 @@ fn batches_configure_a_namespace_built_from_inside() {
 
     let c7 = ip_in(&control, &["-o", "link", "show", "dev", "c7"]);
     assert!(c7.starts_with("23: c7@"), "{c7}");
-    assert!(c7.contains("02:00:00:00:00:01") && c7.contains(",UP"), "{c7}");
+    assert!(
+        c7.contains("02:00:00:00:00:01") && c7.contains(",UP"),
+        "{c7}"
+    );
     let routes = ip_in(&control, &["-4", "route"]);
     assert!(
         routes.contains("10.201.0.2 dev c7") && routes.contains("scope link"),
         "{routes}"
     );
     let neigh = ip_in(&control, &["-4", "neigh", "show", "dev", "c7"]);
-    assert!(neigh.contains("10.201.0.2 lladdr 02:00:00:00:00:02 PERMANENT"), "{neigh}");
+    assert!(
+        neigh.contains("10.201.0.2 lladdr 02:00:00:00:00:02 PERMANENT"),
+        "{neigh}"
+    );
     let eth0 = ip_in(&inst, &["-o", "addr", "show", "dev", "eth0"]);
-    assert!(eth0.contains("inet 10.201.0.2/32") && !eth0.contains("inet6"), "{eth0}");
+    assert!(
+        eth0.contains("inet 10.201.0.2/32") && !eth0.contains("inet6"),
+        "{eth0}"
+    );
     assert!(ip_in(&inst, &["-o", "link", "show", "dev", "lo"]).contains(",UP"));
     let neigh = ip_in(&inst, &["-4", "neigh", "show", "dev", "eth0"]);
-    assert!(neigh.contains("10.201.0.1 lladdr 02:00:00:00:00:01 PERMANENT"), "{neigh}");
+    assert!(
+        neigh.contains("10.201.0.1 lladdr 02:00:00:00:00:01 PERMANENT"),
+        "{neigh}"
+    );
     // The link works both ways (no ARP needed).
     let rx = control
         .run(|| UdpSocket::bind("0.0.0.0:4100"))
@@ -364,7 +388,8 @@ fn batches_configure_a_namespace_built_from_inside() {
     let mut arrived = false;
     for _ in 0..50 {
         tx.send_to(b"batched", "10.201.0.1:4100").unwrap();
-        rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         if let Ok((n, from)) = rx.recv_from(&mut buf) {
             assert_eq!(&buf[..n], b"batched");
             assert_eq!(from.ip(), Ipv4Addr::new(10, 201, 0, 2));
@@ -376,14 +401,25 @@ fn batches_configure_a_namespace_built_from_inside() {
 
     // A failing request (the address exists) is named; the next one still applies.
     let mut b = Batch::new();
-    b.add_route("10.202.0.0/16".parse().unwrap(), Some(Ipv4Addr::new(10, 201, 0, 2)), 23);
+    b.add_route(
+        "10.202.0.0/16".parse().unwrap(),
+        Some(Ipv4Addr::new(10, 201, 0, 2)),
+        23,
+    );
     b.add_route("10.201.0.2/32".parse().unwrap(), None, 23);
-    b.add_route("10.203.0.0/16".parse().unwrap(), Some(Ipv4Addr::new(10, 201, 0, 2)), 23);
+    b.add_route(
+        "10.203.0.0/16".parse().unwrap(),
+        Some(Ipv4Addr::new(10, 201, 0, 2)),
+        23,
+    );
     let err = ctl.apply(&b).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
     assert!(err.to_string().contains("10.201.0.2/32"), "{err}");
     let routes = ip_in(&control, &["-4", "route"]);
-    assert!(routes.contains("10.202.0.0/16") && routes.contains("10.203.0.0/16"), "{routes}");
+    assert!(
+        routes.contains("10.202.0.0/16") && routes.contains("10.203.0.0/16"),
+        "{routes}"
+    );
     // The socket stays usable after a failed batch.
     let mut b = Batch::new();
     b.add_address(23, Ipv4Addr::new(10, 201, 0, 9), 32);
