@@ -25,7 +25,7 @@ for b in "${bins[@]}"; do
   TESTGROUND_HOME=$h "$b" plan import --from "plans/$plan" >/dev/null
   # Warm the build cache (not measured).
   TESTGROUND_HOME=$h "$b" run single -p "$plan" -t "$case" -b "$builder" -r local:netns -i 2 \
-    --wait >/dev/null
+    --wait >/dev/null 2>&1 || true
 done
 trap 'rm -rf "${homes[@]}"' EXIT
 
