@@ -101,10 +101,15 @@ func expectSeqs(ctx context.Context, client sync.Client, topic *sync.Topic, n in
 	}
 }
 
+// barrierTimeout bounds the barriers case. Longer than caseTimeout: the first
+// round waits for the last instance to start, and starting 5,000 sdk-go instances
+// on a loaded 2-core machine took 128 s (issue 12), so 60 s failed every instance.
+const barrierTimeout = 10 * time.Minute
+
 // barriers runs ten rounds of SignalAndWait; each round's seq must be in 1..N.
 // Distinct state names per round make every round a fresh counter.
 func barriers(runenv *runtime.RunEnv, initCtx *run.InitContext) error {
-	ctx, cancel := context.WithTimeout(context.Background(), caseTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), barrierTimeout)
 	defer cancel()
 	n := runenv.TestInstanceCount
 	for i := 0; i < 10; i++ {

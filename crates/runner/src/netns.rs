@@ -2,7 +2,6 @@
 //! namespaces and jail its run's sidecar (`tg-sidecar`) builds; the privilege check, the run's
 //! seed and capture settings.
 
-use std::collections::VecDeque;
 use std::path::Path;
 
 use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT, SidecarEvent};
@@ -16,6 +15,11 @@ use crate::{RunConfig, RunError, RunInput, RunnerEvent};
 /// Instance networks built at a time: past about 16 the kernel's own serialisation (rtnl)
 /// dominates (measured with tg-sys's netns-scale example).
 pub(crate) const NETNS_SETUP_CONCURRENCY: usize = 16;
+
+/// How many instance networks may be ready ahead of the processes that use them. Networks
+/// are built while the first processes start (both take CPU, neither all of it); a bound
+/// keeps the descriptors of built but unused networks few.
+const PREPARED_AHEAD: usize = 64;
 
 /// Namespaces, TUN devices and mounts need root (CAP_SYS_ADMIN and CAP_NET_ADMIN).
 pub(crate) fn check_privileges() -> Result<(), RunError> {
@@ -93,8 +97,11 @@ pub(crate) struct NetnsLauncher {
     config: RunConfig,
     net: Option<RunNetwork>,
     events: Option<mpsc::Sender<RunnerEvent>>,
-    /// Built by `prepare`, in launch order.
-    prepared: VecDeque<tg_sidecar::Instance>,
+    /// Instance networks in launch order, from the task `prepare` started.
+    prepared: Option<mpsc::Receiver<Result<tg_sidecar::Instance, tg_sidecar::SidecarError>>>,
+    /// The task building them; it hands the network back when done or when `prepared` is
+    /// dropped.
+    building: Option<tokio::task::JoinHandle<RunNetwork>>,
 }
 
 impl NetnsLauncher {
@@ -105,7 +112,8 @@ impl NetnsLauncher {
             config,
             net: None,
             events: None,
-            prepared: VecDeque::new(),
+            prepared: None,
+            building: None,
         }
     }
 }
@@ -134,8 +142,11 @@ impl Launcher for NetnsLauncher {
         Ok(env)
     }
 
+    /// Starts building every instance's network (namespaces, links, TUN, jail), several at a
+    /// time, on a task of its own: `launch` takes them in order as they become ready, so the
+    /// first processes start while later networks are still being built.
     async fn prepare(&mut self, specs: &[InstanceSpec]) -> Result<(), RunError> {
-        let Some(net) = &mut self.net else {
+        let Some(mut net) = self.net.take() else {
             return Ok(());
         };
         let sidecar_specs = specs
@@ -148,33 +159,45 @@ impl Launcher for NetnsLauncher {
                 control: tg_sidecar::ControlLink::Veth,
             })
             .collect::<Vec<_>>();
-        let setup = std::time::Instant::now();
-        let count = sidecar_specs.len();
-        let built = net
-            .add_instances(sidecar_specs, NETNS_SETUP_CONCURRENCY)
-            .await
-            .map_err(RunError::RunNetwork)?;
-        if let Some(events) = &self.events {
-            let _ = events
-                .send(RunnerEvent::Log(format!(
-                    "network: {count} instance networks ready in {:.2}s",
-                    setup.elapsed().as_secs_f64()
-                )))
+        let (tx, rx) = mpsc::channel(PREPARED_AHEAD);
+        let events = self.events.clone();
+        self.prepared = Some(rx);
+        self.building = Some(tokio::spawn(async move {
+            let setup = std::time::Instant::now();
+            let count = sidecar_specs.len();
+            net.add_instances_to(sidecar_specs, NETNS_SETUP_CONCURRENCY, tx)
                 .await;
-        }
-        self.prepared = built.into();
+            if let Some(events) = events {
+                let _ = events
+                    .send(RunnerEvent::Log(format!(
+                        "network: {count} instance networks built in {:.2}s (while the first \
+                         instances started)",
+                        setup.elapsed().as_secs_f64()
+                    )))
+                    .await;
+            }
+            net
+        }));
         Ok(())
     }
 
     async fn launch(&mut self, spec: &InstanceSpec) -> Result<ExecInstance, RunError> {
-        // Built by prepare, in the same order as the launches.
-        let Some(inst) = self.prepared.pop_front() else {
-            return Err(RunError::NetnsUnavailable {
-                reason: format!(
-                    "no network was prepared for instance {}[{}]",
-                    spec.group_id, spec.index
-                ),
-            });
+        // Built by the prepare task, in the same order as the launches.
+        let next = match &mut self.prepared {
+            Some(rx) => rx.recv().await,
+            None => None,
+        };
+        let inst = match next {
+            Some(Ok(inst)) => inst,
+            Some(Err(e)) => return Err(RunError::RunNetwork(e)),
+            None => {
+                return Err(RunError::NetnsUnavailable {
+                    reason: format!(
+                        "no network was prepared for instance {}[{}]",
+                        spec.group_id, spec.index
+                    ),
+                });
+            }
         };
         let (mut cmd, artifact) = self.exec.command(spec);
         inst.jail.apply(&mut cmd);
@@ -182,7 +205,13 @@ impl Launcher for NetnsLauncher {
     }
 
     async fn teardown(mut self) -> Vec<String> {
-        self.prepared.clear();
+        // Stops the prepare task (it hands the network back).
+        drop(self.prepared.take());
+        if let Some(building) = self.building.take()
+            && let Ok(net) = building.await
+        {
+            self.net = Some(net);
+        }
         // Processes first (the tracker's cgroup also holds instances that left their
         // namespaces), then the network they used.
         let mut lines = self.exec.finish().await;

@@ -48,6 +48,27 @@ pub fn control_addr(ordinal: u32) -> Ipv4Addr {
     nth(SYNC_ADDR, ordinal)
 }
 
+/// The interface index of instance `ordinal`'s end of its control link (`c<ordinal>`) in the
+/// run's control namespace. Fixed rather than chosen by the kernel, so that the route and the
+/// neighbour entry on it go in the same netlink batch as its creation, without a lookup. The
+/// control namespace is the run's own and holds only `lo` (1) and `host0` (the kernel's next,
+/// 2): indices from 16 on are free.
+pub fn control_ifindex(ordinal: u32) -> u32 {
+    16 + ordinal
+}
+
+/// The hardware addresses of instance `ordinal`'s control link: (its `eth0`, the control
+/// namespace's `c<ordinal>`). Fixed rather than random, so that each side's permanent
+/// neighbour entry for the other can be written without reading the address back. Locally
+/// administered unicast (`02:`), `74:67` ("tg"), the side, then the ordinal (below 2^16).
+pub fn control_macs(ordinal: u32) -> ([u8; 6], [u8; 6]) {
+    let [_, _, hi, lo] = ordinal.to_be_bytes();
+    (
+        [0x02, 0x74, 0x67, 0x00, hi, lo],
+        [0x02, 0x74, 0x67, 0x01, hi, lo],
+    )
+}
+
 /// Why an instance may not take an address in the data network.
 pub fn check_data_addr(subnet: Ipv4Net, addr: Ipv4Addr) -> Result<(), String> {
     if !subnet.contains(&addr) {
@@ -135,6 +156,22 @@ impl HostLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_links_have_distinct_fixed_indices_and_addresses() {
+        let mut seen = std::collections::BTreeSet::new();
+        for o in [0, 1, 255, 256, MAX_INSTANCES - 1] {
+            let (eth0, ctl) = control_macs(o);
+            assert_ne!(eth0, ctl);
+            // Locally administered unicast.
+            assert_eq!(eth0[0] & 0x03, 0x02);
+            assert_eq!(ctl[0] & 0x03, 0x02);
+            assert!(seen.insert(eth0) && seen.insert(ctl), "ordinal {o}");
+            // Clear of lo (1) and host0 (2).
+            assert!(control_ifindex(o) >= 16);
+        }
+        assert!(control_ifindex(MAX_INSTANCES - 1) < i32::MAX as u32);
+    }
 
     #[test]
     fn instance_addresses_start_at_dot_two() {

@@ -47,7 +47,7 @@ use ipnet::Ipv4Net;
 use tg_api::network::NetworkConfig;
 use tg_netem::{NodeId, Stats};
 use tg_sync::SyncService;
-use tg_sys::{Jail, NetNs, Netlink, Tun};
+use tg_sys::{Batch, Jail, NetNs, Netlink, NetlinkSocket, Tun, VethEnd};
 use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -137,7 +137,8 @@ struct Shared {
     sync: SyncService,
     pump: Pump,
     ctl: NetNs,
-    ctl_nl: Netlink,
+    /// Blocking netlink sockets in the control namespace for threads building instances.
+    ctl_sockets: SocketPool,
     /// Set up once, when the first instance asks for `allow_all`.
     nat: OnceCell<Result<(), String>>,
     /// The host's end of the run's host link, named in the log when `allow_all` is first used.
@@ -162,20 +163,31 @@ fn offloads_from_env() -> bool {
     )
 }
 
-/// Creates an instance's data interface `eth1`, with offloads when the run uses them. A kernel
-/// that refuses them gets a device without, and the run log says so once.
-fn data_interface(sh: &Shared, ns: &NetNs) -> Result<Tun, SidecarError> {
-    let create = |ns: &NetNs| Tun::create(ns, "eth1").map_err(io_err("create the data interface"));
+/// Creates an instance's data interface `eth1` in `ns`, or in the calling thread's namespace
+/// when `None` (a thread building the instance from inside it), with offloads when the run uses
+/// them. A kernel that refuses them gets a device without, and the run log says so once.
+fn data_interface(sh: &Shared, ns: Option<&NetNs>) -> Result<Tun, SidecarError> {
+    let create = || {
+        match ns {
+            Some(ns) => Tun::create(ns, "eth1"),
+            None => Tun::create_here("eth1"),
+        }
+        .map_err(io_err("create the data interface"))
+    };
     if !sh.offloads {
-        return create(ns);
+        return create();
     }
-    let (tun, refused) = match Tun::create_offloaded(ns, "eth1") {
+    let offloaded = match ns {
+        Some(ns) => Tun::create_offloaded(ns, "eth1"),
+        None => Tun::create_offloaded_here("eth1"),
+    };
+    let (tun, refused) = match offloaded {
         Ok((tun, Ok(()))) => (tun, None),
         Ok((tun, Err(e))) => (tun, Some(e)),
         Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
             return Err(io_err("create the data interface")(e));
         }
-        Err(e) => (create(ns)?, Some(e)),
+        Err(e) => (create()?, Some(e)),
     };
     if let Some(e) = refused
         && !sh
@@ -189,6 +201,27 @@ fn data_interface(sh: &Shared, ns: &NetNs) -> Result<Tun, SidecarError> {
         ));
     }
     Ok(tun)
+}
+
+/// Blocking netlink sockets of one namespace, reused: as many as threads used them at once.
+#[derive(Debug, Default)]
+struct SocketPool(std::sync::Mutex<Vec<NetlinkSocket>>);
+
+impl SocketPool {
+    /// Applies `batch` through a socket in `ns` (one from the pool, or a new one).
+    fn apply(&self, ns: &NetNs, batch: &Batch<'_>) -> io::Result<()> {
+        let idle = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut socket = match idle {
+            Some(s) => s,
+            None => NetlinkSocket::open(ns)?,
+        };
+        socket.apply(batch)?;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(socket);
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -400,7 +433,7 @@ impl RunNetwork {
                 sync: opts.sync,
                 pump,
                 ctl,
-                ctl_nl,
+                ctl_sockets: SocketPool::default(),
                 nat: OnceCell::new(),
                 host_addr: host_link.map(|h| h.host_addr()),
                 log,
@@ -580,6 +613,33 @@ impl RunNetwork {
         Ok(out)
     }
 
+    /// [`RunNetwork::add_instances`], handing each instance to `out` as soon as it (and every
+    /// one before it) is ready, so that the caller can start instance `i` while later ones
+    /// are still being built. Stops after the first error (sent too) or when `out` is closed;
+    /// instances built by then belong to the run's network all the same (its shutdown
+    /// removes them).
+    pub async fn add_instances_to(
+        &mut self,
+        specs: Vec<InstanceSpec>,
+        concurrency: usize,
+        out: mpsc::Sender<Result<Instance, SidecarError>>,
+    ) {
+        use futures::StreamExt;
+        let shared = self.shared.clone();
+        let hosts = self.hosts.clone();
+        let capture = self.capture;
+        let mut built = futures::stream::iter(specs)
+            .map(|spec| prepare(shared.clone(), hosts.clone(), capture, spec))
+            .buffered(concurrency.max(1));
+        while let Some(r) = built.next().await {
+            let r = r.map(|(inst, agent)| self.register(inst, agent));
+            let failed = r.is_err();
+            if out.send(r).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+
     fn register(&mut self, inst: Instance, agent: Agent) -> Instance {
         self.inodes.insert(inst.netns_inode);
         self.agents.spawn(agent.run());
@@ -700,54 +760,28 @@ async fn prepare(
             max: addr::MAX_INSTANCES,
         });
     }
-    let sh = &shared;
-    let ns = match netns {
-        Some(ns) => ns,
-        None => NetNs::new().map_err(io_err("create an instance namespace"))?,
-    };
-    let ctl_if = match control {
-        ControlLink::Veth => format!("c{ordinal}"),
-        ControlLink::Existing { .. } => String::new(),
-    };
-    let caddr = addr::control_addr(ordinal);
-    let cidx = match control {
-        ControlLink::Veth => Some(veth_control_link(sh, &ns, &ctl_if, caddr).await?),
-        ControlLink::Existing { .. } => None,
-    };
-    let tun = data_interface(sh, &ns)?;
-    // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
-    tun.set_persist(true)
-        .map_err(io_err("make the data interface persistent"))?;
-    // The data network is IPv4 only; without this every instance's kernel sends router
-    // solicitations and MLD reports into the emulator, which can only drop them.
-    tg_sys::write_sysctl(&ns, "net/ipv6/conf/eth1/disable_ipv6", "1")
-        .map_err(io_err("disable IPv6 on eth1"))?;
-    let nl = Netlink::open(&ns)
-        .await
-        .map_err(io_err("open netlink in an instance namespace"))?;
-    let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
-    nl.set_up(lo).await.map_err(io_err("set lo up"))?;
-    match &control {
+    let daddr = addr::data_addr(shared.subnet, ordinal);
+    let (ns, tun, ctl_if) = match &control {
         ControlLink::Veth => {
-            if let Some(cidx) = cidx {
-                veth_eth0(sh, &ns, &nl, (&ctl_if, cidx), caddr).await?;
-            }
+            let sh = shared.clone();
+            tokio::task::spawn_blocking(move || veth_instance(&sh, netns, ordinal))
+                .await
+                .map_err(|e| SidecarError::Other(format!("building instance {ordinal}: {e}")))??
         }
         ControlLink::Existing { gateway, keep } => {
-            existing_eth0(&nl, *gateway, keep).await?;
+            let ns = match netns {
+                Some(ns) => ns,
+                None => NetNs::new().map_err(io_err("create an instance namespace"))?,
+            };
+            let tun = existing_instance(&shared, &ns, ordinal, *gateway, keep).await?;
+            (ns, tun, String::new())
         }
-    }
-    let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
-    let daddr = addr::data_addr(sh.subnet, ordinal);
-    nl.add_address(eth1, daddr, sh.subnet.prefix_len())
-        .await
-        .map_err(io_err("address eth1"))?;
-    nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
-    drop(nl);
+    };
 
     let id = NodeId(ordinal);
     let capture = capture.then(|| outputs.join("data.pcap"));
-    sh.pump
+    shared
+        .pump
         .add(id, daddr, tun, capture)
         .await?
         .map_err(SidecarError::Other)?;
@@ -779,72 +813,134 @@ async fn prepare(
     ))
 }
 
-/// The control veth `c<i>` ⇄ `eth0` (host side, in the control namespace).
-async fn veth_control_link(
+/// An instance's network with a control veth (`local:netns`, `local:docker`), built on the
+/// calling (blocking) thread: everything inside the instance's namespace happens on the one
+/// helper thread that creates (or enters) it, and the netlink requests go in three batches.
+/// Returns the namespace, the TUN device and the name of the control namespace's end of the
+/// link.
+///
+/// - Control namespace, one batch: the veth `c<i>` (fixed index, up) ⇄ `eth0` (born in the
+///   instance's namespace, down), both with fixed hardware addresses; the route to the
+///   instance's control address over `c<i>`; its permanent neighbour entry.
+/// - Instance namespace: the persistent TUN `eth1`; IPv6 off on `eth0` and `eth1` before
+///   they come up; then one batch: `lo` up, `eth0`'s address, up, the route to the sync
+///   service and its permanent neighbour entry, `eth1`'s address, up. No default route
+///   (`deny_all`).
+///
+/// The permanent neighbour entries: the kernel's ARP table is shared by every namespace and
+/// holds 1,024 dynamic entries by default; two per instance overflow it past about 500
+/// instances and connections to the sync service then fail. Permanent entries are not
+/// counted.
+fn veth_instance(
     sh: &Shared,
-    ns: &NetNs,
-    ctl_if: &str,
-    caddr: Ipv4Addr,
-) -> Result<u32, SidecarError> {
-    let cidx = sh
-        .ctl_nl
-        .add_veth(ctl_if, "eth0", ns)
-        .await
-        .map_err(io_err(format!("create the control link {ctl_if}")))?;
-    sh.ctl_nl
-        .set_up(cidx)
-        .await
-        .map_err(io_err(format!("set {ctl_if} up")))?;
-    sh.ctl_nl
-        .add_route(Ipv4Net::from(caddr), None, cidx)
-        .await
-        .map_err(io_err(format!("route to {caddr}")))?;
-    Ok(cidx)
+    netns: Option<NetNs>,
+    ordinal: u32,
+) -> Result<(NetNs, Tun, String), SidecarError> {
+    let ctl_if = format!("c{ordinal}");
+    let inside = |ns: &NetNs| -> Result<Tun, SidecarError> {
+        let caddr = addr::control_addr(ordinal);
+        let daddr = addr::data_addr(sh.subnet, ordinal);
+        let (eth0_mac, ctl_mac) = addr::control_macs(ordinal);
+        let cidx = addr::control_ifindex(ordinal);
+
+        let mut ctl = Batch::new();
+        ctl.add_veth(
+            VethEnd {
+                name: &ctl_if,
+                index: cidx,
+                mac: &ctl_mac,
+                up: true,
+            },
+            VethEnd {
+                name: "eth0",
+                index: 0,
+                mac: &eth0_mac,
+                up: false,
+            },
+            ns,
+        );
+        ctl.add_route(Ipv4Net::from(caddr), None, cidx);
+        ctl.add_neighbour(cidx, caddr, &eth0_mac);
+        sh.ctl_sockets
+            .apply(&sh.ctl, &ctl)
+            .map_err(io_err(format!("create the control link {ctl_if}")))?;
+
+        let tun = data_interface(sh, None)?;
+        // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
+        tun.set_persist(true)
+            .map_err(io_err("make the data interface persistent"))?;
+        // IPv4 only, before the interfaces come up: on eth0 (the control network, as the
+        // original's) no link-local address a plan could take for a data address or use to
+        // reach other instances; on eth1 no router solicitations or MLD reports sent into
+        // the emulator, which can only drop them.
+        for dev in ["eth0", "eth1"] {
+            tg_sys::write_sysctl_here(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1")
+                .map_err(io_err(format!("disable IPv6 on {dev}")))?;
+        }
+        let eth0 = tg_sys::netlink::link_index_here("eth0").map_err(io_err("find eth0"))?;
+        let eth1 = tg_sys::netlink::link_index_here("eth1").map_err(io_err("find eth1"))?;
+        let mut b = Batch::new();
+        b.set_up(LOOPBACK_INDEX);
+        b.add_address(eth0, caddr, 32);
+        b.set_up(eth0);
+        b.add_route(Ipv4Net::from(SYNC_ADDR), None, eth0);
+        b.add_neighbour(eth0, SYNC_ADDR, &ctl_mac);
+        b.add_address(eth1, daddr, sh.subnet.prefix_len());
+        b.set_up(eth1);
+        NetlinkSocket::open_here()
+            .and_then(|mut nl| nl.apply(&b))
+            .map_err(io_err("configure the instance's interfaces"))?;
+        Ok(tun)
+    };
+    let (ns, tun) = match netns {
+        None => {
+            let (ns, tun) =
+                NetNs::new_with(inside).map_err(io_err("create an instance namespace"))?;
+            (ns, tun?)
+        }
+        Some(ns) => {
+            let tun = ns
+                .run(|| inside(&ns))
+                .map_err(io_err("enter the instance's namespace"))??;
+            (ns, tun)
+        }
+    };
+    Ok((ns, tun, ctl_if))
 }
 
-/// The instance's side of the control veth: its address, the sync service's route and
-/// both ends' neighbour entries.
-async fn veth_eth0(
+/// `lo` has this index in every namespace (the kernel's `LOOPBACK_IFINDEX`).
+const LOOPBACK_INDEX: u32 = 1;
+
+/// An instance's network in a namespace whose `eth0` exists already (a pod's): the TUN
+/// `eth1` and its address, and `deny_all` on `eth0`.
+async fn existing_instance(
     sh: &Shared,
     ns: &NetNs,
-    nl: &Netlink,
-    ctl: (&str, u32),
-    caddr: Ipv4Addr,
-) -> Result<(), SidecarError> {
-    let (ctl_if, cidx) = ctl;
-    // The control network is IPv4 only, as the original's: no link-local address on eth0 that
-    // a plan could take for a data address or use to reach other instances.
-    tg_sys::write_sysctl(ns, "net/ipv6/conf/eth0/disable_ipv6", "1")
-        .map_err(io_err("disable IPv6 on eth0"))?;
-    let eth0 = nl.link_index("eth0").await.map_err(io_err("find eth0"))?;
-    nl.add_address(eth0, caddr, 32)
+    ordinal: u32,
+    gateway: Ipv4Addr,
+    keep: &[Ipv4Addr],
+) -> Result<Tun, SidecarError> {
+    let tun = data_interface(sh, Some(ns))?;
+    // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
+    tun.set_persist(true)
+        .map_err(io_err("make the data interface persistent"))?;
+    // The data network is IPv4 only; without this every instance's kernel sends router
+    // solicitations and MLD reports into the emulator, which can only drop them.
+    tg_sys::write_sysctl(ns, "net/ipv6/conf/eth1/disable_ipv6", "1")
+        .map_err(io_err("disable IPv6 on eth1"))?;
+    let nl = Netlink::open(ns)
         .await
-        .map_err(io_err("address eth0"))?;
-    nl.set_up(eth0).await.map_err(io_err("set eth0 up"))?;
-    nl.add_route(Ipv4Net::from(SYNC_ADDR), None, eth0)
+        .map_err(io_err("open netlink in an instance namespace"))?;
+    let lo = nl.link_index("lo").await.map_err(io_err("find lo"))?;
+    nl.set_up(lo).await.map_err(io_err("set lo up"))?;
+    existing_eth0(&nl, gateway, keep).await?;
+    let eth1 = nl.link_index("eth1").await.map_err(io_err("find eth1"))?;
+    let daddr = addr::data_addr(sh.subnet, ordinal);
+    nl.add_address(eth1, daddr, sh.subnet.prefix_len())
         .await
-        .map_err(io_err("route to the sync service"))?;
-    // Both ends of the control link know each other statically. Why: the kernel's ARP
-    // table is shared by every namespace and holds 1,024 dynamic entries by default; two
-    // per instance overflow it past about 500 instances and connections to the sync
-    // service then fail. Permanent entries are not counted.
-    let ctl_mac = sh
-        .ctl_nl
-        .link_mac(cidx)
-        .await
-        .map_err(io_err(format!("read the address of {ctl_if}")))?;
-    let eth0_mac = nl
-        .link_mac(eth0)
-        .await
-        .map_err(io_err("read the address of eth0"))?;
-    nl.add_neighbour(eth0, SYNC_ADDR, &ctl_mac)
-        .await
-        .map_err(io_err("pin the sync service's neighbour entry"))?;
-    sh.ctl_nl
-        .add_neighbour(cidx, caddr, &eth0_mac)
-        .await
-        .map_err(io_err(format!("pin the neighbour entry of {caddr}")))?;
-    Ok(())
+        .map_err(io_err("address eth1"))?;
+    nl.set_up(eth1).await.map_err(io_err("set eth1 up"))?;
+    Ok(tun)
 }
 
 /// A pod's own `eth0`: routes to `keep` via `gateway`, then no default route (`deny_all`).

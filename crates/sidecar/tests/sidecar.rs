@@ -80,15 +80,29 @@ async fn run_on(sync: SyncService, run_id: &str, ordinals: &[u32], seed: u64, ag
     )
     .await
     .expect("create the run network");
+    // Built as the runners build them: several at a time (the first alone, through
+    // `add_instance`, so that both entry points are used).
     let mut instances = Vec::new();
     let mut hostnames = Vec::new();
+    let mut specs = Vec::new();
     for &i in ordinals {
         let h = format!("single-{i}-{run_id}");
         let out = dir.path().join(format!("out{i}"));
         std::fs::create_dir_all(&out).unwrap();
-        instances.push(net.add_instance(i, &h, &out).await.expect("add instance"));
+        if instances.is_empty() {
+            instances.push(net.add_instance(i, &h, &out).await.expect("add instance"));
+        } else {
+            specs.push(tg_sidecar::InstanceSpec {
+                ordinal: i,
+                hostname: h.clone(),
+                outputs: out,
+                netns: None,
+                control: tg_sidecar::ControlLink::Veth,
+            });
+        }
         hostnames.push(h);
     }
+    instances.extend(net.add_instances(specs, 4).await.expect("add instances"));
     Run {
         net,
         sync,
@@ -840,6 +854,126 @@ async fn the_control_network_is_ipv4_only_and_never_reaches_the_data_network() {
         assert_eq!(e.kind(), ErrorKind::TimedOut, "{ctl1} under allow_all: {e}");
         r.connect(0, (r.addr(1), 7060).into(), Duration::from_secs(5))
             .expect("the data network still works");
+    }
+    r.net.shutdown().await;
+}
+
+/// Instances built together (several at a time, as the runners do) each get their own
+/// network and nothing more: their control address and data address, IPv6 off on `eth0` and
+/// `eth1` (no IPv6 address but `lo`'s), only the route to the sync service and the data
+/// subnet's (deny_all: no default route), the sync service's permanent neighbour entry, the
+/// sync service reachable, the data network between every pair, distinct namespaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_built_together_each_get_their_own_network() {
+    if !privileged() {
+        return;
+    }
+    const N: usize = 12;
+    let r = run(N as u32).await;
+    let subnet = r.net.subnet();
+    let mut inodes = std::collections::BTreeSet::new();
+    let mut control_macs = std::collections::BTreeSet::new();
+    for i in 0..N {
+        assert!(inodes.insert(r.instances[i].netns_inode), "instance {i}");
+        assert_eq!(r.instances[i].data_addr, r.addr(i));
+        let caddr = Ipv4Addr::new(192, 18, 0, (i + 2) as u8);
+        let addrs = ip_in(&r, i, &["-o", "addr"]);
+        let mut got: Vec<String> = addrs
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                format!("{} {} {}", f[1], f[2], f[3])
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                format!("eth0 inet {caddr}/32"),
+                format!("eth1 inet {}/{}", r.addr(i), subnet.prefix_len()),
+                "lo inet 127.0.0.1/8".to_string(),
+                "lo inet6 ::1/128".to_string(),
+            ],
+            "instance {i}: {addrs}"
+        );
+        for dev in ["eth0", "eth1"] {
+            let key = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
+            let v = r.instances[i]
+                .netns
+                .run(|| std::fs::read_to_string(&key))
+                .unwrap()
+                .unwrap();
+            assert_eq!(v.trim(), "1", "instance {i}: {key}");
+        }
+        let mut routes: Vec<String> = ip_in(&r, i, &["-4", "route"])
+            .lines()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect();
+        routes.sort();
+        assert_eq!(
+            routes,
+            vec![
+                format!("{subnet} dev eth1"),
+                "192.18.0.1 dev eth0".to_string(),
+            ],
+            "instance {i}: no default route under deny_all"
+        );
+        let links = ip_in(&r, i, &["-o", "link"]);
+        for dev in ["lo", "eth0", "eth1"] {
+            let line = links
+                .lines()
+                .find(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .is_some_and(|n| n.starts_with(dev))
+                })
+                .unwrap_or_else(|| panic!("instance {i}: no {dev} in {links}"));
+            assert!(line.contains(",UP"), "instance {i}: {line}");
+        }
+        assert_eq!(links.lines().count(), 3, "instance {i}: {links}");
+        let neigh = ip_in(&r, i, &["-4", "neigh", "show", "dev", "eth0"]);
+        assert!(
+            neigh.contains("192.18.0.1 lladdr") && neigh.contains("PERMANENT"),
+            "instance {i}: {neigh}"
+        );
+        assert!(
+            control_macs.insert(neigh),
+            "instance {i}: its own control link"
+        );
+        // The sync service answers over the control link.
+        r.instances[i]
+            .netns
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::new(192, 18, 0, 1), tg_sidecar::SYNC_PORT)),
+                    Duration::from_secs(5),
+                )
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("instance {i} cannot reach the sync service: {e}"));
+    }
+    // Every instance reaches every other one over the data network.
+    let sockets: Vec<UdpSocket> = (0..N).map(|i| r.udp(i, 7070)).collect();
+    for (i, s) in sockets.iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        for j in 0..N {
+            if i != j {
+                s.send_to(&[i as u8], (r.addr(j), 7070)).unwrap();
+            }
+        }
+    }
+    for (j, s) in sockets.iter().enumerate() {
+        let mut from = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 4];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while from.len() < N - 1 && std::time::Instant::now() < deadline {
+            if let Ok((1, peer)) = s.recv_from(&mut buf) {
+                assert_eq!(peer.ip(), r.addr(buf[0] as usize), "instance {j}");
+                from.insert(buf[0]);
+            }
+        }
+        assert_eq!(from.len(), N - 1, "instance {j} heard from {from:?}");
     }
     r.net.shutdown().await;
 }

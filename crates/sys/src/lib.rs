@@ -10,7 +10,8 @@
 //! Modules:
 //! - [`netns`]: [`NetNs`] handles, running code inside a namespace, sysctls.
 //! - [`tun`]: [`Tun`] devices (raw IP packets, non-blocking).
-//! - [`netlink`]: [`Netlink`], an async rtnetlink handle bound to one namespace.
+//! - [`netlink`]: [`Netlink`], an async rtnetlink handle bound to one namespace, and
+//!   [`NetlinkSocket`] / [`Batch`], many requests in one system call from a plain thread.
 //! - [`jail`]: [`Jail`], what a child process is put into before `exec`.
 //! - [`cgroup`]: [`Cgroup`], a cgroup v2 per run that its processes cannot leave.
 //! - [`sched`]: real-time scheduling and timer slack of the calling thread (the packet pump).
@@ -33,7 +34,7 @@ pub mod tun;
 pub use cgroup::Cgroup;
 pub use error::{ContextError, errno};
 pub use jail::Jail;
-pub use netlink::Netlink;
-pub use netns::{NetNs, write_sysctl};
+pub use netlink::{Batch, Netlink, NetlinkSocket, VethEnd};
+pub use netns::{NetNs, write_sysctl, write_sysctl_here};
 pub use proc::{netns_inode_of, pids_in_netns};
 pub use tun::Tun;

@@ -5,6 +5,9 @@
 //! drives it from the caller's tokio runtime; afterwards no thread needs to be in the
 //! namespace. Requests on one handle may be issued concurrently (they are multiplexed by
 //! sequence number over the one socket).
+//!
+//! [`NetlinkSocket`] and [`Batch`] are the blocking counterpart for setup code that runs on
+//! a plain thread (e.g. inside a namespace's helper thread): many requests in one system call.
 
 use std::fmt::Display;
 use std::io;
@@ -14,9 +17,16 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
+};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, State};
-use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteScope, RouteType};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
     AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
@@ -371,4 +381,269 @@ fn describe_route(verb: &str, dst: Ipv4Net, gateway: Option<Ipv4Addr>, oif: u32)
         Some(gw) => format!("{verb} route {dst} via {gw} dev {oif} onlink"),
         None => format!("{verb} route {dst} dev {oif} scope link"),
     }
+}
+
+/// A blocking rtnetlink socket bound to one namespace, for [`Batch`]es: many requests in one
+/// system call, from a plain (non-async) thread.
+///
+/// Why beside [`Netlink`]: setting up an instance's network takes about fifteen requests; one
+/// at a time through the async handle each costs a round trip through its connection task
+/// and two system calls. A batch is one `send` (the kernel handles every message of it in
+/// that call, in order) and one `recv` per acknowledgement, already queued when `send`
+/// returns. The socket talks to the namespace it was created in, whichever thread uses it.
+#[derive(Debug)]
+pub struct NetlinkSocket {
+    socket: rtnetlink::sys::Socket,
+    seq: u32,
+}
+
+/// How long to wait for acknowledgements that the kernel should have queued during `send`.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl NetlinkSocket {
+    /// A socket in the calling thread's namespace (e.g. inside [`NetNs::new_with`]).
+    pub fn open_here() -> io::Result<NetlinkSocket> {
+        let mut socket = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+            .map_err(|e| with_context(e, "opening rtnetlink socket"))?;
+        socket
+            .bind_auto()
+            .map_err(|e| with_context(e, "binding rtnetlink socket"))?;
+        // Acknowledgements only: the request is not echoed back with each of them.
+        socket
+            .set_cap_ack(true)
+            .map_err(|e| with_context(e, "setting NETLINK_CAP_ACK"))?;
+        let fd = socket.as_raw_fd();
+        // SAFETY: `fd` is the open socket owned by `socket` for the duration of the call; the
+        // borrowed descriptor does not outlive it.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        nix::sys::socket::setsockopt(
+            &borrowed,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(BATCH_TIMEOUT.as_secs() as _, 0),
+        )
+        .map_err(|e| crate::error::nix_context(e, "setting SO_RCVTIMEO on rtnetlink socket"))?;
+        Ok(NetlinkSocket { socket, seq: 0 })
+    }
+
+    /// A socket in `ns` (created on a helper thread inside it).
+    pub fn open(ns: &NetNs) -> io::Result<NetlinkSocket> {
+        ns.run(Self::open_here)?
+    }
+
+    /// Sends every request of `batch` in one system call and waits for each acknowledgement.
+    /// The kernel handles them in order and goes on after a failed one; the first failure is
+    /// returned, naming its request. An empty batch sends nothing.
+    pub fn apply(&mut self, batch: &Batch<'_>) -> io::Result<()> {
+        if batch.requests.is_empty() {
+            return Ok(());
+        }
+        let first = self.seq.wrapping_add(1);
+        let mut buf = Vec::new();
+        for (i, (msg, _)) in batch.requests.iter().enumerate() {
+            let mut msg = msg.clone();
+            msg.header.sequence_number = first.wrapping_add(i as u32);
+            msg.finalize();
+            let at = buf.len();
+            buf.resize(at + msg.buffer_len(), 0);
+            msg.serialize(&mut buf[at..]);
+        }
+        self.seq = first.wrapping_add(batch.requests.len() as u32 - 1);
+        let sent = self
+            .socket
+            .send(&buf, 0)
+            .map_err(|e| with_context(e, "sending a batch of rtnetlink requests"))?;
+        if sent != buf.len() {
+            return Err(io::Error::other(format!(
+                "rtnetlink batch: sent {sent} of {} bytes",
+                buf.len()
+            )));
+        }
+        let mut pending = batch.requests.len();
+        let mut failure: Option<io::Error> = None;
+        let mut rx: Vec<u8> = Vec::with_capacity(8192);
+        while pending > 0 {
+            rx.clear();
+            self.socket.recv(&mut rx, 0).map_err(|e| {
+                with_context(e, "waiting for rtnetlink acknowledgements of a batch")
+            })?;
+            let mut at = 0;
+            while at + 16 <= rx.len() {
+                let len = u32::from_ne_bytes(rx[at..at + 4].try_into().expect("4 bytes")) as usize;
+                if len < 16 || at + len > rx.len() {
+                    break;
+                }
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[at..at + len])
+                    .map_err(|e| io::Error::other(format!("rtnetlink acknowledgement: {e}")))?;
+                // Netlink aligns messages to 4 bytes.
+                at += len.div_ceil(4) * 4;
+                let index = msg.header.sequence_number.wrapping_sub(first) as usize;
+                if index >= batch.requests.len() {
+                    // Not ours (a late answer to an earlier batch that failed half-way).
+                    continue;
+                }
+                if let NetlinkPayload::Error(err) = msg.payload {
+                    pending -= 1;
+                    if let Some(code) = err.code
+                        && failure.is_none()
+                    {
+                        let what = &batch.requests[index].1;
+                        failure = Some(errno_error(code.get().abs(), what));
+                    }
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// An errno from the kernel as `io::Error`, as [`nl_error`] maps it.
+fn errno_error(code: i32, what: &str) -> io::Error {
+    let os = io::Error::from_raw_os_error(code);
+    let kind = if code == libc::ENODEV {
+        io::ErrorKind::NotFound
+    } else {
+        os.kind()
+    };
+    with_context_kind(kind, os, what.to_string())
+}
+
+/// rtnetlink requests to send together with [`NetlinkSocket::apply`], each acknowledged. The
+/// lifetime is that of namespace handles the requests name (a veth peer's namespace), which
+/// must stay open until the batch is applied.
+#[derive(Debug, Default)]
+pub struct Batch<'a> {
+    requests: Vec<(NetlinkMessage<RouteNetlinkMessage>, String)>,
+    _ns: std::marker::PhantomData<&'a NetNs>,
+}
+
+/// One end of a veth pair as [`Batch::add_veth`] creates it.
+#[derive(Debug, Clone)]
+pub struct VethEnd<'a> {
+    pub name: &'a str,
+    /// Its interface index; 0 lets the kernel choose. The peer's index is only honoured when
+    /// the first end's is given (a rule of the veth driver).
+    pub index: u32,
+    /// Its hardware address (6 bytes); empty lets the kernel choose a random one.
+    pub mac: &'a [u8],
+    /// Created administratively up.
+    pub up: bool,
+}
+
+impl<'a> Batch<'a> {
+    pub fn new() -> Batch<'a> {
+        Batch::default()
+    }
+
+    /// How many requests the batch holds.
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    fn push(&mut self, msg: RouteNetlinkMessage, flags: u16, what: String) {
+        let mut msg = NetlinkMessage::from(msg);
+        msg.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        self.requests.push((msg, what));
+    }
+
+    /// Creates a veth pair: `end` in the socket's namespace, `peer` directly inside
+    /// `peer_ns` (both given names, indices, addresses and states in the one request, so that
+    /// no lookup is needed afterwards).
+    pub fn add_veth(&mut self, end: VethEnd<'_>, peer: VethEnd<'_>, peer_ns: &'a NetNs) {
+        fn message<T>(mut b: LinkMessageBuilder<T>, end: &VethEnd<'_>) -> LinkMessageBuilder<T> {
+            b = b.name(end.name.to_string());
+            if end.index != 0 {
+                b = b.index(end.index);
+            }
+            if !end.mac.is_empty() {
+                b = b.address(end.mac.to_vec());
+            }
+            if end.up { b.up() } else { b }
+        }
+        let peer_msg = message(LinkMessageBuilder::<LinkUnspec>::new(), &peer)
+            .setns_by_fd(peer_ns.as_raw_fd())
+            .build();
+        let msg = message(
+            LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth),
+            &end,
+        )
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+        .build();
+        self.push(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            format!("creating veth {} (peer {})", end.name, peer.name),
+        );
+    }
+
+    /// Sets interface `index` administratively up.
+    pub fn set_up(&mut self, index: u32) {
+        self.push(
+            RouteNetlinkMessage::NewLink(LinkUnspec::new_with_index(index).up().build()),
+            0,
+            format!("setting link {index} up"),
+        );
+    }
+
+    /// Adds `addr/prefix` to interface `index` (as [`Netlink::add_address`]).
+    pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) {
+        let msg = AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(addr, prefix)
+            .build();
+        self.push(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            format!("adding address {addr}/{prefix} to link {index}"),
+        );
+    }
+
+    /// Adds a route (as [`Netlink::add_route`]).
+    pub fn add_route(&mut self, dst: Ipv4Net, gateway: Option<Ipv4Addr>, oif: u32) {
+        self.push(
+            RouteNetlinkMessage::NewRoute(Netlink::route_message(dst, gateway, oif)),
+            NLM_F_CREATE | NLM_F_EXCL,
+            describe_route("adding", dst, gateway, oif),
+        );
+    }
+
+    /// Adds or replaces a permanent neighbour entry (as [`Netlink::add_neighbour`], whose
+    /// documentation says why).
+    pub fn add_neighbour(&mut self, index: u32, addr: Ipv4Addr, mac: &[u8]) {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        msg.header.kind = RouteType::Unspec;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                addr,
+            )));
+        if !mac.is_empty() {
+            msg.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        }
+        self.push(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!("adding neighbour {addr} on link {index}"),
+        );
+    }
+}
+
+/// Index of interface `name` in the calling thread's namespace (`if_nametoindex`), for code
+/// running inside it (e.g. in [`NetNs::new_with`]); `NotFound` if there is none.
+pub fn link_index_here(name: &str) -> io::Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(|e| {
+        let e = io::Error::from(e);
+        let kind = if e.raw_os_error() == Some(libc::ENODEV) {
+            io::ErrorKind::NotFound
+        } else {
+            e.kind()
+        };
+        with_context_kind(kind, e, format!("looking up interface {name}"))
+    })
 }

@@ -58,6 +58,30 @@ impl NetNs {
         }
     }
 
+    /// A fresh namespace, with `f` run inside it: on the helper thread that created it,
+    /// before the thread exits. One thread for everything an instance's network needs from
+    /// inside its namespace (devices, sysctls, sockets bound to it), instead of one thread
+    /// per step: a thread spawn costs about as much as a netlink request. A panic in `f` is
+    /// propagated to the caller; the namespace is freed if nothing else holds it.
+    pub fn new_with<T: Send>(f: impl FnOnce(&NetNs) -> T + Send) -> io::Result<(NetNs, T)> {
+        thread::scope(|scope| {
+            let helper = thread::Builder::new()
+                .name("tg-netns-new".into())
+                .spawn_scoped(scope, move || -> io::Result<(NetNs, T)> {
+                    unshare(CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| nix_context(e, "unshare(CLONE_NEWNET)"))?;
+                    let ns = Self::current()?;
+                    let out = f(&ns);
+                    Ok((ns, out))
+                })
+                .map_err(|e| with_context(e, "spawning netns helper thread"))?;
+            match helper.join() {
+                Ok(result) => result,
+                Err(payload) => panic::resume_unwind(payload),
+            }
+        })
+    }
+
     /// The namespace of process `pid` (e.g. a container's init), held from now on by this
     /// handle. `start_time` (see [`crate::proc::start_time`]) guards against a reused pid: the
     /// handle is returned only if the process that had it still has it after the open.
@@ -151,14 +175,26 @@ impl AsRawFd for NetNs {
 /// Writes a sysctl inside `ns`, e.g. key "net/ipv4/ip_forward" (path under /proc/sys).
 /// /proc/sys/net reflects the netns of the opener, so it is opened from a thread in `ns`.
 pub fn write_sysctl(ns: &NetNs, key: &str, value: &str) -> io::Result<()> {
-    // Keys come from plan configuration; refuse anything that could escape /proc/sys.
+    let path = sysctl_path(key)?;
+    ns.run(|| fs::write(&path, value))?
+        .map_err(|e| with_context(e, format!("writing {value:?} to {path}")))
+}
+
+/// [`write_sysctl`] in the calling thread's own namespace: for code already running inside
+/// the namespace (e.g. in [`NetNs::new_with`] or [`NetNs::run`]), without another thread.
+pub fn write_sysctl_here(key: &str, value: &str) -> io::Result<()> {
+    let path = sysctl_path(key)?;
+    fs::write(&path, value).map_err(|e| with_context(e, format!("writing {value:?} to {path}")))
+}
+
+/// `/proc/sys/<key>`, refusing keys that could escape /proc/sys (they may come from plan
+/// configuration).
+fn sysctl_path(key: &str) -> io::Result<String> {
     if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c == ".." || c == ".") {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("invalid sysctl key {key:?}"),
         ));
     }
-    let path = format!("/proc/sys/{key}");
-    ns.run(|| fs::write(&path, value))?
-        .map_err(|e| with_context(e, format!("writing {value:?} to {path}")))
+    Ok(format!("/proc/sys/{key}"))
 }

@@ -57,7 +57,7 @@ impl Tun {
     /// device of that name, EINVAL if a non-TUN interface has that name.
     pub fn create(ns: &NetNs, name: &str) -> io::Result<Tun> {
         check_name(name)?;
-        ns.run(|| Self::create_here(name, false))?
+        ns.run(|| Self::create_here(name))?
     }
 
     /// Like [`create`](Self::create), with offloads: the device is created with `IFF_VNET_HDR`, so
@@ -69,15 +69,24 @@ impl Tun {
     /// still has its headers (always all zero on reads: one complete packet each), so callers keep
     /// working and may report the reason.
     pub fn create_offloaded(ns: &NetNs, name: &str) -> io::Result<(Tun, io::Result<()>)> {
-        check_name(name)?;
-        ns.run(|| {
-            let tun = Self::create_here(name, true)?;
-            let offloads = tun.enable_offloads();
-            Ok((tun, offloads))
-        })?
+        ns.run(|| Self::create_offloaded_here(name))?
     }
 
-    fn create_here(name: &str, vnet_hdr: bool) -> io::Result<Tun> {
+    /// [`Tun::create`] in the calling thread's own namespace, for code already running inside
+    /// it (e.g. in [`NetNs::new_with`]), without another helper thread.
+    pub fn create_here(name: &str) -> io::Result<Tun> {
+        Self::open_here(name, false)
+    }
+
+    /// [`Tun::create_offloaded`] in the calling thread's own namespace.
+    pub fn create_offloaded_here(name: &str) -> io::Result<(Tun, io::Result<()>)> {
+        let tun = Self::open_here(name, true)?;
+        let offloads = tun.enable_offloads();
+        Ok((tun, offloads))
+    }
+
+    fn open_here(name: &str, vnet_hdr: bool) -> io::Result<Tun> {
+        check_name(name)?;
         let fd = open(
             "/dev/net/tun",
             OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
@@ -88,7 +97,7 @@ impl Tun {
         // SAFETY: `ifreq` is a plain C struct (arrays, integers, a raw pointer in a
         // union) for which all-zero bytes is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        // The last byte stays 0: `name` is shorter than IFNAMSIZ (checked by caller).
+        // The last byte stays 0: `name` is shorter than IFNAMSIZ (checked above).
         for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
@@ -171,6 +180,7 @@ impl Tun {
     }
 }
 
+/// TUNSETIFF takes a NUL-terminated name of fewer than `IFNAMSIZ` bytes.
 fn check_name(name: &str) -> io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
         return Err(io::Error::new(

@@ -356,6 +356,143 @@ async fn routes_addresses_mtu_and_lookups() {
     assert_eq!(err.kind(), io::ErrorKind::NotFound);
 }
 
+/// A namespace built from inside (`NetNs::new_with`) and configured by batches: a veth whose
+/// ends get the names, indices, hardware addresses and states asked for, addresses, routes,
+/// permanent neighbours, and sysctls written from inside. A failing request is named in the
+/// error while the rest of its batch still applies.
+#[test]
+fn batches_configure_a_namespace_built_from_inside() {
+    if !privileged() {
+        return;
+    }
+    use tg_sys::{Batch, NetlinkSocket, VethEnd};
+    let control = NetNs::new().unwrap();
+    let mut ctl = NetlinkSocket::open(&control).unwrap();
+    let (mac_c, mac_e) = ([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2]);
+    let (inst, inode) = NetNs::new_with(|ns| {
+        // Control side: the veth, up, with its route and neighbour, in one batch.
+        let mut b = Batch::new();
+        b.add_veth(
+            VethEnd {
+                name: "c7",
+                index: 23,
+                mac: &mac_c,
+                up: true,
+            },
+            VethEnd {
+                name: "eth0",
+                index: 0,
+                mac: &mac_e,
+                up: false,
+            },
+            ns,
+        );
+        b.add_address(23, Ipv4Addr::new(10, 201, 0, 1), 32);
+        b.add_route("10.201.0.2/32".parse().unwrap(), None, 23);
+        b.add_neighbour(23, Ipv4Addr::new(10, 201, 0, 2), &mac_e);
+        assert_eq!(b.len(), 4);
+        ctl.apply(&b).unwrap();
+        // Inside: sysctl and lookups on this thread, then one batch.
+        tg_sys::write_sysctl_here("net/ipv6/conf/eth0/disable_ipv6", "1").unwrap();
+        let eth0 = tg_sys::netlink::link_index_here("eth0").unwrap();
+        assert_eq!(
+            tg_sys::netlink::link_index_here("nope0")
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+        let mut b = Batch::new();
+        b.set_up(1);
+        b.add_address(eth0, Ipv4Addr::new(10, 201, 0, 2), 32);
+        b.set_up(eth0);
+        b.add_route("10.201.0.1/32".parse().unwrap(), None, eth0);
+        b.add_neighbour(eth0, Ipv4Addr::new(10, 201, 0, 1), &mac_c);
+        NetlinkSocket::open_here().unwrap().apply(&b).unwrap();
+        NetNs::current().unwrap().inode().unwrap()
+    })
+    .unwrap();
+    assert_eq!(inst.inode().unwrap(), inode);
+
+    let c7 = ip_in(&control, &["-o", "link", "show", "dev", "c7"]);
+    assert!(c7.starts_with("23: c7@"), "{c7}");
+    assert!(
+        c7.contains("02:00:00:00:00:01") && c7.contains(",UP"),
+        "{c7}"
+    );
+    let routes = ip_in(&control, &["-4", "route"]);
+    assert!(
+        routes.contains("10.201.0.2 dev c7") && routes.contains("scope link"),
+        "{routes}"
+    );
+    let neigh = ip_in(&control, &["-4", "neigh", "show", "dev", "c7"]);
+    assert!(
+        neigh.contains("10.201.0.2 lladdr 02:00:00:00:00:02 PERMANENT"),
+        "{neigh}"
+    );
+    let eth0 = ip_in(&inst, &["-o", "addr", "show", "dev", "eth0"]);
+    assert!(
+        eth0.contains("inet 10.201.0.2/32") && !eth0.contains("inet6"),
+        "{eth0}"
+    );
+    assert!(ip_in(&inst, &["-o", "link", "show", "dev", "lo"]).contains(",UP"));
+    let neigh = ip_in(&inst, &["-4", "neigh", "show", "dev", "eth0"]);
+    assert!(
+        neigh.contains("10.201.0.1 lladdr 02:00:00:00:00:01 PERMANENT"),
+        "{neigh}"
+    );
+    // The link works both ways (no ARP needed).
+    let rx = control
+        .run(|| UdpSocket::bind("0.0.0.0:4100"))
+        .unwrap()
+        .unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx = inst.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    // The veth's carrier comes up asynchronously (linkwatch): retry until one arrives.
+    let mut buf = [0u8; 16];
+    let mut arrived = false;
+    for _ in 0..50 {
+        tx.send_to(b"batched", "10.201.0.1:4100").unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        if let Ok((n, from)) = rx.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"batched");
+            assert_eq!(from.ip(), Ipv4Addr::new(10, 201, 0, 2));
+            arrived = true;
+            break;
+        }
+    }
+    assert!(arrived, "no datagram over the batched veth");
+
+    // A failing request (the address exists) is named; the next one still applies.
+    let mut b = Batch::new();
+    b.add_route(
+        "10.202.0.0/16".parse().unwrap(),
+        Some(Ipv4Addr::new(10, 201, 0, 2)),
+        23,
+    );
+    b.add_route("10.201.0.2/32".parse().unwrap(), None, 23);
+    b.add_route(
+        "10.203.0.0/16".parse().unwrap(),
+        Some(Ipv4Addr::new(10, 201, 0, 2)),
+        23,
+    );
+    let err = ctl.apply(&b).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+    assert!(err.to_string().contains("10.201.0.2/32"), "{err}");
+    let routes = ip_in(&control, &["-4", "route"]);
+    assert!(
+        routes.contains("10.202.0.0/16") && routes.contains("10.203.0.0/16"),
+        "{routes}"
+    );
+    // The socket stays usable after a failed batch.
+    let mut b = Batch::new();
+    b.add_address(23, Ipv4Addr::new(10, 201, 0, 9), 32);
+    ctl.apply(&b).unwrap();
+    assert!(ip_in(&control, &["-4", "addr", "show", "dev", "c7"]).contains("10.201.0.9/32"));
+    assert!(Batch::new().is_empty());
+    ctl.apply(&Batch::new()).unwrap();
+}
+
 fn libc_eexist() -> i32 {
     // EEXIST is 17 on every Linux architecture.
     17
