@@ -599,18 +599,29 @@ impl RunNetwork {
         concurrency: usize,
     ) -> Result<Vec<Instance>, SidecarError> {
         use futures::StreamExt;
-        let shared = self.shared.clone();
-        let hosts = self.hosts.clone();
-        let capture = self.capture;
-        let mut built = futures::stream::iter(specs)
-            .map(|spec| prepare(shared.clone(), hosts.clone(), capture, spec))
-            .buffered(concurrency.max(1));
+        let mut built = self.build(specs, concurrency);
         let mut out = Vec::new();
         while let Some(r) = built.next().await {
             let (inst, agent) = r?;
             out.push(self.register(inst, agent));
         }
         Ok(out)
+    }
+
+    /// Builds the networks of `specs`, `concurrency` at a time, yielding them in order; the
+    /// stream holds no borrow of `self`, so each result can be registered as it comes.
+    fn build(
+        &self,
+        specs: Vec<InstanceSpec>,
+        concurrency: usize,
+    ) -> impl futures::Stream<Item = Result<(Instance, Agent), SidecarError>> + use<> {
+        use futures::StreamExt;
+        let shared = self.shared.clone();
+        let hosts = self.hosts.clone();
+        let capture = self.capture;
+        futures::stream::iter(specs)
+            .map(move |spec| prepare(shared.clone(), hosts.clone(), capture, spec))
+            .buffered(concurrency.max(1))
     }
 
     /// [`RunNetwork::add_instances`], handing each instance to `out` as soon as it (and every
@@ -625,12 +636,7 @@ impl RunNetwork {
         out: mpsc::Sender<Result<Instance, SidecarError>>,
     ) {
         use futures::StreamExt;
-        let shared = self.shared.clone();
-        let hosts = self.hosts.clone();
-        let capture = self.capture;
-        let mut built = futures::stream::iter(specs)
-            .map(|spec| prepare(shared.clone(), hosts.clone(), capture, spec))
-            .buffered(concurrency.max(1));
+        let mut built = self.build(specs, concurrency);
         while let Some(r) = built.next().await {
             let r = r.map(|(inst, agent)| self.register(inst, agent));
             let failed = r.is_err();

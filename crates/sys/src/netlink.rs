@@ -54,16 +54,7 @@ impl std::fmt::Debug for Netlink {
 fn nl_error(what: impl Display) -> impl FnOnce(rtnetlink::Error) -> io::Error {
     move |err| match err {
         rtnetlink::Error::NetlinkError(ref msg) if msg.code.is_some() => {
-            let code = msg.code.map_or(0, |c| c.get()).abs();
-            let os = io::Error::from_raw_os_error(code);
-            // std files ENODEV under "uncategorized"; for netlink it always means
-            // "no such interface", which callers want to match as NotFound.
-            let kind = if code == libc::ENODEV {
-                io::ErrorKind::NotFound
-            } else {
-                os.kind()
-            };
-            with_context_kind(kind, os, what.to_string())
+            errno_error(msg.code.map_or(0, |c| c.get()).abs(), &what.to_string())
         }
         other => with_context(io::Error::other(other), what.to_string()),
     }
@@ -496,9 +487,11 @@ impl NetlinkSocket {
     }
 }
 
-/// An errno from the kernel as `io::Error`, as [`nl_error`] maps it.
+/// An errno from the kernel as `io::Error`, keeping it (EEXIST → `AlreadyExists`, ...).
 fn errno_error(code: i32, what: &str) -> io::Error {
     let os = io::Error::from_raw_os_error(code);
+    // std files ENODEV under "uncategorized"; for netlink it always means "no such
+    // interface", which callers want to match as NotFound.
     let kind = if code == libc::ENODEV {
         io::ErrorKind::NotFound
     } else {
