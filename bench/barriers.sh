@@ -10,6 +10,7 @@
 #   RUNNER=local:netns bench/barriers.sh example-sdk barriers exec:rust 2000
 # Also reports when every instance had started (the run log's `started N/N` line), and stops
 # a run (SIGINT) when the machine's available memory falls below $MIN_AVAIL_MIB (default 2048).
+# KEEP_HOME=1 keeps the run's home (outputs, logs) and prints where it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 plan=${1:-example-sdk}
@@ -24,7 +25,12 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p testground
 tg=$CARGO_TARGET_DIR/release/testground
 export TESTGROUND_HOME=$(mktemp -d /tmp/tg-bench.XXXXXX)
-trap 'rm -rf "$TESTGROUND_HOME"' EXIT
+# KEEP_HOME=1 keeps the home (instance outputs, task logs) for a look at a failed run.
+if [ -n "${KEEP_HOME:-}" ]; then
+  echo "home kept: $TESTGROUND_HOME" >&2
+else
+  trap 'rm -rf "$TESTGROUND_HOME"' EXIT
+fi
 "$tg" plan import --from "plans/$plan" >/dev/null
 # Warm the build cache (not measured).
 "$tg" run single -p "$plan" -t "$case" -b "$builder" -r "$runner" -i 2 --wait >/dev/null
