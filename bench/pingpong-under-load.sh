@@ -9,6 +9,7 @@
 # shell loops (default 2) run during the whole measurement; each build gets a fresh
 # $TESTGROUND_HOME with the plan imported and built once before the load starts.
 set -euo pipefail
+. "$(dirname "$0")/build-env.sh"
 n=$1
 shift
 load_n=${LOAD:-2}
@@ -43,13 +44,7 @@ for i in $(seq 1 "$n"); do
   for spec in "$@"; do
     name=${spec%%=*}
     bin=${spec#*=}
-    env=()
-    case $name in
-      *-rtoff) env=(TESTGROUND_PUMP_REALTIME=off) ;;
-      *-schedoff) env=(TESTGROUND_INSTANCE_SCHED=off) ;;
-      *-session) env=(TESTGROUND_INSTANCE_SCHED=session) ;;
-      *-slice) env=(TESTGROUND_INSTANCE_SCHED=slice) ;;
-    esac
+    build_env "$name"
     out=$(env "${env[@]}" TESTGROUND_HOME="${home[$name]}" "$bin" run single -p network -t ping-pong -b exec:go -r local:netns -i 2 --wait 2>&1) || true
     rtts=$(echo "$out" | grep -o 'ping RTT was [0-9.]*[mµ]*s' | awk '{print $4}' | paste -sd' ' -) || true
     fails=$(echo "$out" | grep -o 'expected an RTT between [^"]*' | head -2 | paste -sd';' -) || true

@@ -13,6 +13,7 @@
 # every binary loaded. Prints one markdown row per round, load, build and latency: RTT error
 # (measured minus 2L) in µs at the median, p99, max, and of the first probe.
 set -euo pipefail
+. "$(dirname "$0")/build-env.sh"
 rounds=$1
 shift
 load_n=${LOAD:-2}
@@ -40,13 +41,7 @@ for r in $(seq 1 "$rounds"); do
     for spec in "$@"; do
       name=${spec%%=*}
       bin=${spec#*=}
-      env=()
-      case $name in
-        *-rtoff) env=(TESTGROUND_PUMP_REALTIME=off) ;;
-        *-schedoff) env=(TESTGROUND_INSTANCE_SCHED=off) ;;
-        *-session) env=(TESTGROUND_INSTANCE_SCHED=session) ;;
-        *-slice) env=(TESTGROUND_INSTANCE_SCHED=slice) ;;
-      esac
+      build_env "$name"
       out=$(env "${env[@]}" "$bin" latency 2>&1) || { echo "$name failed: $out" >&2; continue; }
       pump=$(echo "$out" | sed -n 's/.*pump thread scheduling: //p' | head -1)
       ends=$(echo "$out" | sed -n 's/.*endpoint scheduling: //p' | head -1)

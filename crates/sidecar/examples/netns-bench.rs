@@ -869,33 +869,23 @@ impl Run {
     /// Sets `default.latency` of instance `i` as its SDK would (a `network.Config` on
     /// `network:<hostname>`) and waits for the sidecar's callback state.
     async fn configure(&self, i: usize, latency: Duration) -> Result<()> {
-        let state = format!("latency-{i}-{}", latency.as_nanos());
-        let cfg = NetworkConfig {
-            default: LinkShape {
-                latency,
-                ..LinkShape::default()
-            },
-            callback_state: state.clone(),
-            ..NetworkConfig::default()
+        let shape = LinkShape {
+            latency,
+            ..LinkShape::default()
         };
-        let topic = format!("{}:topics:network:{}", self.prefix, self.hostnames[i]);
-        self.sync
-            .publish(&topic, serde_json::value::to_raw_value(&cfg)?)
-            .await?;
         // Each callback state is used once per run (instance and latency are in its name).
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            self.sync
-                .barrier(&format!("{}:states:{state}", self.prefix), 1),
-        )
-        .await
-        .map_err(|_| "the sidecar did not apply the config within 10 s")??;
-        Ok(())
+        self.apply(i, shape, format!("latency-{i}-{}", latency.as_nanos()))
+            .await
     }
 
     /// Sets instance `i`'s default link shape, as [`configure`](Self::configure) does its latency.
     async fn configure_shape(&self, i: usize, shape: LinkShape) -> Result<()> {
-        let state = format!("shape-{i}");
+        self.apply(i, shape, format!("shape-{i}")).await
+    }
+
+    /// Publishes `shape` as instance `i`'s default link with callback `state`, and waits until
+    /// the sidecar signals it.
+    async fn apply(&self, i: usize, shape: LinkShape, state: String) -> Result<()> {
         let cfg = NetworkConfig {
             default: shape,
             callback_state: state.clone(),
