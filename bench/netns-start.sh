@@ -5,7 +5,8 @@
 # line (every instance's network built and its process started); rate = N / that.
 # Usage: bench/netns-start.sh BINARY... -- N...
 #   bench/netns-start.sh /tmp/testground-before target/release/testground -- 100 1000
-# Env: PLAN (placebo), CASE (ok), BUILDER (exec:go), RUNS (runs per binary and count, 2); the
+# Env: PLAN (placebo), CASE (ok), BUILDER (exec:go), RUNS (runs per binary and count, 2),
+# SETTLE (seconds of pause before each run, 5); the
 # binaries take turns, run by run, so that they share the machine's conditions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,9 @@ echo "|---|---|---|---|---|---|---|"
 for n in "${counts[@]}"; do
   for r in $(seq "$runs"); do
     for i in "${!bins[@]}"; do
+      # The kernel destroys the previous run's namespaces after it ends (cleanup_net, under
+      # rtnl): let that finish so it does not slow this run's start.
+      sleep "${SETTLE:-5}"
       log=$(mktemp)
       t0=$(date +%s.%N)
       set +e

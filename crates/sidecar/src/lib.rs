@@ -875,17 +875,16 @@ fn veth_instance(
         // Destroyed with the namespace, in the kernel's batched teardown (see set_persist).
         tun.set_persist(true)
             .map_err(io_err("make the data interface persistent"))?;
-        // IPv4 only, before the interfaces come up: on eth0 (the control network, as the
-        // original's) no link-local address a plan could take for a data address or use to
-        // reach other instances; on eth1 no router solicitations or MLD reports sent into
-        // the emulator, which can only drop them.
-        for dev in ["eth0", "eth1"] {
-            tg_sys::write_sysctl_here(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1")
-                .map_err(io_err(format!("disable IPv6 on {dev}")))?;
-        }
         let eth0 = tg_sys::netlink::link_index_here("eth0").map_err(io_err("find eth0"))?;
         let eth1 = tg_sys::netlink::link_index_here("eth1").map_err(io_err("find eth1"))?;
         let mut b = Batch::new();
+        // IPv4 only, before the interfaces come up: on eth0 (the control network, as the
+        // original's) no link-local address a plan could take for a data address or use to
+        // reach other instances; on eth1 no router solicitations or MLD reports sent into
+        // the emulator, which can only drop them. (The control namespace's ends have IPv6
+        // disabled outright, and the emulator carries IPv4 only.)
+        b.no_ipv6_addresses(eth0);
+        b.no_ipv6_addresses(eth1);
         b.set_up(LOOPBACK_INDEX);
         b.add_address(eth0, caddr, 32);
         b.set_up(eth0);

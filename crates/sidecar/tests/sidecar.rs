@@ -860,9 +860,10 @@ async fn the_control_network_is_ipv4_only_and_never_reaches_the_data_network() {
 
 /// Instances built together (several at a time, as the runners do) each get their own
 /// network and nothing more: their control address and data address, IPv6 off on `eth0` and
-/// `eth1` (no IPv6 address but `lo`'s), only the route to the sync service and the data
-/// subnet's (deny_all: no default route), the sync service's permanent neighbour entry, the
-/// sync service reachable, the data network between every pair, distinct namespaces.
+/// `eth1` (no IPv6 address but `lo`'s, none generated, no IPv6 packet sent), only the route
+/// to the sync service and the data subnet's (deny_all: no default route), the sync service's
+/// permanent neighbour entry, the sync service reachable, the data network between every
+/// pair, distinct namespaces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_built_together_each_get_their_own_network() {
     if !privileged() {
@@ -897,13 +898,11 @@ async fn instances_built_together_each_get_their_own_network() {
             "instance {i}: {addrs}"
         );
         for dev in ["eth0", "eth1"] {
-            let key = format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6");
-            let v = r.instances[i]
-                .netns
-                .run(|| std::fs::read_to_string(&key))
-                .unwrap()
-                .unwrap();
-            assert_eq!(v.trim(), "1", "instance {i}: {key}");
+            let link = ip_in(&r, i, &["-d", "link", "show", "dev", dev]);
+            assert!(
+                link.contains("addrgenmode none"),
+                "instance {i}: IPv6 address generation off on {dev}: {link}"
+            );
         }
         let mut routes: Vec<String> = ip_in(&r, i, &["-4", "route"])
             .lines()
@@ -974,6 +973,25 @@ async fn instances_built_together_each_get_their_own_network() {
             }
         }
         assert_eq!(from.len(), N - 1, "instance {j} heard from {from:?}");
+    }
+    // IPv4 only: after all that traffic, no instance sent a single IPv6 packet (no router
+    // solicitation, MLD report or duplicate address probe) on either link.
+    for i in 0..N {
+        for dev in ["eth0", "eth1"] {
+            let key = format!("/proc/thread-self/net/dev_snmp6/{dev}");
+            let snmp = r.instances[i]
+                .netns
+                .run(|| std::fs::read_to_string(&key))
+                .unwrap()
+                .unwrap();
+            for counter in ["Ip6OutRequests", "Ip6OutMcastPkts", "Icmp6OutMsgs"] {
+                let v = snmp
+                    .lines()
+                    .find_map(|l| l.strip_prefix(counter))
+                    .unwrap_or_else(|| panic!("{counter} in {key}: {snmp}"));
+                assert_eq!(v.trim(), "0", "instance {i}: {counter} on {dev}");
+            }
+        }
     }
     r.net.shutdown().await;
 }

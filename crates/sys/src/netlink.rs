@@ -21,7 +21,9 @@ use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
     NetlinkPayload,
 };
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, State};
+use rtnetlink::packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute, State,
+};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -578,6 +580,26 @@ impl<'a> Batch<'a> {
             RouteNetlinkMessage::NewLink(LinkUnspec::new_with_index(index).up().build()),
             0,
             format!("setting link {index} up"),
+        );
+    }
+
+    /// Makes interface `index` take no IPv6 address of its own (address generation mode
+    /// `none`): no link-local address, hence no duplicate address detection, router
+    /// solicitation or MLD report from it. Send it before the link comes up. This is what a
+    /// `disable_ipv6` sysctl would give an IPv4-only link, in the same netlink batch: the
+    /// sysctl's handler only try-locks rtnl and restarts the write while it is held, so with
+    /// many namespaces built at once its writes spin (measured: a sixth of all CPU while
+    /// starting 1,000 `local:netns` instances).
+    pub fn no_ipv6_addresses(&mut self, index: u32) {
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        self.push(
+            RouteNetlinkMessage::NewLink(msg),
+            0,
+            format!("turning off IPv6 address generation on link {index}"),
         );
     }
 
