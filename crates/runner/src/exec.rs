@@ -3,11 +3,13 @@
 //! with a killed engine at the engine's next start.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tg_sys::spawn::Command;
+use tokio::net::unix::pipe;
+
+use tg_sys::spawn::AsyncChild;
 
 use crate::helper::{HelperPipe, HelperPool};
 use crate::instance_sched::InstanceSched;
@@ -106,7 +108,7 @@ impl ExecLauncher {
         mut cmd: Command,
         artifact: PathBuf,
     ) -> Result<ExecInstance, RunError> {
-        match spawn_retrying_busy(&mut cmd).await {
+        match crate::child::spawn_retrying_busy(&mut cmd).await {
             Ok(child) => Ok(ExecInstance::new(child)),
             Err(source) => Err(RunError::Spawn {
                 group: spec.group_id.clone(),
@@ -207,7 +209,7 @@ impl Launcher for ExecLauncher {
         if let Some(pool) = &mut self.helpers {
             let artifact = absolute(&spec.artifact);
             let tracker = &self.tracker;
-            let prepare = |cmd: &mut Command| {
+            let prepare = |cmd: &mut tokio::process::Command| {
                 if let Some(t) = tracker {
                     t.apply(cmd);
                 }
@@ -250,7 +252,7 @@ pub(crate) struct ExecInstance {
 /// Who holds the instance's pipes and reaps it.
 enum Proc {
     /// The engine: a child of this process.
-    Direct(Child),
+    Direct(AsyncChild),
     /// A helper process, which forwards its output and exit status.
     Helped {
         exit: tokio::sync::watch::Receiver<Option<Termination>>,
@@ -260,8 +262,8 @@ enum Proc {
 }
 
 impl ExecInstance {
-    fn new(child: Child) -> Self {
-        let pgid = child.id();
+    fn new(child: AsyncChild) -> Self {
+        let pgid = Some(child.id());
         ExecInstance {
             proc: Proc::Direct(child),
             pgid,
@@ -304,8 +306,7 @@ fn termination(status: std::io::Result<std::process::ExitStatus>) -> Termination
 
 /// One pipe type for both streams, as the instance task wants.
 pub(crate) enum ChildPipe {
-    Out(ChildStdout),
-    Err(ChildStderr),
+    Direct(pipe::Receiver),
     Helped(HelperPipe),
 }
 
@@ -316,8 +317,7 @@ impl tokio::io::AsyncRead for ChildPipe {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
-            ChildPipe::Out(p) => std::pin::Pin::new(p).poll_read(cx, buf),
-            ChildPipe::Err(p) => std::pin::Pin::new(p).poll_read(cx, buf),
+            ChildPipe::Direct(p) => std::pin::Pin::new(p).poll_read(cx, buf),
             ChildPipe::Helped(p) => std::pin::Pin::new(p).poll_read(cx, buf),
         }
     }
@@ -328,14 +328,14 @@ impl Launched for ExecInstance {
 
     fn take_stdout(&mut self) -> Option<ChildPipe> {
         match &mut self.proc {
-            Proc::Direct(c) => c.stdout.take().map(ChildPipe::Out),
+            Proc::Direct(c) => c.take_stdout().and_then(direct_pipe),
             Proc::Helped { stdout, .. } => stdout.take().map(ChildPipe::Helped),
         }
     }
 
     fn take_stderr(&mut self) -> Option<ChildPipe> {
         match &mut self.proc {
-            Proc::Direct(c) => c.stderr.take().map(ChildPipe::Err),
+            Proc::Direct(c) => c.take_stderr().and_then(direct_pipe),
             Proc::Helped { stderr, .. } => stderr.take().map(ChildPipe::Helped),
         }
     }
@@ -359,25 +359,21 @@ impl Launched for ExecInstance {
     }
 }
 
-/// Spawns `cmd`, retrying briefly on `ETXTBSY`: a freshly built artifact can still be open
-/// for writing in a child that another thread of this process forked before the builder
-/// closed it (the descriptor goes away at that child's exec).
-pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Child> {
-    let mut delay = std::time::Duration::from_millis(5);
-    for _ in 0..8 {
-        match cmd.spawn() {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            other => return other,
+/// A pipe of a direct child for the instance task. Registering it with the runtime cannot
+/// fail for a pipe we made but for lack of resources; then the stream is lost with a log line.
+fn direct_pipe(fd: std::os::fd::OwnedFd) -> Option<ChildPipe> {
+    match crate::child::receiver(fd) {
+        Ok(p) => Some(ChildPipe::Direct(p)),
+        Err(e) => {
+            tracing::warn!("cannot read an instance's output pipe: {e}");
+            None
         }
     }
-    cmd.spawn()
 }
 
-/// An instance's process, as the engine or a helper spawns it: only its environment, piped
-/// stdout and stderr, its own process group, and tied to its parent.
+/// An instance's process, as the engine or a helper spawns it: only its environment, stdin
+/// from /dev/null, piped stdout and stderr, its own process group (or session), tied to its
+/// parent, and killed if dropped (see [`tg_sys::spawn`]: no copy of the engine's memory).
 pub(crate) fn instance_command<K, V>(
     program: &std::ffi::OsStr,
     env: impl IntoIterator<Item = (K, V)>,
@@ -388,18 +384,12 @@ where
     V: AsRef<std::ffi::OsStr>,
 {
     let mut cmd = Command::new(program);
-    cmd.env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // The leader is reaped even if its task is aborted (the instance's drop kills it).
-        .kill_on_drop(true);
+    cmd.envs(env);
     // A process group of its own (signals reach all it started), in a session of its own
     // unless turned off, and its time slice.
     sched.apply(&mut cmd);
     // A killed parent takes its instances with it at once; what they started is in the run's
     // tracker, for the next engine start.
-    tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
+    tg_sys::lifetime::die_with_parent(&mut cmd);
     cmd
 }

@@ -284,7 +284,7 @@ async fn spawn_one(
     live: &Arc<Mutex<HashMap<u32, Served>>>,
 ) {
     let mut cmd = crate::exec::instance_command(program, env, sched);
-    let mut child = match crate::exec::spawn_retrying_busy(&mut cmd).await {
+    let mut child = match crate::child::spawn_retrying_busy(&mut cmd).await {
         Ok(c) => c,
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(0) as u32;
@@ -295,7 +295,7 @@ async fn spawn_one(
             return;
         }
     };
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     let credits = [
         Arc::new(Semaphore::new(CREDITS)),
         Arc::new(Semaphore::new(CREDITS)),
@@ -311,8 +311,8 @@ async fn spawn_one(
     );
     let _ = tx.send(Frame::new(SPAWNED, ordinal).u32(pid).done());
 
-    let out = child.stdout.take().and_then(|p| p.into_owned_fd().ok());
-    let err = child.stderr.take().and_then(|p| p.into_owned_fd().ok());
+    let out = child.take_stdout();
+    let err = child.take_stderr();
     let [c0, c1] = credits;
     let [f0, f1] = forget;
     let tx = tx.clone();

@@ -22,8 +22,6 @@
 
 use std::io;
 
-use tokio::process::Command;
-
 /// The engine's environment variable that chooses the instances' scheduling.
 pub(crate) const ENV: &str = "TESTGROUND_INSTANCE_SCHED";
 /// The instances' time slice: the shortest the kernel accepts for a normal task.
@@ -111,14 +109,14 @@ impl InstanceSched {
 
     /// Arranges `cmd` (an instance's command) accordingly: a session or a process group of its
     /// own, and the slice.
-    pub(crate) fn apply(&self, cmd: &mut Command) {
+    pub(crate) fn apply(&self, cmd: &mut impl tg_sys::spawn::PreExec) {
         if self.own_session {
-            tg_sys::sched::own_session_on_exec(cmd.as_std_mut());
+            tg_sys::sched::own_session_on_exec(cmd);
         } else {
-            cmd.process_group(0);
+            tg_sys::sched::own_process_group_on_exec(cmd);
         }
         if let Some(slice) = self.slice {
-            tg_sys::sched::slice_on_exec(cmd.as_std_mut(), slice);
+            tg_sys::sched::slice_on_exec(cmd, slice);
         }
     }
 }
@@ -136,6 +134,7 @@ fn refused_line(slice: u64, e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::process::Command;
 
     #[test]
     fn the_choice_reads_back_and_defaults_to_both() {

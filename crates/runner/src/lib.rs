@@ -33,6 +33,7 @@
 //!   [`clean_leftovers`] for runs whose engine was killed.
 //! - `error`: [`RunError`].
 
+mod child;
 mod cleanup;
 mod config;
 mod docker;

@@ -197,9 +197,9 @@ impl RunTracker {
 
     /// Makes the command's child join the run's cgroup. A no-op in marker mode: instances carry
     /// `TEST_RUN=<run_id>` in their environment already, and that is the marker.
-    pub(crate) fn apply(&self, cmd: &mut tokio::process::Command) {
+    pub(crate) fn apply(&self, cmd: &mut impl tg_sys::spawn::PreExec) {
         if let Some(c) = &self.cgroup {
-            c.join_on_exec(cmd.as_std_mut());
+            c.join_on_exec(cmd);
         }
     }
 

@@ -134,17 +134,15 @@ impl Cgroup {
 
     /// Makes `cmd`'s child join this cgroup before it executes anything, so that all it ever
     /// starts is a member too. Composes with other `pre_exec` hooks (each runs in the order it
-    /// was added); if joining fails, the spawn fails with that errno. For a tokio command, pass
-    /// `cmd.as_std_mut()`.
-    pub fn join_on_exec(&self, cmd: &mut std::process::Command) {
-        use std::os::unix::process::CommandExt;
+    /// was added); if joining fails, the spawn fails with that errno.
+    pub fn join_on_exec(&self, cmd: &mut impl crate::spawn::PreExec) {
         let procs = Arc::clone(&self.procs);
         let join = move || join(&procs);
         // SAFETY: `join` runs in the forked child before exec and only calls write(2) on a
         // descriptor opened before the fork, with a static buffer: no allocation, no lock, so
         // it is async-signal-safe as `pre_exec` requires.
         unsafe {
-            cmd.pre_exec(join);
+            cmd.pre_exec_hook(join);
         }
     }
 

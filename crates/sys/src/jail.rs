@@ -83,7 +83,7 @@ impl Jail {
     /// with its owner (see the module docs: with its owner *thread*).
     ///
     /// If any step fails the spawn fails with that errno and nothing is executed.
-    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+    pub fn apply(&self, cmd: &mut impl crate::spawn::PreExec) {
         let prepared = Arc::clone(&self.inner);
         // The parent's pid, to detect a parent that died before PDEATHSIG was armed.
         let parent = Pid::this();
@@ -94,7 +94,7 @@ impl Jail {
         // async-signal-safe as `pre_exec` requires. Errors are plain errnos (`io::Error`
         // from a raw OS error does not allocate).
         unsafe {
-            cmd.pre_exec(child_setup);
+            cmd.pre_exec_hook(child_setup);
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod netlink;
 pub mod netns;
 pub mod proc;
 pub mod sched;
+pub mod spawn;
 pub mod tun;
 
 pub use cgroup::Cgroup;

@@ -21,14 +21,13 @@ use std::time::{Duration, Instant};
 /// process; spawn from a thread that lives as long as the child should (the main thread or a
 /// tokio worker, not a short-lived blocking-pool thread). Only the direct child is covered:
 /// its own children need [`kill_marked`] or a process-group kill.
-pub fn die_with_parent(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
+pub fn die_with_parent(cmd: &mut impl crate::spawn::PreExec) {
     let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-    // getppid(2) and reads errno, which are async-signal-safe; it allocates nothing except
-    // the error value on the failure path, which std's pre_exec contract permits.
+    // SAFETY: the closure runs in the child before exec and only calls prctl(2), getppid(2)
+    // and reads errno, which are async-signal-safe; it allocates nothing (its errors are raw
+    // errnos), so it also suits a child that shares our memory (`spawn::Command`).
     unsafe {
-        cmd.pre_exec(move || {
+        cmd.pre_exec_hook(move || {
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,

@@ -218,13 +218,12 @@ pub fn probe_slice(nanos: u64) -> io::Result<()> {
 /// the default slice and the spawn goes on; callers learn whether the kernel allows it from
 /// [`probe_slice`] first. Composes with other `pre_exec` hooks (each runs in the order it was
 /// added).
-pub fn slice_on_exec(cmd: &mut std::process::Command, nanos: u64) {
-    use std::os::unix::process::CommandExt;
+pub fn slice_on_exec(cmd: &mut impl crate::spawn::PreExec, nanos: u64) {
     // SAFETY: the closure runs in the forked child before exec and only makes the two system
     // calls of `set_thread_slice` on its stack: no allocation (its error, dropped here, is a
     // raw errno), no lock, so it is async-signal-safe as `pre_exec` requires.
     unsafe {
-        cmd.pre_exec(move || {
+        cmd.pre_exec_hook(move || {
             let _ = set_thread_slice(nanos);
             Ok(())
         });
@@ -243,13 +242,27 @@ pub fn slice_on_exec(cmd: &mut std::process::Command, nanos: u64) {
 /// wake-up waits until the group's turn, milliseconds under load. In a session of its own, a
 /// mostly sleeping process is a group that is owed time when it wakes, so it runs at once;
 /// a CPU-bound one gets one group's share, as a process does without automatic grouping.
-pub fn own_session_on_exec(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
+pub fn own_session_on_exec(cmd: &mut impl crate::spawn::PreExec) {
     // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
     // is async-signal-safe; its error is a raw errno (no allocation).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec_hook(|| {
             if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd`'s child the leader of a process group of its own (`setpgid(0, 0)`, as
+/// `process_group(0)` of the standard command) before it executes anything.
+pub fn own_process_group_on_exec(cmd: &mut impl crate::spawn::PreExec) {
+    // SAFETY: the closure runs in the child before exec and only calls setpgid(2), which is
+    // async-signal-safe; its error is a raw errno (no allocation).
+    unsafe {
+        cmd.pre_exec_hook(|| {
+            if libc::setpgid(0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

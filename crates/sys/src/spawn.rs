@@ -1,0 +1,533 @@
+//! Starting a program without copying the caller's address space: `clone(CLONE_VM |
+//! CLONE_VFORK)`, as `posix_spawn` does, but with the caller's own steps between clone and
+//! exec (joining a namespace, a cgroup, a session), which `posix_spawn` cannot take.
+//!
+//! Why: `std::process::Command` forks as soon as a `pre_exec` hook is set. A fork copies the
+//! page tables of the whole engine and makes every page it writes afterwards copy-on-write, in
+//! all its threads, with a TLB shootdown across the cores each time; starting 1,000 instances
+//! spent about half of the engine's CPU on that (see BENCHMARKS.md). Here the child borrows the
+//! caller's memory and stack-free of copies until it executes the program; the calling thread
+//! sleeps until then, the other threads run on.
+//!
+//! The child shares memory with the caller, so everything it touches is prepared beforehand
+//! ([`Command`] holds C strings and pointer arrays), and a hook (see [`PreExec`]) must only make
+//! system calls on data prepared before the spawn: no allocation, no lock, no panic, as
+//! between `fork` and `exec` of a multi-threaded process. Signals are blocked in the calling
+//! thread around the clone, and the child resets every handled signal to its default before it
+//! unblocks them, so that no handler of the caller ever runs on the child's stack.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::OnceLock;
+use std::sync::mpsc;
+
+/// A step the child takes between clone and exec: system calls only (see the module docs).
+type Hook = Box<dyn FnMut() -> io::Result<()> + Send + Sync>;
+
+/// Something that runs hooks in its child before exec: [`Command`] and the standard and tokio
+/// commands, so that the same jail, cgroup and scheduling steps apply to any of them.
+pub trait PreExec {
+    /// Adds a step the child takes before exec, after the earlier ones.
+    ///
+    /// # Safety
+    /// As `std::os::unix::process::CommandExt::pre_exec`: the closure runs in the child, where
+    /// only async-signal-safe calls on data prepared beforehand are allowed (no allocation, no
+    /// lock). With [`Command`] it also shares the caller's memory: it must not write to
+    /// anything but its own stack.
+    unsafe fn pre_exec_hook<F>(&mut self, f: F)
+    where
+        F: FnMut() -> io::Result<()> + Send + Sync + 'static;
+}
+
+impl PreExec for std::process::Command {
+    unsafe fn pre_exec_hook<F>(&mut self, f: F)
+    where
+        F: FnMut() -> io::Result<()> + Send + Sync + 'static,
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the caller's contract is pre_exec's.
+        unsafe {
+            self.pre_exec(f);
+        }
+    }
+}
+
+impl PreExec for tokio::process::Command {
+    unsafe fn pre_exec_hook<F>(&mut self, f: F)
+    where
+        F: FnMut() -> io::Result<()> + Send + Sync + 'static,
+    {
+        // SAFETY: the caller's contract is pre_exec's.
+        unsafe {
+            self.pre_exec(f);
+        }
+    }
+}
+
+/// A program to start: its path (no `PATH` search), arguments, complete environment, standard
+/// input from `/dev/null`, standard output and error each to a new pipe, and the hooks.
+pub struct Command {
+    program: CString,
+    args: Vec<CString>,
+    env: Vec<CString>,
+    hooks: Vec<Hook>,
+    /// An argument or variable held a NUL byte, which exec cannot pass: spawning fails.
+    nul: bool,
+}
+
+impl Command {
+    /// `program` must name the file to execute (it is not looked up in `PATH`).
+    pub fn new(program: &OsStr) -> Command {
+        let mut cmd = Command {
+            program: CString::default(),
+            args: Vec::new(),
+            env: Vec::new(),
+            hooks: Vec::new(),
+            nul: false,
+        };
+        cmd.program = cmd.c_string(program.as_bytes());
+        let arg0 = cmd.c_string(program.as_bytes());
+        cmd.args.push(arg0);
+        cmd
+    }
+
+    fn c_string(&mut self, bytes: &[u8]) -> CString {
+        CString::new(bytes).unwrap_or_else(|_| {
+            self.nul = true;
+            CString::default()
+        })
+    }
+
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
+        let a = self.c_string(arg.as_ref().as_bytes());
+        self.args.push(a);
+        self
+    }
+
+    /// Adds `key=value` to the environment, which starts empty.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        let mut kv = key.as_ref().as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(value.as_ref().as_bytes());
+        let kv = self.c_string(&kv);
+        self.env.push(kv);
+        self
+    }
+
+    pub fn envs<K, V>(&mut self, vars: impl IntoIterator<Item = (K, V)>) -> &mut Command
+    where
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        for (k, v) in vars {
+            self.env(k, v);
+        }
+        self
+    }
+
+    /// Starts the program. Fails with the errno of the first step that failed in the child
+    /// (a hook, or `execve` itself, e.g. `ENOENT`, `ETXTBSY`), after reaping it.
+    pub fn spawn(&mut self) -> io::Result<Child> {
+        if self.nul {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a program path, argument or environment variable holds a NUL byte",
+            ));
+        }
+        let stdin = open_dev_null()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let mut argv: Vec<*const libc::c_char> = self.args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = self.env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        let mut ctx = ChildContext {
+            program: self.program.as_ptr(),
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+            stdio: [stdin.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+            hooks: &mut self.hooks,
+            errno: 0,
+        };
+        let stack = Stack::new()?;
+        let mut pidfd: libc::c_int = -1;
+        let pid = {
+            let _blocked = BlockSignals::all()?;
+            // SAFETY: `child_main` gets a pointer to `ctx`, which outlives the child's use of
+            // it: with CLONE_VFORK this thread sleeps until the child has executed the program
+            // or exited, and only then is `ctx` read or dropped. The child runs on `stack`,
+            // which lives as long. CLONE_PIDFD stores the new pidfd in `pidfd`.
+            unsafe {
+                libc::clone(
+                    child_main,
+                    stack.top(),
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                    (&raw mut ctx).cast(),
+                    &raw mut pidfd,
+                )
+            }
+        };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel stored a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let mut child = Child {
+            pid: pid as u32,
+            pidfd: Some(pidfd),
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+            status: None,
+        };
+        // SAFETY: a plain read of our local; volatile because the child wrote it through the
+        // pointer given to clone.
+        let errno = unsafe { std::ptr::read_volatile(&raw const ctx.errno) };
+        if errno != 0 {
+            // It exited with 127 without executing anything: reap it now.
+            let _ = child.wait_blocking();
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        Ok(child)
+    }
+}
+
+impl PreExec for Command {
+    unsafe fn pre_exec_hook<F>(&mut self, f: F)
+    where
+        F: FnMut() -> io::Result<()> + Send + Sync + 'static,
+    {
+        self.hooks.push(Box::new(f));
+    }
+}
+
+/// A started program: its pid, a pidfd (readable once it has exited), and its output pipes.
+/// Dropped before it was reaped, it is killed and reaped by a background thread, so that no
+/// zombie is left.
+#[derive(Debug)]
+pub struct Child {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// The exit status if the child has ended (reaping it), `None` while it runs. Wait for
+    /// the pidfd ([`AsRawFd`]) to become readable to know when to ask.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.wait_with(libc::WNOHANG)
+    }
+
+    /// Waits for the child to end, blocking the thread.
+    pub fn wait_blocking(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(s) = self.wait_with(0)? {
+                return Ok(s);
+            }
+        }
+    }
+
+    fn wait_with(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes the status into a local. The pid is ours and cannot be reused
+        // before we reap it (a zombie keeps its pid), and we hold its pidfd.
+        let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, flags) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let s = ExitStatus::from_raw(status);
+        self.status = Some(s);
+        Ok(Some(s))
+    }
+
+    /// Sends `signal` to the child (through its pidfd, so never to a process that reused its
+    /// pid). A child already reaped is not signalled.
+    pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
+        let Some(fd) = self.pidfd.as_ref().filter(|_| self.status.is_none()) else {
+            return Ok(());
+        };
+        // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number and no info.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The pidfd: readable once the child has exited (it stays open until the child is dropped).
+impl AsRawFd for Child {
+    fn as_raw_fd(&self) -> RawFd {
+        self.pidfd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        let _ = self.signal(libc::SIGKILL);
+        if matches!(self.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // Killed but not yet gone: one long-lived thread reaps such children, so that a
+        // dropped child never blocks its owner nor stays a zombie.
+        let orphan = Child {
+            pid: self.pid,
+            pidfd: self.pidfd.take(),
+            stdout: None,
+            stderr: None,
+            status: None,
+        };
+        self.status = Some(ExitStatus::from_raw(0));
+        let _ = reaper().send(orphan);
+    }
+}
+
+fn reaper() -> mpsc::Sender<Child> {
+    static REAPER: OnceLock<std::sync::Mutex<mpsc::Sender<Child>>> = OnceLock::new();
+    REAPER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Child>();
+            let _ = std::thread::Builder::new()
+                .name("tg-reaper".into())
+                .spawn(move || {
+                    for mut c in rx {
+                        let _ = c.wait_blocking();
+                    }
+                });
+            std::sync::Mutex::new(tx)
+        })
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// What the child reads: pointers into the caller's memory, valid until it has executed.
+struct ChildContext<'a> {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    stdio: [RawFd; 3],
+    hooks: &'a mut Vec<Hook>,
+    /// Written by the child when a step fails, read by the caller once the child is gone.
+    errno: libc::c_int,
+}
+
+/// The child. Only system calls on prepared data; ends in `execve` or `_exit(127)`.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildContext` the caller passed to clone; the caller sleeps (VFORK)
+    // until we have executed or exited, so nothing else touches it meanwhile.
+    let ctx = unsafe { &mut *arg.cast::<ChildContext<'_>>() };
+    let fail = |ctx: &mut ChildContext<'_>, errno: libc::c_int| -> ! {
+        ctx.errno = if errno == 0 { libc::EINVAL } else { errno };
+        // SAFETY: _exit ends this process at once, running nothing of the caller's.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY: plain system calls on values and on descriptors the caller opened for us.
+    unsafe {
+        // Default dispositions for every handled signal: a handler of the caller's must not run
+        // here (it would run on this stack, in the caller's memory). The standard library
+        // ignores SIGPIPE in its programs; children get the default, as with std's Command.
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                continue;
+            }
+            if old.sa_sigaction != libc::SIG_DFL
+                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        for (target, fd) in ctx.stdio.into_iter().enumerate() {
+            let target = target as libc::c_int;
+            // dup2 onto itself keeps close-on-exec set: clear it instead.
+            let r = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if r < 0 {
+                fail(ctx, *libc::__errno_location());
+            }
+        }
+    }
+    for hook in ctx.hooks.iter_mut() {
+        if let Err(e) = hook() {
+            fail(ctx, e.raw_os_error().unwrap_or(libc::EINVAL));
+        }
+    }
+    // SAFETY: as above; the arrays are null-terminated and outlive the exec.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(ctx.program, ctx.argv, ctx.envp);
+        fail(ctx, *libc::__errno_location());
+    }
+}
+
+/// The child's stack: mapped for the spawn, with a guard page below it.
+struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+const STACK: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+impl Stack {
+    fn new() -> io::Result<Stack> {
+        let len = STACK + GUARD;
+        // SAFETY: an anonymous private mapping; no memory of ours is involved.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = Stack { base, len };
+        // SAFETY: the lowest page of the mapping made above.
+        if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The highest address (stacks grow down), 16-byte aligned as the ABI wants.
+    fn top(&self) -> *mut libc::c_void {
+        let top = self.base as usize + self.len;
+        (top & !15) as *mut libc::c_void
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used (the child has exec'd or exited).
+        unsafe {
+            libc::munmap(self.base, self.len);
+        }
+    }
+}
+
+/// Blocks every signal in the calling thread while alive (restoring the previous mask).
+struct BlockSignals {
+    old: libc::sigset_t,
+}
+
+impl BlockSignals {
+    fn all() -> io::Result<BlockSignals> {
+        // SAFETY: sigset operations on locals.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            let r = libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            Ok(BlockSignals { old })
+        }
+    }
+}
+
+impl Drop for BlockSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `all`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        }
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok((r, w))
+}
+
+fn open_dev_null() -> io::Result<OwnedFd> {
+    Ok(std::fs::File::open("/dev/null")?.into())
+}
+
+/// A [`Child`] awaited on the tokio runtime through its pidfd (no thread, no `SIGCHLD`).
+#[derive(Debug)]
+pub struct AsyncChild {
+    proc: tokio::io::unix::AsyncFd<Child>,
+}
+
+impl AsyncChild {
+    /// Registers `child`'s pidfd with the current runtime.
+    pub fn new(child: Child) -> io::Result<AsyncChild> {
+        // SAFETY: the pidfd is owned by `child` and stays open, the same descriptor, for as
+        // long as the child lives; it is only taken in its drop, after the AsyncFd let go.
+        let proc = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(child, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(AsyncChild { proc })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.proc.get_ref().id()
+    }
+
+    pub fn take_stdout(&mut self) -> Option<OwnedFd> {
+        self.proc.get_mut().stdout.take()
+    }
+
+    pub fn take_stderr(&mut self) -> Option<OwnedFd> {
+        self.proc.get_mut().stderr.take()
+    }
+
+    /// Waits for the process to end and reaps it.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            let mut ready = self.proc.readable_mut().await?;
+            match ready.get_inner_mut().try_wait()? {
+                Some(status) => return Ok(status),
+                None => ready.clear_ready(),
+            }
+        }
+    }
+}
