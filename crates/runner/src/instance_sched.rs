@@ -134,7 +134,6 @@ fn refused_line(slice: u64, e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::process::Command;
 
     #[test]
     fn the_choice_reads_back_and_defaults_to_both() {
@@ -162,22 +161,28 @@ mod tests {
         assert!(line.contains("TESTGROUND_INSTANCE_SCHED=session"), "{line}");
     }
 
-    /// Runs `sh` arranged by `sched`; it reports its pid, process group, session, its time
-    /// slice and a forked child's (`/proc/<pid>/sched`, `se.slice`).
+    /// Runs `sh` as an instance is started (`exec::instance_command`: `tg_sys::spawn`, with
+    /// `sched` applied); it reports its pid, process group, session, its time slice and a
+    /// forked child's (`/proc/<pid>/sched`, `se.slice`).
     async fn report(sched: InstanceSched) -> Vec<u64> {
-        let mut cmd = Command::new("sh");
-        cmd.args([
-            "-c",
+        let mut cmd = crate::exec::instance_command(
+            "/bin/sh".as_ref(),
+            std::iter::empty::<(&str, &str)>(),
+            sched,
+        );
+        cmd.arg("-c").arg(
             "s=$(cut -d' ' -f5,6 /proc/$$/stat); \
              a=$(grep '^se.slice' /proc/$$/sched | tr -dc 0-9); \
              b=$(cat /proc/self/sched | grep '^se.slice' | tr -dc 0-9); \
              echo $$ $s $a $b",
-        ]);
-        sched.apply(&mut cmd);
-        let out = cmd.output().await.unwrap();
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
+        );
+        let mut child = tg_sys::spawn::AsyncChild::new(cmd.spawn().unwrap()).unwrap();
+        let out = child.take_stdout().unwrap();
+        let status = child.wait().await.unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(out), &mut text).unwrap();
+        assert!(status.success(), "{status:?}: {text}");
+        text.split_whitespace()
             .map(|w| w.parse().unwrap())
             .collect()
     }
