@@ -63,7 +63,7 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn pidfd_signal(fd: &OwnedFd, signal: i32) -> io::Result<()> {
+pub(crate) fn pidfd_signal(fd: &OwnedFd, signal: i32) -> io::Result<()> {
     // SAFETY: the descriptor is valid for the call; a null siginfo is allowed and means "as
     // kill(2) would send it".
     let r = unsafe {

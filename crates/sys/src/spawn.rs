@@ -262,23 +262,10 @@ impl Child {
     /// Sends `signal` to the child (through its pidfd, so never to a process that reused its
     /// pid). A child already reaped is not signalled.
     pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
-        let Some(fd) = self.pidfd.as_ref().filter(|_| self.status.is_none()) else {
-            return Ok(());
-        };
-        // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number and no info.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
+        match self.pidfd.as_ref().filter(|_| self.status.is_none()) {
+            Some(fd) => crate::lifetime::pidfd_signal(fd, signal),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
