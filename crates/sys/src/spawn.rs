@@ -5,9 +5,9 @@
 //! Why: `std::process::Command` forks as soon as a `pre_exec` hook is set. A fork copies the
 //! page tables of the whole engine and makes every page it writes afterwards copy-on-write, in
 //! all its threads, with a TLB shootdown across the cores each time; starting 1,000 instances
-//! spent about half of the engine's CPU on that (see BENCHMARKS.md). Here the child borrows the
-//! caller's memory and stack-free of copies until it executes the program; the calling thread
-//! sleeps until then, the other threads run on.
+//! spent about half of the engine's CPU on that (see BENCHMARKS.md). Here the child runs in the
+//! caller's memory, nothing copied, on a stack of its own until it executes the program; the
+//! calling thread sleeps until then, the other threads run on.
 //!
 //! The child shares memory with the caller, so everything it touches is prepared beforehand
 //! ([`Command`] holds C strings and pointer arrays), and a hook (see [`PreExec`]) must only make
@@ -155,13 +155,13 @@ impl Command {
         };
         let stack = Stack::new()?;
         let mut pidfd: libc::c_int = -1;
-        let pid = {
+        let (pid, clone_error) = {
             let _blocked = BlockSignals::all()?;
             // SAFETY: `child_main` gets a pointer to `ctx`, which outlives the child's use of
             // it: with CLONE_VFORK this thread sleeps until the child has executed the program
             // or exited, and only then is `ctx` read or dropped. The child runs on `stack`,
             // which lives as long. CLONE_PIDFD stores the new pidfd in `pidfd`.
-            unsafe {
+            let pid = unsafe {
                 libc::clone(
                     child_main,
                     stack.top(),
@@ -169,10 +169,12 @@ impl Command {
                     (&raw mut ctx).cast(),
                     &raw mut pidfd,
                 )
-            }
+            };
+            // Read errno before the signal mask is restored.
+            (pid, (pid < 0).then(io::Error::last_os_error))
         };
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
+        if let Some(e) = clone_error {
+            return Err(e);
         }
         // SAFETY: the kernel stored a new descriptor that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
