@@ -21,8 +21,3 @@ pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> io::Result<AsyncCh
         }
     }
 }
-
-/// An output pipe of a child for the async reader.
-pub(crate) fn receiver(fd: std::os::fd::OwnedFd) -> io::Result<tokio::net::unix::pipe::Receiver> {
-    tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-}

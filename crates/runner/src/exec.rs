@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tg_sys::spawn::Command;
+use tg_sys::spawn::{AsyncChild, Command};
 use tokio::net::unix::pipe;
-
-use tg_sys::spawn::AsyncChild;
 
 use crate::helper::{HelperPipe, HelperPool};
 use crate::instance_sched::InstanceSched;
@@ -362,7 +360,7 @@ impl Launched for ExecInstance {
 /// A pipe of a direct child for the instance task. Registering it with the runtime cannot
 /// fail for a pipe we made but for lack of resources; then the stream is lost with a log line.
 fn direct_pipe(fd: std::os::fd::OwnedFd) -> Option<ChildPipe> {
-    match crate::child::receiver(fd) {
+    match pipe::Receiver::from_owned_fd(fd) {
         Ok(p) => Some(ChildPipe::Direct(p)),
         Err(e) => {
             tracing::warn!("cannot read an instance's output pipe: {e}");
