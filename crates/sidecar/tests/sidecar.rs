@@ -1048,6 +1048,16 @@ fn shared_subnet() -> ipnet::Ipv4Net {
     "100.127.0.0/16".parse().unwrap()
 }
 
+/// One run on two agents sharing a sync service, as on two nodes: instance 0 on A, instance 1
+/// on B (which captures). `tag` keeps the run ids of tests apart.
+async fn two_agents(tag: &str) -> (Run, Run) {
+    let sync = SyncService::spawn();
+    let run_id = format!("{tag}{}", std::process::id()) + &format!("{:x}", fastrand_u64());
+    let a = run_on(sync.clone(), &run_id, &[0], 1, forwarding_agent(false)).await;
+    let b = run_on(sync, &run_id, &[1], 1, forwarding_agent(true)).await;
+    (a, b)
+}
+
 fn forwarding_agent(capture: bool) -> Agent {
     Agent {
         subnet: Some(shared_subnet()),
@@ -1079,10 +1089,7 @@ async fn two_agents_forward_across_nodes_shaping_on_each_sender() {
     if !privileged() {
         return;
     }
-    let sync = SyncService::spawn();
-    let run_id = format!("x{}", std::process::id()) + &format!("{:x}", fastrand_u64());
-    let a = run_on(sync.clone(), &run_id, &[0], 1, forwarding_agent(false)).await;
-    let b = run_on(sync, &run_id, &[1], 1, forwarding_agent(true)).await;
+    let (a, b) = two_agents("x").await;
     assert_eq!(a.net.subnet(), shared_subnet());
     assert_eq!(b.net.subnet(), shared_subnet());
     let subnet = shared_subnet();
@@ -1445,10 +1452,7 @@ async fn tcp_across_agents_is_forwarded_as_wire_packets() {
     if !privileged() {
         return;
     }
-    let sync = SyncService::spawn();
-    let run_id = format!("y{}", std::process::id()) + &format!("{:x}", fastrand_u64());
-    let a = run_on(sync.clone(), &run_id, &[0], 1, forwarding_agent(false)).await;
-    let b = run_on(sync, &run_id, &[1], 1, forwarding_agent(true)).await;
+    let (a, b) = two_agents("y").await;
     let (fa, fb) = (a.net.forward_addr().unwrap(), b.net.forward_addr().unwrap());
     a.net.add_remote(1, fb).await.unwrap();
     b.net.add_remote(0, fa).await.unwrap();

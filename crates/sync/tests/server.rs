@@ -398,24 +398,11 @@ async fn any_path_odd_host_and_no_negotiated_extras() {
 
 #[tokio::test]
 async fn sdk_rust_handshake_bytes_are_accepted() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (_service, addr) = start().await;
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
-        b"GET / HTTP/1.1\r\nHost: ...\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: sKdPobNUhCjhD5E1kCa9qw==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        timeout(LIMIT, tcp.read_exact(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(byte[0]);
-    }
+    tcp.write_all(UPGRADE).await.unwrap();
+    let head = read_head(&mut tcp).await;
     let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"));
@@ -981,13 +968,24 @@ fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// Connects with a hand-written handshake and writes `after` in the same write as the upgrade
 /// request, as a pipelining client may.
 async fn raw_ws(addr: SocketAddr, after: &[u8]) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let mut req = b"GET / HTTP/1.1\r\nHost: ...\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: sKdPobNUhCjhD5E1kCa9qw==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
+    let mut req = UPGRADE.to_vec();
     req.extend_from_slice(after);
     tcp.write_all(&req).await.unwrap();
+    let head = read_head(&mut tcp).await;
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    tcp
+}
+
+/// A websocket upgrade request as sdk-rust writes it (the key is RFC 6455's example).
+const UPGRADE: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: ...\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: sKdPobNUhCjhD5E1kCa9qw==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// Reads an HTTP response head byte by byte (nothing after it), up to its blank line.
+async fn read_head(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -997,8 +995,7 @@ async fn raw_ws(addr: SocketAddr, after: &[u8]) -> tokio::net::TcpStream {
             .unwrap();
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    tcp
+    head
 }
 
 /// Reads one server frame: (opcode, payload). Server frames are never masked.

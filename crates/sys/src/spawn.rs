@@ -301,23 +301,19 @@ impl Drop for Child {
     }
 }
 
-fn reaper() -> mpsc::Sender<Child> {
-    static REAPER: OnceLock<std::sync::Mutex<mpsc::Sender<Child>>> = OnceLock::new();
-    REAPER
-        .get_or_init(|| {
-            let (tx, rx) = mpsc::channel::<Child>();
-            let _ = std::thread::Builder::new()
-                .name("tg-reaper".into())
-                .spawn(move || {
-                    for mut c in rx {
-                        let _ = c.wait_blocking();
-                    }
-                });
-            std::sync::Mutex::new(tx)
-        })
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+fn reaper() -> &'static mpsc::Sender<Child> {
+    static REAPER: OnceLock<mpsc::Sender<Child>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Child>();
+        let _ = std::thread::Builder::new()
+            .name("tg-reaper".into())
+            .spawn(move || {
+                for mut c in rx {
+                    let _ = c.wait_blocking();
+                }
+            });
+        tx
+    })
 }
 
 /// What the child reads: pointers into the caller's memory, valid until it has executed.

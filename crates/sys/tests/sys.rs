@@ -169,6 +169,43 @@ fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u
     ip
 }
 
+/// Gives `tun0` in `ns` the address `local/24`, brings it up and waits until it is, with a
+/// permanent neighbour entry for `.2` of that subnet (a TUN has no hardware address), so that
+/// datagrams to `.2` go out through it.
+async fn tun_up(ns: &NetNs, local: Ipv4Addr) -> (Netlink, u32) {
+    let nl = Netlink::open(ns).await.unwrap();
+    let index = nl.link_index("tun0").await.unwrap();
+    nl.add_address(index, local, 24).await.unwrap();
+    nl.set_up(index).await.unwrap();
+    nl.wait_oper_up(index, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let [a, b, c, _] = local.octets();
+    nl.add_neighbour(index, Ipv4Addr::new(a, b, c, 2), &[])
+        .await
+        .unwrap();
+    (nl, index)
+}
+
+/// The first IPv4/UDP packet read from `tun` (after `skip` bytes of header per read), skipping
+/// anything else the kernel sends on a new link (e.g. IPv6 solicitations); the whole read.
+fn recv_udp(tun: &Tun, buf: &mut [u8], skip: usize) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tun.recv(buf) {
+            Ok(n) if n > skip && buf[skip] >> 4 == 4 && buf[skip + 9] == 17 => {
+                return buf[..n].to_vec();
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no IPv4/UDP packet from the tun");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("tun recv: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn tun_reads_and_writes_ip_packets() {
     if !privileged() {
@@ -177,11 +214,6 @@ async fn tun_reads_and_writes_ip_packets() {
     let ns = NetNs::new().unwrap();
     let tun = Tun::create(&ns, "tun0").unwrap();
     assert_eq!(tun.name(), "tun0");
-    let nl = Netlink::open(&ns).await.unwrap();
-    let index = nl.link_index("tun0").await.unwrap();
-    nl.add_address(index, Ipv4Addr::new(10, 201, 0, 1), 24)
-        .await
-        .unwrap();
     // Checked while down: once up, the kernel may queue IPv6 chatter at any moment.
     let mut buf = [0u8; 2048];
     assert_eq!(
@@ -189,14 +221,8 @@ async fn tun_reads_and_writes_ip_packets() {
         Some(io::ErrorKind::WouldBlock),
         "fresh tun must be non-blocking and empty"
     );
-    nl.set_up(index).await.unwrap();
-    nl.wait_oper_up(index, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (nl, index) = tun_up(&ns, Ipv4Addr::new(10, 201, 0, 1)).await;
     assert!(nl.link_mac(index).await.unwrap().is_empty());
-    nl.add_neighbour(index, Ipv4Addr::new(10, 201, 0, 2), &[])
-        .await
-        .unwrap();
 
     // Outbound: the kernel routes a datagram for 10.201.0.2 into the TUN.
     let sock = ns
@@ -204,19 +230,7 @@ async fn tun_reads_and_writes_ip_packets() {
         .unwrap()
         .unwrap();
     sock.send_to(b"to the tun", "10.201.0.2:9999").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let packet = loop {
-        match tun.recv(&mut buf) {
-            // Skip anything else the kernel sends on a new link (e.g. IPv6 solicitations).
-            Ok(n) if buf[0] >> 4 == 4 && buf[9] == 17 => break buf[..n].to_vec(),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "no IPv4/UDP packet from the tun");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("tun recv: {e}"),
-        }
-    };
+    let packet = recv_udp(&tun, &mut buf, 0);
     assert_eq!(&packet[12..16], &[10, 201, 0, 1], "source");
     assert_eq!(&packet[16..20], &[10, 201, 0, 2], "destination");
     assert_eq!(&packet[22..24], &9999u16.to_be_bytes(), "destination port");
@@ -247,18 +261,7 @@ async fn tun_with_offloads_frames_packets_with_a_vnet_header() {
     let (tun, offloads) = Tun::create_offloaded(&ns, "tun0").unwrap();
     offloads.expect("this kernel takes TUNSETOFFLOAD with TSO4 and checksum offload");
     assert!(tun.vnet_hdr());
-    let nl = Netlink::open(&ns).await.unwrap();
-    let index = nl.link_index("tun0").await.unwrap();
-    nl.add_address(index, Ipv4Addr::new(10, 202, 0, 1), 24)
-        .await
-        .unwrap();
-    nl.set_up(index).await.unwrap();
-    nl.wait_oper_up(index, Duration::from_secs(10))
-        .await
-        .unwrap();
-    nl.add_neighbour(index, Ipv4Addr::new(10, 202, 0, 2), &[])
-        .await
-        .unwrap();
+    tun_up(&ns, Ipv4Addr::new(10, 202, 0, 1)).await;
     let sock = ns
         .run(|| UdpSocket::bind("10.202.0.1:7777"))
         .unwrap()
@@ -266,20 +269,7 @@ async fn tun_with_offloads_frames_packets_with_a_vnet_header() {
     sock.send_to(b"to the tun", "10.202.0.2:9999").unwrap();
     let hdr = tg_sys::tun::VNET_HDR_LEN;
     let mut buf = vec![0u8; hdr + 65_536];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let read = loop {
-        match tun.recv(&mut buf) {
-            Ok(n) if n > hdr && buf[hdr] >> 4 == 4 && buf[hdr + 9] == 17 => {
-                break buf[..n].to_vec();
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "no IPv4/UDP packet from the tun");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("tun recv: {e}"),
-        }
-    };
+    let read = recv_udp(&tun, &mut buf, hdr);
     // No segmentation for a datagram (gso_type 0); the packet follows the header.
     assert_eq!(read[1], 0, "gso_type");
     assert_eq!(&read[hdr + 16..hdr + 20], &[10, 202, 0, 2]);

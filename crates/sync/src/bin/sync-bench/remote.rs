@@ -421,21 +421,19 @@ async fn throughput(
         }));
     }
     let pid = server_pid.map(|p| p.to_string());
-    let server_cpu = || pid.as_deref().and_then(cpu_secs);
+    // Replies counted, time, our CPU, the server's CPU.
+    let snapshot = || {
+        (
+            done.load(Ordering::Relaxed),
+            Instant::now(),
+            cpu_secs("self"),
+            pid.as_deref().and_then(cpu_secs),
+        )
+    };
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-    let (n0, t0, c0, s0) = (
-        done.load(Ordering::Relaxed),
-        Instant::now(),
-        cpu_secs("self"),
-        server_cpu(),
-    );
+    let (n0, t0, c0, s0) = snapshot();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    let (n1, t1, c1, s1) = (
-        done.load(Ordering::Relaxed),
-        Instant::now(),
-        cpu_secs("self"),
-        server_cpu(),
-    );
+    let (n1, t1, c1, s1) = snapshot();
     stop.store(true, Ordering::Relaxed);
     let wall = (t1 - t0).as_secs_f64();
     let ops = (n1 - n0) as f64;
