@@ -105,6 +105,9 @@ stop() { # stop <seconds before SIGKILL> <name>...: TERM all, wait, KILL the str
 }
 fail_log() { # fail_log <component> <message>
   log "last lines of $S/logs/$1.log:"; tail -n 25 "$S/logs/$1.log" >&2 2>/dev/null || true
+  # What the wait was checking, when the component's own log does not say it (e.g. a taint
+  # another component should have removed).
+  if [ -n "${WAIT_DIAG:-}" ]; then $WAIT_DIAG >&2 2>&1 || true; fi
   die "$2"
 }
 wait_for() { # wait_for <seconds> <component whose log to show> <what> <cmd...>
@@ -126,6 +129,12 @@ port_busy() { ss -Htln "sport = :$1" | grep -q .; }
 node_ready() {
   api "/api/v1/nodes/$NODE_NAME" | jq -e '([.status.conditions[]? | select(.type == "Ready" and .status == "True")] | length == 1)
     and ([.spec.taints[]? | select(.effect == "NoSchedule" or .effect == "NoExecute")] | length == 0)' > /dev/null
+}
+node_diag() {
+  log "node $NODE_NAME conditions and taints:"
+  api "/api/v1/nodes/$NODE_NAME" | jq -c '[.status.conditions[]? | {type, status, reason}], .spec.taints'
+  log "last lines of $S/logs/kube-controller-manager.log (it removes the not-ready taint):"
+  tail -n 25 "$S/logs/kube-controller-manager.log"
 }
 sa_ready() {
   api /api/v1/namespaces/default/serviceaccounts/default > /dev/null \
@@ -468,7 +477,7 @@ cmd_up() {
   mark "images imported (${IMAGES[*]})"
   wait_for 90 kube-apiserver "kube-apiserver /readyz" api /readyz
   mark "kube-apiserver ready"
-  wait_for 90 kubelet "node $NODE_NAME Ready and untainted" node_ready
+  WAIT_DIAG=node_diag wait_for 90 kubelet "node $NODE_NAME Ready and untainted" node_ready
   mark "node Ready, untainted"
   wait_for 60 kube-controller-manager "ServiceAccount default/default and ConfigMap kube-root-ca.crt" sa_ready
   mark "default ServiceAccount exists"
