@@ -1198,6 +1198,91 @@ fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
     }
 }
 
+/// Prints the cpu line of its own `/proc/<pid>/cgroup` and of its parent's (the engine, or the
+/// helper that started it).
+const CPU_GROUP_MAIN: &str = r#"cpu() { grep -E '^[0-9]+:([^:]*,)?cpu(,[^:]*)?:' /proc/$1/cgroup | cut -d: -f3; }
+echo "self $(cpu $$)"
+echo "parent $(cpu $PPID)"
+echo '{"ts":1,"event":{"success_event":{"group":"single"}}}'
+"#;
+
+/// A run's instances share one CPU group, started directly or through helpers (which stay
+/// out of it, with the engine), and the group goes with the run.
+#[test]
+fn instances_share_the_run_s_cpu_group_and_helpers_stay_out() {
+    let required = std::env::var("TG_REQUIRE_PRIVILEGED").as_deref() == Ok("1");
+    let reason = if !nix::unistd::geteuid().is_root() {
+        Some("not root")
+    } else if tg_sys::cgroup::cpu_runs_root().is_none() {
+        Some("no cgroup v1 hierarchy with the cpu controller")
+    } else {
+        None
+    };
+    if let Some(r) = reason {
+        assert!(!required, "TG_REQUIRE_PRIVILEGED=1 but {r}");
+        eprintln!("skipping privileged test: {r}");
+        return;
+    }
+    let home = Home::new();
+    let src = home.plan_src("sh-streams", SH_MANIFEST);
+    std::fs::write(src.join("main.sh"), CPU_GROUP_MAIN).unwrap();
+    let out = home.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    for share in [None, Some("1")] {
+        let mut cmd = home.cmd();
+        if let Some(n) = share {
+            cmd.env("TESTGROUND_EXEC_HELPER_SHARE", n);
+        }
+        let out = cmd
+            .env_remove("TESTGROUND_INSTANCE_SCHED")
+            .args([
+                "run",
+                "single",
+                "--plan",
+                "sh-streams",
+                "--testcase",
+                "streams",
+                "--builder",
+                "exec:generic",
+                "--runner",
+                "local:exec",
+                "--instances",
+                "2",
+                "--wait",
+            ])
+            .output()
+            .unwrap();
+        let s = text(&out);
+        assert!(out.status.success(), "{s}");
+        assert!(s.contains("outcome = success (single:2/2)"), "{s}");
+        assert!(!s.contains("not in a CPU group"), "{s}");
+        let id = queued_id(&out);
+        let group = format!("/testground/{id}");
+        for i in 0..2 {
+            let run_out = std::fs::read_to_string(home.path().join(format!(
+                "data/outputs/local_exec/sh-streams/{id}/single/{i}/run.out"
+            )))
+            .unwrap();
+            let line = |what: &str| {
+                run_out
+                    .lines()
+                    .find_map(|l| l.strip_prefix(what))
+                    .unwrap_or_else(|| panic!("no {what:?} line: {run_out}"))
+                    .to_string()
+            };
+            assert!(line("self ").ends_with(&group), "{share:?}: {run_out}");
+            // The engine or the helper: outside the group.
+            assert!(
+                !line("parent ").contains("/testground/"),
+                "{share:?}: {run_out}"
+            );
+        }
+        let dir = tg_sys::cgroup::cpu_runs_root().unwrap().join(&id);
+        assert!(!dir.exists(), "{} is left", dir.display());
+        assert_no_process_left(&id);
+    }
+}
+
 #[test]
 fn a_run_beyond_the_open_file_limit_fails_at_once_naming_it() {
     let home = Home::new();

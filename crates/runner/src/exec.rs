@@ -61,7 +61,23 @@ impl ExecLauncher {
     /// whether the kernel allows it. Returns lines for the run log (only when something is not
     /// as asked).
     pub(crate) fn settle_sched(&mut self) -> Vec<String> {
-        let (sched, lines) = InstanceSched::settle_from_env();
+        let (mut sched, mut lines) = InstanceSched::settle_from_env();
+        if sched.cpu_group {
+            // The group is the run tracker's (recorded, so a dead engine's is removed too).
+            let added = match self.tracker.as_mut() {
+                Some(t) => t.add_cpu_group(),
+                None => Err(std::io::Error::other("the run has no tracker")),
+            };
+            if let Err(e) = added {
+                sched.cpu_group = false;
+                // Only root can have one: an unprivileged engine is not told every run.
+                if nix::unistd::geteuid().is_root() {
+                    lines.push(crate::instance_sched::no_group_line(&e));
+                } else {
+                    tracing::info!("instances are not in a CPU group of their own: {e}");
+                }
+            }
+        }
         self.sched = sched;
         lines
     }
@@ -160,6 +176,10 @@ impl ExecLauncher {
             share as usize,
             &self.run_id,
             self.sched,
+            self.tracker
+                .as_ref()
+                .and_then(|t| t.cpu_group())
+                .map(|g| g.path().to_path_buf()),
         ));
         Ok(Some(format!(
             "starting instances through {helpers} helper processes of {share} instances each \
@@ -207,9 +227,11 @@ impl Launcher for ExecLauncher {
         if let Some(pool) = &mut self.helpers {
             let artifact = absolute(&spec.artifact);
             let tracker = &self.tracker;
+            // Helpers are tracked with the run but scheduled with the engine: each joins the
+            // run's cgroup, and puts the instances it starts in their CPU group itself.
             let prepare = |cmd: &mut tokio::process::Command| {
                 if let Some(t) = tracker {
-                    t.apply(cmd);
+                    t.apply_tracking(cmd);
                 }
             };
             return match pool

@@ -44,6 +44,10 @@ use crate::supervisor::Termination;
 /// The first argument that makes the `testground` executable a helper.
 pub const HELPER_ARG: &str = "__exec-helper";
 
+/// The helper's environment variable naming the run's CPU group (`instance_sched.rs`), which
+/// the instances it starts join; the helper itself stays outside it.
+const CPU_GROUP_ENV: &str = "TESTGROUND_INSTANCE_CPU_GROUP";
+
 /// Chunks a stream may have in flight between helper and instance task.
 const CREDITS: usize = 4;
 /// The largest chunk a helper reads from a pipe at once.
@@ -219,6 +223,13 @@ async fn serve() -> io::Result<()> {
     // The engine's settled choice (it checked what the kernel allows), passed in our environment.
     let sched = InstanceSched::parse(std::env::var(crate::instance_sched::ENV).ok().as_deref())
         .unwrap_or_default();
+    // The group the engine created. Should it be gone, instances still start (scheduled as
+    // their sessions), with a word on stderr, which reaches the engine's log.
+    let cpu_group = std::env::var_os(CPU_GROUP_ENV).and_then(|p| {
+        tg_sys::Cgroup::open(std::path::Path::new(&p))
+            .inspect_err(|e| eprintln!("testground exec helper: no CPU group for instances: {e}"))
+            .ok()
+    });
     let result = loop {
         let (tag, ordinal, body) = match read_frame(&mut input).await {
             Ok(Some(f)) => f,
@@ -237,7 +248,16 @@ async fn serve() -> io::Result<()> {
                         OsString::from_vec(f.bytes()?),
                     ));
                 }
-                spawn_one(ordinal, &program, env, sched, &tx, &live).await;
+                spawn_one(
+                    ordinal,
+                    &program,
+                    env,
+                    sched,
+                    cpu_group.as_ref(),
+                    &tx,
+                    &live,
+                )
+                .await;
             }
             CREDIT => {
                 let stream = f.u8()? as usize;
@@ -280,10 +300,14 @@ async fn spawn_one(
     program: &OsStr,
     env: Vec<(OsString, OsString)>,
     sched: InstanceSched,
+    cpu_group: Option<&tg_sys::Cgroup>,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     live: &Arc<Mutex<HashMap<u32, Served>>>,
 ) {
     let mut cmd = crate::exec::instance_command(program, env, sched);
+    if let Some(g) = cpu_group {
+        g.join_on_exec(&mut cmd);
+    }
     let mut child = match crate::child::spawn_retrying_busy(&mut cmd).await {
         Ok(c) => c,
         Err(e) => {
@@ -414,6 +438,8 @@ pub(crate) struct HelperPool {
     run_id: String,
     /// How the helpers start instances (handed to them in their environment).
     sched: InstanceSched,
+    /// The CPU group the instances join, when the run has one.
+    cpu_group: Option<PathBuf>,
     helpers: Vec<Helper>,
     in_last: usize,
 }
@@ -484,12 +510,14 @@ impl HelperPool {
         share: usize,
         run_id: &str,
         sched: InstanceSched,
+        cpu_group: Option<PathBuf>,
     ) -> HelperPool {
         HelperPool {
             program,
             share: share.max(1),
             run_id: run_id.to_string(),
             sched,
+            cpu_group,
             helpers: Vec::new(),
             in_last: 0,
         }
@@ -508,6 +536,9 @@ impl HelperPool {
             .stderr(Stdio::inherit())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(g) = &self.cpu_group {
+            cmd.env(CPU_GROUP_ENV, g);
+        }
         prepare(&mut cmd);
         tg_sys::lifetime::die_with_parent(cmd.as_std_mut());
         let mut child = cmd.spawn()?;

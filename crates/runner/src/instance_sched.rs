@@ -16,9 +16,20 @@
 //!   slice instead of waiting for it to end. It does not change the instance's share of the CPU.
 //!   Set before `exec`, it is inherited by every thread and child of the instance.
 //!
-//! `TESTGROUND_INSTANCE_SCHED` in the engine's environment chooses: `on` (default, both),
-//! `session`, `slice`, or `off` (neither: the instance stays in the engine's session, in a
-//! process group of its own, with the default slice).
+//! - **One CPU group for the run's instances** (a cgroup v1 `cpu` directory,
+//!   `.../testground/<run_id>`, where the engine is root and a v1 hierarchy has the controller):
+//!   sessions alone scale badly. With 5,000 busy instances each in a session of its own, the
+//!   engine, its sync service and its helpers (one session) would get one share in 5,001, and a
+//!   run of sdk-go instances could starve the service they all wait on. In one group the run's
+//!   instances together weigh as much as the engine's session, whatever their number, and they
+//!   still wake ahead of CPU-bound work elsewhere (the group is owed time when it wakes). Inside
+//!   a cgroup other than the root the kernel does not group tasks by session, so the session
+//!   matters only where there is no such group. The engine's helper processes stay outside it.
+//!
+//! `TESTGROUND_INSTANCE_SCHED` in the engine's environment chooses: `on` (default, all three),
+//! `off` (none: the instance stays in the engine's session and CPU group, in a process group
+//! of its own, with the default slice), or a comma-separated list of `session`, `slice` and
+//! `group`.
 
 use std::io;
 
@@ -34,6 +45,8 @@ pub(crate) struct InstanceSched {
     pub own_session: bool,
     /// Give each instance this time slice (ns).
     pub slice: Option<u64>,
+    /// Put the run's instances in one CPU group (created by the run's tracker).
+    pub cpu_group: bool,
 }
 
 impl Default for InstanceSched {
@@ -41,15 +54,17 @@ impl Default for InstanceSched {
         InstanceSched {
             own_session: true,
             slice: Some(SLICE_NS),
+            cpu_group: true,
         }
     }
 }
 
 impl InstanceSched {
-    /// Neither: as before this module existed.
+    /// None: as before this module existed.
     pub(crate) const OFF: InstanceSched = InstanceSched {
         own_session: false,
         slice: None,
+        cpu_group: false,
     };
 
     /// The choice in [`ENV`] (`None`: unset); an invalid value is an error naming the values.
@@ -57,34 +72,46 @@ impl InstanceSched {
         let Some(v) = value.map(str::trim) else {
             return Ok(InstanceSched::default());
         };
-        let slice = Some(SLICE_NS);
-        Ok(match v.to_ascii_lowercase().as_str() {
-            "" | "on" | "true" | "1" | "yes" => InstanceSched::default(),
-            "off" | "false" | "0" | "no" => InstanceSched::OFF,
-            "session" => InstanceSched {
-                own_session: true,
-                slice: None,
-            },
-            "slice" => InstanceSched {
-                own_session: false,
-                slice,
-            },
-            _ => {
-                return Err(format!(
-                    "{ENV}={v} is none of on, off, session, slice; using on"
-                ));
+        match v.to_ascii_lowercase().as_str() {
+            "" | "on" | "true" | "1" | "yes" => return Ok(InstanceSched::default()),
+            "off" | "false" | "0" | "no" => return Ok(InstanceSched::OFF),
+            _ => {}
+        }
+        let mut sched = InstanceSched::OFF;
+        for part in v.split(',').map(|p| p.trim().to_ascii_lowercase()) {
+            match part.as_str() {
+                "session" => sched.own_session = true,
+                "slice" => sched.slice = Some(SLICE_NS),
+                "group" => sched.cpu_group = true,
+                _ => {
+                    return Err(format!(
+                        "{ENV}={v} is neither on, off, nor a comma-separated list of session, \
+                         slice and group; using on"
+                    ));
+                }
             }
-        })
+        }
+        Ok(sched)
     }
 
     /// The value of [`ENV`] that [`InstanceSched::parse`] reads back as `self` (to hand the
     /// engine's settled choice to helper processes).
-    pub(crate) fn env_value(&self) -> &'static str {
-        match (self.own_session, self.slice.is_some()) {
-            (true, true) => "on",
-            (true, false) => "session",
-            (false, true) => "slice",
-            (false, false) => "off",
+    pub(crate) fn env_value(&self) -> String {
+        if *self == InstanceSched::default() {
+            return "on".into();
+        }
+        let parts: Vec<&str> = [
+            (self.own_session, "session"),
+            (self.slice.is_some(), "slice"),
+            (self.cpu_group, "group"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        if parts.is_empty() {
+            "off".into()
+        } else {
+            parts.join(",")
         }
     }
 
@@ -121,12 +148,21 @@ impl InstanceSched {
     }
 }
 
+/// The run log's line when the run's instances cannot share a CPU group.
+pub(crate) fn no_group_line(e: &io::Error) -> String {
+    format!(
+        "instances are not in a CPU group of their own ({e}): each is scheduled as its session, \
+         so thousands of busy instances can leave the engine and its sync service a small share \
+         of the CPU; {ENV}=session,slice does without the group and silences this"
+    )
+}
+
 /// The run log's line when the kernel does not give the slice.
 fn refused_line(slice: u64, e: &io::Error) -> String {
     format!(
         "instances run with the kernel's default time slice, so under CPU load their wake-ups \
          can wait longer for other work: a {} ms slice (sched_setattr) was refused: {e}; \
-         {ENV}=session does without it and silences this",
+         {ENV}=session,group does without it and silences this",
         slice as f64 / 1e6
     )
 }
@@ -144,13 +180,53 @@ mod tests {
         assert!(InstanceSched::default().own_session);
         assert_eq!(InstanceSched::default().slice, Some(SLICE_NS));
         assert_eq!(InstanceSched::parse(Some(" OFF ")), Ok(InstanceSched::OFF));
-        for v in ["on", "off", "session", "slice"] {
+        assert!(InstanceSched::default().cpu_group);
+        for v in [
+            "on",
+            "off",
+            "session",
+            "slice",
+            "group",
+            "session,slice",
+            "slice,group",
+        ] {
             let s = InstanceSched::parse(Some(v)).unwrap();
             assert_eq!(s.env_value(), v);
-            assert_eq!(InstanceSched::parse(Some(s.env_value())), Ok(s));
+            assert_eq!(InstanceSched::parse(Some(&s.env_value())), Ok(s));
         }
-        let e = InstanceSched::parse(Some("fast")).unwrap_err();
-        assert!(e.contains(ENV) && e.contains("session"), "{e}");
+        assert_eq!(
+            InstanceSched::parse(Some("group, Session ,slice")),
+            Ok(InstanceSched::default())
+        );
+        assert_eq!(
+            InstanceSched::parse(Some("session")),
+            Ok(InstanceSched {
+                own_session: true,
+                slice: None,
+                cpu_group: false
+            })
+        );
+        for bad in ["fast", "session,", "session,fast"] {
+            let e = InstanceSched::parse(Some(bad)).unwrap_err();
+            assert!(e.contains(ENV) && e.contains("group"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_group_says_what_it_costs_and_how_to_silence_it() {
+        let line = no_group_line(&io::Error::other(
+            "no cgroup v1 hierarchy with the cpu controller",
+        ));
+        assert!(line.contains("no cgroup v1 hierarchy"), "{line}");
+        assert!(line.contains("sync service"), "{line}");
+        assert!(
+            line.contains("TESTGROUND_INSTANCE_SCHED=session,slice"),
+            "{line}"
+        );
+        assert_eq!(
+            InstanceSched::parse(Some("session,slice")).map(|s| s.cpu_group),
+            Ok(false)
+        );
     }
 
     #[test]
@@ -196,6 +272,7 @@ mod tests {
         let r = report(InstanceSched {
             own_session: true,
             slice: sched.slice,
+            cpu_group: false,
         })
         .await;
         // pid = process group = session.

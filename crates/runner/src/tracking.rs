@@ -40,6 +40,10 @@ pub(crate) struct Record {
     /// Directories the run created for itself (each name contains the run id).
     #[serde(default)]
     pub temp_dirs: Vec<PathBuf>,
+    /// The run's CPU group (cgroup v1 `cpu`), when its instances share one
+    /// (`instance_sched.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_group: Option<PathBuf>,
 }
 
 impl Record {
@@ -59,6 +63,7 @@ impl Record {
             started_unix_ms,
             cgroup: cgroup.map(|c| c.path().to_path_buf()),
             temp_dirs: Vec::new(),
+            cpu_group: None,
         };
         record.write(state_dir)?;
         Ok(record)
@@ -119,6 +124,11 @@ fn owned_cgroup(run_id: &str, cgroup: &Path) -> bool {
     tg_sys::cgroup::runs_root().is_some_and(|root| cgroup == root.join(run_id))
 }
 
+/// Whether `dir` is a run CPU group of ours (`<cpu v1 hierarchy>/.../testground/<run_id>`).
+fn owned_cpu_group(run_id: &str, dir: &Path) -> bool {
+    tg_sys::cgroup::cpu_runs_root().is_some_and(|root| dir == root.join(run_id))
+}
+
 /// Clock ticks since boot now (the unit of a process's start time), rounded down so that a
 /// process started from now on never compares below it.
 fn now_ticks() -> io::Result<u64> {
@@ -132,6 +142,8 @@ pub(crate) struct RunTracker {
     state_dir: PathBuf,
     record: Record,
     cgroup: Option<Cgroup>,
+    /// The CPU group the instances join, when they share one.
+    cpu_group: Option<Cgroup>,
     /// False once finished (so that `Drop` does nothing).
     live: bool,
 }
@@ -166,6 +178,7 @@ impl RunTracker {
                 state_dir: state_dir.to_path_buf(),
                 record,
                 cgroup,
+                cpu_group: None,
                 live: true,
             }),
             Err(e) => {
@@ -195,9 +208,48 @@ impl RunTracker {
         self.record.write(&self.state_dir)
     }
 
-    /// Makes the command's child join the run's cgroup. A no-op in marker mode: instances carry
-    /// `TEST_RUN=<run_id>` in their environment already, and that is the marker.
+    /// Creates the CPU group the run's instances join (`instance_sched.rs`), recorded so that
+    /// the next engine start removes it should this one die. Root only, and only where a v1
+    /// hierarchy has the `cpu` controller; the error says why not.
+    pub(crate) fn add_cpu_group(&mut self) -> io::Result<()> {
+        if self.cpu_group.is_some() {
+            return Ok(());
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the engine is not root",
+            ));
+        }
+        let group = Cgroup::create_cpu(&self.record.run_id)?;
+        self.record.cpu_group = Some(group.path().to_path_buf());
+        if let Err(e) = self.record.write(&self.state_dir) {
+            self.record.cpu_group = None;
+            let _ = group.remove();
+            return Err(e);
+        }
+        self.cpu_group = Some(group);
+        Ok(())
+    }
+
+    /// The CPU group's directory, when the run has one.
+    pub(crate) fn cpu_group(&self) -> Option<&Cgroup> {
+        self.cpu_group.as_ref()
+    }
+
+    /// Makes an instance's command join the run's cgroup, and its CPU group when it has one.
+    /// The cgroup part is a no-op in marker mode: instances carry `TEST_RUN=<run_id>` in their
+    /// environment already, and that is the marker.
     pub(crate) fn apply(&self, cmd: &mut impl tg_sys::spawn::PreExec) {
+        self.apply_tracking(cmd);
+        if let Some(c) = &self.cpu_group {
+            c.join_on_exec(cmd);
+        }
+    }
+
+    /// Makes the command's child join the run's cgroup only: for the engine's own helper
+    /// processes, which are scheduled with the engine, not with the instances.
+    pub(crate) fn apply_tracking(&self, cmd: &mut impl tg_sys::spawn::PreExec) {
         if let Some(c) = &self.cgroup {
             c.join_on_exec(cmd);
         }
@@ -292,6 +344,24 @@ fn kill_run(record: &Record, cgroup: Option<Cgroup>) -> (Vec<String>, bool) {
         done.push(format!(
             "run {id}: killed {killed} processes marked {MARKER}={id}"
         ));
+    }
+    // The CPU group holds only instances, which are gone by now; removing it also kills any
+    // member left (only a process that left the run's cgroup could be).
+    if let Some(p) = &record.cpu_group {
+        if !owned_cpu_group(id, p) {
+            done.push(format!(
+                "run {id}: its record names CPU group {}, which is not a run CPU group; left alone",
+                p.display()
+            ));
+        } else if let Err(e) = Cgroup::open(p).and_then(Cgroup::remove)
+            && p.exists()
+        {
+            cgroup_kept = true;
+            done.push(format!(
+                "run {id}: cannot remove its CPU group {}: {e}",
+                p.display()
+            ));
+        }
     }
     (done, cgroup_kept)
 }
@@ -621,6 +691,23 @@ mod tests {
         }
     }
 
+    /// Whether a v1 hierarchy has the cpu controller (for the run's CPU group); where none
+    /// does (a pure-v2 host) the tests say so and leave the group out.
+    fn cpu_group_here() -> bool {
+        let here = tg_sys::cgroup::cpu_runs_root().is_some();
+        if !here {
+            eprintln!("no cgroup v1 hierarchy with the cpu controller: not checking the CPU group");
+        }
+        here
+    }
+
+    /// Whether the CPU group at `dir` lists every pid of `pids`.
+    fn in_cpu_group(dir: &Path, pids: &[i32]) -> bool {
+        let listed = fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        let listed: Vec<i32> = listed.lines().filter_map(|l| l.parse().ok()).collect();
+        pids.iter().all(|p| listed.contains(p))
+    }
+
     #[test]
     fn a_dead_owner_s_cgroup_is_killed_and_unrelated_namespaces_survive() {
         if !cgroups() {
@@ -628,9 +715,15 @@ mod tests {
         }
         let state = tempfile::tempdir().unwrap();
         let id = format!("cg{}", std::process::id());
-        let t = RunTracker::create(state.path(), &id).unwrap();
+        let mut t = RunTracker::create(state.path(), &id).unwrap();
         assert!(t.uses_cgroup());
+        let cpu = cpu_group_here();
+        if cpu {
+            t.add_cpu_group().unwrap();
+        }
         let cg_path = record(state.path(), &id).cgroup.unwrap();
+        let cpu_path = record(state.path(), &id).cpu_group;
+        assert_eq!(cpu_path.is_some(), cpu);
         // Not marked: only cgroup membership can find these, including one that moved into a
         // network namespace of its own.
         let script = format!("unshare -n sleep 600 & {ESCAPING}");
@@ -649,6 +742,10 @@ mod tests {
                 .any(|&p| tg_sys::netns_inode_of(p).is_ok_and(|n| n != own_netns))
         });
         let members = cg.pids().unwrap();
+        // Every process of the tree also joined the run's CPU group.
+        if let Some(p) = &cpu_path {
+            assert!(in_cpu_group(p, &members), "{members:?}");
+        }
         std::mem::forget(t);
         let mut r = record(state.path(), &id);
         r.owner_start += 1;
@@ -659,6 +756,9 @@ mod tests {
         tree.wait().unwrap();
         wait_until("every member is dead", || members.iter().all(|&p| dead(p)));
         assert!(!cg_path.exists(), "the run's cgroup is removed");
+        if let Some(p) = &cpu_path {
+            assert!(!p.exists(), "the run's CPU group is removed");
+        }
         assert!(!Record::path(state.path(), &id).exists());
         assert!(
             other.try_wait().unwrap().is_none(),
@@ -679,21 +779,46 @@ mod tests {
         fs::create_dir_all(&temp).unwrap();
         let mut t = RunTracker::create(state.path(), &id).unwrap();
         t.add_temp_dir(&temp).unwrap();
+        let cpu = cpu_group_here();
+        if cpu {
+            t.add_cpu_group().unwrap();
+        }
         let cg_path = record(state.path(), &id).cgroup.unwrap();
+        let cpu_path = record(state.path(), &id).cpu_group;
+        // A helper joins the run's cgroup but not its CPU group.
+        let mut helper = tokio::process::Command::new("sleep");
+        helper.arg("600");
+        t.apply_tracking(&mut helper);
+        let mut helper = helper.spawn().unwrap();
         let mut cmd = tokio::process::Command::new("sh");
         cmd.args(["-c", "setsid sleep 600 & sleep 600"]);
         t.apply(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let cg = Cgroup::open(&cg_path).unwrap();
         tokio::task::block_in_place(|| {
-            wait_until("both sleeps run", || cg.pids().unwrap().len() >= 3)
+            wait_until("both sleeps run", || cg.pids().unwrap().len() >= 4)
         });
         let members = cg.pids().unwrap();
+        let helper_pid = helper.id().unwrap() as i32;
+        assert!(members.contains(&helper_pid), "{members:?}");
+        if let Some(p) = &cpu_path {
+            let instance: Vec<i32> = members
+                .iter()
+                .copied()
+                .filter(|&m| m != helper_pid)
+                .collect();
+            assert!(in_cpu_group(p, &instance), "{instance:?}");
+            assert!(!in_cpu_group(p, &[helper_pid]), "the helper stays out");
+        }
         let lines = t.finish().await;
         assert!(lines.iter().any(|l| l.contains("killed")), "{lines:?}");
         child.wait().await.unwrap();
+        helper.wait().await.unwrap();
         assert!(members.iter().all(|&p| dead(p)));
         assert!(!cg_path.exists());
+        if let Some(p) = &cpu_path {
+            assert!(!p.exists(), "the run's CPU group is removed");
+        }
         // Temp dirs and the record go on the cleanup thread, after the outcome.
         assert!(crate::cleanup::wait_for_cleanup(Duration::from_secs(60)));
         assert!(!temp.exists());

@@ -754,7 +754,7 @@ impl std::ops::Sub for Counters {
 /// How the latency endpoints are scheduled: as `local:exec` and `local:netns` schedule an
 /// instance's process (tg-runner's `instance_sched.rs`), chosen by the same environment
 /// variable, `TESTGROUND_INSTANCE_SCHED` (`on`, the default: a session of its own and a 0.1 ms
-/// time slice; `session`; `slice`; `off`). The session is the whole benchmark's (the pump
+/// time slice; `off`; or a list of `session`, `slice`, `group`). The session is the whole benchmark's (the pump
 /// thread is real-time anyway); the slice is the endpoint threads'.
 #[derive(Debug, Clone, Copy)]
 struct EndpointSched {
@@ -766,11 +766,16 @@ const ENDPOINT_SLICE_NS: u64 = 100_000;
 
 fn endpoint_sched() -> EndpointSched {
     let v = std::env::var("TESTGROUND_INSTANCE_SCHED").unwrap_or_default();
-    let (session, slice) = match v.trim().to_ascii_lowercase().as_str() {
+    let v = v.trim().to_ascii_lowercase();
+    let (session, slice) = match v.as_str() {
         "off" | "false" | "0" | "no" => (false, false),
-        "session" => (true, false),
-        "slice" => (false, true),
-        _ => (true, true),
+        "" | "on" | "true" | "1" | "yes" => (true, true),
+        // A list; `group` (one CPU group for a run's instances) has no meaning for threads of
+        // this one process.
+        list => {
+            let has = |w: &str| list.split(',').any(|p| p.trim() == w);
+            (has("session"), has("slice"))
+        }
     };
     let session = session.then(|| tg_sys::sched::start_session().is_ok());
     let slice = (slice && tg_sys::sched::probe_slice(ENDPOINT_SLICE_NS).is_ok())

@@ -72,6 +72,49 @@ pub fn runs_root() -> Option<PathBuf> {
     cgroup2_mount().map(|m| m.join(PARENT))
 }
 
+/// The parent directory of every run's CPU group: `testground` beside this process in the
+/// cgroup v1 hierarchy that has the `cpu` controller (`/sys/fs/cgroup/cpu/testground` for a
+/// process in its root), or `None` when no v1 hierarchy has it (a pure-v2 host).
+///
+/// Why a group: with the kernel's automatic grouping each session is a scheduling group and
+/// groups share the CPU as equals, so thousands of busy instances in sessions of their own
+/// would leave the engine (and its sync service) one share in thousands. One group for all of
+/// a run's instances weighs as much as the engine's session, whatever their number; tasks in a
+/// cgroup other than the root are not grouped by session.
+pub fn cpu_runs_root() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    parse_cpu_runs_root(&info, &own)
+}
+
+/// [`cpu_runs_root`] from the texts of `/proc/self/mountinfo` and `/proc/self/cgroup`.
+fn parse_cpu_runs_root(info: &str, own: &str) -> Option<PathBuf> {
+    let has_cpu = |list: &str| list.split(',').any(|c| c == "cpu");
+    let (root, mount) = info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        // "<fs type> <source> <super options>"
+        let mut r = right.split(' ');
+        if r.next()? != "cgroup" || !has_cpu(r.nth(1)?) {
+            return None;
+        }
+        let mut l = left.split(' ');
+        let root = unescape(l.nth(3)?);
+        Some((root, PathBuf::from(unescape(l.next()?))))
+    })?;
+    // "<hierarchy id>:<controllers>:<path>"; the path is relative to the hierarchy's root,
+    // which the mount may show only a part of (a container's).
+    let path = own.lines().find_map(|line| {
+        let mut f = line.splitn(3, ':');
+        f.next()?;
+        has_cpu(f.next()?).then(|| f.next().map(str::to_string))?
+    })?;
+    let rel = path.strip_prefix(root.trim_end_matches('/'))?;
+    if !(rel.is_empty() || rel.starts_with('/')) {
+        return None;
+    }
+    Some(mount.join(rel.trim_start_matches('/')).join(PARENT))
+}
+
 /// One cgroup and a descriptor of its `cgroup.procs` (what children write to join it).
 #[derive(Debug, Clone)]
 pub struct Cgroup {
@@ -86,19 +129,38 @@ impl Cgroup {
     /// cgroup v2 is not mounted (`Unsupported`), `name` is not a plain name (`InvalidInput`), or
     /// the hierarchy is not writable (`PermissionDenied`, `ReadOnlyFilesystem`).
     pub fn create(name: &str) -> io::Result<Cgroup> {
+        let root = runs_root().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cgroup v2 is not mounted (no cgroup2 line in /proc/self/mountinfo)",
+            )
+        });
+        Cgroup::create_in(root, name)
+    }
+
+    /// Creates (or reuses) the run's CPU group `<cpu v1 hierarchy>/<ours>/testground/<name>`
+    /// (see [`cpu_runs_root`]): a plain cgroup v1 directory whose members share one weight.
+    /// Fails as [`Cgroup::create`] does, with `Unsupported` when no v1 hierarchy has the `cpu`
+    /// controller.
+    pub fn create_cpu(name: &str) -> io::Result<Cgroup> {
+        let root = cpu_runs_root().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no cgroup v1 hierarchy with the cpu controller (in /proc/self/mountinfo and \
+                 /proc/self/cgroup)",
+            )
+        });
+        Cgroup::create_in(root, name)
+    }
+
+    fn create_in(root: io::Result<PathBuf>, name: &str) -> io::Result<Cgroup> {
         if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0', '\n']) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("cgroup name {name:?} must be a single path component"),
             ));
         }
-        let root = runs_root().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                "cgroup v2 is not mounted (no cgroup2 line in /proc/self/mountinfo)",
-            )
-        })?;
-        let path = root.join(name);
+        let path = root?.join(name);
         // The shared parent may be removed by another run's `remove` between our two mkdirs
         // (it goes when it is empty); then the second one fails with NotFound: try again.
         let mut tries = 0;
@@ -171,11 +233,12 @@ impl Cgroup {
     }
 
     /// Whether no process is left in this cgroup or its descendants (`populated 0` in
-    /// `cgroup.events`; a gone cgroup is empty).
+    /// `cgroup.events`; a v1 cgroup has no such file: no member listed; a gone cgroup is
+    /// empty).
     pub fn is_empty(&self) -> bool {
         match fs::read_to_string(self.path.join("cgroup.events")) {
             Ok(events) => !events.lines().any(|l| l.trim() == "populated 1"),
-            Err(_) => !self.path.exists(),
+            Err(_) => self.pids().map_or(!self.path.exists(), |p| p.is_empty()),
         }
     }
 
@@ -346,6 +409,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn finds_the_cpu_hierarchy_and_our_place_in_it() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      33 31 0:30 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n\
+                      32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let at_root = "3:cpuset:/\n1:cpu:/\n0::/\n";
+        assert_eq!(
+            parse_cpu_runs_root(hybrid, at_root),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/testground"))
+        );
+        // cpu and cpuacct mounted together, the engine in a service's cgroup.
+        let joint = "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n";
+        let in_service = "4:cpu,cpuacct:/system.slice/tg.service\n";
+        assert_eq!(
+            parse_cpu_runs_root(joint, in_service),
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/cpu,cpuacct/system.slice/tg.service/testground"
+            ))
+        );
+        // A container that sees only its own part of the hierarchy.
+        let part = "32 31 0:29 /docker/abc /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            parse_cpu_runs_root(part, "1:cpu:/docker/abc/x\n"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/x/testground"))
+        );
+        assert_eq!(parse_cpu_runs_root(part, "1:cpu:/docker/abcd\n"), None);
+        // cpuacct alone is not cpu; a pure-v2 host has no v1 hierarchy at all.
+        let acct = "32 31 0:29 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n";
+        assert_eq!(parse_cpu_runs_root(acct, "2:cpuacct:/\n"), None);
+        let pure = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cpu_runs_root(pure, "0::/user.slice\n"), None);
+    }
+
     /// The fallback of kernels without `cgroup.kill` (this one has it) kills a forking tree too.
     #[test]
     fn freezing_and_killing_reaches_every_member() {
@@ -380,6 +477,50 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         cg.remove().unwrap();
+    }
+
+    /// A child that joins the CPU group on exec is listed there (and so is what it starts);
+    /// removing the group kills its members, then the directory goes.
+    #[test]
+    fn a_cpu_group_takes_the_child_and_goes_when_empty() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root || cpu_runs_root().is_none() {
+            if std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+                panic!("TG_REQUIRE_PRIVILEGED=1 but there is no root and cgroup v1 cpu here");
+            }
+            eprintln!("skipping privileged test: needs root and a cgroup v1 cpu hierarchy");
+            return;
+        }
+        let name = format!("sys-unit-cpu-{}", std::process::id());
+        let cg = Cgroup::create_cpu(&name).unwrap();
+        assert_eq!(cg.path(), cpu_runs_root().unwrap().join(&name));
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "sleep 600 & grep -E '^[0-9]+:([^:]*,)?cpu(,[^:]*)?:' /proc/self/cgroup; wait",
+        ]);
+        cmd.stdout(std::process::Stdio::piped());
+        cg.join_on_exec(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(
+            line.trim_end().ends_with(&format!("/testground/{name}")),
+            "{line}"
+        );
+        let pids = cg.pids().unwrap();
+        assert!(pids.contains(&(child.id() as i32)), "{pids:?}");
+        assert!(pids.len() >= 2, "sh and its sleep at least: {pids:?}");
+        assert!(!cg.is_empty());
+        let path = cg.path().to_path_buf();
+        cg.clone().remove().unwrap();
+        child.wait().unwrap();
+        assert!(!path.exists());
     }
 
     #[test]
