@@ -197,6 +197,9 @@ pub struct SyncConfig {
     pub max_connections_per_run: usize,
     /// Most connections that have not sent a request yet; the oldest is closed beyond it.
     pub max_unidentified_connections: usize,
+    /// Runnable tasks on the host above which a large fan-out is written in slices; 0 never
+    /// paces.
+    pub fanout_pace_runnable: u32,
 }
 
 impl Default for SyncConfig {
@@ -209,6 +212,7 @@ impl Default for SyncConfig {
             max_run_bytes: l.max_run_bytes,
             max_connections_per_run: l.max_connections_per_run,
             max_unidentified_connections: l.max_unidentified_connections,
+            fanout_pace_runnable: l.fanout_pace_runnable.unwrap_or(0),
         }
     }
 }
@@ -222,6 +226,8 @@ impl SyncConfig {
             max_run_bytes: self.max_run_bytes,
             max_connections_per_run: self.max_connections_per_run,
             max_unidentified_connections: self.max_unidentified_connections,
+            fanout_pace_runnable: (self.fanout_pace_runnable > 0)
+                .then_some(self.fanout_pace_runnable),
         }
     }
 }

@@ -16,10 +16,12 @@
 //!   writes; see DESIGN.md).
 //! - [`limits`]: [`SyncLimits`], what one run may hold (bytes, connections), so that one run's
 //!   junk cannot exhaust the daemon for the others.
+//! - [`pace`]: large fan-outs written in slices while the host's CPUs are overcommitted.
 
 mod admission;
 pub mod core;
 pub mod limits;
+pub mod pace;
 pub mod server;
 pub mod service;
 

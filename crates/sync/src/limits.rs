@@ -35,6 +35,11 @@ pub struct SyncLimits {
     /// idle sockets cannot keep a new run's clients out. Identified connections are never
     /// closed. Default 4,096 (at least 1 is used).
     pub max_unidentified_connections: usize,
+    /// A fan-out to many connections (a barrier release, an item for many subscribers) is
+    /// written in slices while the host has more runnable tasks than this (see `pace.rs`:
+    /// thousands of instances woken at once otherwise starve each other past their SDK's
+    /// deadlines). `None` never paces. Default 16 per CPU.
+    pub fanout_pace_runnable: Option<u32>,
 }
 
 impl SyncLimits {
@@ -55,6 +60,7 @@ impl Default for SyncLimits {
             max_run_bytes: 512 << 20,
             max_connections_per_run: 10_000,
             max_unidentified_connections: 4_096,
+            fanout_pace_runnable: Some(crate::pace::default_limit()),
         }
     }
 }

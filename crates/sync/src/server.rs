@@ -41,6 +41,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use crate::admission::Ticket;
 use crate::core::Outgoing;
 use crate::limits::SyncLimits;
+use crate::pace::Pacer;
 use crate::service::{Batched, ConnHandle, SyncService};
 
 /// Largest request message read under the default [`SyncLimits`] (the reference's 32 KiB broke
@@ -300,15 +301,11 @@ fn push_frame(buf: &mut Vec<u8>, opcode: u8, fill: impl FnOnce(&mut Vec<u8>)) ->
 /// task ([`flush_elsewhere`]).
 pub(crate) const FANOUT_CHUNK: usize = 1024;
 
-/// Writes the output of `flush` from a new task (so from another worker, when one is free), or
-/// here outside a runtime.
-pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>) {
+/// Writes the output of `flush` from a new task (so from another worker, when one is free),
+/// paced under `pace` (see [`crate::pace`]), or here outside a runtime.
+pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
     if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::spawn(async move {
-            for n in flush {
-                n.flush();
-            }
-        });
+        tokio::spawn(flush_paced(flush, pace.cloned(), false));
     } else {
         for n in flush {
             n.flush();
@@ -316,21 +313,54 @@ pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>) {
     }
 }
 
+/// Writes each connection's output in turn; under `pace`, before every
+/// [`crate::pace::CHUNK`]th write (and the first, if `wait_first`) it waits while the host is
+/// overcommitted.
+async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>, wait_first: bool) {
+    for (i, n) in flush.iter().enumerate() {
+        if let Some(p) = &pace
+            && (if i == 0 {
+                wait_first
+            } else {
+                i % crate::pace::CHUNK == 0
+            })
+        {
+            p.wait_for_cpu().await;
+        }
+        n.flush();
+    }
+}
+
 /// Writes the output of every connection in `flush`, sharing a large fan-out among the
-/// runtime's workers.
-pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>) {
-    if flush.len() > FANOUT_SPLIT {
+/// runtime's workers, paced under `pace` (see [`crate::pace`]).
+pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
+    let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+    if flush.len() > FANOUT_SPLIT && in_runtime {
         let workers = tokio::runtime::Handle::try_current()
             .map_or(1, |h| h.metrics().num_workers())
             .max(1);
         let share = flush.len().div_ceil(workers);
         while flush.len() > share {
             let part = flush.split_off(flush.len() - share);
-            tokio::spawn(async move {
-                for n in part {
+            tokio::spawn(flush_paced(part, pace.cloned(), false));
+        }
+        // Our own share here, at once while the host keeps up; from the first chunk that
+        // finds it overcommitted on, from a task that can wait.
+        if let Some(p) = pace {
+            let mut written = 0;
+            while written < flush.len() {
+                if written > 0 && p.host_overloaded() {
+                    tokio::spawn(flush_paced(flush.split_off(written), Some(p.clone()), true));
+                    break;
+                }
+                let end = (written + crate::pace::CHUNK).min(flush.len());
+                for n in &flush[written..end] {
                     n.flush();
                 }
-            });
+                written = end;
+            }
+            flush.clear();
+            return;
         }
     }
     for n in flush.drain(..) {
@@ -560,7 +590,7 @@ async fn serve_connection(
             {
                 flush.push(Arc::clone(net));
             }
-            flush_all(&mut flush);
+            flush_all(&mut flush, service.pacer());
             if big > FANOUT_SPLIT {
                 tracing::debug!(
                     conn,
@@ -605,7 +635,7 @@ async fn serve_connection(
                         let _ = reader.parse(net, ticket, handle, &mut batch);
                         if !batch.is_empty() {
                             service.apply_batch(conn, &mut batch, &mut flush);
-                            flush_all(&mut flush);
+                            flush_all(&mut flush, service.pacer());
                         }
                         return End::Gone;
                     }

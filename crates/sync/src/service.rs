@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::admission::Admission;
 use crate::core::{ConnId, Core, CoreStats, Dropped, Handled, Item, Outgoing, Reply};
 use crate::limits::{Limit, LimitExceeded, SyncLimits};
+use crate::pace::Pacer;
 use crate::server::NetConn;
 
 /// The in-process API failed.
@@ -53,6 +54,9 @@ pub struct ServiceStats {
     pub retained_bytes: u64,
     /// Network connections that have not sent a request yet.
     pub unidentified_connections: usize,
+    /// Pauses large fan-outs of this process took so far, waiting for an overcommitted host's
+    /// CPUs (see `pace.rs`).
+    pub fanout_pauses: u64,
 }
 
 /// Where a connection's replies go.
@@ -81,6 +85,8 @@ struct Shared {
     warned: HashSet<(Limit, Option<String>)>,
     /// Replies of the operation in progress (kept to reuse its allocation).
     out: Vec<Outgoing>,
+    /// Paces large fan-outs ([`SyncLimits::fanout_pace_runnable`]).
+    pacer: Option<Pacer>,
 }
 
 struct Inner {
@@ -88,6 +94,7 @@ struct Inner {
     next_conn: AtomicU64,
     limits: SyncLimits,
     admission: Arc<Admission>,
+    pacer: Option<Pacer>,
 }
 
 /// A cheap-to-clone handle to the running sync service.
@@ -112,6 +119,7 @@ impl SyncService {
     /// A service that enforces `limits` (also in every [`crate::serve`] of this service).
     pub fn spawn_with(limits: SyncLimits) -> Self {
         let admission = Arc::new(Admission::new(&limits));
+        let pacer = limits.fanout_pace_runnable.map(Pacer::new);
         SyncService {
             inner: Arc::new(Inner {
                 shared: Mutex::new(Shared {
@@ -119,10 +127,12 @@ impl SyncService {
                     sinks: HashMap::default(),
                     warned: HashSet::new(),
                     out: Vec::new(),
+                    pacer: pacer.clone(),
                 }),
                 next_conn: AtomicU64::new(1),
                 limits,
                 admission,
+                pacer,
             }),
         }
     }
@@ -130,6 +140,10 @@ impl SyncService {
     /// The limits this service enforces.
     pub fn limits(&self) -> &SyncLimits {
         &self.inner.limits
+    }
+
+    pub(crate) fn pacer(&self) -> Option<&Pacer> {
+        self.inner.pacer.as_ref()
     }
 
     pub(crate) fn admission(&self) -> &Arc<Admission> {
@@ -203,7 +217,7 @@ impl SyncService {
             f(&mut sh.core, &mut sh.out);
             sh.after(Vec::new(), &mut flush);
         }
-        crate::server::flush_all(&mut flush);
+        crate::server::flush_all(&mut flush, self.pacer());
     }
 
     /// Publishes `payload` (kept verbatim) to `topic`; returns its 1-based sequence number.
@@ -295,6 +309,7 @@ impl SyncService {
             subscriptions,
             retained_bytes: sh.core.retained_bytes(),
             unidentified_connections: self.inner.admission.unidentified(),
+            fanout_pauses: self.pacer().map_or(0, Pacer::pauses),
         })
     }
 
@@ -412,7 +427,7 @@ impl Shared {
                     // lock, so the order per connection holds; a buffer emptied by that writer
                     // meanwhile is simply flushed again by whoever appends to it next.
                     if flush.len() >= crate::server::FANOUT_CHUNK {
-                        crate::server::flush_elsewhere(std::mem::take(flush));
+                        crate::server::flush_elsewhere(std::mem::take(flush), self.pacer.as_ref());
                     }
                 }
                 Some(Sink::Chan(tx)) if tx.send(o).is_err() => dead.push(conn),

@@ -1144,6 +1144,69 @@ async fn a_barrier_release_reaches_every_waiter_with_its_own_id() {
     }
 }
 
+/// Raw websockets waiting on one barrier of target `n`, each with request id `i`.
+async fn raw_waiters(addr: SocketAddr, state: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut waiters = Vec::with_capacity(n);
+    for i in 0..n {
+        let req = masked_frame(
+            true,
+            0x1,
+            format!(r#"{{"id":"{i}","barrier":{{"state":"{K}:states:{state}","target":{n}}}}}"#)
+                .as_bytes(),
+        );
+        waiters.push(raw_ws(addr, &req).await);
+    }
+    waiters
+}
+
+/// A fan-out paced as if the host were always overcommitted (limit 0: the reader itself is
+/// runnable) still reaches every waiter with its own answer, released from the network and
+/// in-process, and the pauses are counted; without pacing none is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_release_reaches_every_waiter_and_counts_its_pauses() {
+    const N: usize = 300;
+    for (pace, by_network) in [(Some(0), true), (Some(0), false), (None, true)] {
+        let (service, addr) = start_with(SyncLimits {
+            fanout_pace_runnable: pace,
+            ..SyncLimits::default()
+        })
+        .await;
+        let mut waiters = raw_waiters(addr, "paced", N).await;
+        wait_until(&service, "all waiters", |s| s.waiters == N).await;
+        let state = format!("{K}:states:paced");
+        if by_network {
+            let mut signaller = ws(addr).await;
+            for i in 0..N {
+                let req = format!(r#"{{"id":"s{i}","signal_entry":{{"state":"{state}"}}}}"#);
+                send_text(&mut signaller, &req).await;
+                let reply = recv(&mut signaller).await;
+                assert!(reply.contains(&format!(r#""seq":{}"#, i + 1)), "{reply}");
+            }
+        } else {
+            for _ in 0..N {
+                service.signal_entry(&state).await.unwrap();
+            }
+        }
+        for (i, w) in waiters.iter_mut().enumerate() {
+            let (op, payload) = timeout(LIMIT, raw_frame(w)).await.unwrap();
+            assert_eq!(op, 0x1);
+            assert_eq!(
+                String::from_utf8(payload).unwrap(),
+                format!(
+                    r#"{{"id":"{i}","error":"","publish":null,"subscribe":"","signal_entry":null}}"#
+                )
+            );
+        }
+        let pauses = service.stats().await.unwrap().fanout_pauses;
+        if pace.is_some() {
+            // Two workers' shares of 300, a pause before every 32nd write at least.
+            assert!(pauses >= 2, "{pace:?} {by_network}: {pauses} pauses");
+        } else {
+            assert_eq!(pauses, 0);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_request_that_is_not_an_upgrade_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
