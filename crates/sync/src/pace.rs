@@ -10,10 +10,15 @@
 //! the same; only its order changes.
 //!
 //! How: the writes are made in chunks of [`CHUNK`]; before each chunk after the first, while
-//! the host has more runnable tasks than the limit (`/proc/loadavg`), the writer sleeps in
-//! steps of [`POLL`], at most [`MAX_WAIT`] per chunk, so unrelated load slows a fan-out but
-//! never stops it. A fan-out the host keeps up with (the sync benchmark's 10,000 waiters in one
-//! client process) never waits: only the runnable count is read, once per chunk.
+//! the host has more runnable tasks (`/proc/loadavg`) than the limit, the writer sleeps in
+//! steps of [`POLL`], at most [`MAX_WAIT`] per chunk and [`FANOUT_BUDGET`] per fan-out, so that
+//! unrelated load slows a fan-out but never stops it. A fan-out the host keeps up with (the
+//! sync benchmark's 10,000 waiters in one client process) never waits: only the runnable
+//! count is read, once per chunk.
+//!
+//! The wait must outlast the woken instances' work: capped at a few milliseconds, a release
+//! of 1,000 sdk-go waiters still reached 2,000 runnable threads and failed as often as an
+//! unpaced one (BENCHMARKS.md, "Barrier release herds").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +31,10 @@ pub(crate) const CHUNK: usize = 32;
 const POLL: Duration = Duration::from_millis(1);
 
 /// Longest wait before one chunk.
-const MAX_WAIT: Duration = Duration::from_millis(20);
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Longest total wait of one fan-out.
+const FANOUT_BUDGET: Duration = Duration::from_secs(10);
 
 /// Runnable tasks per CPU above which a fan-out waits, by default: well above what unrelated
 /// work makes (a build, a 2-process stress: a few per CPU), well below a herd (thousands).
@@ -38,19 +46,36 @@ pub fn default_limit() -> u32 {
     DEFAULT_RUNNABLE_PER_CPU.saturating_mul(u32::try_from(cpus).unwrap_or(u32::MAX))
 }
 
-/// One service's pacing: its limit, and the pauses its fan-outs took (for
-/// [`crate::ServiceStats`]).
+/// Where a pacer reads the number of runnable tasks ([`runnable_tasks`], or a test's).
+pub type RunnableSource = fn() -> Option<u32>;
+
+/// One service's pacing: its limit, where it reads the load, and the pauses its fan-outs took
+/// (for [`crate::ServiceStats`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Pacer {
     limit: u32,
+    source: RunnableSource,
     pauses: Arc<AtomicU64>,
+    /// What the current fan-out may still wait, in ms ([`Pacer::for_fanout`]).
+    budget_ms: Arc<AtomicU64>,
 }
 
 impl Pacer {
-    pub(crate) fn new(limit: u32) -> Pacer {
+    pub(crate) fn new(limit: u32, source: RunnableSource) -> Pacer {
         Pacer {
             limit,
+            source,
             pauses: Arc::default(),
+            budget_ms: Arc::new(AtomicU64::new(FANOUT_BUDGET.as_millis() as u64)),
+        }
+    }
+
+    /// The pacer of one fan-out: the same limit and counter, a fresh [`FANOUT_BUDGET`] shared
+    /// by every task that writes part of it.
+    pub(crate) fn for_fanout(&self) -> Pacer {
+        Pacer {
+            budget_ms: Arc::new(AtomicU64::new(FANOUT_BUDGET.as_millis() as u64)),
+            ..self.clone()
         }
     }
 
@@ -60,23 +85,39 @@ impl Pacer {
 
     /// Whether the host is over the limit now.
     pub(crate) fn host_overloaded(&self) -> bool {
-        runnable_tasks().is_some_and(|r| overloaded(self.limit, r))
+        (self.source)().is_some_and(|r| overloaded(self.limit, r))
     }
 
-    /// Waits, up to [`MAX_WAIT`], until the host is no longer over the limit; counts one
-    /// pause if it had to wait at all.
+    /// Waits, up to [`MAX_WAIT`] and what is left of the fan-out's budget, until the host is
+    /// no longer over the limit; counts one pause if it had to wait at all.
     pub(crate) async fn wait_for_cpu(&self) {
-        if !self.host_overloaded() {
+        if self.budget_ms.load(Ordering::Relaxed) == 0 || !self.host_overloaded() {
             return;
         }
         self.pauses.fetch_add(1, Ordering::Relaxed);
-        let until = tokio::time::Instant::now() + MAX_WAIT;
-        while tokio::time::Instant::now() < until {
+        let start = tokio::time::Instant::now();
+        let mut spent = 0;
+        while spent < MAX_WAIT.as_millis() as u64 {
             tokio::time::sleep(POLL).await;
-            if !self.host_overloaded() {
-                return;
+            spent = start.elapsed().as_millis() as u64;
+            if !self.host_overloaded() || !self.spend(spent) {
+                break;
             }
         }
+        self.charge(spent);
+    }
+
+    /// Whether the fan-out's budget still covers `spent` ms of this wait.
+    fn spend(&self, spent: u64) -> bool {
+        self.budget_ms.load(Ordering::Relaxed) > spent
+    }
+
+    fn charge(&self, spent: u64) {
+        let _ = self
+            .budget_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(spent))
+            });
     }
 }
 
@@ -87,7 +128,7 @@ pub(crate) fn overloaded(limit: u32, runnable: u32) -> bool {
 
 /// The number of runnable tasks on the host now (`/proc/loadavg`, the fourth field's
 /// numerator), or `None` where it cannot be read (then nothing is paced).
-pub(crate) fn runnable_tasks() -> Option<u32> {
+pub fn runnable_tasks() -> Option<u32> {
     parse_loadavg(&std::fs::read_to_string("/proc/loadavg").ok()?)
 }
 
@@ -115,6 +156,30 @@ mod tests {
         assert_eq!(parse_loadavg("a b c x/1 2"), None);
         // This host's own file parses, and counts at least the reader.
         assert!(runnable_tasks().is_some_and(|r| r >= 1));
+    }
+
+    fn always_over() -> Option<u32> {
+        Some(u32::MAX)
+    }
+
+    /// A host that stays overcommitted slows a fan-out by its budget at most, then lets it go.
+    #[tokio::test(start_paused = true)]
+    async fn a_fan_out_waits_no_longer_than_its_budget() {
+        let pacer = Pacer::new(0, always_over).for_fanout();
+        let start = tokio::time::Instant::now();
+        for _ in 0..20 {
+            pacer.wait_for_cpu().await;
+        }
+        let waited = start.elapsed();
+        assert!(waited >= FANOUT_BUDGET, "{waited:?}");
+        assert!(waited < FANOUT_BUDGET + MAX_WAIT, "{waited:?}");
+        assert_eq!(pacer.pauses(), 10, "one full wait per second of budget");
+        // The next fan-out has a budget of its own; the counter is the service's.
+        let next = pacer.for_fanout();
+        let start = tokio::time::Instant::now();
+        next.wait_for_cpu().await;
+        assert!(start.elapsed() >= MAX_WAIT);
+        assert_eq!(pacer.pauses(), 11);
     }
 
     #[test]

@@ -305,7 +305,7 @@ pub(crate) const FANOUT_CHUNK: usize = 1024;
 /// paced under `pace` (see [`crate::pace`]), or here outside a runtime.
 pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
     if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::spawn(flush_paced(flush, pace.cloned(), false));
+        tokio::spawn(flush_paced(flush, pace.map(Pacer::for_fanout), false));
     } else {
         for n in flush {
             n.flush();
@@ -336,6 +336,8 @@ async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>, wait_first: 
 pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
     let in_runtime = tokio::runtime::Handle::try_current().is_ok();
     if flush.len() > FANOUT_SPLIT && in_runtime {
+        let pace = pace.map(Pacer::for_fanout);
+        let pace = pace.as_ref();
         let workers = tokio::runtime::Handle::try_current()
             .map_or(1, |h| h.metrics().num_workers())
             .max(1);

@@ -118,8 +118,16 @@ impl SyncService {
 
     /// A service that enforces `limits` (also in every [`crate::serve`] of this service).
     pub fn spawn_with(limits: SyncLimits) -> Self {
+        Self::spawn_paced_by(limits, crate::pace::runnable_tasks)
+    }
+
+    /// [`SyncService::spawn_with`], its fan-outs paced by the runnable count `source` gives
+    /// instead of this host's (where the instances run elsewhere, or in tests).
+    pub fn spawn_paced_by(limits: SyncLimits, source: crate::pace::RunnableSource) -> Self {
         let admission = Arc::new(Admission::new(&limits));
-        let pacer = limits.fanout_pace_runnable.map(Pacer::new);
+        let pacer = limits
+            .fanout_pace_runnable
+            .map(|limit| Pacer::new(limit, source));
         SyncService {
             inner: Arc::new(Inner {
                 shared: Mutex::new(Shared {

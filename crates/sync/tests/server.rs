@@ -1159,18 +1159,29 @@ async fn raw_waiters(addr: SocketAddr, state: &str, n: usize) -> Vec<tokio::net:
     waiters
 }
 
-/// A fan-out paced as if the host were always overcommitted (limit 0: the reader itself is
-/// runnable) still reaches every waiter with its own answer, released from the network and
-/// in-process, and the pauses are counted; without pacing none is.
+/// A host whose runnable count is, every other look, far over any limit: a pacer waits at
+/// each chunk and is let go at the next look.
+fn every_other_look_overloaded() -> Option<u32> {
+    static LOOKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = LOOKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(if n.is_multiple_of(2) { 100_000 } else { 0 })
+}
+
+/// A fan-out paced on an overcommitted host still reaches every waiter with its own answer,
+/// released from the network and in-process, and its pauses are counted; without pacing
+/// there is none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paced_release_reaches_every_waiter_and_counts_its_pauses() {
     const N: usize = 300;
-    for (pace, by_network) in [(Some(0), true), (Some(0), false), (None, true)] {
-        let (service, addr) = start_with(SyncLimits {
+    for (pace, by_network) in [(Some(32), true), (Some(32), false), (None, true)] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = SyncLimits {
             fanout_pace_runnable: pace,
             ..SyncLimits::default()
-        })
-        .await;
+        };
+        let service = SyncService::spawn_paced_by(limits, every_other_look_overloaded);
+        tokio::spawn(serve(listener, service.clone(), std::future::pending()));
         let mut waiters = raw_waiters(addr, "paced", N).await;
         wait_until(&service, "all waiters", |s| s.waiters == N).await;
         let state = format!("{K}:states:paced");
@@ -1199,7 +1210,7 @@ async fn a_paced_release_reaches_every_waiter_and_counts_its_pauses() {
         }
         let pauses = service.stats().await.unwrap().fanout_pauses;
         if pace.is_some() {
-            // Two workers' shares of 300, a pause before every 32nd write at least.
+            // Two workers' shares of 150 writes, chunks of 32: eight looks, half of them over.
             assert!(pauses >= 2, "{pace:?} {by_network}: {pauses} pauses");
         } else {
             assert_eq!(pauses, 0);
