@@ -69,6 +69,10 @@ enum Mode {
         /// Tokio worker threads (default: one per CPU).
         #[arg(long)]
         threads: Option<usize>,
+        /// Runnable tasks above which fan-outs are paced (`SyncLimits::fanout_pace_runnable`;
+        /// default: the service's, 16 per CPU; 0: never).
+        #[arg(long)]
+        fanout_pace_runnable: Option<u32>,
     },
     /// Loads ANY sync service at --addr (ours, or e.g. the original Go sync-service, which
     /// listens on :5050) with the same traffic, from this separate process.
@@ -89,7 +93,11 @@ fn main() -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     match cli.mode.unwrap_or(Mode::Inproc) {
         Mode::Inproc => runtime(None)?.block_on(run(fd_limit)),
-        Mode::Server { addr, threads } => runtime(threads)?.block_on(server(&addr)),
+        Mode::Server {
+            addr,
+            threads,
+            fanout_pace_runnable,
+        } => runtime(threads)?.block_on(server(&addr, fanout_pace_runnable)),
         Mode::Client(args) => runtime(Some(args.threads))?.block_on(remote::client(args)),
         Mode::Idle {
             addr,
@@ -107,14 +115,17 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(b.enable_all().build()?)
 }
 
-async fn server(addr: &str) -> anyhow::Result<()> {
+async fn server(addr: &str, fanout_pace_runnable: Option<u32>) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt;
     let listener = TcpListener::bind(addr).await.context("bind")?;
-    let limits = tg_sync::SyncLimits {
+    let mut limits = tg_sync::SyncLimits {
         max_connections_per_run: 1 << 20,
         max_unidentified_connections: 1 << 20,
         ..Default::default()
     };
+    if let Some(n) = fanout_pace_runnable {
+        limits.fanout_pace_runnable = (n > 0).then_some(n);
+    }
     let service = SyncService::spawn_with(limits);
     println!(
         "listening {} pid {}",
