@@ -1145,17 +1145,24 @@ done
 echo '{"ts":1,"event":{"success_event":{"group":"single"}}}'
 "#;
 
-#[test]
-fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
+/// A home with the `sh-streams` plan imported, its `main.sh` being `main`.
+fn sh_plan(main: &str) -> Home {
     let home = Home::new();
     let src = home.plan_src("sh-streams", SH_MANIFEST);
-    std::fs::write(src.join("main.sh"), SH_MAIN).unwrap();
+    std::fs::write(src.join("main.sh"), main).unwrap();
     let out = home.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    // Two instances per helper: five instances take three helpers.
-    let out = home
-        .cmd()
-        .env("TESTGROUND_EXEC_HELPER_SHARE", "2")
+    home
+}
+
+/// Runs `instances` of `sh-streams` under local:exec, through helpers of `share` instances
+/// each when given, with the engine's default instance scheduling.
+fn run_sh(home: &Home, instances: u32, share: Option<u32>) -> std::process::Output {
+    let mut cmd = home.cmd();
+    if let Some(n) = share {
+        cmd.env("TESTGROUND_EXEC_HELPER_SHARE", n.to_string());
+    }
+    cmd.env_remove("TESTGROUND_INSTANCE_SCHED")
         .args([
             "run",
             "single",
@@ -1168,11 +1175,18 @@ fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
             "--runner",
             "local:exec",
             "--instances",
-            "5",
+            &instances.to_string(),
             "--wait",
         ])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn instances_through_helpers_keep_stdout_and_stderr_apart_and_complete() {
+    let home = sh_plan(SH_MAIN);
+    // Two instances per helper: five instances take three helpers.
+    let out = run_sh(&home, 5, Some(2));
     let s = text(&out);
     assert!(out.status.success(), "{s}");
     assert!(s.contains("through 3 helper processes"), "{s}");
@@ -1223,35 +1237,9 @@ fn instances_share_the_run_s_cpu_group_and_helpers_stay_out() {
         eprintln!("skipping privileged test: {r}");
         return;
     }
-    let home = Home::new();
-    let src = home.plan_src("sh-streams", SH_MANIFEST);
-    std::fs::write(src.join("main.sh"), CPU_GROUP_MAIN).unwrap();
-    let out = home.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    for share in [None, Some("1")] {
-        let mut cmd = home.cmd();
-        if let Some(n) = share {
-            cmd.env("TESTGROUND_EXEC_HELPER_SHARE", n);
-        }
-        let out = cmd
-            .env_remove("TESTGROUND_INSTANCE_SCHED")
-            .args([
-                "run",
-                "single",
-                "--plan",
-                "sh-streams",
-                "--testcase",
-                "streams",
-                "--builder",
-                "exec:generic",
-                "--runner",
-                "local:exec",
-                "--instances",
-                "2",
-                "--wait",
-            ])
-            .output()
-            .unwrap();
+    let home = sh_plan(CPU_GROUP_MAIN);
+    for share in [None, Some(1)] {
+        let out = run_sh(&home, 2, share);
         let s = text(&out);
         assert!(out.status.success(), "{s}");
         assert!(s.contains("outcome = success (single:2/2)"), "{s}");
@@ -1285,11 +1273,7 @@ fn instances_share_the_run_s_cpu_group_and_helpers_stay_out() {
 
 #[test]
 fn a_run_beyond_the_open_file_limit_fails_at_once_naming_it() {
-    let home = Home::new();
-    let src = home.plan_src("sh-streams", SH_MANIFEST);
-    std::fs::write(src.join("main.sh"), SH_MAIN).unwrap();
-    let out = home.tg(&["plan", "import", "--from", src.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
+    let home = sh_plan(SH_MAIN);
     // 300 open files, hard: 60 instances need more even through helpers.
     let mut cmd = std::process::Command::new("prlimit");
     cmd.arg("--nofile=300:300")

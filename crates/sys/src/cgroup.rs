@@ -443,16 +443,25 @@ mod tests {
         assert_eq!(parse_cpu_runs_root(pure, "0::/user.slice\n"), None);
     }
 
+    /// Whether this test may run: root and `hierarchy` (mounted, for `what`); else it says
+    /// why it skips, or fails under `TG_REQUIRE_PRIVILEGED=1`.
+    fn privileged(hierarchy: bool, what: &str) -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root && hierarchy {
+            return true;
+        }
+        if std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+            panic!("TG_REQUIRE_PRIVILEGED=1 but there is no root and {what} here");
+        }
+        eprintln!("skipping privileged test: needs root and {what}");
+        false
+    }
+
     /// The fallback of kernels without `cgroup.kill` (this one has it) kills a forking tree too.
     #[test]
     fn freezing_and_killing_reaches_every_member() {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || cgroup2_mount().is_none() {
-            if std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
-                panic!("TG_REQUIRE_PRIVILEGED=1 but there is no root and cgroup v2 here");
-            }
-            eprintln!("skipping privileged test: needs root and cgroup v2");
+        if !privileged(cgroup2_mount().is_some(), "cgroup v2") {
             return;
         }
         let cg = Cgroup::create(&format!("sys-unit-freeze-{}", std::process::id())).unwrap();
@@ -483,13 +492,7 @@ mod tests {
     /// removing the group kills its members, then the directory goes.
     #[test]
     fn a_cpu_group_takes_the_child_and_goes_when_empty() {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || cpu_runs_root().is_none() {
-            if std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
-                panic!("TG_REQUIRE_PRIVILEGED=1 but there is no root and cgroup v1 cpu here");
-            }
-            eprintln!("skipping privileged test: needs root and a cgroup v1 cpu hierarchy");
+        if !privileged(cpu_runs_root().is_some(), "a cgroup v1 cpu hierarchy") {
             return;
         }
         let name = format!("sys-unit-cpu-{}", std::process::id());
