@@ -319,11 +319,8 @@ pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
 async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>, wait_first: bool) {
     for (i, n) in flush.iter().enumerate() {
         if let Some(p) = &pace
-            && (if i == 0 {
-                wait_first
-            } else {
-                i % crate::pace::CHUNK == 0
-            })
+            && (i > 0 || wait_first)
+            && i % crate::pace::CHUNK == 0
         {
             p.wait_for_cpu().await;
         }
@@ -334,13 +331,12 @@ async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>, wait_first: 
 /// Writes the output of every connection in `flush`, sharing a large fan-out among the
 /// runtime's workers, paced under `pace` (see [`crate::pace`]).
 pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
-    let in_runtime = tokio::runtime::Handle::try_current().is_ok();
-    if flush.len() > FANOUT_SPLIT && in_runtime {
+    if flush.len() > FANOUT_SPLIT
+        && let Ok(runtime) = tokio::runtime::Handle::try_current()
+    {
         let pace = pace.map(Pacer::for_fanout);
         let pace = pace.as_ref();
-        let workers = tokio::runtime::Handle::try_current()
-            .map_or(1, |h| h.metrics().num_workers())
-            .max(1);
+        let workers = runtime.metrics().num_workers().max(1);
         let share = flush.len().div_ceil(workers);
         while flush.len() > share {
             let part = flush.split_off(flush.len() - share);

@@ -200,9 +200,9 @@ impl Cgroup {
     pub fn join_on_exec(&self, cmd: &mut impl crate::spawn::PreExec) {
         let procs = Arc::clone(&self.procs);
         let join = move || join(&procs);
-        // SAFETY: `join` runs in the forked child before exec and only calls write(2) on a
-        // descriptor opened before the fork, with a static buffer: no allocation, no lock, so
-        // it is async-signal-safe as `pre_exec` requires.
+        // SAFETY: `join` runs in the child before exec and only calls write(2) on a descriptor
+        // opened before the spawn, with a static buffer: no allocation, no lock, no write to
+        // memory, so it is async-signal-safe and suits a child that shares our memory.
         unsafe {
             cmd.pre_exec_hook(join);
         }

@@ -219,9 +219,10 @@ pub fn probe_slice(nanos: u64) -> io::Result<()> {
 /// [`probe_slice`] first. Composes with other `pre_exec` hooks (each runs in the order it was
 /// added).
 pub fn slice_on_exec(cmd: &mut impl crate::spawn::PreExec, nanos: u64) {
-    // SAFETY: the closure runs in the forked child before exec and only makes the two system
-    // calls of `set_thread_slice` on its stack: no allocation (its error, dropped here, is a
-    // raw errno), no lock, so it is async-signal-safe as `pre_exec` requires.
+    // SAFETY: the closure runs in the child before exec and only makes the two system calls
+    // of `set_thread_slice` on its stack: no allocation (its error, dropped here, is a raw
+    // errno), no lock, no write outside its stack, so it is async-signal-safe and suits a
+    // child that shares our memory (`spawn::Command`).
     unsafe {
         cmd.pre_exec_hook(move || {
             let _ = set_thread_slice(nanos);
@@ -243,8 +244,8 @@ pub fn slice_on_exec(cmd: &mut impl crate::spawn::PreExec, nanos: u64) {
 /// mostly sleeping process is a group that is owed time when it wakes, so it runs at once;
 /// a CPU-bound one gets one group's share, as a process does without automatic grouping.
 pub fn own_session_on_exec(cmd: &mut impl crate::spawn::PreExec) {
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
-    // is async-signal-safe; its error is a raw errno (no allocation).
+    // SAFETY: the closure runs in the child before exec and only calls setsid(2), which is
+    // async-signal-safe; its error is a raw errno (no allocation).
     unsafe {
         cmd.pre_exec_hook(|| {
             if libc::setsid() < 0 {
