@@ -1158,6 +1158,16 @@ fn sh_plan(main: &str) -> Home {
 /// Runs `instances` of `sh-streams` under local:exec, through helpers of `share` instances
 /// each when given, with the engine's default instance scheduling.
 fn run_sh(home: &Home, instances: u32, share: Option<u32>) -> std::process::Output {
+    run_sh_with(home, instances, share, &[])
+}
+
+/// [`run_sh`] with more arguments (`--run-cfg ...`).
+fn run_sh_with(
+    home: &Home,
+    instances: u32,
+    share: Option<u32>,
+    args: &[&str],
+) -> std::process::Output {
     let mut cmd = home.cmd();
     if let Some(n) = share {
         cmd.env("TESTGROUND_EXEC_HELPER_SHARE", n.to_string());
@@ -1178,6 +1188,7 @@ fn run_sh(home: &Home, instances: u32, share: Option<u32>) -> std::process::Outp
             &instances.to_string(),
             "--wait",
         ])
+        .args(args)
         .output()
         .unwrap()
 }
@@ -1269,6 +1280,60 @@ fn instances_share_the_run_s_cpu_group_and_helpers_stay_out() {
         assert!(!dir.exists(), "{} is left", dir.display());
         assert_no_process_left(&id);
     }
+}
+
+const ENV_MAIN: &str = r#"echo "foo=$FOO gmp=${GOMAXPROCS-unset} slack=$(cat /proc/self/timerslack_ns)"
+echo '{"ts":1,"event":{"success_event":{"group":"single"}}}'
+"#;
+
+/// `instance_env` and `timer_slack` reach every instance, started directly or through helpers;
+/// a run that is not crowded gets no `GOMAXPROCS` of the engine's; a variable of the runner's
+/// is refused, naming it.
+#[test]
+fn instance_env_and_timer_slack_reach_every_instance() {
+    let home = sh_plan(ENV_MAIN);
+    let line_of = |id: &str, i: u32| {
+        let run_out = std::fs::read_to_string(home.path().join(format!(
+            "data/outputs/local_exec/sh-streams/{id}/single/{i}/run.out"
+        )))
+        .unwrap();
+        run_out
+            .lines()
+            .find(|l| l.starts_with("foo="))
+            .unwrap_or_else(|| panic!("no foo= line: {run_out}"))
+            .to_string()
+    };
+    let out = run_sh(&home, 1, None);
+    assert!(out.status.success(), "{}", text(&out));
+    let line = line_of(&queued_id(&out), 0);
+    assert!(line.starts_with("foo= gmp=unset slack="), "{line}");
+    for share in [None, Some(1)] {
+        let out = run_sh_with(
+            &home,
+            2,
+            share,
+            &[
+                "--run-cfg",
+                "instance_env=FOO=bar baz,GOMAXPROCS=3",
+                "--run-cfg",
+                "timer_slack=2ms",
+            ],
+        );
+        let s = text(&out);
+        assert!(s.contains("outcome = success (single:2/2)"), "{s}");
+        let id = queued_id(&out);
+        for i in 0..2 {
+            assert_eq!(
+                line_of(&id, i),
+                "foo=bar baz gmp=3 slack=2000000",
+                "{share:?}"
+            );
+        }
+    }
+    let out = run_sh_with(&home, 1, None, &["--run-cfg", "instance_env=TEST_RUN=x"]);
+    let s = text(&out);
+    assert!(!out.status.success(), "{s}");
+    assert!(s.contains("TEST_RUN is set by the runner"), "{s}");
 }
 
 #[test]

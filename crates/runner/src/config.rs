@@ -66,6 +66,20 @@ pub(crate) const NETWORK_KEYS: &[ConfigKey] = &[
     },
 ];
 
+/// Keys of the runners whose instances are host processes (`local:exec`, `local:netns`).
+pub(crate) const HOST_KEYS: &[ConfigKey] = &[
+    ConfigKey {
+        name: "instance_env",
+        expects: "a table of NAME = \"value\", or \"NAME=value,...\" (not a variable the runner sets: TEST_*, SYNC_SERVICE_*, HOSTNAME, REDIS_HOST, INFLUXDB_URL)",
+        help: "more environment for every instance (e.g. RUST_LOG, GODEBUG, GOMAXPROCS)",
+    },
+    ConfigKey {
+        name: "timer_slack",
+        expects: "a duration such as \"1ms\" (0: the kernel's default, 50us)",
+        help: "how late the kernel may fire instances' timeouts to batch wake-ups (default: 1ms in a run of more than 500 instances per CPU, else the kernel's)",
+    },
+];
+
 /// Keys of `local:docker` (the original's, and the start concurrency).
 pub(crate) const DOCKER_KEYS: &[ConfigKey] = &[
     ConfigKey {
@@ -264,6 +278,10 @@ pub struct RunConfig {
     pub capture: bool,
     /// `influxdb_url`.
     pub influxdb_url: Option<String>,
+    /// `instance_env`: more variables for host-process instances, in name order.
+    pub instance_env: Vec<(String, String)>,
+    /// `timer_slack` of host-process instances (zero: the kernel's default).
+    pub timer_slack: Option<Duration>,
     /// `local:docker`'s keys.
     pub docker: DockerConfig,
     /// `cluster:k8s`'s keys.
@@ -338,6 +356,73 @@ fn non_empty(key: &str, v: &Value) -> Result<Option<String>, RunError> {
 }
 
 /// A Kubernetes quantity, written as a string or a number.
+/// Whether the runner sets `name` itself (then `instance_env` may not).
+fn runner_variable(name: &str) -> bool {
+    name.starts_with("TEST_")
+        || name.starts_with("SYNC_SERVICE_")
+        || matches!(name, "HOSTNAME" | "REDIS_HOST" | "INFLUXDB_URL")
+}
+
+fn instance_env(key: &str, v: &Value) -> Result<Vec<(String, String)>, RunError> {
+    let expected = "expected a table of NAME = \"value\", or \"NAME=value,NAME2=value2\"";
+    let pairs;
+    let m = match v {
+        Value::Object(m) => m,
+        // `--run-cfg instance_env=A=1,B=2` gives a string.
+        Value::String(s) => {
+            let mut map = serde_json::Map::new();
+            for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (name, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| invalid(key, v, expected))?;
+                map.insert(name.trim().to_string(), Value::String(value.to_string()));
+            }
+            pairs = map;
+            &pairs
+        }
+        _ => return Err(invalid(key, v, expected)),
+    };
+    let mut vars: Vec<(String, String)> = Vec::with_capacity(m.len());
+    for (name, value) in m {
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            let why = format!("{name:?} is not a variable name (letters, digits and _)");
+            return Err(invalid(key, v, &why));
+        }
+        if runner_variable(name) {
+            let how = if name == "INFLUXDB_URL" {
+                " (use influxdb_url)"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                key,
+                v,
+                &format!("{name} is set by the runner{how}"),
+            ));
+        }
+        let value = match value {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => {
+                let why = format!("{name}: expected a string, a number or true/false");
+                return Err(invalid(key, v, &why));
+            }
+        };
+        if value.contains('\0') {
+            return Err(invalid(key, v, &format!("{name}: a NUL byte")));
+        }
+        vars.push((name.clone(), value));
+    }
+    vars.sort();
+    Ok(vars)
+}
+
 fn quantity(key: &str, v: &Value) -> Result<String, RunError> {
     match v {
         Value::String(s) => Ok(s.trim().to_string()),
@@ -418,6 +503,16 @@ pub(crate) fn parse(
             "capture" => cfg.capture = boolean(key, v)?,
             "enabled" | "disabled" => {
                 boolean(key, v)?;
+            }
+            "instance_env" => cfg.instance_env = instance_env(key, v)?,
+            "timer_slack" => {
+                cfg.timer_slack = Some(match v {
+                    Value::String(s) if s.trim() == "0" => Duration::ZERO,
+                    Value::String(s) => humantime::parse_duration(s.trim())
+                        .map_err(|e| invalid(key, v, &e.to_string()))?,
+                    Value::Number(n) if n.as_u64() == Some(0) => Duration::ZERO,
+                    _ => return Err(invalid(key, v, "expected a duration like \"1ms\"")),
+                });
             }
             "keep_containers" => cfg.docker.keep_containers = boolean(key, v)?,
             "background" => {
@@ -625,6 +720,85 @@ mod tests {
             Err(RunError::InvalidConfig { key, .. }) => assert_eq!(key, "capture"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn instance_env_and_timer_slack() {
+        let h = |v: Value| {
+            parse(
+                "local:exec",
+                &[COMMON_KEYS, HOST_KEYS],
+                v.as_object().unwrap(),
+                &BTreeSet::new(),
+            )
+        };
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let cfg = h(json!({"instance_env": {"RUST_LOG": "debug", "A_1": 2, "GO": true}})).unwrap();
+        assert_eq!(
+            cfg.instance_env,
+            pairs(&[("A_1", "2"), ("GO", "true"), ("RUST_LOG", "debug")])
+        );
+        // --run-cfg's string form; a value may hold '=' and spaces, an empty one is kept.
+        let cfg = h(json!({"instance_env": "GOMAXPROCS=,X=a=b c"})).unwrap();
+        assert_eq!(
+            cfg.instance_env,
+            pairs(&[("GOMAXPROCS", ""), ("X", "a=b c")])
+        );
+        for (bad, says) in [
+            (
+                json!({"instance_env": {"TEST_RUN": "x"}}),
+                "TEST_RUN is set by the runner",
+            ),
+            (
+                json!({"instance_env": "SYNC_SERVICE_PORT=1"}),
+                "set by the runner",
+            ),
+            (
+                json!({"instance_env": {"INFLUXDB_URL": "x"}}),
+                "use influxdb_url",
+            ),
+            (json!({"instance_env": {"1X": "x"}}), "not a variable name"),
+            (json!({"instance_env": {"A-B": "x"}}), "not a variable name"),
+            (json!({"instance_env": "NOEQUALS"}), "expected a table"),
+            (
+                json!({"instance_env": {"A": ["x"]}}),
+                "A: expected a string",
+            ),
+            (json!({"instance_env": 3}), "expected a table"),
+            (json!({"timer_slack": "soon"}), ""),
+            (json!({"timer_slack": 5}), "expected a duration"),
+        ] {
+            match h(bad.clone()) {
+                Err(RunError::InvalidConfig { reason, .. }) => {
+                    assert!(reason.contains(says), "{bad}: {reason}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let slack = |v: Value| h(v).unwrap().timer_slack;
+        assert_eq!(slack(json!({})), None);
+        assert_eq!(
+            slack(json!({"timer_slack": "2ms"})),
+            Some(Duration::from_millis(2))
+        );
+        assert_eq!(slack(json!({"timer_slack": "0"})), Some(Duration::ZERO));
+        assert_eq!(slack(json!({"timer_slack": 0})), Some(Duration::ZERO));
+        // Only the host-process runners know them.
+        let strict = ["instance_env".to_string()].into_iter().collect();
+        let docker = parse(
+            "local:docker",
+            &[COMMON_KEYS, NETWORK_KEYS, DOCKER_KEYS],
+            json!({"instance_env": {"A": "1"}}).as_object().unwrap(),
+            &strict,
+        );
+        assert!(
+            matches!(docker, Err(RunError::UnknownConfigKey { .. })),
+            "{docker:?}"
+        );
     }
 
     #[test]

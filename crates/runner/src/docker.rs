@@ -297,7 +297,7 @@ impl Ctx {
         let mut env: Vec<String> = Vec::with_capacity(spec.env.len() + 8);
         let str_of = |v: &OsString| v.to_string_lossy().into_owned();
         for (k, v) in &spec.env {
-            let v = match *k {
+            let v = match k.as_ref() {
                 "PATH" | "HOME" => continue,
                 "TEST_OUTPUTS_PATH" => "/outputs".to_string(),
                 "TEST_TEMP_PATH" => "/temp".to_string(),

@@ -1,16 +1,17 @@
 //! The environment of a `local:exec` instance (reference §4.1). The 18 `TEST_*` variables are
 //! always present, empty when unset, because SDKs parse them unconditionally.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
-use crate::launch::NetEnv;
+use crate::launch::{EnvName, NetEnv};
 use crate::{RunConfig, RunGroup, RunInput};
 
 /// Variables shared by every instance of a group.
 pub(crate) struct GroupEnv {
-    vars: Vec<(&'static str, OsString)>,
+    vars: Vec<(EnvName, OsString)>,
     group: String,
     short_run: String,
 }
@@ -24,15 +25,15 @@ impl GroupEnv {
         start_time: &str,
         net: &NetEnv,
     ) -> Self {
-        let mut vars: Vec<(&'static str, OsString)> = Vec::with_capacity(32);
+        let mut vars: Vec<(EnvName, OsString)> = Vec::with_capacity(32 + config.instance_env.len());
         // The only variables inherited from the host: PATH as in the original, HOME because
         // toolchains (cargo, go) need it.
         for name in ["PATH", "HOME"] {
             if let Some(v) = std::env::var_os(name) {
-                vars.push((name, v));
+                vars.push((Cow::Borrowed(name), v));
             }
         }
-        let mut put = |k: &'static str, v: String| vars.push((k, v.into()));
+        let mut put = |k: &'static str, v: String| vars.push((Cow::Borrowed(k), v.into()));
         put("TEST_PLAN", input.plan.clone());
         put("TEST_CASE", input.case.clone());
         put("TEST_RUN", input.run_id.clone());
@@ -61,6 +62,12 @@ impl GroupEnv {
             "INFLUXDB_URL",
             config.influxdb_url.clone().unwrap_or_default(),
         );
+        // The run configuration's `instance_env` (never a variable set above but PATH or HOME,
+        // which it replaces).
+        for (name, value) in &config.instance_env {
+            vars.retain(|(k, _)| k != name);
+            vars.push((Cow::Owned(name.clone()), value.into()));
+        }
         GroupEnv {
             vars,
             group: group.id.clone(),
@@ -88,12 +95,13 @@ impl GroupEnv {
         index: u32,
         outputs: &Path,
         temp: &Path,
-    ) -> impl Iterator<Item = (&'static str, OsString)> + '_ {
+    ) -> impl Iterator<Item = (EnvName, OsString)> + '_ {
         let own = [
             ("TEST_OUTPUTS_PATH", outputs.as_os_str().to_owned()),
             ("TEST_TEMP_PATH", temp.as_os_str().to_owned()),
             ("HOSTNAME", self.hostname(index).into()),
-        ];
+        ]
+        .map(|(k, v)| (Cow::Borrowed(k), v));
         self.vars.iter().cloned().chain(own)
     }
 }

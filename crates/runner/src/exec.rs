@@ -41,6 +41,8 @@ pub(crate) struct ExecLauncher {
     helpers: Option<HelperPool>,
     /// How instances are scheduled (`instance_sched.rs`), settled when the run starts.
     sched: InstanceSched,
+    /// The run configuration's `timer_slack`.
+    timer_slack: Option<std::time::Duration>,
 }
 
 impl ExecLauncher {
@@ -54,7 +56,14 @@ impl ExecLauncher {
             tracker: None,
             helpers: None,
             sched: InstanceSched::default(),
+            timer_slack: None,
         }
+    }
+
+    /// Takes what the run configuration says of instance scheduling (`timer_slack`).
+    pub(crate) fn with_config(mut self, config: &crate::RunConfig) -> Self {
+        self.timer_slack = config.timer_slack;
+        self
     }
 
     /// Settles how instances are scheduled ([`crate::instance_sched`]): the engine's choice and
@@ -62,6 +71,8 @@ impl ExecLauncher {
     /// as asked).
     pub(crate) fn settle_sched(&mut self) -> Vec<String> {
         let (mut sched, mut lines) = InstanceSched::settle_from_env();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        lines.extend(sched.settle_crowd(self.total, cpus, self.timer_slack));
         if sched.cpu_group {
             // The group is the run tracker's (recorded, so a dead engine's is removed too).
             let added = match self.tracker.as_mut() {
@@ -109,7 +120,11 @@ impl ExecLauncher {
     /// The command of one instance, before spawning (its tracking applied).
     pub(crate) fn command(&self, spec: &InstanceSpec) -> (Command, PathBuf) {
         let artifact = absolute(&spec.artifact);
-        let mut cmd = instance_command(artifact.as_os_str(), spec.env.iter().cloned(), self.sched);
+        let mut cmd = instance_command(
+            artifact.as_os_str(),
+            spec.env.iter().map(|(k, v)| (k.as_ref(), v)),
+            self.sched,
+        );
         if let Some(t) = &self.tracker {
             t.apply(&mut cmd);
         }
@@ -404,6 +419,10 @@ where
     V: AsRef<std::ffi::OsStr>,
 {
     let mut cmd = Command::new(program);
+    // Before the instance's own environment, which may set it otherwise (`instance_env`).
+    if sched.one_go_proc {
+        cmd.env("GOMAXPROCS", "1");
+    }
     cmd.envs(env);
     // A process group of its own (signals reach all it started), in a session of its own
     // unless turned off, and its time slice.

@@ -594,7 +594,7 @@ impl HelperPool {
         &mut self,
         ordinal: usize,
         program: &Path,
-        env: &[(&'static str, OsString)],
+        env: &[(crate::launch::EnvName, OsString)],
         prepare: &(dyn Fn(&mut Command) + Sync),
     ) -> io::Result<Helped> {
         if self.helpers.is_empty() || self.in_last >= self.share {

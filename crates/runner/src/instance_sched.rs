@@ -30,6 +30,18 @@
 //! `off` (none: the instance stays in the engine's session and CPU group, in a process group
 //! of its own, with the default slice), or a comma-separated list of `session`, `slice` and
 //! `group`.
+//!
+//! - **A crowded run** (more than [`CROWD_PER_CPU`] instances per CPU) also gives each
+//!   instance `GOMAXPROCS=1` and a 1 ms timer slack, unless the run configuration's
+//!   `instance_env` and `timer_slack` say otherwise. Thousands of idle Go runtimes each wake
+//!   several threads a second (sdk-go's metrics tickers, the runtime's `sysmon` polling at
+//!   20 µs while a thread of its process waits for a CPU); on 2 cores 5,000 of them starved
+//!   the instances at work until sdk-go's 1 s write deadlines fired. One thread per runtime
+//!   and timer wake-ups the kernel may batch into one per millisecond halve that cost and let
+//!   5,000 sdk-go instances pass (BENCHMARKS.md). The slack delays only timeouts (sleeps,
+//!   tickers), never a wake-up by I/O; a plan's parallelism on such a host is a share of
+//!   2,000 per CPU anyway. The two travel to helper processes in the same variable
+//!   (`gomaxprocs1`, `slack=<ns>`).
 
 use std::io;
 
@@ -37,6 +49,10 @@ use std::io;
 pub(crate) const ENV: &str = "TESTGROUND_INSTANCE_SCHED";
 /// The instances' time slice: the shortest the kernel accepts for a normal task.
 pub(crate) const SLICE_NS: u64 = 100_000;
+/// Instances per CPU above which a run is crowded.
+pub(crate) const CROWD_PER_CPU: u64 = 500;
+/// The timer slack of a crowded run's instances.
+pub(crate) const CROWD_SLACK_NS: u64 = 1_000_000;
 
 /// How instance processes are scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +63,10 @@ pub(crate) struct InstanceSched {
     pub slice: Option<u64>,
     /// Put the run's instances in one CPU group (created by the run's tracker).
     pub cpu_group: bool,
+    /// Give each instance this timer slack (ns), else the kernel's default.
+    pub timer_slack: Option<u64>,
+    /// Give each instance `GOMAXPROCS=1` (its own environment may still set it).
+    pub one_go_proc: bool,
 }
 
 impl Default for InstanceSched {
@@ -55,6 +75,8 @@ impl Default for InstanceSched {
             own_session: true,
             slice: Some(SLICE_NS),
             cpu_group: true,
+            timer_slack: None,
+            one_go_proc: false,
         }
     }
 }
@@ -65,6 +87,8 @@ impl InstanceSched {
         own_session: false,
         slice: None,
         cpu_group: false,
+        timer_slack: None,
+        one_go_proc: false,
     };
 
     /// The choice in [`ENV`] (`None`: unset); an invalid value is an error naming the values.
@@ -80,9 +104,21 @@ impl InstanceSched {
         let mut sched = InstanceSched::OFF;
         for part in v.split(',').map(|p| p.trim().to_ascii_lowercase()) {
             match part.as_str() {
+                "on" => {
+                    sched = InstanceSched {
+                        timer_slack: sched.timer_slack,
+                        one_go_proc: sched.one_go_proc,
+                        ..InstanceSched::default()
+                    }
+                }
+                "off" => {}
                 "session" => sched.own_session = true,
                 "slice" => sched.slice = Some(SLICE_NS),
                 "group" => sched.cpu_group = true,
+                "gomaxprocs1" => sched.one_go_proc = true,
+                p if p.starts_with("slack=") && p[6..].parse::<u64>().is_ok_and(|n| n > 0) => {
+                    sched.timer_slack = p[6..].parse().ok();
+                }
                 _ => {
                     return Err(format!(
                         "{ENV}={v} is neither on, off, nor a comma-separated list of session, \
@@ -97,22 +133,65 @@ impl InstanceSched {
     /// The value of [`ENV`] that [`InstanceSched::parse`] reads back as `self` (to hand the
     /// engine's settled choice to helper processes).
     pub(crate) fn env_value(&self) -> String {
-        if *self == InstanceSched::default() {
-            return "on".into();
-        }
-        let parts: Vec<&str> = [
-            (self.own_session, "session"),
-            (self.slice.is_some(), "slice"),
-            (self.cpu_group, "group"),
-        ]
-        .into_iter()
-        .filter_map(|(on, name)| on.then_some(name))
-        .collect();
-        if parts.is_empty() {
-            "off".into()
+        let base = InstanceSched {
+            timer_slack: None,
+            one_go_proc: false,
+            ..*self
+        };
+        let mut parts: Vec<String> = if base == InstanceSched::default() {
+            vec!["on".into()]
         } else {
-            parts.join(",")
+            [
+                (self.own_session, "session"),
+                (self.slice.is_some(), "slice"),
+                (self.cpu_group, "group"),
+            ]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| name.to_string())
+            .collect()
+        };
+        if parts.is_empty() {
+            parts.push("off".into());
         }
+        if self.one_go_proc {
+            parts.push("gomaxprocs1".into());
+        }
+        if let Some(ns) = self.timer_slack {
+            parts.push(format!("slack={ns}"));
+        }
+        parts.join(",")
+    }
+
+    /// Applies the run configuration's `timer_slack` (zero: the kernel's default) and, for a
+    /// crowded run of `total` instances on `cpus` CPUs, the crowd's settings. Returns the run
+    /// log's line that says so, for a crowded run.
+    pub(crate) fn settle_crowd(
+        &mut self,
+        total: u32,
+        cpus: usize,
+        timer_slack: Option<std::time::Duration>,
+    ) -> Option<String> {
+        if let Some(d) = timer_slack {
+            let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            self.timer_slack = (ns > 0).then_some(ns);
+        }
+        if !crowded(total, cpus) {
+            return None;
+        }
+        self.one_go_proc = true;
+        if timer_slack.is_none() {
+            self.timer_slack = Some(CROWD_SLACK_NS);
+        }
+        Some(format!(
+            "{total} instances on {cpus} CPUs (more than {CROWD_PER_CPU} per CPU): instances get \
+             GOMAXPROCS=1 (unless instance_env sets it) and a {} timer slack (run config \
+             timer_slack), so that idle runtimes leave the CPU to the instances at work",
+            match self.timer_slack {
+                Some(ns) => format!("{} ms", ns as f64 / 1e6),
+                None => "default".into(),
+            }
+        ))
     }
 
     /// The engine's choice: [`ENV`], then a check that the kernel gives the slice (on a
@@ -145,7 +224,15 @@ impl InstanceSched {
         if let Some(slice) = self.slice {
             tg_sys::sched::slice_on_exec(cmd, slice);
         }
+        if let Some(ns) = self.timer_slack {
+            tg_sys::sched::timer_slack_on_exec(cmd, ns);
+        }
     }
+}
+
+/// Whether `total` instances on `cpus` CPUs are a crowded run.
+pub(crate) fn crowded(total: u32, cpus: usize) -> bool {
+    u64::from(total) > CROWD_PER_CPU.saturating_mul(cpus.max(1) as u64)
 }
 
 /// The run log's line when the run's instances cannot share a CPU group.
@@ -202,8 +289,7 @@ mod tests {
             InstanceSched::parse(Some("session")),
             Ok(InstanceSched {
                 own_session: true,
-                slice: None,
-                cpu_group: false
+                ..InstanceSched::OFF
             })
         );
         for bad in ["fast", "session,", "session,fast"] {
@@ -227,6 +313,77 @@ mod tests {
             InstanceSched::parse(Some("session,slice")).map(|s| s.cpu_group),
             Ok(false)
         );
+    }
+
+    #[test]
+    fn a_crowded_run_gets_one_go_thread_and_a_slack_unless_configured() {
+        let ms = |n: u64| std::time::Duration::from_millis(n);
+        // 1,000 on 2 CPUs is not crowded: nothing changes, and no line.
+        let mut s = InstanceSched::default();
+        assert_eq!(s.settle_crowd(1_000, 2, None), None);
+        assert_eq!(s, InstanceSched::default());
+        // A configured slack applies to any run; 0 is the kernel's default.
+        assert_eq!(s.settle_crowd(10, 2, Some(ms(3))), None);
+        assert_eq!(s.timer_slack, Some(3_000_000));
+        let mut s = InstanceSched::default();
+        s.settle_crowd(10, 2, Some(ms(0)));
+        assert_eq!(s.timer_slack, None);
+        // 1,001 on 2 CPUs is.
+        let mut s = InstanceSched::default();
+        let line = s
+            .settle_crowd(1_001, 2, None)
+            .expect("a crowded run says so");
+        assert!(s.one_go_proc);
+        assert_eq!(s.timer_slack, Some(CROWD_SLACK_NS));
+        assert!(line.contains("1001 instances on 2 CPUs"), "{line}");
+        assert!(line.contains("GOMAXPROCS=1"), "{line}");
+        assert!(line.contains("1 ms timer slack"), "{line}");
+        // Its slack gives way to the configured one, also to 0.
+        let mut s = InstanceSched::default();
+        let line = s.settle_crowd(5_000, 2, Some(ms(0))).unwrap();
+        assert_eq!(s.timer_slack, None);
+        assert!(s.one_go_proc);
+        assert!(line.contains("default timer slack"), "{line}");
+        // Both travel to helpers in the variable.
+        let mut s = InstanceSched::default();
+        s.settle_crowd(5_000, 4, None);
+        assert_eq!(s.env_value(), "on,gomaxprocs1,slack=1000000");
+        assert_eq!(InstanceSched::parse(Some(&s.env_value())), Ok(s));
+        let odd = InstanceSched {
+            timer_slack: Some(7),
+            ..InstanceSched::OFF
+        };
+        assert_eq!(odd.env_value(), "off,slack=7");
+        assert_eq!(InstanceSched::parse(Some("off,slack=7")), Ok(odd));
+        assert!(InstanceSched::parse(Some("on,slack=x")).is_err());
+        assert!(InstanceSched::parse(Some("on,slack=0")).is_err());
+    }
+
+    /// The crowd's settings as an instance gets them: `GOMAXPROCS=1` unless its own
+    /// environment sets it, and the timer slack, which the kernel keeps across `exec`.
+    #[tokio::test]
+    async fn an_instance_gets_the_crowd_s_settings_and_its_own_env_wins() {
+        let sched = InstanceSched {
+            one_go_proc: true,
+            timer_slack: Some(2_000_000),
+            ..InstanceSched::OFF
+        };
+        for (env, want) in [(None, "1 2000000"), (Some("3"), "3 2000000")] {
+            let mut cmd = crate::exec::instance_command(
+                "/bin/sh".as_ref(),
+                env.map(|v| ("GOMAXPROCS", v)),
+                sched,
+            );
+            cmd.arg("-c")
+                .arg("echo ${GOMAXPROCS-unset} $(cat /proc/self/timerslack_ns)");
+            let mut child = tg_sys::spawn::AsyncChild::new(cmd.spawn().unwrap()).unwrap();
+            let out = child.take_stdout().unwrap();
+            let status = child.wait().await.unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(out), &mut text).unwrap();
+            assert!(status.success(), "{status:?}: {text}");
+            assert_eq!(text.trim(), want);
+        }
     }
 
     #[test]
@@ -272,7 +429,7 @@ mod tests {
         let r = report(InstanceSched {
             own_session: true,
             slice: sched.slice,
-            cpu_group: false,
+            ..InstanceSched::OFF
         })
         .await;
         // pid = process group = session.

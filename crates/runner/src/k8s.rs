@@ -1035,7 +1035,7 @@ impl K8sLauncher {
     fn environment(&self, spec: &InstanceSpec, hostname: &str) -> Vec<(String, String)> {
         let mut env = Vec::with_capacity(spec.env.len() + 4);
         for (k, v) in &spec.env {
-            let v = match *k {
+            let v = match k.as_ref() {
                 "PATH" | "HOME" => continue,
                 "TEST_OUTPUTS_PATH" => "/outputs".to_string(),
                 "TEST_TEMP_PATH" => "/temp".to_string(),

@@ -30,11 +30,15 @@ pub(crate) struct InstanceSpec {
     pub artifact: String,
     pub hostname: String,
     /// The complete environment.
-    pub env: Vec<(&'static str, OsString)>,
+    pub env: Vec<(EnvName, OsString)>,
     pub outputs: PathBuf,
     /// Its temp directory (`TEST_TEMP_PATH` of host processes).
     pub temp: PathBuf,
 }
+
+/// The name of an instance's environment variable: the runner's own, or one of the run
+/// configuration's `instance_env`.
+pub type EnvName = std::borrow::Cow<'static, str>;
 
 /// What the run environment tells instances about itself (`TEST_SIDECAR`, `TEST_SUBNET`,
 /// `SYNC_SERVICE_*`).

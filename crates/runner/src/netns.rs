@@ -107,7 +107,7 @@ pub(crate) struct NetnsLauncher {
 impl NetnsLauncher {
     pub(crate) fn new(input: RunInput, config: RunConfig) -> Self {
         NetnsLauncher {
-            exec: ExecLauncher::new(&input),
+            exec: ExecLauncher::new(&input).with_config(&config),
             input,
             config,
             net: None,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use futures::future::BoxFuture;
 use tg_api::artifact::ArtifactKind;
 
-use crate::config::{COMMON_KEYS, ConfigKey, DOCKER_KEYS, K8S_KEYS, NETWORK_KEYS};
+use crate::config::{COMMON_KEYS, ConfigKey, DOCKER_KEYS, HOST_KEYS, K8S_KEYS, NETWORK_KEYS};
 use crate::docker::DockerLauncher;
 use crate::exec::ExecLauncher;
 use crate::k8s::K8sLauncher;
@@ -77,7 +77,7 @@ impl Runner for LocalExec {
     }
 
     fn config_keys(&self) -> Vec<ConfigKey> {
-        keys(&[COMMON_KEYS])
+        keys(&[COMMON_KEYS, HOST_KEYS])
     }
 
     fn parse_config(
@@ -85,7 +85,7 @@ impl Runner for LocalExec {
         map: &serde_json::Map<String, serde_json::Value>,
         strict: &BTreeSet<String>,
     ) -> Result<RunConfig, RunError> {
-        crate::config::parse(self.id(), &[COMMON_KEYS], map, strict)
+        crate::config::parse(self.id(), &[COMMON_KEYS, HOST_KEYS], map, strict)
     }
 
     fn healthcheck(&self, _fix: bool, _env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {
@@ -98,7 +98,7 @@ impl Runner for LocalExec {
 
     fn run(&self, ctx: RunContext) -> BoxFuture<'static, Result<RunOutput, RunError>> {
         Box::pin(async move {
-            let launcher = ExecLauncher::new(&ctx.input);
+            let launcher = ExecLauncher::new(&ctx.input).with_config(&ctx.config);
             run_loop(launcher, ctx, OutcomeRule::Stdout).await
         })
     }
@@ -114,7 +114,7 @@ impl Runner for LocalNetns {
     }
 
     fn config_keys(&self) -> Vec<ConfigKey> {
-        keys(&[COMMON_KEYS, NETWORK_KEYS])
+        keys(&[COMMON_KEYS, NETWORK_KEYS, HOST_KEYS])
     }
 
     fn parse_config(
@@ -122,7 +122,12 @@ impl Runner for LocalNetns {
         map: &serde_json::Map<String, serde_json::Value>,
         strict: &BTreeSet<String>,
     ) -> Result<RunConfig, RunError> {
-        crate::config::parse(self.id(), &[COMMON_KEYS, NETWORK_KEYS], map, strict)
+        crate::config::parse(
+            self.id(),
+            &[COMMON_KEYS, NETWORK_KEYS, HOST_KEYS],
+            map,
+            strict,
+        )
     }
 
     fn healthcheck(&self, _fix: bool, _env: &EnvConfig) -> BoxFuture<'static, Vec<HealthCheck>> {

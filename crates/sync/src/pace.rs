@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::time::Instant;
+
 /// Writes between two looks at the host's load.
 pub(crate) const CHUNK: usize = 32;
 
@@ -33,8 +36,15 @@ const POLL: Duration = Duration::from_millis(1);
 /// Longest wait before one chunk.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
-/// Longest total wait of one fan-out.
+/// Longest total wait of a fan-out to at most [`FANOUT_BUDGET`] / [`BUDGET_PER_CONN`]
+/// connections (2,500).
 const FANOUT_BUDGET: Duration = Duration::from_secs(10);
+
+/// What each connection adds to a larger fan-out's budget. A paced release waits for the
+/// released instances' own work, which grows with their number: 5,000 sdk-go instances ending
+/// after their last barrier kept 2 cores busy for about 8 s, longer than the flat 10 s
+/// allowed once the fan-out's parts had waited (BENCHMARKS.md, "5,000 sdk-go instances").
+const BUDGET_PER_CONN: Duration = Duration::from_millis(4);
 
 /// Runnable tasks per CPU above which a fan-out waits, by default: well above what unrelated
 /// work makes (a build, a 2-process stress: a few per CPU), well below a herd (thousands).
@@ -56,9 +66,19 @@ pub(crate) struct Pacer {
     limit: u32,
     source: RunnableSource,
     pauses: Arc<AtomicU64>,
-    /// What the current fan-out may still wait, in ms ([`Pacer::for_fanout`]).
-    budget_ms: Arc<AtomicU64>,
+    /// When the current fan-out stops waiting ([`Pacer::for_fanout`]). A deadline rather than
+    /// an amount to spend, because the parts of one fan-out wait side by side: charged per
+    /// part, six parts spent a 20 s budget in about 3 s and released the rest as one herd.
+    until: Instant,
+    /// Taken by a part of the fan-out from the time it finds the host overloaded until it has
+    /// written its next chunk, so that the parts release their chunks in turns while the host
+    /// is overloaded (side by side, each part's look at the load let its own chunk go, and six
+    /// parts overshot the limit many times over), and side by side while it keeps up.
+    turn: Arc<Mutex<()>>,
 }
+
+/// A part's turn to write its next chunk while the host is overloaded.
+pub(crate) type Turn = OwnedMutexGuard<()>;
 
 impl Pacer {
     pub(crate) fn new(limit: u32, source: RunnableSource) -> Pacer {
@@ -66,15 +86,17 @@ impl Pacer {
             limit,
             source,
             pauses: Arc::default(),
-            budget_ms: Arc::new(AtomicU64::new(FANOUT_BUDGET.as_millis() as u64)),
+            until: Instant::now() + fanout_budget(0),
+            turn: Arc::default(),
         }
     }
 
-    /// The pacer of one fan-out: the same limit and counter, a fresh [`FANOUT_BUDGET`] shared
-    /// by every task that writes part of it.
-    pub(crate) fn for_fanout(&self) -> Pacer {
+    /// The pacer of one fan-out to `conns` connections: the same limit and counter, and a
+    /// deadline [`fanout_budget`] from now shared by every task that writes part of it.
+    pub(crate) fn for_fanout(&self, conns: usize) -> Pacer {
         Pacer {
-            budget_ms: Arc::new(AtomicU64::new(FANOUT_BUDGET.as_millis() as u64)),
+            until: Instant::now() + fanout_budget(conns),
+            turn: Arc::default(),
             ..self.clone()
         }
     }
@@ -88,37 +110,37 @@ impl Pacer {
         (self.source)().is_some_and(|r| overloaded(self.limit, r))
     }
 
-    /// Waits, up to [`MAX_WAIT`] and what is left of the fan-out's budget, until the host is
-    /// no longer over the limit; counts one pause if it had to wait at all.
-    pub(crate) async fn wait_for_cpu(&self) {
-        if self.budget_ms.load(Ordering::Relaxed) == 0 || !self.host_overloaded() {
-            return;
+    /// Waits, up to [`MAX_WAIT`] and the fan-out's deadline, until the host is no longer over
+    /// the limit; counts one pause if it found the host overloaded. Returns the turn to hold while
+    /// writing the next chunk when it waited (the other parts wait for it, up to the deadline).
+    pub(crate) async fn wait_for_cpu(&self) -> Option<Turn> {
+        if Instant::now() >= self.until || !self.host_overloaded() {
+            return None;
         }
         self.pauses.fetch_add(1, Ordering::Relaxed);
-        let start = tokio::time::Instant::now();
-        let mut spent = 0;
-        while spent < MAX_WAIT.as_millis() as u64 {
-            tokio::time::sleep(POLL).await;
-            spent = start.elapsed().as_millis() as u64;
-            if !self.host_overloaded() || !self.spend(spent) {
+        let turn = tokio::time::timeout_at(self.until, Arc::clone(&self.turn).lock_owned())
+            .await
+            .ok()?;
+        // The part before us may have brought the load down meanwhile.
+        if !self.host_overloaded() {
+            return Some(turn);
+        }
+        let end = self.until.min(Instant::now() + MAX_WAIT);
+        while Instant::now() < end {
+            tokio::time::sleep(POLL.min(end - Instant::now())).await;
+            if !self.host_overloaded() {
                 break;
             }
         }
-        self.charge(spent);
+        Some(turn)
     }
+}
 
-    /// Whether the fan-out's budget still covers `spent` ms of this wait.
-    fn spend(&self, spent: u64) -> bool {
-        self.budget_ms.load(Ordering::Relaxed) > spent
-    }
-
-    fn charge(&self, spent: u64) {
-        let _ = self
-            .budget_ms
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(spent))
-            });
-    }
+/// The longest a fan-out to `conns` connections may wait in all: [`FANOUT_BUDGET`], or
+/// [`BUDGET_PER_CONN`] per connection when that is more.
+pub(crate) fn fanout_budget(conns: usize) -> Duration {
+    let per_conn = BUDGET_PER_CONN.saturating_mul(u32::try_from(conns).unwrap_or(u32::MAX));
+    FANOUT_BUDGET.max(per_conn)
 }
 
 /// Whether a host with `runnable` runnable tasks is over `limit` (the pure core).
@@ -162,10 +184,11 @@ mod tests {
         Some(u32::MAX)
     }
 
-    /// A host that stays overcommitted slows a fan-out by its budget at most, then lets it go.
+    /// A host that stays overcommitted slows a fan-out by its budget at most, then lets it go;
+    /// parts of one fan-out that wait side by side share that deadline.
     #[tokio::test(start_paused = true)]
     async fn a_fan_out_waits_no_longer_than_its_budget() {
-        let pacer = Pacer::new(0, always_over).for_fanout();
+        let pacer = Pacer::new(0, always_over).for_fanout(100);
         let start = tokio::time::Instant::now();
         for _ in 0..20 {
             pacer.wait_for_cpu().await;
@@ -175,11 +198,70 @@ mod tests {
         assert!(waited < FANOUT_BUDGET + MAX_WAIT, "{waited:?}");
         assert_eq!(pacer.pauses(), 10, "one full wait per second of budget");
         // The next fan-out has a budget of its own; the counter is the service's.
-        let next = pacer.for_fanout();
+        let next = pacer.for_fanout(100);
         let start = tokio::time::Instant::now();
         next.wait_for_cpu().await;
         assert!(start.elapsed() >= MAX_WAIT);
         assert_eq!(pacer.pauses(), 11);
+        // Three parts waiting at once are done by the one deadline, not three budgets later.
+        let fanout = pacer.for_fanout(100);
+        let start = tokio::time::Instant::now();
+        let parts: Vec<_> = (0..3)
+            .map(|_| {
+                let p = fanout.clone();
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        p.wait_for_cpu().await;
+                    }
+                })
+            })
+            .collect();
+        for part in parts {
+            part.await.unwrap();
+        }
+        let waited = start.elapsed();
+        assert!(waited >= FANOUT_BUDGET, "{waited:?}");
+        assert!(waited < FANOUT_BUDGET + MAX_WAIT, "{waited:?}");
+    }
+
+    /// While the host is overloaded the parts of one fan-out take turns: the second waits
+    /// for the first to write its chunk before its own wait begins.
+    #[tokio::test(start_paused = true)]
+    async fn parts_take_turns_while_the_host_is_overloaded() {
+        let fanout = Pacer::new(0, always_over).for_fanout(100);
+        let start = tokio::time::Instant::now();
+        let first = fanout.wait_for_cpu().await.expect("a turn");
+        assert_eq!(start.elapsed(), MAX_WAIT);
+        let other = fanout.clone();
+        let second = tokio::spawn(async move {
+            let turn = other.wait_for_cpu().await;
+            (turn.is_some(), start.elapsed())
+        });
+        // The first part writes its chunk for 5 ms, then gives the turn back.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(first);
+        let (got, when) = second.await.unwrap();
+        assert!(got);
+        assert_eq!(when, MAX_WAIT * 2 + Duration::from_millis(5));
+        // A host that keeps up gives no turn to wait for.
+        let calm = Pacer::new(u32::MAX, always_over).for_fanout(100);
+        assert!(calm.wait_for_cpu().await.is_none());
+    }
+
+    /// A fan-out to thousands may wait longer, in proportion; a small one gets the floor.
+    #[tokio::test(start_paused = true)]
+    async fn a_large_fan_out_has_a_budget_in_proportion() {
+        assert_eq!(fanout_budget(0), FANOUT_BUDGET);
+        assert_eq!(fanout_budget(1_000), FANOUT_BUDGET);
+        assert_eq!(fanout_budget(5_000), Duration::from_secs(20));
+        let pacer = Pacer::new(0, always_over).for_fanout(5_000);
+        let start = tokio::time::Instant::now();
+        for _ in 0..40 {
+            pacer.wait_for_cpu().await;
+        }
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(20), "{waited:?}");
+        assert!(waited < Duration::from_secs(20) + MAX_WAIT, "{waited:?}");
     }
 
     #[test]

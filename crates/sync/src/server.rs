@@ -302,10 +302,11 @@ fn push_frame(buf: &mut Vec<u8>, opcode: u8, fill: impl FnOnce(&mut Vec<u8>)) ->
 pub(crate) const FANOUT_CHUNK: usize = 1024;
 
 /// Writes the output of `flush` from a new task (so from another worker, when one is free),
-/// paced under `pace` (see [`crate::pace`]), or here outside a runtime.
-pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
+/// paced under `pace`, the pacer of the fan-out it is part of (see [`crate::pace`]), or here
+/// outside a runtime.
+pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>) {
     if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::spawn(flush_paced(flush, pace.map(Pacer::for_fanout), false));
+        tokio::spawn(flush_paced(flush, pace, false));
     } else {
         for n in flush {
             n.flush();
@@ -317,12 +318,15 @@ pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
 /// [`crate::pace::CHUNK`]th write (and the first, if `wait_first`) it waits while the host is
 /// overcommitted.
 async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>, wait_first: bool) {
+    // Held from a wait until the chunk after it is written (see `Pacer::turn`).
+    let mut turn = None;
     for (i, n) in flush.iter().enumerate() {
         if let Some(p) = &pace
             && (i > 0 || wait_first)
             && i % crate::pace::CHUNK == 0
         {
-            p.wait_for_cpu().await;
+            drop(turn.take());
+            turn = p.wait_for_cpu().await;
         }
         n.flush();
     }
@@ -334,7 +338,7 @@ pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
     if flush.len() > FANOUT_SPLIT
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
-        let pace = pace.map(Pacer::for_fanout);
+        let pace = pace.map(|p| p.for_fanout(flush.len()));
         let pace = pace.as_ref();
         let workers = runtime.metrics().num_workers().max(1);
         let share = flush.len().div_ceil(workers);

@@ -425,6 +425,14 @@ impl Shared {
             }
         }
         let mut dead = Vec::new();
+        // One budget for every part of a large fan-out written from other tasks, sized on the
+        // whole of it (see crate::pace).
+        let fanout_pace = match &self.pacer {
+            Some(p) if self.out.len() >= crate::server::FANOUT_CHUNK => {
+                Some(p.for_fanout(self.out.len()))
+            }
+            _ => None,
+        };
         for o in self.out.drain(..) {
             let conn = o.conn;
             match self.sinks.get(&conn) {
@@ -435,7 +443,7 @@ impl Shared {
                     // lock, so the order per connection holds; a buffer emptied by that writer
                     // meanwhile is simply flushed again by whoever appends to it next.
                     if flush.len() >= crate::server::FANOUT_CHUNK {
-                        crate::server::flush_elsewhere(std::mem::take(flush), self.pacer.as_ref());
+                        crate::server::flush_elsewhere(std::mem::take(flush), fanout_pace.clone());
                     }
                 }
                 Some(Sink::Chan(tx)) if tx.send(o).is_err() => dead.push(conn),

@@ -231,6 +231,21 @@ pub fn slice_on_exec(cmd: &mut impl crate::spawn::PreExec, nanos: u64) {
     }
 }
 
+/// Makes `cmd`'s child take a timer slack of `nanos` before it executes anything; the kernel
+/// keeps it across `exec` and copies it to every thread and child. Best effort, as
+/// [`slice_on_exec`].
+pub fn timer_slack_on_exec(cmd: &mut impl crate::spawn::PreExec, nanos: u64) {
+    // SAFETY: the closure runs in the child before exec and only makes the prctl(2) call of
+    // `set_timer_slack`, on its stack, without allocating (its error is a raw errno, dropped),
+    // so it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec_hook(move || {
+            let _ = set_timer_slack(nanos);
+            Ok(())
+        });
+    }
+}
+
 /// Makes `cmd`'s child start a session of its own (`setsid`) before it executes anything, so
 /// that it is also its own process group (its pid is the group's id, as with
 /// `process_group(0)`, which must not be set as well: a group leader cannot start a session).
