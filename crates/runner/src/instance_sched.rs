@@ -369,19 +369,12 @@ mod tests {
             ..InstanceSched::OFF
         };
         for (env, want) in [(None, "1 2000000"), (Some("3"), "3 2000000")] {
-            let mut cmd = crate::exec::instance_command(
-                "/bin/sh".as_ref(),
-                env.map(|v| ("GOMAXPROCS", v)),
+            let text = sh_as_instance(
                 sched,
-            );
-            cmd.arg("-c")
-                .arg("echo ${GOMAXPROCS-unset} $(cat /proc/self/timerslack_ns)");
-            let mut child = tg_sys::spawn::AsyncChild::new(cmd.spawn().unwrap()).unwrap();
-            let out = child.take_stdout().unwrap();
-            let status = child.wait().await.unwrap();
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::fs::File::from(out), &mut text).unwrap();
-            assert!(status.success(), "{status:?}: {text}");
+                env.map(|v| ("GOMAXPROCS", v)),
+                "echo ${GOMAXPROCS-unset} $(cat /proc/self/timerslack_ns)",
+            )
+            .await;
             assert_eq!(text.trim(), want);
         }
     }
@@ -394,27 +387,36 @@ mod tests {
         assert!(line.contains("TESTGROUND_INSTANCE_SCHED=session"), "{line}");
     }
 
-    /// Runs `sh` as an instance is started (`exec::instance_command`: `tg_sys::spawn`, with
-    /// `sched` applied); it reports its pid, process group, session, its time slice and a
-    /// forked child's (`/proc/<pid>/sched`, `se.slice`).
-    async fn report(sched: InstanceSched) -> Vec<u64> {
-        let mut cmd = crate::exec::instance_command(
-            "/bin/sh".as_ref(),
-            std::iter::empty::<(&str, &str)>(),
-            sched,
-        );
-        cmd.arg("-c").arg(
-            "s=$(cut -d' ' -f5,6 /proc/$$/stat); \
-             a=$(grep '^se.slice' /proc/$$/sched | tr -dc 0-9); \
-             b=$(cat /proc/self/sched | grep '^se.slice' | tr -dc 0-9); \
-             echo $$ $s $a $b",
-        );
+    /// Runs `sh -c script` as an instance is started (`exec::instance_command`:
+    /// `tg_sys::spawn`, with `sched` applied and `env` set); returns its output.
+    async fn sh_as_instance(
+        sched: InstanceSched,
+        env: Option<(&str, &str)>,
+        script: &str,
+    ) -> String {
+        let mut cmd = crate::exec::instance_command("/bin/sh".as_ref(), env, sched);
+        cmd.arg("-c").arg(script);
         let mut child = tg_sys::spawn::AsyncChild::new(cmd.spawn().unwrap()).unwrap();
         let out = child.take_stdout().unwrap();
         let status = child.wait().await.unwrap();
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(out), &mut text).unwrap();
         assert!(status.success(), "{status:?}: {text}");
+        text
+    }
+
+    /// An instance's pid, process group, session, its time slice and a forked child's
+    /// (`/proc/<pid>/sched`, `se.slice`).
+    async fn report(sched: InstanceSched) -> Vec<u64> {
+        let text = sh_as_instance(
+            sched,
+            None,
+            "s=$(cut -d' ' -f5,6 /proc/$$/stat); \
+             a=$(grep '^se.slice' /proc/$$/sched | tr -dc 0-9); \
+             b=$(cat /proc/self/sched | grep '^se.slice' | tr -dc 0-9); \
+             echo $$ $s $a $b",
+        )
+        .await;
         text.split_whitespace()
             .map(|w| w.parse().unwrap())
             .collect()
