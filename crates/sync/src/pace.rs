@@ -11,8 +11,10 @@
 //!
 //! How: the writes are made in chunks of [`CHUNK`]; before each chunk after the first, while
 //! the host has more runnable tasks (`/proc/loadavg`) than the limit, the writer sleeps in
-//! steps of [`POLL`], at most [`MAX_WAIT`] per chunk and [`FANOUT_BUDGET`] per fan-out, so that
-//! unrelated load slows a fan-out but never stops it. A fan-out the host keeps up with (the
+//! steps of [`POLL`], at most [`MAX_WAIT`] per chunk and until the fan-out's deadline
+//! ([`fanout_budget`]: 10 s, more for more than 2,500 connections), so that unrelated load
+//! slows a fan-out but never stops it. While the host is overloaded, the tasks that write the
+//! parts of one fan-out take turns, one chunk each. A fan-out the host keeps up with (the
 //! sync benchmark's 10,000 waiters in one client process) never waits: only the runnable
 //! count is read, once per chunk.
 //!
@@ -111,8 +113,9 @@ impl Pacer {
     }
 
     /// Waits, up to [`MAX_WAIT`] and the fan-out's deadline, until the host is no longer over
-    /// the limit; counts one pause if it found the host overloaded. Returns the turn to hold while
-    /// writing the next chunk when it waited (the other parts wait for it, up to the deadline).
+    /// the limit; counts one pause if it found the host overloaded. Returns the turn to hold
+    /// while writing the next chunk when it waited (the other parts wait for it, up to the
+    /// deadline).
     pub(crate) async fn wait_for_cpu(&self) -> Option<Turn> {
         if Instant::now() >= self.until || !self.host_overloaded() {
             return None;
