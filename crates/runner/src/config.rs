@@ -365,25 +365,22 @@ fn runner_variable(name: &str) -> bool {
 
 fn instance_env(key: &str, v: &Value) -> Result<Vec<(String, String)>, RunError> {
     let expected = "expected a table of NAME = \"value\", or \"NAME=value,NAME2=value2\"";
-    let pairs;
-    let m = match v {
-        Value::Object(m) => m,
+    let pairs: Vec<(String, Value)> = match v {
+        Value::Object(m) => m.iter().map(|(k, x)| (k.clone(), x.clone())).collect(),
         // `--run-cfg instance_env=A=1,B=2` gives a string.
-        Value::String(s) => {
-            let mut map = serde_json::Map::new();
-            for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        Value::String(_) => string_list(key, v)?
+            .iter()
+            .map(|pair| {
                 let (name, value) = pair
                     .split_once('=')
                     .ok_or_else(|| invalid(key, v, expected))?;
-                map.insert(name.trim().to_string(), Value::String(value.to_string()));
-            }
-            pairs = map;
-            &pairs
-        }
+                Ok((name.trim().to_string(), Value::String(value.to_string())))
+            })
+            .collect::<Result<_, RunError>>()?,
         _ => return Err(invalid(key, v, expected)),
     };
-    let mut vars: Vec<(String, String)> = Vec::with_capacity(m.len());
-    for (name, value) in m {
+    let mut vars: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+    for (name, value) in &pairs {
         let valid = name
             .chars()
             .next()

@@ -39,8 +39,8 @@
 //!   the instances at work until sdk-go's 1 s write deadlines fired. One thread per runtime
 //!   and timer wake-ups the kernel may batch into one per millisecond halve that cost and let
 //!   5,000 sdk-go instances pass (BENCHMARKS.md). The slack delays only timeouts (sleeps,
-//!   tickers), never a wake-up by I/O; a plan's parallelism on such a host is a share of
-//!   2,000 per CPU anyway. The two travel to helper processes in the same variable
+//!   tickers), never a wake-up by I/O; an instance's own parallelism is moot at more than
+//!   500 instances per CPU. The two travel to helper processes in the same variable
 //!   (`gomaxprocs1`, `slack=<ns>`).
 
 use std::io;
@@ -116,9 +116,7 @@ impl InstanceSched {
                 "slice" => sched.slice = Some(SLICE_NS),
                 "group" => sched.cpu_group = true,
                 "gomaxprocs1" => sched.one_go_proc = true,
-                p if p.starts_with("slack=") && p[6..].parse::<u64>().is_ok_and(|n| n > 0) => {
-                    sched.timer_slack = p[6..].parse().ok();
-                }
+                p if slack_ns(p).is_some() => sched.timer_slack = slack_ns(p),
                 _ => {
                     return Err(format!(
                         "{ENV}={v} is neither on, off, nor a comma-separated list of session, \
@@ -228,6 +226,14 @@ impl InstanceSched {
             tg_sys::sched::timer_slack_on_exec(cmd, ns);
         }
     }
+}
+
+/// The timer slack of a `slack=<ns>` part of [`ENV`] (ns > 0).
+fn slack_ns(part: &str) -> Option<u64> {
+    part.strip_prefix("slack=")?
+        .parse()
+        .ok()
+        .filter(|ns| *ns > 0)
 }
 
 /// Whether `total` instances on `cpus` CPUs are a crowded run.

@@ -68,7 +68,14 @@ pub(crate) struct Pacer {
     limit: u32,
     source: RunnableSource,
     pauses: Arc<AtomicU64>,
-    /// When the current fan-out stops waiting ([`Pacer::for_fanout`]). A deadline rather than
+}
+
+/// The pacing of one fan-out ([`Pacer::for_fanout`]), shared by every task that writes part
+/// of it.
+#[derive(Debug, Clone)]
+pub(crate) struct FanoutPacer {
+    pacer: Pacer,
+    /// When the fan-out stops waiting. A deadline rather than
     /// an amount to spend, because the parts of one fan-out wait side by side: charged per
     /// part, six parts spent a 20 s budget in about 3 s and released the rest as one herd.
     until: Instant,
@@ -88,18 +95,16 @@ impl Pacer {
             limit,
             source,
             pauses: Arc::default(),
-            until: Instant::now() + fanout_budget(0),
-            turn: Arc::default(),
         }
     }
 
     /// The pacer of one fan-out to `conns` connections: the same limit and counter, and a
     /// deadline [`fanout_budget`] from now shared by every task that writes part of it.
-    pub(crate) fn for_fanout(&self, conns: usize) -> Pacer {
-        Pacer {
+    pub(crate) fn for_fanout(&self, conns: usize) -> FanoutPacer {
+        FanoutPacer {
+            pacer: self.clone(),
             until: Instant::now() + fanout_budget(conns),
             turn: Arc::default(),
-            ..self.clone()
         }
     }
 
@@ -111,6 +116,13 @@ impl Pacer {
     pub(crate) fn host_overloaded(&self) -> bool {
         (self.source)().is_some_and(|r| overloaded(self.limit, r))
     }
+}
+
+impl FanoutPacer {
+    /// Whether the host is over the limit now.
+    pub(crate) fn host_overloaded(&self) -> bool {
+        self.pacer.host_overloaded()
+    }
 
     /// Waits, up to [`MAX_WAIT`] and the fan-out's deadline, until the host is no longer over
     /// the limit; counts one pause if it found the host overloaded. Returns the turn to hold
@@ -120,7 +132,7 @@ impl Pacer {
         if Instant::now() >= self.until || !self.host_overloaded() {
             return None;
         }
-        self.pauses.fetch_add(1, Ordering::Relaxed);
+        self.pacer.pauses.fetch_add(1, Ordering::Relaxed);
         let turn = tokio::time::timeout_at(self.until, Arc::clone(&self.turn).lock_owned())
             .await
             .ok()?;
@@ -199,15 +211,16 @@ mod tests {
         let waited = start.elapsed();
         assert!(waited >= FANOUT_BUDGET, "{waited:?}");
         assert!(waited < FANOUT_BUDGET + MAX_WAIT, "{waited:?}");
-        assert_eq!(pacer.pauses(), 10, "one full wait per second of budget");
+        let service = &pacer.pacer;
+        assert_eq!(service.pauses(), 10, "one full wait per second of budget");
         // The next fan-out has a budget of its own; the counter is the service's.
-        let next = pacer.for_fanout(100);
+        let next = service.for_fanout(100);
         let start = tokio::time::Instant::now();
         next.wait_for_cpu().await;
         assert!(start.elapsed() >= MAX_WAIT);
-        assert_eq!(pacer.pauses(), 11);
+        assert_eq!(service.pauses(), 11);
         // Three parts waiting at once are done by the one deadline, not three budgets later.
-        let fanout = pacer.for_fanout(100);
+        let fanout = service.for_fanout(100);
         let start = tokio::time::Instant::now();
         let parts: Vec<_> = (0..3)
             .map(|_| {

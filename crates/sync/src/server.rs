@@ -41,7 +41,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use crate::admission::Ticket;
 use crate::core::Outgoing;
 use crate::limits::SyncLimits;
-use crate::pace::Pacer;
+use crate::pace::{FanoutPacer, Pacer};
 use crate::service::{Batched, ConnHandle, SyncService};
 
 /// Largest request message read under the default [`SyncLimits`] (the reference's 32 KiB broke
@@ -304,7 +304,7 @@ pub(crate) const FANOUT_CHUNK: usize = 1024;
 /// Writes the output of `flush` from a new task (so from another worker, when one is free),
 /// paced under `pace`, the pacer of the fan-out it is part of (see [`crate::pace`]), or here
 /// outside a runtime.
-pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>) {
+pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<FanoutPacer>) {
     if tokio::runtime::Handle::try_current().is_ok() {
         tokio::spawn(flush_paced(flush, pace, false));
     } else {
@@ -317,8 +317,8 @@ pub(crate) fn flush_elsewhere(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>) {
 /// Writes each connection's output in turn; under `pace`, before every
 /// [`crate::pace::CHUNK`]th write (and the first, if `wait_first`) it waits while the host is
 /// overcommitted.
-async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<Pacer>, wait_first: bool) {
-    // Held from a wait until the chunk after it is written (see `Pacer::turn`).
+async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<FanoutPacer>, wait_first: bool) {
+    // Held from a wait until the chunk after it is written (see `FanoutPacer::turn`).
     let mut turn = None;
     for (i, n) in flush.iter().enumerate() {
         if let Some(p) = &pace
