@@ -55,7 +55,10 @@ use tokio_util::sync::CancellationToken;
 pub use addr::{CONTROL_SUBNET, HOST_NAME, SYNC_ADDR, SYNC_NAME};
 pub use config::{ConfigError, Plan, plan};
 pub use forward::ForwardStats;
-pub use pump::{DEFAULT_PRIORITY, Lateness, Pump, REALTIME_ENV, Realtime, Scheduling};
+pub use pump::{
+    DEFAULT_PRIORITY, IDLE_POLL_ENV, IdlePoll, Lateness, Pump, REALTIME_ENV, Realtime, Scheduling,
+    Tuning,
+};
 
 /// The port the sync service answers on inside every control network, whatever the host uses.
 pub const SYNC_PORT: u16 = 5050;
@@ -412,6 +415,10 @@ impl RunNetwork {
         // engine's cgroup), and explains late packets before anyone goes looking.
         if let Some(line) = pump.scheduling().message() {
             tracing::warn!("{line}");
+            let _ = log.send(SidecarEvent::Log(line));
+        }
+        if let Some(line) = pump.idle_poll().message() {
+            tracing::info!("{line}");
             let _ = log.send(SidecarEvent::Log(line));
         }
 

@@ -12,7 +12,9 @@
 //! wake-ups by a scheduler slice, sets its timer slack to 1 ns, and wakes a little before each
 //! deadline to poll the last microseconds without sleeping ([`Waiter`]; bounded, so a real-time
 //! thread cannot take a core). When real-time scheduling is refused it runs normally and says
-//! why ([`Scheduling::message`]).
+//! why ([`Scheduling::message`]). On request (`TESTGROUND_PUMP_IDLE_POLL=on`, [`IdlePoll`]) it
+//! also holds the kernel's CPU latency at 0 while it runs, so that idle CPUs poll instead of
+//! halting and a quiet machine wakes as fast as a busy one.
 //!
 //! With a forwarding socket (cross-node runs, see `forward`), the thread also owns that socket:
 //! packets the emulator releases for a remote instance leave in one datagram each to that
@@ -97,6 +99,82 @@ impl Realtime {
                      using priority {DEFAULT_PRIORITY}"
                 )),
             },
+        }
+    }
+}
+
+/// The environment variable that makes idle CPUs poll while the pump runs (`on`); unset or
+/// `off` leaves them to halt.
+pub const IDLE_POLL_ENV: &str = "TESTGROUND_PUMP_IDLE_POLL";
+
+/// What the pump asks of the machine when it starts: real-time scheduling, and whether idle
+/// CPUs should poll rather than halt while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    pub realtime: Realtime,
+    pub idle_poll: bool,
+}
+
+impl From<Realtime> for Tuning {
+    fn from(realtime: Realtime) -> Tuning {
+        Tuning {
+            realtime,
+            idle_poll: false,
+        }
+    }
+}
+
+impl Tuning {
+    /// The choices in [`REALTIME_ENV`] and [`IDLE_POLL_ENV`]; an invalid value is reported and
+    /// the default used.
+    pub fn from_env() -> Tuning {
+        let idle = std::env::var(IDLE_POLL_ENV).ok();
+        Tuning {
+            realtime: Realtime::from_env(),
+            idle_poll: parse_idle_poll(idle.as_deref()).unwrap_or_else(|e| {
+                tracing::warn!("{e}");
+                false
+            }),
+        }
+    }
+}
+
+fn parse_idle_poll(value: Option<&str>) -> Result<bool, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "off" | "0" | "false" | "no") => Ok(false),
+        Some("on" | "1" | "true" | "yes") => Ok(true),
+        Some(_) => Err(format!(
+            "{IDLE_POLL_ENV}={} is neither on nor off; idle CPUs are left to halt",
+            value.unwrap_or_default().trim()
+        )),
+    }
+}
+
+/// Whether idle CPUs poll while the pump runs, as it found out when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdlePoll {
+    /// Not asked for.
+    Off,
+    /// The pump holds the CPU latency at 0 until it stops.
+    On,
+    /// Asked for, but the kernel's request file could not be used: why.
+    Refused { reason: String },
+}
+
+impl IdlePoll {
+    /// A line for the run log when idle polling was asked for: what it costs, or why not.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            IdlePoll::Off => None,
+            IdlePoll::On => Some(format!(
+                "network: idle CPUs poll instead of halting while this run's packet pump runs \
+                 ({IDLE_POLL_ENV}=on): faster wake-ups on a quiet machine, and every idle CPU \
+                 busy meanwhile"
+            )),
+            IdlePoll::Refused { reason } => Some(format!(
+                "network: idle CPUs halt as usual: {IDLE_POLL_ENV}=on asked them to poll, but \
+                 {reason} (root is needed)"
+            )),
         }
     }
 }
@@ -307,6 +385,7 @@ pub struct Pump {
     waker: Arc<Waker>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
     scheduling: Scheduling,
+    idle_poll: IdlePoll,
 }
 
 impl std::fmt::Debug for Pump {
@@ -323,18 +402,20 @@ pub struct PumpGone;
 impl Pump {
     /// Starts the pump thread with an emulator seeded by `seed`; `forward` is the socket to
     /// exchange packets with other agents over, if the run spans nodes. Real-time scheduling
-    /// as [`REALTIME_ENV`] says.
+    /// and idle polling as [`REALTIME_ENV`] and [`IDLE_POLL_ENV`] say.
     pub fn start(seed: u64, name: &str, forward: Option<std::net::UdpSocket>) -> io::Result<Pump> {
-        Pump::start_with(seed, name, forward, Realtime::from_env())
+        Pump::start_with(seed, name, forward, Tuning::from_env())
     }
 
-    /// [`Pump::start`] with the real-time choice made by the caller.
+    /// [`Pump::start`] with the choices made by the caller (a [`Realtime`] alone leaves idle
+    /// CPUs to halt).
     pub fn start_with(
         seed: u64,
         name: &str,
         forward: Option<std::net::UdpSocket>,
-        realtime: Realtime,
+        tuning: impl Into<Tuning>,
     ) -> io::Result<Pump> {
+        let tuning = tuning.into();
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let timer = TimerFd::new(
@@ -370,7 +451,22 @@ impl Pump {
             .spawn(move || {
                 // Before anything else, so that the first packet is already read at the
                 // scheduling it will have for the rest of the run.
-                let _ = ready.send(apply_scheduling(realtime));
+                let scheduling = apply_scheduling(tuning.realtime);
+                // Held by this thread, so that it ends with the pump however the pump ends.
+                let (_latency, idle_poll) = if tuning.idle_poll {
+                    match tg_sys::sched::hold_cpu_latency(0) {
+                        Ok(hold) => (Some(hold), IdlePoll::On),
+                        Err(e) => (
+                            None,
+                            IdlePoll::Refused {
+                                reason: e.to_string(),
+                            },
+                        ),
+                    }
+                } else {
+                    (None, IdlePoll::Off)
+                };
+                let _ = ready.send((scheduling, idle_poll));
                 let mut worker = Worker {
                     emu: Emulator::new(seed),
                     nodes: HashMap::new(),
@@ -389,18 +485,26 @@ impl Pump {
             })?;
         // The thread reports at once (one system call or two); if it died first, the pump
         // failed anyway and the run finds out at its first command.
-        let scheduling = scheduled.recv().unwrap_or(Scheduling::Normal);
+        let (scheduling, idle_poll) = scheduled
+            .recv()
+            .unwrap_or((Scheduling::Normal, IdlePoll::Off));
         Ok(Pump {
             tx,
             waker,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
             scheduling,
+            idle_poll,
         })
     }
 
     /// How the pump thread is scheduled (see [`Scheduling::message`]).
     pub fn scheduling(&self) -> &Scheduling {
         &self.scheduling
+    }
+
+    /// Whether idle CPUs poll while the pump runs (see [`IdlePoll::message`]).
+    pub fn idle_poll(&self) -> &IdlePoll {
+        &self.idle_poll
     }
 
     /// How late delayed packets were released since the last call (or the start).
@@ -1122,6 +1226,53 @@ mod tests {
             tg_sys::sched::Policy::Normal
         );
         on.stop().await;
+    }
+
+    #[test]
+    fn the_idle_poll_knob_reads_on_and_off() {
+        for off in [None, Some(""), Some("off"), Some("0"), Some("No")] {
+            assert_eq!(parse_idle_poll(off), Ok(false), "{off:?}");
+        }
+        for on in ["on", " TRUE ", "1", "yes"] {
+            assert_eq!(parse_idle_poll(Some(on)), Ok(true), "{on}");
+        }
+        let e = parse_idle_poll(Some("always")).unwrap_err();
+        assert!(e.contains(IDLE_POLL_ENV) && e.contains("always"), "{e}");
+        assert!(!Tuning::from(Realtime::Off).idle_poll);
+    }
+
+    /// Asked for, idle polling is in force while the pump runs (the kernel's CPU latency
+    /// target is 0), or the pump says why not; not asked for, it says nothing.
+    #[tokio::test]
+    async fn idle_cpus_poll_while_the_pump_runs_when_asked() {
+        let quiet = Pump::start_with(1, "idle-off", None, Realtime::Off).unwrap();
+        assert_eq!(quiet.idle_poll(), &IdlePoll::Off);
+        assert_eq!(quiet.idle_poll().message(), None);
+        quiet.stop().await;
+
+        let tuning = Tuning {
+            realtime: Realtime::Off,
+            idle_poll: true,
+        };
+        let polling = Pump::start_with(1, "idle-on", None, tuning).unwrap();
+        let required = std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
+        match polling.idle_poll() {
+            IdlePoll::On => {
+                assert_eq!(tg_sys::sched::cpu_latency_target().unwrap(), 0);
+                let m = polling.idle_poll().message().unwrap();
+                assert!(m.contains(IDLE_POLL_ENV) && m.contains("poll"), "{m}");
+            }
+            IdlePoll::Refused { reason } if !required => {
+                let m = polling.idle_poll().message().unwrap();
+                assert!(
+                    m.contains(IDLE_POLL_ENV) && m.contains(reason.as_str()),
+                    "{m}"
+                );
+                eprintln!("idle polling refused here: {reason}");
+            }
+            other => panic!("asked for idle polling (TG_REQUIRE_PRIVILEGED={required}): {other:?}"),
+        }
+        polling.stop().await;
     }
 
     #[test]

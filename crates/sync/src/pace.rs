@@ -23,7 +23,7 @@
 //! unpaced one (BENCHMARKS.md, "Barrier release herds").
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -68,6 +68,9 @@ pub(crate) struct Pacer {
     limit: u32,
     source: RunnableSource,
     pauses: Arc<AtomicU64>,
+    /// Fan-outs that reached their deadline with the host still overloaded and let the rest
+    /// go at once.
+    overruns: Arc<AtomicU64>,
 }
 
 /// The pacing of one fan-out ([`Pacer::for_fanout`]), shared by every task that writes part
@@ -84,6 +87,9 @@ pub(crate) struct FanoutPacer {
     /// is overloaded (side by side, each part's look at the load let its own chunk go, and six
     /// parts overshot the limit many times over), and side by side while it keeps up.
     turn: Arc<Mutex<()>>,
+    /// Connections of the whole fan-out, and whether its deadline has been reported.
+    conns: usize,
+    overrun: Arc<AtomicBool>,
 }
 
 /// A part's turn to write its next chunk while the host is overloaded.
@@ -95,6 +101,7 @@ impl Pacer {
             limit,
             source,
             pauses: Arc::default(),
+            overruns: Arc::default(),
         }
     }
 
@@ -105,11 +112,17 @@ impl Pacer {
             pacer: self.clone(),
             until: Instant::now() + fanout_budget(conns),
             turn: Arc::default(),
+            conns,
+            overrun: Arc::default(),
         }
     }
 
     pub(crate) fn pauses(&self) -> u64 {
         self.pauses.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn overruns(&self) -> u64 {
+        self.overruns.load(Ordering::Relaxed)
     }
 
     /// Whether the host is over the limit now.
@@ -129,13 +142,19 @@ impl FanoutPacer {
     /// while writing the next chunk when it waited (the other parts wait for it, up to the
     /// deadline).
     pub(crate) async fn wait_for_cpu(&self) -> Option<Turn> {
-        if Instant::now() >= self.until || !self.host_overloaded() {
+        if !self.host_overloaded() {
+            return None;
+        }
+        if Instant::now() >= self.until {
+            self.note_overrun();
             return None;
         }
         self.pacer.pauses.fetch_add(1, Ordering::Relaxed);
-        let turn = tokio::time::timeout_at(self.until, Arc::clone(&self.turn).lock_owned())
-            .await
-            .ok()?;
+        let turn = tokio::time::timeout_at(self.until, Arc::clone(&self.turn).lock_owned()).await;
+        let Ok(turn) = turn else {
+            self.note_overrun();
+            return None;
+        };
         // The part before us may have brought the load down meanwhile.
         if !self.host_overloaded() {
             return Some(turn);
@@ -148,6 +167,23 @@ impl FanoutPacer {
             }
         }
         Some(turn)
+    }
+
+    /// Counts and reports, once per fan-out, that its deadline passed while the host was
+    /// still overloaded: the rest of it is written at once, the herd pacing is there to
+    /// avoid. Said, because a test's instances may then miss their own deadlines.
+    fn note_overrun(&self) {
+        if !self.overrun.swap(true, Ordering::Relaxed) {
+            self.pacer.overruns.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                connections = self.conns,
+                budget_secs = fanout_budget(self.conns).as_secs_f64(),
+                "sync: a fan-out (a barrier's release or a topic's item) to {} connections \
+                 waited its whole pacing budget for the overloaded host's CPUs; the rest of \
+                 it goes out at once",
+                self.conns
+            );
+        }
     }
 }
 
@@ -213,6 +249,11 @@ mod tests {
         assert!(waited < FANOUT_BUDGET + MAX_WAIT, "{waited:?}");
         let service = &pacer.pacer;
         assert_eq!(service.pauses(), 10, "one full wait per second of budget");
+        assert_eq!(
+            service.overruns(),
+            1,
+            "the deadline is counted once per fan-out"
+        );
         // The next fan-out has a budget of its own; the counter is the service's.
         let next = service.for_fanout(100);
         let start = tokio::time::Instant::now();
@@ -238,6 +279,11 @@ mod tests {
         let waited = start.elapsed();
         assert!(waited >= FANOUT_BUDGET, "{waited:?}");
         assert!(waited < FANOUT_BUDGET + MAX_WAIT, "{waited:?}");
+        assert_eq!(
+            service.overruns(),
+            2,
+            "one more for the third fan-out, none for the second"
+        );
     }
 
     /// While the host is overloaded the parts of one fan-out take turns: the second waits
@@ -262,6 +308,7 @@ mod tests {
         // A host that keeps up gives no turn to wait for.
         let calm = Pacer::new(u32::MAX, always_over).for_fanout(100);
         assert!(calm.wait_for_cpu().await.is_none());
+        assert_eq!(calm.pacer.overruns(), 0);
     }
 
     /// A fan-out to thousands may wait longer, in proportion; a small one gets the floor.

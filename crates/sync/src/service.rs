@@ -57,6 +57,8 @@ pub struct ServiceStats {
     /// Pauses large fan-outs of this process took so far, waiting for an overcommitted host's
     /// CPUs (see `pace.rs`).
     pub fanout_pauses: u64,
+    /// Large fan-outs that used their whole pacing budget and then wrote the rest at once.
+    pub fanout_overruns: u64,
 }
 
 /// Where a connection's replies go.
@@ -318,6 +320,7 @@ impl SyncService {
             retained_bytes: sh.core.retained_bytes(),
             unidentified_connections: self.inner.admission.unidentified(),
             fanout_pauses: self.pacer().map_or(0, Pacer::pauses),
+            fanout_overruns: self.pacer().map_or(0, Pacer::overruns),
         })
     }
 

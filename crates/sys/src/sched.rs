@@ -231,6 +231,44 @@ pub fn slice_on_exec(cmd: &mut impl crate::spawn::PreExec, nanos: u64) {
     }
 }
 
+/// The kernel's CPU latency request file (PM QoS): while a process holds it open with a value
+/// written, no CPU enters an idle state whose exit latency exceeds that many microseconds.
+pub const CPU_LATENCY_FILE: &str = "/dev/cpu_dma_latency";
+
+/// A CPU latency request, in force while this value lives (the kernel drops it when the file
+/// is closed, so a dead process leaves nothing behind).
+#[derive(Debug)]
+pub struct CpuLatencyHold {
+    _file: fs::File,
+}
+
+/// Asks that no CPU take longer than `micros` µs to leave its idle state. With 0, idle CPUs
+/// poll instead of halting, so a wake-up (a timer, a packet, another thread's signal) finds
+/// them running: on a VM, where a halted virtual CPU waits for the host to run it again, that
+/// takes a hundred microseconds or more off each wake-up of an idle machine, at the cost of
+/// the idle CPUs' time. Needs root (the file is mode 0600).
+pub fn hold_cpu_latency(micros: i32) -> io::Result<CpuLatencyHold> {
+    use std::io::Write;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(CPU_LATENCY_FILE)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {CPU_LATENCY_FILE}: {e}")))?;
+    // The kernel takes a binary s32 in the machine's byte order.
+    file.write_all(&micros.to_ne_bytes())
+        .map_err(|e| io::Error::new(e.kind(), format!("write {CPU_LATENCY_FILE}: {e}")))?;
+    Ok(CpuLatencyHold { _file: file })
+}
+
+/// The CPU latency the kernel currently enforces (the smallest request held), in µs. Opening
+/// the file adds a request at the default (no limit) for as long as it is open, which changes
+/// nothing.
+pub fn cpu_latency_target() -> io::Result<i32> {
+    use std::io::Read;
+    let mut buf = [0u8; 4];
+    fs::File::open(CPU_LATENCY_FILE)?.read_exact(&mut buf)?;
+    Ok(i32::from_ne_bytes(buf))
+}
+
 /// Makes `cmd`'s child take a timer slack of `nanos` before it executes anything; the kernel
 /// keeps it across `exec` and copies it to every thread and child. Best effort, as
 /// [`slice_on_exec`].
@@ -429,6 +467,30 @@ fn cap_sys_nice() -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request is in force while held and gone when dropped. Root only (the file is 0600).
+    #[test]
+    fn a_cpu_latency_request_lasts_as_long_as_its_hold() {
+        let required = std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
+        let before = match cpu_latency_target() {
+            Ok(t) => t,
+            Err(e) if !required => {
+                eprintln!("skipped: cannot read {CPU_LATENCY_FILE}: {e}");
+                return;
+            }
+            Err(e) => panic!("TG_REQUIRE_PRIVILEGED=1 but {CPU_LATENCY_FILE}: {e}"),
+        };
+        // Only this test in this binary makes requests; another process's would be lower.
+        let asked = 7;
+        if before <= asked {
+            eprintln!("skipped: another process holds a CPU latency of {before} µs");
+            return;
+        }
+        let hold = hold_cpu_latency(asked).unwrap();
+        assert_eq!(cpu_latency_target().unwrap(), asked);
+        drop(hold);
+        assert_eq!(cpu_latency_target().unwrap(), before);
+    }
 
     #[test]
     fn the_cpu_cgroup_is_found_under_its_mount() {
