@@ -558,6 +558,13 @@ fn rust_sdk_example_plan_runs_through_the_engine() {
         "{s}"
     );
     assert!(s.contains("CRASH << single[000] >>"), "{s}");
+    // The first to end tells that the other may now wait for it, once.
+    assert_eq!(
+        s.matches("ended without success while 1 other instance(s) have not ended")
+            .count(),
+        1,
+        "{s}"
+    );
 }
 
 #[test]

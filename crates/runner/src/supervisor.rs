@@ -132,6 +132,8 @@ pub(crate) struct Supervisor {
     /// Lines to hand to the run's event stream; the loop drains them (and waits for room in
     /// the stream, so a slow reader slows the instances instead of growing memory).
     pending: Vec<RunnerEvent>,
+    /// Whether the run log already said that the others may now wait for a failed instance.
+    told_of_waits: bool,
 }
 
 impl Supervisor {
@@ -151,6 +153,7 @@ impl Supervisor {
             sync_successes: HashMap::new(),
             rule,
             pending: Vec::new(),
+            told_of_waits: false,
         }
     }
 
@@ -241,10 +244,24 @@ impl Supervisor {
                     status: describe_exit(exit),
                     ok: state.ok(),
                 };
+                let failed = exit.stopped.is_none() && (state.failed || !state.exited_cleanly());
+                let name = format!("{}[{}]", self.group_ids[state.group], state.index);
                 if let Some((kind, text)) = exit_line(state, exit) {
                     self.emit(instance, elapsed, kind, text);
                 }
                 self.pending.push(ended);
+                // Said once: a run whose instance died before a barrier otherwise sits silent
+                // until the plan's own timeouts (10 minutes in some), which looks like a hang.
+                let others = self.instances.len() - self.exited;
+                if failed && others > 0 && !self.told_of_waits {
+                    self.told_of_waits = true;
+                    self.pending.push(RunnerEvent::Log(format!(
+                        "{name} ended without success while {others} other instance(s) have not \
+                         ended; any that wait for it (at a barrier it will not reach) wait until \
+                         their own timeouts: Ctrl-C (with --wait) or `testground terminate` ends \
+                         the run"
+                    )));
+                }
             }
             InstanceReport::NetworkApplied {
                 instance,
@@ -526,6 +543,59 @@ mod tests {
                 (4, LineKind::Crash),
             ]
         );
+    }
+
+    fn logs(s: &mut Supervisor, rx: &mut Rx) -> Vec<String> {
+        rx.0.extend(s.drain());
+        rx.0.iter()
+            .filter_map(|e| match e {
+                RunnerEvent::Log(l) => Some(l.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The first instance to end without success while others run is named once, with what
+    /// the others may now do and how to end the run; clean exits, instances the run stopped
+    /// and the last instance are not.
+    #[test]
+    fn the_first_failed_instance_is_said_once_while_others_run() {
+        let (mut s, mut rx) = sup(&[("g", 4)]);
+        s.handle(out(0, Event::Success { group: "g".into() }));
+        s.handle(exit(0, Termination::Code(0)));
+        s.handle(InstanceReport::Exited {
+            instance: 1,
+            elapsed: Duration::ZERO,
+            exit: Exit {
+                termination: Termination::Signal(15),
+                stopped: Some(StopReason::Canceled),
+            },
+        });
+        assert!(logs(&mut s, &mut rx).is_empty());
+        s.handle(out(
+            2,
+            Event::Crash {
+                group: "g".into(),
+                error: "write timed out".into(),
+                stacktrace: String::new(),
+            },
+        ));
+        s.handle(exit(2, Termination::Code(2)));
+        let said = logs(&mut s, &mut rx);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("g[2] ended without success while 1 other instance(s)")
+                && said[0].contains("Ctrl-C"),
+            "{}",
+            said[0]
+        );
+        s.handle(exit(3, Termination::Code(1)));
+        assert_eq!(logs(&mut s, &mut rx).len(), 1, "said once per run");
+
+        // Nothing is left to wait for it: nothing to say.
+        let (mut s, mut rx) = sup(&[("g", 1)]);
+        s.handle(exit(0, Termination::Signal(9)));
+        assert!(logs(&mut s, &mut rx).is_empty());
     }
 
     #[test]
