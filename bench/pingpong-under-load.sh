@@ -10,15 +10,13 @@
 # $TESTGROUND_HOME with the plan imported and built once before the load starts.
 set -euo pipefail
 . "$(dirname "$0")/build-env.sh"
+. "$(dirname "$0")/load.sh"
 n=$1
 shift
-load_n=${LOAD:-2}
 here=$(cd "$(dirname "$0")/.." && pwd)
-pids=()
 homes=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_load
   for h in "${homes[@]}"; do rm -rf "$h"; done
 }
 trap cleanup EXIT
@@ -33,11 +31,7 @@ for spec in "$@"; do
   # One unloaded run builds the plan (exec:go), so that builds do not count below.
   TESTGROUND_HOME=$h "$bin" run single -p network -t ping-pong -b exec:go -r local:netns -i 2 --wait >/dev/null 2>&1 || true
 done
-for _ in $(seq 1 "$load_n"); do
-  sh -c 'while :; do :; done' &
-  pids+=($!)
-done
-sleep 1
+start_load
 echo "load: $load_n busy loops; $(date -u '+%Y-%m-%d %H:%M UTC')"
 declare -A pass
 for i in $(seq 1 "$n"); do

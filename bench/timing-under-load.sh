@@ -14,24 +14,11 @@
 # (measured minus 2L) in µs at the median, p99, max, and of the first probe.
 set -euo pipefail
 . "$(dirname "$0")/build-env.sh"
+. "$(dirname "$0")/load.sh"
 rounds=$1
 shift
-load_n=${LOAD:-2}
-pids=()
-stop_load() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
 trap stop_load EXIT
-start_load() {
-  for _ in $(seq 1 "$load_n"); do
-    sh -c 'while :; do :; done' &
-    pids+=($!)
-  done
-  sleep 1
-}
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), Linux $(uname -r); $(date -u '+%Y-%m-%d %H:%M UTC')"
+machine_line
 echo
 echo "| round | load | build | L (ms) | samples | lost | p50 error (µs) | p99 error (µs) | max error (µs) | first error (µs) | pump release late p50 / p99 / max (µs) | pump; endpoints |"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"

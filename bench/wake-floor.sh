@@ -7,26 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
 n=${2:-4000}
-load_n=${LOAD:-2}
+. bench/load.sh
 bin=$(mktemp /tmp/wake-floor.XXXXXX)
 cc -O2 -Wall -o "$bin" bench/wake-floor.c
-pids=()
-stop_load() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
 trap 'stop_load; rm -f "$bin"' EXIT
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), Linux $(uname -r); $(date -u '+%Y-%m-%d %H:%M UTC')"
+machine_line
 echo
 echo "| round | load | priority | wake-ups | late p50 (µs) | p99 | p99.9 | max | min | over 1 ms |"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for r in $(seq 1 "$rounds"); do
   for load in quiet "$load_n busy"; do
-    if [ "$load" != quiet ]; then
-      for _ in $(seq 1 "$load_n"); do sh -c 'while :; do :; done' & pids+=($!); done
-      sleep 1
-    fi
+    if [ "$load" != quiet ]; then start_load; fi
     for prio in normal "SCHED_FIFO 10"; do
       pre=()
       [ "$prio" != normal ] && pre=(chrt -f 10)
