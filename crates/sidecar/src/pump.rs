@@ -173,7 +173,8 @@ impl IdlePoll {
             )),
             IdlePoll::Refused { reason } => Some(format!(
                 "network: idle CPUs halt as usual: {IDLE_POLL_ENV}=on asked them to poll, but \
-                 {reason} (root is needed)"
+                 {reason} (it needs root and the kernel's {})",
+                tg_sys::sched::CPU_LATENCY_FILE
             )),
         }
     }
