@@ -298,6 +298,11 @@ impl RunConfig {
     }
 }
 
+/// A duration written as humantime text (`"30s"`, `"1ms"`); `v` is the value it came from.
+fn duration_text(key: &str, v: &Value, text: &str) -> Result<Duration, RunError> {
+    humantime::parse_duration(text.trim()).map_err(|e| invalid(key, v, &e.to_string()))
+}
+
 fn invalid(key: &str, value: &Value, reason: &str) -> RunError {
     RunError::InvalidConfig {
         key: key.to_string(),
@@ -355,7 +360,6 @@ fn non_empty(key: &str, v: &Value) -> Result<Option<String>, RunError> {
     }
 }
 
-/// A Kubernetes quantity, written as a string or a number.
 /// Whether the runner sets `name` itself (then `instance_env` may not).
 fn runner_variable(name: &str) -> bool {
     name.starts_with("TEST_")
@@ -420,6 +424,7 @@ fn instance_env(key: &str, v: &Value) -> Result<Vec<(String, String)>, RunError>
     Ok(vars)
 }
 
+/// A Kubernetes quantity, written as a string or a number.
 fn quantity(key: &str, v: &Value) -> Result<String, RunError> {
     match v {
         Value::String(s) => Ok(s.trim().to_string()),
@@ -479,8 +484,7 @@ pub(crate) fn parse(
         match key.as_str() {
             "run_timeout" => {
                 cfg.timeout = Some(match v {
-                    Value::String(s) => humantime::parse_duration(s.trim())
-                        .map_err(|e| invalid(key, v, &e.to_string()))?,
+                    Value::String(s) => duration_text(key, v, s)?,
                     Value::Number(_) => Duration::from_secs(unsigned(
                         key,
                         v,
@@ -505,8 +509,7 @@ pub(crate) fn parse(
             "timer_slack" => {
                 cfg.timer_slack = Some(match v {
                     Value::String(s) if s.trim() == "0" => Duration::ZERO,
-                    Value::String(s) => humantime::parse_duration(s.trim())
-                        .map_err(|e| invalid(key, v, &e.to_string()))?,
+                    Value::String(s) => duration_text(key, v, s)?,
                     Value::Number(n) if n.as_u64() == Some(0) => Duration::ZERO,
                     _ => return Err(invalid(key, v, "expected a duration like \"1ms\"")),
                 });
@@ -562,8 +565,7 @@ pub(crate) fn parse(
             },
             "outcomes_collection_timeout" => match v {
                 Value::String(s) => {
-                    humantime::parse_duration(s.trim())
-                        .map_err(|e| invalid(key, v, &e.to_string()))?;
+                    duration_text(key, v, s)?;
                 }
                 _ => return Err(invalid(key, v, "expected a duration like \"45s\"")),
             },
@@ -609,10 +611,7 @@ pub(crate) fn parse(
                     .map_err(|_| invalid(key, v, "expected an IP address"))?;
             }
             "schedule_timeout" => match v {
-                Value::String(s) => {
-                    cfg.k8s.schedule_timeout = humantime::parse_duration(s.trim())
-                        .map_err(|e| invalid(key, v, &e.to_string()))?
-                }
+                Value::String(s) => cfg.k8s.schedule_timeout = duration_text(key, v, s)?,
                 _ => return Err(invalid(key, v, "expected a duration like \"60s\"")),
             },
             "create_concurrency" => {

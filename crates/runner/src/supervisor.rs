@@ -245,7 +245,7 @@ impl Supervisor {
                     ok: state.ok(),
                 };
                 let failed = exit.stopped.is_none() && (state.failed || !state.exited_cleanly());
-                let name = format!("{}[{}]", self.group_ids[state.group], state.index);
+                let (group, index) = (state.group, state.index);
                 if let Some((kind, text)) = exit_line(state, exit) {
                     self.emit(instance, elapsed, kind, text);
                 }
@@ -255,8 +255,9 @@ impl Supervisor {
                 let others = self.instances.len() - self.exited;
                 if failed && others > 0 && !self.told_of_waits {
                     self.told_of_waits = true;
+                    let name = &self.group_ids[group];
                     self.pending.push(RunnerEvent::Log(format!(
-                        "{name} ended without success while {others} other instance(s) have not \
+                        "{name}[{index}] ended without success while {others} other instance(s) have not \
                          ended; any that wait for it (at a barrier it will not reach) wait until \
                          their own timeouts: Ctrl-C (with --wait) or `testground terminate` ends \
                          the run"
