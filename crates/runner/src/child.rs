@@ -21,3 +21,16 @@ pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> io::Result<AsyncCh
         }
     }
 }
+
+/// Has this process reap its ended instances only once the host is calm (see
+/// [`tg_sys::spawn::defer_reaps_while`]): not while it has more runnable tasks than the sync
+/// service's pacing limit, the same sign of a herd.
+pub(crate) fn defer_reaps_while_busy() {
+    tg_sys::spawn::defer_reaps_while(host_busy);
+}
+
+fn host_busy() -> bool {
+    static LIMIT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let limit = *LIMIT.get_or_init(tg_sync::pace::default_limit);
+    tg_sync::pace::runnable_tasks().is_some_and(|r| r > limit)
+}

@@ -101,6 +101,7 @@ impl ExecLauncher {
         }
         // Thousands of instances need two pipes and up to two capture files each.
         tg_sync::raise_fd_limit();
+        crate::child::defer_reaps_while_busy();
         let mut lines = crate::tracking::clean_leftovers(&self.state_dir);
         let mut tracker = RunTracker::create(&self.state_dir, &self.run_id)
             .map_err(RunError::io("record the run in", self.state_dir.clone()))?;

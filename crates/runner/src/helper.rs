@@ -176,6 +176,7 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<(u8, u
 pub fn helper_main() -> std::process::ExitCode {
     // The whole share's pipes live here.
     tg_sync::raise_fd_limit();
+    crate::child::defer_reaps_while_busy();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

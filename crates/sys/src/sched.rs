@@ -57,6 +57,36 @@ pub fn set_thread_normal() -> io::Result<()> {
     }
 }
 
+/// Sets the calling thread's nice value (Linux keeps one per thread). Raising it is always
+/// allowed; lowering it below the current value needs `CAP_SYS_NICE`.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: plain system calls on values; gettid names the calling thread, which exists.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The calling thread's nice value.
+pub fn thread_nice() -> io::Result<i32> {
+    // SAFETY: as in `set_thread_nice`. getpriority may return -1 legitimately, so errno is
+    // cleared first and read after.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if n == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n)
+    }
+}
+
 /// The calling thread's scheduling policy.
 pub fn thread_policy() -> io::Result<Policy> {
     // SAFETY: no arguments but the pid (0, the calling thread); nothing is written to memory.
@@ -469,6 +499,23 @@ mod tests {
     use super::*;
 
     /// A request is in force while held and gone when dropped. Root only (the file is 0600).
+    #[test]
+    fn a_thread_raises_its_own_nice_value_only() {
+        let (own, other) = std::thread::spawn(|| {
+            set_thread_nice(7).unwrap();
+            let own = thread_nice().unwrap();
+            let other = std::thread::spawn(|| thread_nice().unwrap())
+                .join()
+                .unwrap();
+            (own, other)
+        })
+        .join()
+        .unwrap();
+        // Its own value, inherited by a thread it starts; the test's thread keeps its own.
+        assert_eq!((own, other), (7, 7));
+        assert_eq!(thread_nice().unwrap(), 0);
+    }
+
     #[test]
     fn a_cpu_latency_request_lasts_as_long_as_its_hold() {
         let required = std::env::var("TG_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");

@@ -242,23 +242,14 @@ impl Child {
         if let Some(s) = self.status {
             return Ok(Some(s));
         }
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid writes the status into a local. The pid is ours and cannot be reused
-        // before we reap it (a zombie keeps its pid), and we hold its pidfd.
-        let r = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, flags) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(None);
-            }
-            return Err(e);
+        let r = match &self.pidfd {
+            Some(fd) => reap_pidfd(fd.as_raw_fd(), flags),
+            None => reap_pid(self.pid, flags),
+        };
+        if let Ok(Some(s)) = r {
+            self.status = Some(s);
         }
-        if r == 0 {
-            return Ok(None);
-        }
-        let s = ExitStatus::from_raw(status);
-        self.status = Some(s);
-        Ok(Some(s))
+        r
     }
 
     /// Sends `signal` to the child (through its pidfd, so never to a process that reused its
@@ -298,6 +289,162 @@ impl Drop for Child {
         };
         self.status = Some(ExitStatus::from_raw(0));
         let _ = reaper().send(orphan);
+    }
+}
+
+/// Reaps the process behind `pidfd` (`waitid(P_PIDFD)`), or with `WNOWAIT` only reads its
+/// status: that very process, whatever became of its pid meanwhile, so that a second reaper of
+/// the same child (see [`AsyncChild::wait`]) can only find it gone (`ECHILD`), never take the
+/// status of a process that reused the pid.
+fn reap_pidfd(pidfd: RawFd, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: an all-zero siginfo_t is a valid value; waitid writes into this local only.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `pidfd` is open for the duration of the call (the caller owns it); `info` is a
+    // valid, writable siginfo_t; the last argument (rusage) may be null.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd as libc::id_t,
+            &mut info,
+            libc::WEXITED | flags,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    // SAFETY: waitid filled `info` for a child that changed state (CLD_* codes), or left it
+    // zeroed (pid 0) under WNOHANG when none has; both fields are then plain integers.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // Back to the classic wait status that ExitStatus decodes.
+    let raw = match info.si_code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => status | 0x80,
+        _ => status,
+    };
+    Ok(Some(ExitStatus::from_raw(raw)))
+}
+
+/// Reaps `pid` (`waitpid`), for a child without a pidfd.
+fn reap_pid(pid: u32, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes the status into a local. The pid is ours and cannot be reused
+    // before we reap it (a zombie keeps its pid).
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    Ok(Some(ExitStatus::from_raw(status)))
+}
+
+/// Nice value of the thread that reaps ended children for [`AsyncChild::wait`].
+pub const REAP_NICE: i32 = 19;
+
+/// Longest time an ended child stays unreaped (a zombie) while [`defer_reaps_while`]'s gate
+/// says the host is busy.
+pub const MAX_REAP_DEFERRAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether reaping should wait now (the host is too busy); see [`defer_reaps_while`].
+pub type ReapGate = fn() -> bool;
+
+static REAP_GATE: OnceLock<ReapGate> = OnceLock::new();
+
+/// Makes the reaping thread put off reaping ended children while `gate` returns true, for at
+/// most [`MAX_REAP_DEFERRAL`] each. Their exit statuses are reported at once all the same
+/// (read with `WNOWAIT`); only the reap, and the kernel's cleanup that comes with it, waits.
+/// The first call in a process sets the gate; without one, children are reaped at once.
+///
+/// Why: reaping is where the kernel drops the child's `/proc` entries (`release_task` →
+/// `proc_flush_pid` → `shrink_dcache_parent`). While thousands of instances end at once on an
+/// overcommitted host, that walk waits on entries that other ending tasks are still dropping,
+/// and spins on the CPU meanwhile, in the kernel, where a thread's nice value does not count:
+/// profiled at the end of 5,000 sdk-go instances, the reaping took 55-90 % of both cores for
+/// half a second at a time, while the runnable count grew past 4,000 and an instance missed
+/// sdk-go's one-second write deadline (BENCHMARKS.md, "Reaping after the herd"). Reaped once
+/// the host is calm, the same walk finds nothing in its way.
+pub fn defer_reaps_while(gate: ReapGate) {
+    let _ = REAP_GATE.set(gate);
+}
+
+/// A request to the reaping thread: a duplicate of the child's pidfd, which the thread owns
+/// (so that it names the same process even if the waiter is dropped), and where to answer.
+type ReapJob = (
+    OwnedFd,
+    tokio::sync::oneshot::Sender<io::Result<Option<ExitStatus>>>,
+);
+
+/// The thread that reads ended children's statuses for [`AsyncChild::wait`] and reaps them,
+/// at nice [`REAP_NICE`], when [`defer_reaps_while`]'s gate allows.
+fn reaping_thread() -> &'static mpsc::Sender<ReapJob> {
+    static REAPER: OnceLock<mpsc::Sender<ReapJob>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<ReapJob>();
+        let _ = std::thread::Builder::new()
+            .name("tg-reap".into())
+            .spawn(move || {
+                // Raising one's own nice value cannot be refused; if it were, reaping at
+                // normal priority is still correct.
+                let _ = crate::sched::set_thread_nice(REAP_NICE);
+                reap_loop(&rx, || REAP_GATE.get().is_some_and(|busy| busy()));
+            });
+        tx
+    })
+}
+
+/// How often the reaping thread asks the gate again while children wait to be reaped.
+const REAP_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn reap_loop(rx: &mpsc::Receiver<ReapJob>, busy: impl Fn() -> bool) {
+    use std::collections::VecDeque;
+    use std::time::Instant;
+    let mut ended: VecDeque<(OwnedFd, Instant)> = VecDeque::new();
+    loop {
+        let job = if ended.is_empty() {
+            match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(REAP_POLL) {
+                Ok(j) => Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                // No more waiters: reap what is left, gate or not.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    for (fd, _) in ended.drain(..) {
+                        let _ = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG);
+                    }
+                    return;
+                }
+            }
+        };
+        if let Some((fd, reply)) = job {
+            let peeked = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG | libc::WNOWAIT);
+            if matches!(peeked, Ok(Some(_))) {
+                ended.push_back((fd, Instant::now()));
+            }
+            let _ = reply.send(peeked);
+        }
+        while let Some((_, since)) = ended.front() {
+            if since.elapsed() < MAX_REAP_DEFERRAL && busy() {
+                break;
+            }
+            if let Some((fd, _)) = ended.pop_front() {
+                let _ = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG);
+            }
+        }
     }
 }
 
@@ -479,6 +626,8 @@ fn open_dev_null() -> io::Result<OwnedFd> {
 #[derive(Debug)]
 pub struct AsyncChild {
     proc: tokio::io::unix::AsyncFd<Child>,
+    /// The reaping thread's answer to a wait that was dropped before it came.
+    pending: Option<tokio::sync::oneshot::Receiver<io::Result<Option<ExitStatus>>>>,
 }
 
 impl AsyncChild {
@@ -490,7 +639,10 @@ impl AsyncChild {
             tokio::io::unix::AsyncFd::register_with_interest(child, tokio::io::Interest::READABLE)
         }
         .map_err(|e| e.into_parts().1)?;
-        Ok(AsyncChild { proc })
+        Ok(AsyncChild {
+            proc,
+            pending: None,
+        })
     }
 
     pub fn id(&self) -> u32 {
@@ -505,12 +657,42 @@ impl AsyncChild {
         self.proc.get_mut().stderr.take()
     }
 
-    /// Waits for the process to end and reaps it.
+    /// Waits for the process to end and returns its status. The status is read, and the
+    /// process reaped, by a thread of its own at a low priority, as soon as the host is calm
+    /// (see [`defer_reaps_while`]); the runtime's thread only waits for the pidfd.
+    ///
+    /// Cancel-safe: a wait dropped after it asked the reaping thread leaves the question
+    /// pending here, and the next wait takes its answer (asked twice, the thread would find
+    /// the child already reaped).
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
+            if let Some(status) = self.proc.get_ref().status {
+                return Ok(status);
+            }
             let mut ready = self.proc.readable_mut().await?;
-            match ready.get_inner_mut().try_wait()? {
-                Some(status) => return Ok(status),
+            let answer = match &mut self.pending {
+                Some(rx) => rx,
+                None => {
+                    let Some(pidfd) = ready.get_inner().pidfd.as_ref() else {
+                        // Only a dropped child gives its pidfd away; this one is still ours.
+                        return Err(io::Error::other("child has no pidfd"));
+                    };
+                    // A duplicate that the reaping thread owns, so that it names this process
+                    // however long the answer takes.
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    reaping_thread()
+                        .send((pidfd.try_clone()?, tx))
+                        .map_err(|_| io::Error::other("the reaping thread is gone"))?;
+                    self.pending.insert(rx)
+                }
+            };
+            let answer = answer.await;
+            self.pending = None;
+            match answer.map_err(|_| io::Error::other("the reaping thread is gone"))?? {
+                Some(status) => {
+                    ready.get_inner_mut().status = Some(status);
+                    return Ok(status);
+                }
                 None => ready.clear_ready(),
             }
         }

@@ -131,3 +131,81 @@ async fn an_async_child_is_awaited_through_its_pidfd() {
     // Waiting again returns the same status.
     assert_eq!(child.wait().await.unwrap().signal(), Some(libc::SIGTERM));
 }
+
+/// The nice value of this process's thread named `name`, if there is one (field 19 of
+/// `/proc/self/task/TID/stat`, counted from after the command name).
+fn nice_of_thread(name: &str) -> Option<i64> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+            let rest = stat.rsplit_once(')').unwrap().1;
+            rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+        })
+}
+
+#[tokio::test]
+async fn an_async_child_is_reaped_by_a_low_priority_thread_with_its_exact_status() {
+    // Exit codes, a signal, and a core-dumping signal come back as waitpid would give them.
+    let mut code = AsyncChild::new(sh("exit 7").spawn().unwrap()).unwrap();
+    assert_eq!(code.wait().await.unwrap().code(), Some(7));
+    let mut killed = AsyncChild::new(sh("kill -KILL $$").spawn().unwrap()).unwrap();
+    let status = killed.wait().await.unwrap();
+    assert_eq!(
+        (status.code(), status.signal()),
+        (None, Some(libc::SIGKILL))
+    );
+    let mut aborted = AsyncChild::new(sh("kill -ABRT $$").spawn().unwrap()).unwrap();
+    assert_eq!(aborted.wait().await.unwrap().signal(), Some(libc::SIGABRT));
+
+    // The reaping ran on the reaping thread, lowered to its nice value.
+    assert_eq!(
+        nice_of_thread("tg-reap"),
+        Some(i64::from(tg_sys::spawn::REAP_NICE))
+    );
+    // The runtime's own thread kept its priority.
+    assert_eq!(tg_sys::sched::thread_nice().unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_wait_cancelled_midway_loses_no_status() {
+    // Waits cut short at every point (as a select! loop does) until one finishes: the status
+    // it returns is the child's own, however many were cancelled before it.
+    for i in 0..30u64 {
+        let mut child = AsyncChild::new(sh("exit 3").spawn().unwrap()).unwrap();
+        let status = loop {
+            let cut = Duration::from_micros(1 + 20 * i);
+            if let Ok(s) = tokio::time::timeout(cut, child.wait()).await {
+                break s.unwrap();
+            }
+        };
+        assert_eq!(status.code(), Some(3), "attempt {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_wait_dropped_midway_leaves_the_child_reaped_once() {
+    // Many children ending while their waits are abandoned at every point: none is left a
+    // zombie, and a later wait of another child still gets its own status.
+    let mut pids = Vec::new();
+    for i in 0..20u64 {
+        let mut child = AsyncChild::new(sh("exit 0").spawn().unwrap()).unwrap();
+        pids.push(child.id());
+        let _ = tokio::time::timeout(Duration::from_micros(50 * i), child.wait()).await;
+        drop(child);
+    }
+    let mut other = AsyncChild::new(sh("exit 5").spawn().unwrap()).unwrap();
+    assert_eq!(other.wait().await.unwrap().code(), Some(5));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in pids {
+        let proc = format!("/proc/{pid}");
+        while Path::new(&proc).exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!Path::new(&proc).exists(), "{pid} left unreaped");
+    }
+}
