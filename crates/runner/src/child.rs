@@ -22,10 +22,17 @@ pub(crate) async fn spawn_retrying_busy(cmd: &mut Command) -> io::Result<AsyncCh
     }
 }
 
+/// Environment variable that turns the deferred reaping off: `now` reaps every ended instance
+/// at once (on the reaping thread all the same).
+pub const REAP_ENV: &str = "TESTGROUND_REAP";
+
 /// Has this process reap its ended instances only once the host is calm (see
 /// [`tg_sys::spawn::defer_reaps_while`]): not while it has more runnable tasks than the sync
-/// service's pacing limit, the same sign of a herd.
+/// service's pacing limit, the same sign of a herd. Unless [`REAP_ENV`] is `now`.
 pub(crate) fn defer_reaps_while_busy() {
+    if std::env::var(REAP_ENV).is_ok_and(|v| v.trim() == "now") {
+        return;
+    }
     tg_sys::spawn::defer_reaps_while(host_busy);
 }
 
@@ -33,4 +40,13 @@ fn host_busy() -> bool {
     static LIMIT: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let limit = *LIMIT.get_or_init(tg_sync::pace::default_limit);
     tg_sync::pace::runnable_tasks().is_some_and(|r| r > limit)
+}
+
+/// Reaps now the ended instances whose reap was put off (for the end of a run or a helper),
+/// waiting at most a few seconds for the reaping thread.
+pub(crate) async fn reap_put_off_now() {
+    let _ = tokio::task::spawn_blocking(|| {
+        tg_sys::spawn::reap_put_off_now(std::time::Duration::from_secs(5))
+    })
+    .await;
 }

@@ -207,6 +207,7 @@ impl ExecLauncher {
     pub(crate) async fn finish(mut self) -> Vec<String> {
         // Helpers kill what they still run once their stdin closes.
         drop(self.helpers.take());
+        crate::child::reap_put_off_now().await;
         match self.tracker {
             Some(t) => t.finish().await,
             None => Vec::new(),

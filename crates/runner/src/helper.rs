@@ -293,6 +293,8 @@ async fn serve() -> io::Result<()> {
     }
     drop(tx);
     writer.abort();
+    // No zombie of ours outlives us (the ones put off are reaped now, not by init).
+    crate::child::reap_put_off_now().await;
     result
 }
 
@@ -539,6 +541,10 @@ impl HelperPool {
             .kill_on_drop(true);
         if let Some(g) = &self.cpu_group {
             cmd.env(CPU_GROUP_ENV, g);
+        }
+        // The engine's choice of reaping holds for the instances a helper reaps.
+        if let Some(v) = std::env::var_os(crate::child::REAP_ENV) {
+            cmd.env(crate::child::REAP_ENV, v);
         }
         prepare(&mut cmd);
         tg_sys::lifetime::die_with_parent(cmd.as_std_mut());

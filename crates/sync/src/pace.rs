@@ -71,6 +71,9 @@ pub(crate) struct Pacer {
     /// Fan-outs that reached their deadline with the host still overloaded and let the rest
     /// go at once.
     overruns: Arc<AtomicU64>,
+    /// Fan-outs given a pacer ([`Pacer::for_fanout`]): one per fan-out, however many tasks
+    /// write its parts.
+    fanouts: Arc<AtomicU64>,
 }
 
 /// The pacing of one fan-out ([`Pacer::for_fanout`]), shared by every task that writes part
@@ -102,12 +105,14 @@ impl Pacer {
             source,
             pauses: Arc::default(),
             overruns: Arc::default(),
+            fanouts: Arc::default(),
         }
     }
 
     /// The pacer of one fan-out to `conns` connections: the same limit and counter, and a
     /// deadline [`fanout_budget`] from now shared by every task that writes part of it.
     pub(crate) fn for_fanout(&self, conns: usize) -> FanoutPacer {
+        self.fanouts.fetch_add(1, Ordering::Relaxed);
         FanoutPacer {
             pacer: self.clone(),
             until: Instant::now() + fanout_budget(conns),
@@ -123,6 +128,10 @@ impl Pacer {
 
     pub(crate) fn overruns(&self) -> u64 {
         self.overruns.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn fanouts(&self) -> u64 {
+        self.fanouts.load(Ordering::Relaxed)
     }
 
     /// Whether the host is over the limit now.

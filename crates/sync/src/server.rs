@@ -333,12 +333,18 @@ async fn flush_paced(flush: Vec<Arc<NetConn>>, pace: Option<FanoutPacer>, wait_f
 }
 
 /// Writes the output of every connection in `flush`, sharing a large fan-out among the
-/// runtime's workers, paced under `pace` (see [`crate::pace`]).
-pub(crate) fn flush_all(flush: &mut Vec<Arc<NetConn>>, pace: Option<&Pacer>) {
-    if flush.len() > FANOUT_SPLIT
+/// runtime's workers, paced under `pace` (see [`crate::pace`]). `part_of`: the pacer of the
+/// fan-out `flush` is the last part of (its other parts already being written by other
+/// tasks), whose deadline and turns it shares; otherwise a large `flush` gets its own.
+pub(crate) fn flush_all(
+    flush: &mut Vec<Arc<NetConn>>,
+    pace: Option<&Pacer>,
+    part_of: Option<FanoutPacer>,
+) {
+    if (flush.len() > FANOUT_SPLIT || part_of.is_some())
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
-        let pace = pace.map(|p| p.for_fanout(flush.len()));
+        let pace = part_of.or_else(|| pace.map(|p| p.for_fanout(flush.len())));
         let pace = pace.as_ref();
         let workers = runtime.metrics().num_workers().max(1);
         let share = flush.len().div_ceil(workers);
@@ -574,9 +580,11 @@ async fn serve_connection(
             let parsed = reader.parse(net, ticket, handle, &mut batch);
             // Timed for the fan-out log below (a large barrier release).
             let t0 = std::time::Instant::now();
-            if !batch.is_empty() {
-                service.apply_batch(conn, &mut batch, &mut flush);
-            }
+            let part_of = if batch.is_empty() {
+                None
+            } else {
+                service.apply_batch(conn, &mut batch, &mut flush)
+            };
             let t1 = std::time::Instant::now();
             let big = flush.len();
             let end = match parsed {
@@ -592,7 +600,7 @@ async fn serve_connection(
             {
                 flush.push(Arc::clone(net));
             }
-            flush_all(&mut flush, service.pacer());
+            flush_all(&mut flush, service.pacer(), part_of);
             if big > FANOUT_SPLIT {
                 tracing::debug!(
                     conn,
@@ -636,8 +644,8 @@ async fn serve_connection(
                         // EOF without a close frame is an ordinary disconnect (sdk-rust).
                         let _ = reader.parse(net, ticket, handle, &mut batch);
                         if !batch.is_empty() {
-                            service.apply_batch(conn, &mut batch, &mut flush);
-                            flush_all(&mut flush, service.pacer());
+                            let part_of = service.apply_batch(conn, &mut batch, &mut flush);
+                            flush_all(&mut flush, service.pacer(), part_of);
                         }
                         return End::Gone;
                     }

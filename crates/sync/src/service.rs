@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::admission::Admission;
 use crate::core::{ConnId, Core, CoreStats, Dropped, Handled, Item, Outgoing, Reply};
 use crate::limits::{Limit, LimitExceeded, SyncLimits};
-use crate::pace::Pacer;
+use crate::pace::{FanoutPacer, Pacer};
 use crate::server::NetConn;
 
 /// The in-process API failed.
@@ -59,6 +59,9 @@ pub struct ServiceStats {
     pub fanout_pauses: u64,
     /// Large fan-outs that used their whole pacing budget and then wrote the rest at once.
     pub fanout_overruns: u64,
+    /// Fan-outs large enough to be paced (more than 64 connections), each counted once
+    /// however many tasks wrote its parts.
+    pub paced_fanouts: u64,
 }
 
 /// Where a connection's replies go.
@@ -195,7 +198,7 @@ impl SyncService {
         conn: ConnId,
         batch: &mut Vec<Batched>,
         flush: &mut Vec<Arc<NetConn>>,
-    ) {
+    ) -> Option<FanoutPacer> {
         let mut guard = self.lock();
         let sh = &mut *guard;
         let mut hits = Vec::new();
@@ -216,18 +219,18 @@ impl SyncService {
                 }
             }
         }
-        sh.after(hits, flush);
+        sh.after(hits, flush)
     }
 
     fn with_core(&self, f: impl FnOnce(&mut Core, &mut Vec<Outgoing>)) {
         let mut flush = Vec::new();
-        {
+        let part_of = {
             let mut guard = self.lock();
             let sh = &mut *guard;
             f(&mut sh.core, &mut sh.out);
-            sh.after(Vec::new(), &mut flush);
-        }
-        crate::server::flush_all(&mut flush, self.pacer());
+            sh.after(Vec::new(), &mut flush)
+        };
+        crate::server::flush_all(&mut flush, self.pacer(), part_of);
     }
 
     /// Publishes `payload` (kept verbatim) to `topic`; returns its 1-based sequence number.
@@ -321,6 +324,7 @@ impl SyncService {
             unidentified_connections: self.inner.admission.unidentified(),
             fanout_pauses: self.pacer().map_or(0, Pacer::pauses),
             fanout_overruns: self.pacer().map_or(0, Pacer::overruns),
+            paced_fanouts: self.pacer().map_or(0, Pacer::fanouts),
         })
     }
 
@@ -417,8 +421,13 @@ impl Stream for Subscription {
 
 impl Shared {
     /// Logs the limits hit, queues the replies in `self.out` on their sinks, and collects the
-    /// network connections that got output and need a write.
-    fn after(&mut self, mut hits: Vec<LimitExceeded>, flush: &mut Vec<Arc<NetConn>>) {
+    /// network connections that got output and need a write. For a large fan-out, whose parts
+    /// other tasks already write, returns its pacer: what is left in `flush` is its last part.
+    fn after(
+        &mut self,
+        mut hits: Vec<LimitExceeded>,
+        flush: &mut Vec<Arc<NetConn>>,
+    ) -> Option<FanoutPacer> {
         hits.extend(self.core.take_limit_hits());
         for hit in hits {
             if self.warned.insert((hit.limit, hit.run.clone())) {
@@ -459,5 +468,6 @@ impl Shared {
                 self.core.disconnect(conn);
             }
         }
+        fanout_pace
     }
 }

@@ -1221,6 +1221,49 @@ async fn a_paced_release_reaches_every_waiter_and_counts_its_pauses() {
     }
 }
 
+/// A release too large for one task (over 1,024 waiters, whose replies other tasks start
+/// writing while the rest are encoded) is paced as one fan-out: the part written after the
+/// lock shares the others' deadline and turns instead of getting a pacer, and a budget, of its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_release_is_paced_as_one_fanout() {
+    tg_sync::raise_fd_limit();
+    const N: usize = 1_500;
+    for by_network in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = SyncLimits {
+            fanout_pace_runnable: Some(32),
+            ..SyncLimits::default()
+        };
+        let service = SyncService::spawn_paced_by(limits, every_other_look_overloaded);
+        tokio::spawn(serve(listener, service.clone(), std::future::pending()));
+        let mut waiters = raw_waiters(addr, "one", N).await;
+        wait_until(&service, "all waiters", |s| s.waiters == N).await;
+        assert_eq!(service.stats().await.unwrap().paced_fanouts, 0);
+        let state = format!("{K}:states:one");
+        if by_network {
+            let mut signaller = ws(addr).await;
+            for i in 0..N {
+                let req = format!(r#"{{"id":"s{i}","signal_entry":{{"state":"{state}"}}}}"#);
+                send_text(&mut signaller, &req).await;
+                recv(&mut signaller).await;
+            }
+        } else {
+            for _ in 0..N {
+                service.signal_entry(&state).await.unwrap();
+            }
+        }
+        for w in &mut waiters {
+            let (op, _) = timeout(LIMIT, raw_frame(w)).await.unwrap();
+            assert_eq!(op, 0x1);
+        }
+        let stats = service.stats().await.unwrap();
+        assert_eq!(stats.paced_fanouts, 1, "by network: {by_network}");
+        assert_eq!(stats.fanout_overruns, 0);
+    }
+}
+
 #[tokio::test]
 async fn a_request_that_is_not_an_upgrade_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

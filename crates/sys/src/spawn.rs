@@ -379,18 +379,24 @@ pub fn defer_reaps_while(gate: ReapGate) {
     let _ = REAP_GATE.set(gate);
 }
 
-/// A request to the reaping thread: a duplicate of the child's pidfd, which the thread owns
-/// (so that it names the same process even if the waiter is dropped), and where to answer.
-type ReapJob = (
-    OwnedFd,
-    tokio::sync::oneshot::Sender<io::Result<Option<ExitStatus>>>,
-);
+/// A request to the reaping thread.
+enum ReapJob {
+    /// An ended child: a duplicate of its pidfd, which the thread owns (so that it names the
+    /// same process even if the waiter is dropped), and where to send its status.
+    Ended(
+        OwnedFd,
+        tokio::sync::oneshot::Sender<io::Result<Option<ExitStatus>>>,
+    ),
+    /// Reap every put-off child now, then say so.
+    Now(mpsc::Sender<()>),
+}
+
+static REAPING: OnceLock<mpsc::Sender<ReapJob>> = OnceLock::new();
 
 /// The thread that reads ended children's statuses for [`AsyncChild::wait`] and reaps them,
 /// at nice [`REAP_NICE`], when [`defer_reaps_while`]'s gate allows.
 fn reaping_thread() -> &'static mpsc::Sender<ReapJob> {
-    static REAPER: OnceLock<mpsc::Sender<ReapJob>> = OnceLock::new();
-    REAPER.get_or_init(|| {
+    REAPING.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<ReapJob>();
         let _ = std::thread::Builder::new()
             .name("tg-reap".into())
@@ -404,6 +410,17 @@ fn reaping_thread() -> &'static mpsc::Sender<ReapJob> {
     })
 }
 
+/// Reaps at once every ended child whose reap is being put off (see [`defer_reaps_while`]),
+/// waiting at most `within` for the reaping thread. For the end of a run, so that no zombie
+/// outlives it. Returns whether the thread answered in time (trivially, when it never ran).
+pub fn reap_put_off_now(within: std::time::Duration) -> bool {
+    let Some(tx) = REAPING.get() else {
+        return true;
+    };
+    let (done, answer) = mpsc::channel();
+    tx.send(ReapJob::Now(done)).is_ok() && answer.recv_timeout(within).is_ok()
+}
+
 /// How often the reaping thread asks the gate again while children wait to be reaped.
 const REAP_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -411,6 +428,9 @@ fn reap_loop(rx: &mpsc::Receiver<ReapJob>, busy: impl Fn() -> bool) {
     use std::collections::VecDeque;
     use std::time::Instant;
     let mut ended: VecDeque<(OwnedFd, Instant)> = VecDeque::new();
+    let reap = |fd: OwnedFd| {
+        let _ = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG);
+    };
     loop {
         let job = if ended.is_empty() {
             match rx.recv() {
@@ -423,26 +443,31 @@ fn reap_loop(rx: &mpsc::Receiver<ReapJob>, busy: impl Fn() -> bool) {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 // No more waiters: reap what is left, gate or not.
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    for (fd, _) in ended.drain(..) {
-                        let _ = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG);
-                    }
+                    ended.drain(..).for_each(|(fd, _)| reap(fd));
                     return;
                 }
             }
         };
-        if let Some((fd, reply)) = job {
-            let peeked = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG | libc::WNOWAIT);
-            if matches!(peeked, Ok(Some(_))) {
-                ended.push_back((fd, Instant::now()));
+        match job {
+            Some(ReapJob::Ended(fd, reply)) => {
+                let peeked = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG | libc::WNOWAIT);
+                if matches!(peeked, Ok(Some(_))) {
+                    ended.push_back((fd, Instant::now()));
+                }
+                let _ = reply.send(peeked);
             }
-            let _ = reply.send(peeked);
+            Some(ReapJob::Now(done)) => {
+                ended.drain(..).for_each(|(fd, _)| reap(fd));
+                let _ = done.send(());
+            }
+            None => {}
         }
         while let Some((_, since)) = ended.front() {
             if since.elapsed() < MAX_REAP_DEFERRAL && busy() {
                 break;
             }
             if let Some((fd, _)) = ended.pop_front() {
-                let _ = reap_pidfd(fd.as_raw_fd(), libc::WNOHANG);
+                reap(fd);
             }
         }
     }
@@ -681,7 +706,7 @@ impl AsyncChild {
                     // however long the answer takes.
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     reaping_thread()
-                        .send((pidfd.try_clone()?, tx))
+                        .send(ReapJob::Ended(pidfd.try_clone()?, tx))
                         .map_err(|_| io::Error::other("the reaping thread is gone"))?;
                     self.pending.insert(rx)
                 }

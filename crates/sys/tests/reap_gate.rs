@@ -59,6 +59,15 @@ async fn a_busy_host_gets_the_status_at_once_and_the_reap_later() {
     assert!(calm.wait().await.unwrap().success());
     wait_gone(calm_pid, Duration::from_secs(5)).await;
 
+    // Busy, but the run is over: reaped on demand.
+    BUSY.store(true, Ordering::SeqCst);
+    let mut done = exiting(2);
+    let done_pid = done.id();
+    assert_eq!(done.wait().await.unwrap().code(), Some(2));
+    assert_eq!(state(done_pid), Some('Z'));
+    assert!(tg_sys::spawn::reap_put_off_now(Duration::from_secs(5)));
+    assert_eq!(state(done_pid), None, "still there after reap_put_off_now");
+
     // Busy for good: reaped after the longest deferral all the same.
     BUSY.store(true, Ordering::SeqCst);
     let mut stuck = exiting(9);
