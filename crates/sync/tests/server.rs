@@ -1167,6 +1167,45 @@ fn every_other_look_overloaded() -> Option<u32> {
     Some(if n.is_multiple_of(2) { 100_000 } else { 0 })
 }
 
+/// A service paced at `pace` runnable tasks on a host that is overloaded every other look,
+/// serving a listener, and `n` raw websockets waiting at its barrier `state` of target `n`.
+async fn paced_barrier(
+    pace: Option<u32>,
+    state: &str,
+    n: usize,
+) -> (SocketAddr, SyncService, Vec<tokio::net::TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = SyncLimits {
+        fanout_pace_runnable: pace,
+        ..SyncLimits::default()
+    };
+    let service = SyncService::spawn_paced_by(limits, every_other_look_overloaded);
+    tokio::spawn(serve(listener, service.clone(), std::future::pending()));
+    let waiters = raw_waiters(addr, state, n).await;
+    wait_until(&service, "all waiters", |s| s.waiters == n).await;
+    (addr, service, waiters)
+}
+
+/// Signals barrier `state` `n` times, over a websocket to `addr` or in process to `service`;
+/// each signal gets its own sequence number.
+async fn signal(addr: SocketAddr, service: &SyncService, state: &str, n: usize, by_network: bool) {
+    let state = format!("{K}:states:{state}");
+    if by_network {
+        let mut signaller = ws(addr).await;
+        for i in 0..n {
+            let req = format!(r#"{{"id":"s{i}","signal_entry":{{"state":"{state}"}}}}"#);
+            send_text(&mut signaller, &req).await;
+            let reply = recv(&mut signaller).await;
+            assert!(reply.contains(&format!(r#""seq":{}"#, i + 1)), "{reply}");
+        }
+    } else {
+        for _ in 0..n {
+            service.signal_entry(&state).await.unwrap();
+        }
+    }
+}
+
 /// A fan-out paced on an overcommitted host still reaches every waiter with its own answer,
 /// released from the network and in-process, and its pauses are counted; without pacing
 /// there is none.
@@ -1174,30 +1213,8 @@ fn every_other_look_overloaded() -> Option<u32> {
 async fn a_paced_release_reaches_every_waiter_and_counts_its_pauses() {
     const N: usize = 300;
     for (pace, by_network) in [(Some(32), true), (Some(32), false), (None, true)] {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = SyncLimits {
-            fanout_pace_runnable: pace,
-            ..SyncLimits::default()
-        };
-        let service = SyncService::spawn_paced_by(limits, every_other_look_overloaded);
-        tokio::spawn(serve(listener, service.clone(), std::future::pending()));
-        let mut waiters = raw_waiters(addr, "paced", N).await;
-        wait_until(&service, "all waiters", |s| s.waiters == N).await;
-        let state = format!("{K}:states:paced");
-        if by_network {
-            let mut signaller = ws(addr).await;
-            for i in 0..N {
-                let req = format!(r#"{{"id":"s{i}","signal_entry":{{"state":"{state}"}}}}"#);
-                send_text(&mut signaller, &req).await;
-                let reply = recv(&mut signaller).await;
-                assert!(reply.contains(&format!(r#""seq":{}"#, i + 1)), "{reply}");
-            }
-        } else {
-            for _ in 0..N {
-                service.signal_entry(&state).await.unwrap();
-            }
-        }
+        let (addr, service, mut waiters) = paced_barrier(pace, "paced", N).await;
+        signal(addr, &service, "paced", N, by_network).await;
         for (i, w) in waiters.iter_mut().enumerate() {
             let (op, payload) = timeout(LIMIT, raw_frame(w)).await.unwrap();
             assert_eq!(op, 0x1);
@@ -1230,30 +1247,9 @@ async fn a_large_release_is_paced_as_one_fanout() {
     tg_sync::raise_fd_limit();
     const N: usize = 1_500;
     for by_network in [true, false] {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = SyncLimits {
-            fanout_pace_runnable: Some(32),
-            ..SyncLimits::default()
-        };
-        let service = SyncService::spawn_paced_by(limits, every_other_look_overloaded);
-        tokio::spawn(serve(listener, service.clone(), std::future::pending()));
-        let mut waiters = raw_waiters(addr, "one", N).await;
-        wait_until(&service, "all waiters", |s| s.waiters == N).await;
+        let (addr, service, mut waiters) = paced_barrier(Some(32), "one", N).await;
         assert_eq!(service.stats().await.unwrap().paced_fanouts, 0);
-        let state = format!("{K}:states:one");
-        if by_network {
-            let mut signaller = ws(addr).await;
-            for i in 0..N {
-                let req = format!(r#"{{"id":"s{i}","signal_entry":{{"state":"{state}"}}}}"#);
-                send_text(&mut signaller, &req).await;
-                recv(&mut signaller).await;
-            }
-        } else {
-            for _ in 0..N {
-                service.signal_entry(&state).await.unwrap();
-            }
-        }
+        signal(addr, &service, "one", N, by_network).await;
         for w in &mut waiters {
             let (op, _) = timeout(LIMIT, raw_frame(w)).await.unwrap();
             assert_eq!(op, 0x1);
