@@ -242,10 +242,11 @@ impl Child {
         if let Some(s) = self.status {
             return Ok(Some(s));
         }
-        let r = match &self.pidfd {
-            Some(fd) => reap_pidfd(fd.as_raw_fd(), flags),
-            None => reap_pid(self.pid, flags),
+        // Only a dropped child, already given a status, has given its pidfd away.
+        let Some(fd) = &self.pidfd else {
+            return Err(io::Error::other("child has no pidfd"));
         };
+        let r = reap_pidfd(fd.as_raw_fd(), flags);
         if let Ok(Some(s)) = r {
             self.status = Some(s);
         }
@@ -329,25 +330,6 @@ fn reap_pidfd(pidfd: RawFd, flags: libc::c_int) -> io::Result<Option<ExitStatus>
         _ => status,
     };
     Ok(Some(ExitStatus::from_raw(raw)))
-}
-
-/// Reaps `pid` (`waitpid`), for a child without a pidfd.
-fn reap_pid(pid: u32, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: waitpid writes the status into a local. The pid is ours and cannot be reused
-    // before we reap it (a zombie keeps its pid).
-    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, flags) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    if r == 0 {
-        return Ok(None);
-    }
-    Ok(Some(ExitStatus::from_raw(status)))
 }
 
 /// Nice value of the thread that reaps ended children for [`AsyncChild::wait`].
