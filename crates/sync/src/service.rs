@@ -305,7 +305,7 @@ impl SyncService {
     }
 
     pub async fn stats(&self) -> Result<ServiceStats, ServiceError> {
-        let sh = self.lock();
+        let mut sh = self.lock();
         let CoreStats {
             states,
             topics,
@@ -462,6 +462,9 @@ impl Shared {
                 _ => {}
             }
         }
+        // Now that the replies are encoded (and a large fan-out's parts are being written), the
+        // released waiters' bookkeeping (see Core::settle).
+        self.core.settle();
         // A receiver dropped without its handle: stop feeding it.
         for conn in dead {
             if self.sinks.remove(&conn).is_some() {
