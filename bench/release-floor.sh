@@ -4,21 +4,24 @@
 # waiter from one process, epoll reads in another, nothing else), taking turns, quiet and with
 # both sides at SCHED_FIFO 20.
 #
-# Usage (as root for the real-time rows): bench/release-floor.sh [ROUNDS] [SYNC_BENCH_BIN]
-#   SYNC_BENCH_BIN defaults to target/release/sync-bench (cargo build --release -p tg-sync --bin sync-bench).
+# Usage (as root for the real-time rows): bench/release-floor.sh [ROUNDS] [SYNC_BENCH_BIN...]
+#   SYNC_BENCH_BIN defaults to target/release/sync-bench (cargo build --release -p tg-sync --bin sync-bench);
+#   several builds (e.g. before and after a change) take turns with the floor, row by row.
+#   WAITERS (default "1000 10000") and SCHED (default "0 1": normal, then SCHED_FIFO) narrow it.
 # Needs 10,000 + a few open files per process (ulimit -n). Markdown rows to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-sb=${2:-target/release/sync-bench}
+shift || true
+sbs=("$@"); [ ${#sbs[@]} -gt 0 ] || sbs=(target/release/sync-bench)
 floor=$(mktemp /tmp/fanout-floor.XXXXXX)
 cc -O2 -Wall -pthread -o "$floor" bench/fanout-floor.c
 port=${SYNC_BENCH_PORT:-5390}
 dir=$(mktemp -d /tmp/release-floor.XXXXXX)
 trap 'exec 9>&- 2>/dev/null || true; rm -rf "$dir" "$floor"' EXIT
 
-ours() { # RT WAITERS -> "min | median | max"
-  local pre=() pid
+ours() { # RT WAITERS SYNC_BENCH_BIN -> "min | median | max"
+  local pre=() pid sb=$3
   [ "$1" = 1 ] && pre=(chrt -f 20)
   mkfifo "$dir/in"
   "${pre[@]}" "$sb" server --addr "127.0.0.1:$port" --threads 2 <"$dir/in" >"$dir/out" &
@@ -44,11 +47,15 @@ echo
 echo "| round | scheduling | waiters | what | min | median | max |"
 echo "|---|---|---:|---|---:|---:|---:|"
 for r in $(seq 1 "$rounds"); do
-  for rt in 0 1; do
+  for rt in ${SCHED:-0 1}; do
     sched=normal; [ $rt = 1 ] && sched="SCHED_FIFO 20"
-    for w in 1000 10000; do
+    for w in ${WAITERS:-1000 10000}; do
       echo "| $r | $sched | $w | floor (C, 2 writer threads, 2 reader threads) |$(floor $rt $w)|"
-      echo "| $r | $sched | $w | our service (2 workers; sync-bench client, 2 threads) |$(ours $rt $w)|"
+      for sb in "${sbs[@]}"; do
+        name="our service"
+        [ ${#sbs[@]} -gt 1 ] && name="our service, $sb"
+        echo "| $r | $sched | $w | $name (2 workers; sync-bench client, 2 threads) |$(ours $rt $w "$sb")|"
+      done
     done
   done
 done

@@ -78,6 +78,11 @@ pub(crate) const HOST_KEYS: &[ConfigKey] = &[
         expects: "a duration such as \"1ms\" (0: the kernel's default, 50us)",
         help: "how late the kernel may fire instances' timeouts to batch wake-ups (default: 1ms in a run of more than 500 instances per CPU, else the kernel's)",
     },
+    ConfigKey {
+        name: "start_pace",
+        expects: "on, off, or a number of runnable tasks per CPU (at least 1)",
+        help: "before starting each instance, wait (at most 1 s, and 10 s or 4 ms per instance in all) while the host has more runnable tasks than this (default on: 16 per CPU, the sync service's fan-out limit)",
+    },
 ];
 
 /// Keys of `local:docker` (the original's, and the start concurrency).
@@ -282,12 +287,36 @@ pub struct RunConfig {
     pub instance_env: Vec<(String, String)>,
     /// `timer_slack` of host-process instances (zero: the kernel's default).
     pub timer_slack: Option<Duration>,
+    /// `start_pace` of host-process instances.
+    pub start_pace: StartPaceSetting,
     /// `local:docker`'s keys.
     pub docker: DockerConfig,
     /// `cluster:k8s`'s keys.
     pub k8s: K8sConfig,
     /// Unknown keys that were tolerated (from a manifest or `.env.toml`), to warn about.
     pub ignored: Vec<String>,
+}
+
+/// `start_pace`: whether a start waits while the host is overcommitted (see `start_pace`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartPaceSetting {
+    /// On, at the sync service's fan-out limit per CPU.
+    #[default]
+    Default,
+    Off,
+    /// On, at this many runnable tasks per CPU.
+    PerCpu(u32),
+}
+
+impl StartPaceSetting {
+    /// The limit in runnable tasks per CPU, or `None` when off.
+    pub fn per_cpu(self) -> Option<u32> {
+        match self {
+            StartPaceSetting::Default => Some(tg_sync::pace::DEFAULT_RUNNABLE_PER_CPU),
+            StartPaceSetting::Off => None,
+            StartPaceSetting::PerCpu(n) => Some(n),
+        }
+    }
 }
 
 impl RunConfig {
@@ -320,6 +349,22 @@ fn boolean(key: &str, v: &Value) -> Result<bool, RunError> {
             _ => Err(invalid(key, v, "expected true or false")),
         },
         _ => Err(invalid(key, v, "expected true or false")),
+    }
+}
+
+fn start_pace(key: &str, v: &Value) -> Result<StartPaceSetting, RunError> {
+    const WHAT: &str = "expected on, off, or a number of runnable tasks per CPU (at least 1)";
+    match v {
+        Value::Bool(true) => Ok(StartPaceSetting::Default),
+        Value::Bool(false) => Ok(StartPaceSetting::Off),
+        Value::String(s) if matches!(s.trim(), "on" | "true") => Ok(StartPaceSetting::Default),
+        Value::String(s) if matches!(s.trim(), "off" | "false") => Ok(StartPaceSetting::Off),
+        _ => match unsigned(key, v, WHAT)? {
+            0 => Err(invalid(key, v, WHAT)),
+            n => Ok(StartPaceSetting::PerCpu(
+                u32::try_from(n).map_err(|_| invalid(key, v, WHAT))?,
+            )),
+        },
     }
 }
 
@@ -514,6 +559,7 @@ pub(crate) fn parse(
                     _ => return Err(invalid(key, v, "expected a duration like \"1ms\"")),
                 });
             }
+            "start_pace" => cfg.start_pace = start_pace(key, v)?,
             "keep_containers" => cfg.docker.keep_containers = boolean(key, v)?,
             "background" => {
                 boolean(key, v)?;
@@ -767,6 +813,9 @@ mod tests {
             (json!({"instance_env": 3}), "expected a table"),
             (json!({"timer_slack": "soon"}), ""),
             (json!({"timer_slack": 5}), "expected a duration"),
+            (json!({"start_pace": 0}), "runnable tasks per CPU"),
+            (json!({"start_pace": "fast"}), "expected on, off"),
+            (json!({"start_pace": -2}), "at least 1"),
         ] {
             match h(bad.clone()) {
                 Err(RunError::InvalidConfig { reason, .. }) => {
@@ -783,6 +832,15 @@ mod tests {
         );
         assert_eq!(slack(json!({"timer_slack": "0"})), Some(Duration::ZERO));
         assert_eq!(slack(json!({"timer_slack": 0})), Some(Duration::ZERO));
+        let pace = |v: Value| h(v).unwrap().start_pace.per_cpu();
+        let default = Some(tg_sync::pace::DEFAULT_RUNNABLE_PER_CPU);
+        assert_eq!(pace(json!({})), default);
+        assert_eq!(pace(json!({"start_pace": "on"})), default);
+        assert_eq!(pace(json!({"start_pace": true})), default);
+        assert_eq!(pace(json!({"start_pace": "off"})), None);
+        assert_eq!(pace(json!({"start_pace": false})), None);
+        assert_eq!(pace(json!({"start_pace": 64})), Some(64));
+        assert_eq!(pace(json!({"start_pace": "8"})), Some(8));
         // Only the host-process runners know them.
         let strict = ["instance_env".to_string()].into_iter().collect();
         let docker = parse(

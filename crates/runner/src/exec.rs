@@ -218,6 +218,10 @@ impl ExecLauncher {
 impl Launcher for ExecLauncher {
     type Instance = ExecInstance;
 
+    fn paced_start(&self) -> bool {
+        true
+    }
+
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
         for line in self.track(&ctx.temp_root)? {
             let _ = ctx.events.send(RunnerEvent::Log(line)).await;

@@ -86,6 +86,12 @@ pub(crate) trait Launcher: Send {
         specs: &[InstanceSpec],
     ) -> impl Future<Output = Result<(), RunError>> + Send;
 
+    /// Whether the start of each instance waits while this host is overcommitted (see
+    /// `start_pace`): the host-process runners, whose instances are this host's load.
+    fn paced_start(&self) -> bool {
+        false
+    }
+
     /// Starts one instance.
     fn launch(
         &mut self,

@@ -51,6 +51,7 @@ mod netns;
 mod outputs;
 pub mod registry;
 mod run_loop;
+mod start_pace;
 mod supervisor;
 mod tracking;
 
@@ -66,7 +67,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use cleanup::wait_for_cleanup;
-pub use config::{ConfigKey, DockerConfig, K8sConfig, RunConfig};
+pub use config::{ConfigKey, DockerConfig, K8sConfig, RunConfig, StartPaceSetting};
 pub use error::RunError;
 pub use helper::{HELPER_ARG, helper_main, set_helper_program};
 pub use instance::MAX_LINE;

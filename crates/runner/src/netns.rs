@@ -121,6 +121,10 @@ impl NetnsLauncher {
 impl Launcher for NetnsLauncher {
     type Instance = ExecInstance;
 
+    fn paced_start(&self) -> bool {
+        true
+    }
+
     async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
         check_privileges()?;
         crate::limits::check_direct("local:netns", self.input.total_instances)?;

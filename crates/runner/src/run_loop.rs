@@ -14,6 +14,7 @@ use crate::env::GroupEnv;
 use crate::instance::InstanceTask;
 use crate::launch::{InstanceSpec, LaunchContext, Launcher};
 use crate::outputs::is_plain_component;
+use crate::start_pace::{self, StartPace};
 use crate::supervisor::{Exit, InstanceReport, OutcomeRule, StopReason, Supervisor, Termination};
 use crate::{RunContext, RunError, RunOutput, RunnerEvent, outputs_dir};
 
@@ -168,10 +169,35 @@ pub(crate) async fn run_loop<L: Launcher>(
     let mut ordinals = HashMap::new();
     let mut started: u32 = 0;
     let step = (total / 20).max(1);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_cpu = config.start_pace.per_cpu();
+    let mut pace = per_cpu.filter(|_| launcher.paced_start()).map(|per_cpu| {
+        StartPace::new(
+            per_cpu,
+            u32::try_from(cpus).unwrap_or(u32::MAX),
+            total,
+            Instant::now(),
+        )
+    });
 
     while spawn_error.is_none()
         && let Some(spec) = specs.pop_front()
     {
+        if let Some(p) = &mut pace {
+            while p.should_wait(tg_sync::pace::runnable_tasks(), Instant::now()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(start_pace::STEP) => {}
+                    _ = cancel.cancelled() => break,
+                    _ = async { tokio::time::sleep_until(deadline.unwrap_or(start)).await },
+                        if deadline.is_some() => break,
+                }
+                // The instances already started keep reporting meanwhile.
+                while let Ok(r) = reports.try_recv() {
+                    sup.handle(r);
+                }
+                flush(&mut sup, &events).await;
+            }
+        }
         if cancel.is_cancelled() || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
@@ -205,6 +231,9 @@ pub(crate) async fn run_loop<L: Launcher>(
     }
     drop(specs);
     drop(report_tx);
+    if let Some(line) = pace.as_ref().and_then(StartPace::summary) {
+        let _ = events.send(RunnerEvent::Log(line)).await;
+    }
 
     let mut stopping: Option<StopReason> = None;
     if let Some(e) = &spawn_error {
@@ -358,6 +387,7 @@ mod tests {
     struct Fake {
         scripts: Vec<Script>,
         fail_launch_at: Option<usize>,
+        paced: bool,
         log: Arc<Mutex<Log>>,
         t0: Instant,
     }
@@ -373,6 +403,10 @@ mod tests {
 
     impl Launcher for Fake {
         type Instance = FakeInstance;
+
+        fn paced_start(&self) -> bool {
+            self.paced
+        }
 
         async fn start(&mut self, ctx: &LaunchContext) -> Result<NetEnv, RunError> {
             use std::os::unix::fs::PermissionsExt;
@@ -490,6 +524,8 @@ mod tests {
     struct Harness {
         dir: tempfile::TempDir,
         log: Arc<Mutex<Log>>,
+        /// A launcher whose start is paced, with this run config.
+        paced: Option<crate::StartPaceSetting>,
     }
 
     impl Harness {
@@ -497,6 +533,7 @@ mod tests {
             Harness {
                 dir: tempfile::tempdir().unwrap(),
                 log: Arc::default(),
+                paced: None,
             }
         }
 
@@ -531,6 +568,7 @@ mod tests {
             let launcher = Fake {
                 scripts,
                 fail_launch_at,
+                paced: self.paced.is_some(),
                 log: self.log.clone(),
                 t0: Instant::now(),
             };
@@ -538,7 +576,10 @@ mod tests {
             let (_sync_tx, sync_rx) = mpsc::channel(1);
             let ctx = RunContext {
                 input,
-                config: RunConfig::default(),
+                config: RunConfig {
+                    start_pace: self.paced.unwrap_or_default(),
+                    ..RunConfig::default()
+                },
                 events: tx,
                 cancel,
                 sync_events: sync_rx,
@@ -565,6 +606,90 @@ mod tests {
             .collect();
         v.sort_by_key(|(i, _)| *i);
         v
+    }
+
+    /// Keeps the host's runnable count above `n` until dropped.
+    struct Busy(
+        Arc<std::sync::atomic::AtomicBool>,
+        Vec<std::thread::JoinHandle<()>>,
+    );
+
+    impl Busy {
+        fn over(n: usize) -> Busy {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let threads = (0..n + 4)
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                    })
+                })
+                .collect();
+            Busy(stop, threads)
+        }
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            for t in self.1.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn logs(events: &[RunnerEvent]) -> Vec<&str> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                RunnerEvent::Log(l) => Some(l.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overcommitted_host_paces_the_start_unless_turned_off() {
+        use crate::StartPaceSetting;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // One runnable task per CPU is the limit; the spinning threads stay over it.
+        let _busy = Busy::over(cpus);
+        let run = |paced| async move {
+            let mut h = Harness::new();
+            h.paced = Some(paced);
+            let (out, events) = h
+                .run(
+                    vec![Script::OkAfter(Duration::from_millis(5)); 3],
+                    Duration::from_secs(60),
+                    CancellationToken::new(),
+                    None,
+                )
+                .await;
+            assert_eq!(out.unwrap().result.outcome, Outcome::Success);
+            assert_eq!(h.log.lock().unwrap().launched, vec![0, 1, 2]);
+            logs(&events)
+                .into_iter()
+                .filter(|l| l.contains("the start waited"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        // Paced: each instance waits its longest (1 s) for a host that never calms down, and
+        // the run log says so.
+        let said = run(StartPaceSetting::PerCpu(1)).await;
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].contains("waited 3.0 s in all, before 3 instance(s)")
+                && said[0].contains(&format!("more than {cpus} runnable tasks")),
+            "{said:?}"
+        );
+        // Off, or a limit the host is under: no wait, nothing said.
+        assert_eq!(run(StartPaceSetting::Off).await, Vec::<String>::new());
+        assert_eq!(
+            run(StartPaceSetting::PerCpu(1_000_000)).await,
+            Vec::<String>::new()
+        );
     }
 
     #[tokio::test(start_paused = true)]
