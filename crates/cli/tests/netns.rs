@@ -243,6 +243,23 @@ fn seed_ping_pong_passes_with_its_rtt_in_range_and_leaves_nothing() {
             "rtt {rtt:?}"
         );
     }
+    // The run log tells how punctual the shaping was: the pump delayed (100 ms each way) and
+    // released at least the pings and their answers.
+    let timing = stdout
+        .lines()
+        .find(|l| l.contains(" delayed packets released late by under "))
+        .unwrap_or_else(|| panic!("no timing line: {stdout}"));
+    let delayed: u64 = timing
+        .split(" delayed packets")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{timing}"));
+    assert!(delayed >= 4, "{timing}");
+    assert!(
+        timing.contains("for 99 %") && timing.contains("ms at most"),
+        "{timing}"
+    );
     let id = run_id_of(&out);
     // Each instance's data traffic, as pcap (24-byte header, then records).
     for i in 0..2 {

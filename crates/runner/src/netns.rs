@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use tg_sidecar::{Options, RunNetwork, SYNC_NAME, SYNC_PORT, SidecarEvent};
+use tg_sidecar::{Lateness, Options, RunNetwork, SYNC_NAME, SYNC_PORT, SidecarEvent};
+use tg_sys::proc::CpuTimes;
 use tokio::sync::mpsc;
 
 use crate::exec::{ExecInstance, ExecLauncher};
@@ -102,6 +103,8 @@ pub(crate) struct NetnsLauncher {
     /// The task building them; it hands the network back when done or when `prepared` is
     /// dropped.
     building: Option<tokio::task::JoinHandle<RunNetwork>>,
+    /// The machine's CPU times when the run's network was made, for the share its host took.
+    cpu_at_start: Option<CpuTimes>,
 }
 
 impl NetnsLauncher {
@@ -114,6 +117,7 @@ impl NetnsLauncher {
             events: None,
             prepared: None,
             building: None,
+            cpu_at_start: None,
         }
     }
 }
@@ -143,6 +147,7 @@ impl Launcher for NetnsLauncher {
             sync_port: SYNC_PORT,
         };
         self.net = Some(net);
+        self.cpu_at_start = CpuTimes::now().ok();
         Ok(env)
     }
 
@@ -219,13 +224,54 @@ impl Launcher for NetnsLauncher {
         // Processes first (the tracker's cgroup also holds instances that left their
         // namespaces), then the network they used.
         let mut lines = self.exec.finish().await;
-        if let Some(net) = self.net.take()
-            && let Some(stats) = net.shutdown().await
-        {
-            lines.push(format!("network: {stats}"));
+        if let Some(net) = self.net.take() {
+            let late = net.take_pump_lateness().await.ok();
+            let steal = self
+                .cpu_at_start
+                .zip(CpuTimes::now().ok())
+                .and_then(|(start, end)| end.steal_since(&start));
+            if let Some(line) = late.and_then(|l| timing_line(&l, steal)) {
+                lines.push(line);
+            }
+            if let Some(stats) = net.shutdown().await {
+                lines.push(format!("network: {stats}"));
+            }
         }
         lines
     }
+}
+
+/// When the p99 of the pump's lateness is surely above this (its bucket starts there), the
+/// timing line points at the machine: shaped delays were that late.
+const LATE_P99_US: u64 = 1_000;
+
+/// The run log's account of how punctual the shaping was: how late the pump released the
+/// packets it delayed (the pump's share of a shaped delay's error; the instances' own wake-ups
+/// add theirs), and how much CPU time the host of a virtual machine took meanwhile (steal),
+/// since that is what makes a virtual machine's timers late whatever runs inside it.
+/// `None` when no packet was delayed.
+fn timing_line(late: &Lateness, steal: Option<f64>) -> Option<String> {
+    let (p50, p99) = (late.percentile_us(50.0)?, late.percentile_us(99.0)?);
+    let max = late.max_ns as f64 / 1e6;
+    let mut line = format!(
+        "network: {} delayed packets released late by under {p50} µs for half of them, under \
+         {p99} µs for 99 %, {max:.2} ms at most",
+        late.count
+    );
+    if let Some(steal) = steal.filter(|&s| s > 0.0) {
+        line.push_str(&format!(
+            "; the host of this virtual machine took {:.1} % of its CPU time meanwhile (steal)",
+            steal * 100.0
+        ));
+    }
+    // A percentile is the top of a power-of-two bucket: half of it is the bucket's start.
+    if p99 / 2 >= LATE_P99_US {
+        line.push_str(
+            "; shaped delays ran over a millisecond late: the machine was busy or its host \
+             took its CPUs (README, \"Timing under load\")",
+        );
+    }
+    Some(line)
 }
 
 /// Builds the run's network and forwards the sidecar's messages: log lines to the run log,
@@ -326,4 +372,43 @@ pub(crate) async fn create(
         })
         .await;
     Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lateness(us: &[u64]) -> Lateness {
+        let mut l = Lateness::default();
+        for &u in us {
+            l.record(u * 1_000);
+        }
+        l
+    }
+
+    #[test]
+    fn the_timing_line_gives_the_pumps_lateness_and_the_hosts_steal() {
+        // Nothing delayed: nothing to say.
+        assert_eq!(timing_line(&Lateness::default(), Some(0.05)), None);
+        // 98 packets 20-30 µs late, 2 of them 3 ms: p99 is in the 2-4 ms bucket.
+        let mut us = vec![20; 49];
+        us.extend([30; 49]);
+        us.extend([3_000, 3_000]);
+        let line = timing_line(&lateness(&us), Some(0.082)).unwrap();
+        assert_eq!(
+            line,
+            "network: 100 delayed packets released late by under 32 µs for half of them, under \
+             4096 µs for 99 %, 3.00 ms at most; the host of this virtual machine took 8.2 % of \
+             its CPU time meanwhile (steal); shaped delays ran over a millisecond late: the \
+             machine was busy or its host took its CPUs (README, \"Timing under load\")"
+        );
+        // Punctual, on a machine without steal (or where it is unknown): no warning, no steal.
+        let line = timing_line(&lateness(&[10, 20, 600]), Some(0.0)).unwrap();
+        assert_eq!(
+            line,
+            "network: 3 delayed packets released late by under 32 µs for half of them, under \
+             1024 µs for 99 %, 0.60 ms at most"
+        );
+        assert_eq!(timing_line(&lateness(&[10, 20, 600]), None), Some(line));
+    }
 }

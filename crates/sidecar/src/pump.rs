@@ -238,7 +238,8 @@ pub struct Lateness {
 }
 
 impl Lateness {
-    fn record(&mut self, ns: u64) {
+    /// Counts one release `ns` nanoseconds after its deadline.
+    pub fn record(&mut self, ns: u64) {
         let us = ns / 1_000;
         let i = if us == 0 {
             0

@@ -1,5 +1,6 @@
 //! What `/proc` says about processes: which network namespace each lives in, when it started,
-//! and whether its environment carries a marker.
+//! and whether its environment carries a marker; and how much CPU time the machine's host took
+//! (steal).
 //!
 //! Used to kill what still runs in a live run's namespaces, to tell a run's owner from a
 //! process that reused its pid (pid plus start time), and to find a run's processes by their
@@ -125,9 +126,89 @@ pub fn uptime() -> io::Result<f64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/uptime"))
 }
 
+/// The machine's CPU time so far, summed over its CPUs, from the `cpu` line of `/proc/stat`
+/// (clock ticks). `steal` is the time a virtual machine's CPUs wanted to run but its host ran
+/// something else: time in which no timer of the guest fires and no thread of it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// Every field of the line (user, nice, system, idle, iowait, irq, softirq, steal); guest
+    /// time is already counted in user and nice.
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    /// Reads `/proc/stat`.
+    pub fn now() -> io::Result<CpuTimes> {
+        let text =
+            fs::read_to_string("/proc/stat").map_err(|e| with_context(e, "read /proc/stat"))?;
+        CpuTimes::parse(&text)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/stat"))
+    }
+
+    /// The `cpu` line of a `/proc/stat` text. Kernels before 2.6.11 have no steal field: 0.
+    pub fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let fields = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|f| f.parse::<u64>().ok())
+            .collect::<Option<Vec<u64>>>()?;
+        if fields.len() < 4 {
+            return None;
+        }
+        Some(CpuTimes {
+            total: fields.iter().sum(),
+            steal: fields.get(7).copied().unwrap_or(0),
+        })
+    }
+
+    /// The share of the CPU time from `earlier` to `self` that the host took (0 to 1), or
+    /// `None` when no time passed.
+    pub fn steal_since(&self, earlier: &CpuTimes) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        (total > 0).then(|| steal as f64 / total as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_times_sum_the_cpu_line_and_take_steal_from_its_eighth_field() {
+        let stat = "cpu  100 10 50 800 5 0 3 32 7 0\ncpu0 50 5 25 400 2 0 1 16 0 0\nintr 1 2\n";
+        let t = CpuTimes::parse(stat).unwrap();
+        // Guest time (the 9th and 10th fields) is already in user and nice.
+        assert_eq!(
+            t,
+            CpuTimes {
+                total: 1000,
+                steal: 32
+            }
+        );
+        let later = CpuTimes {
+            total: 1200,
+            steal: 52,
+        };
+        assert_eq!(later.steal_since(&t), Some(0.1));
+        assert_eq!(t.steal_since(&t), None);
+        assert_eq!(t.steal_since(&later), None);
+        // An old kernel's line without steal.
+        assert_eq!(
+            CpuTimes::parse("cpu 1 2 3 4\n"),
+            Some(CpuTimes {
+                total: 10,
+                steal: 0
+            })
+        );
+        assert_eq!(CpuTimes::parse("cpu0 1 2 3 4\n"), None);
+        assert_eq!(CpuTimes::parse("cpu 1 x 3 4\n"), None);
+        let now = CpuTimes::now().unwrap();
+        assert!(now.total >= now.steal);
+    }
 
     #[test]
     fn start_time_is_field_22_counted_after_the_name() {
