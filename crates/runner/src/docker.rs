@@ -329,6 +329,8 @@ pub(crate) struct DockerLauncher {
     exec: ExecLauncher,
     docker: Option<Docker>,
     net: Option<RunNetwork>,
+    /// The machine's CPU times when the run's network was made (see `netns::shut_down`).
+    cpu_at_start: Option<tg_sys::proc::CpuTimes>,
     events: Option<mpsc::Sender<RunnerEvent>>,
     reports: Option<mpsc::Sender<InstanceReport>>,
     prepared: VecDeque<Prepared>,
@@ -353,6 +355,7 @@ impl DockerLauncher {
             config,
             docker: None,
             net: None,
+            cpu_at_start: None,
             events: None,
             reports: None,
             prepared: VecDeque::new(),
@@ -649,6 +652,7 @@ impl Launcher for DockerLauncher {
             sync_port: SYNC_PORT,
         };
         self.net = Some(net);
+        self.cpu_at_start = tg_sys::proc::CpuTimes::now().ok();
         Ok(env)
     }
 
@@ -831,10 +835,8 @@ impl Launcher for DockerLauncher {
         if let Some(docker) = self.docker.clone() {
             lines.extend(self.remove_all(&docker).await);
         }
-        if let Some(net) = self.net.take()
-            && let Some(stats) = net.shutdown().await
-        {
-            lines.push(format!("network: {stats}"));
+        if let Some(net) = self.net.take() {
+            lines.extend(crate::netns::shut_down(net, self.cpu_at_start).await);
         }
         let exec = std::mem::replace(&mut self.exec, ExecLauncher::new(&self.input));
         lines.extend(exec.finish().await);

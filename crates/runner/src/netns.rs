@@ -225,20 +225,28 @@ impl Launcher for NetnsLauncher {
         // namespaces), then the network they used.
         let mut lines = self.exec.finish().await;
         if let Some(net) = self.net.take() {
-            let late = net.take_pump_lateness().await.ok();
-            let steal = self
-                .cpu_at_start
-                .zip(CpuTimes::now().ok())
-                .and_then(|(start, end)| end.steal_since(&start));
-            if let Some(line) = late.and_then(|l| timing_line(&l, steal)) {
-                lines.push(line);
-            }
-            if let Some(stats) = net.shutdown().await {
-                lines.push(format!("network: {stats}"));
-            }
+            lines.extend(shut_down(net, self.cpu_at_start).await);
         }
         lines
     }
+}
+
+/// Shuts a run's network down (the runners that shape: local:netns, local:docker, cluster:k8s)
+/// and returns its closing lines for the run log: how punctual the shaping was since
+/// `cpu_at_start` was read (when the network was made), then the emulator's counters.
+pub(crate) async fn shut_down(net: RunNetwork, cpu_at_start: Option<CpuTimes>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let late = net.take_pump_lateness().await.ok();
+    let steal = cpu_at_start
+        .zip(CpuTimes::now().ok())
+        .and_then(|(start, end)| end.steal_since(&start));
+    if let Some(line) = late.and_then(|l| timing_line(&l, steal)) {
+        lines.push(line);
+    }
+    if let Some(stats) = net.shutdown().await {
+        lines.push(format!("network: {stats}"));
+    }
+    lines
 }
 
 /// When the p99 of the pump's lateness is surely above this (its bucket starts there), the
