@@ -1,7 +1,8 @@
 //! Host limits that decide how many instances one engine can hold, and the budget of open
 //! files a run needs: checked before a run starts (so that it fails at once with an error that
 //! names the limit, instead of at instance 6,660 with `EMFILE`), and reported by
-//! `healthcheck --runner local:exec|local:netns`.
+//! `healthcheck --runner local:exec|local:netns`, with what a virtual machine's host takes
+//! (CPU time, and free memory it reclaims), which slows crowded runs without any limit failing.
 //!
 //! Where the descriptors go, per live instance, in the engine process:
 //! - `local:exec`, direct: its stdout and stderr pipes, its pidfd (tokio reaps children through
@@ -249,6 +250,86 @@ pub fn host_checks(runner: &str, instances: u32) -> Vec<HealthCheck> {
             },
         ));
     }
+    checks.extend(vm_checks(n, &VmFacts::read()));
+    checks
+}
+
+/// From this many instances a virtual machine's host matters enough to warn about it.
+const VM_WARN_INSTANCES: u64 = 1_000;
+/// A host that took this share of the CPU time since boot is warned about.
+const STEAL_WARN: f64 = 0.05;
+
+/// What this machine says of the host it runs on, if it is a virtual machine.
+#[derive(Debug, Clone, Copy, Default)]
+struct VmFacts {
+    /// Share of the CPU time since boot that the hypervisor took (steal); `None` if unknown.
+    steal: Option<f64>,
+    /// A virtio balloon that reports free pages to the host, which takes them back.
+    reports_free_pages: bool,
+}
+
+impl VmFacts {
+    fn read() -> VmFacts {
+        let zero = tg_sys::proc::CpuTimes { total: 0, steal: 0 };
+        VmFacts {
+            steal: tg_sys::proc::CpuTimes::now()
+                .ok()
+                .and_then(|t| t.steal_since(&zero)),
+            reports_free_pages: balloon_reports_free_pages(),
+        }
+    }
+}
+
+/// Whether a virtio balloon device (id 5) negotiated free page reporting (feature bit 5,
+/// `VIRTIO_BALLOON_F_REPORTING`): `features` in sysfs is one character per bit, bit 0 first.
+fn reports_free_pages(device: &str, features: &str) -> bool {
+    device.trim() == "0x0005" && features.trim().as_bytes().get(5) == Some(&b'1')
+}
+
+fn balloon_reports_free_pages() -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/virtio/devices") else {
+        return false;
+    };
+    dir.flatten().any(|d| {
+        let read = |f: &str| std::fs::read_to_string(d.path().join(f)).unwrap_or_default();
+        reports_free_pages(&read("device"), &read("features"))
+    })
+}
+
+/// Checks of the virtual machine's host: the CPU time it takes (late timers, slower starts) and
+/// the free memory it takes back (every page a run touches is then given again by the host).
+/// Warnings from [`VM_WARN_INSTANCES`] instances on; below that they only inform.
+fn vm_checks(n: u64, vm: &VmFacts) -> Vec<HealthCheck> {
+    let crowded = n >= VM_WARN_INSTANCES;
+    let mut checks = Vec::new();
+    if let Some(steal) = vm.steal.filter(|&s| s > 0.0) {
+        let high = steal >= STEAL_WARN;
+        let mut message = format!(
+            "cpu steal: the host of this virtual machine has taken {:.1} % of its CPU time since \
+             boot",
+            steal * 100.0
+        );
+        if high {
+            message.push_str(
+                "; while it does, no timer of the machine fires and no instance runs: shaped \
+                 delays run late (each run's log says how late) and crowded runs start slower; \
+                 a machine with dedicated CPUs avoids it",
+            );
+        }
+        checks.push(HealthCheck::new("cpu-steal", !(high && crowded), message));
+    }
+    if vm.reports_free_pages {
+        checks.push(HealthCheck::new(
+            "vm-memory",
+            !crowded,
+            "vm memory: this virtual machine gives its free memory back to its host (virtio \
+             balloon free page reporting), so every page a run's instances touch is first given \
+             again by the host: 3 to 17 times slower than backed memory here, and 5,000 sdk-go \
+             instances took twice as long to start (README, \"Thousands of instances\"); a \
+             virtual machine without free page reporting avoids it"
+                .to_string(),
+        ));
+    }
     checks
 }
 
@@ -276,5 +357,46 @@ mod tests {
         assert!(files.message.contains("ulimit -Hn"), "{}", files.message);
         let small = host_checks("local:exec", 2);
         assert!(small.iter().all(|c| c.ok), "{small:?}");
+    }
+
+    #[test]
+    fn a_virtual_machines_host_is_warned_about_for_crowded_runs() {
+        // Bit 5 of the balloon's features is free page reporting.
+        assert!(reports_free_pages("0x0005\n", "0110010100000000\n"));
+        assert!(!reports_free_pages("0x0005\n", "0110000100000000\n"));
+        assert!(!reports_free_pages("0x0001\n", "0110010100000000\n"));
+        assert!(!reports_free_pages("0x0005\n", "0110"));
+
+        // Bare metal, or a host that takes nothing: no check at all.
+        assert!(vm_checks(10_000, &VmFacts::default()).is_empty());
+        let calm = VmFacts {
+            steal: Some(0.004),
+            reports_free_pages: false,
+        };
+        let c = vm_checks(10_000, &calm);
+        assert_eq!(c.len(), 1);
+        assert!(
+            c[0].ok && c[0].message.contains("0.4 % of its CPU time"),
+            "{c:?}"
+        );
+
+        let busy = VmFacts {
+            steal: Some(0.08),
+            reports_free_pages: true,
+        };
+        // Warned about for a crowded run...
+        let c = vm_checks(5_000, &busy);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c.iter().all(|c| !c.ok), "{c:?}");
+        assert!(c[0].message.contains("8.0 %") && c[0].message.contains("dedicated CPUs"));
+        assert!(
+            c[1].message.contains("free page reporting"),
+            "{}",
+            c[1].message
+        );
+        // ...only told for a small one.
+        let c = vm_checks(999, &busy);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c.iter().all(|c| c.ok), "{c:?}");
     }
 }
