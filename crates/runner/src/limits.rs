@@ -324,9 +324,9 @@ fn vm_checks(n: u64, vm: &VmFacts) -> Vec<HealthCheck> {
             !crowded,
             "vm memory: this virtual machine gives its free memory back to its host (virtio \
              balloon free page reporting), so every page a run's instances touch is first given \
-             again by the host: 3 to 17 times slower than backed memory here, and 5,000 sdk-go \
-             instances took twice as long to start (README, \"Thousands of instances\"); a \
-             virtual machine without free page reporting avoids it"
+             again by the host: on the machine of BENCHMARKS.md, 3 to 17 times slower than backed \
+             memory, and 5,000 sdk-go instances took 3 to 4 times as long to start (README, \
+             \"Thousands of instances\"); a virtual machine without free page reporting avoids it"
                 .to_string(),
         ));
     }
