@@ -329,8 +329,6 @@ pub(crate) struct DockerLauncher {
     exec: ExecLauncher,
     docker: Option<Docker>,
     net: Option<RunNetwork>,
-    /// The machine's CPU times when the run's network was made (see `netns::shut_down`).
-    cpu_at_start: Option<tg_sys::proc::CpuTimes>,
     events: Option<mpsc::Sender<RunnerEvent>>,
     reports: Option<mpsc::Sender<InstanceReport>>,
     prepared: VecDeque<Prepared>,
@@ -355,7 +353,6 @@ impl DockerLauncher {
             config,
             docker: None,
             net: None,
-            cpu_at_start: None,
             events: None,
             reports: None,
             prepared: VecDeque::new(),
@@ -652,7 +649,6 @@ impl Launcher for DockerLauncher {
             sync_port: SYNC_PORT,
         };
         self.net = Some(net);
-        self.cpu_at_start = tg_sys::proc::CpuTimes::now().ok();
         Ok(env)
     }
 
@@ -836,7 +832,7 @@ impl Launcher for DockerLauncher {
             lines.extend(self.remove_all(&docker).await);
         }
         if let Some(net) = self.net.take() {
-            lines.extend(crate::netns::shut_down(net, self.cpu_at_start).await);
+            lines.extend(crate::netns::shut_down(net).await);
         }
         let exec = std::mem::replace(&mut self.exec, ExecLauncher::new(&self.input));
         lines.extend(exec.finish().await);

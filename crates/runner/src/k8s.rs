@@ -82,8 +82,6 @@ pub(crate) struct K8sLauncher {
     events: Option<mpsc::Sender<RunnerEvent>>,
     reports: Option<mpsc::Sender<InstanceReport>>,
     net: Option<Arc<tokio::sync::Mutex<RunNetwork>>>,
-    /// The machine's CPU times when the run's network was made (see `netns::shut_down`).
-    cpu_at_start: Option<tg_sys::proc::CpuTimes>,
     slots: Slots,
     prepared: VecDeque<String>,
     /// Group id → the image its pods run.
@@ -117,7 +115,6 @@ impl K8sLauncher {
             events: None,
             reports: None,
             net: None,
-            cpu_at_start: None,
             slots: Arc::new(Mutex::new(HashMap::new())),
             prepared: VecDeque::new(),
             images: HashMap::new(),
@@ -820,7 +817,6 @@ impl Launcher for K8sLauncher {
             .await?;
         let subnet = net.subnet().to_string();
         self.net = Some(Arc::new(tokio::sync::Mutex::new(net)));
-        self.cpu_at_start = tg_sys::proc::CpuTimes::now().ok();
         let (wire_tx, wire_rx) = mpsc::unbounded_channel();
         self.spawn_watcher(&cluster, wire_tx);
         self.spawn_wiring(wire_rx);
@@ -1026,7 +1022,7 @@ impl Launcher for K8sLauncher {
         if let Some(net) = self.net.take()
             && let Ok(net) = Arc::try_unwrap(net)
         {
-            lines.extend(crate::netns::shut_down(net.into_inner(), self.cpu_at_start).await);
+            lines.extend(crate::netns::shut_down(net.into_inner()).await);
         }
         let exec = std::mem::replace(&mut self.exec, ExecLauncher::new(&self.input));
         lines.extend(exec.finish().await);

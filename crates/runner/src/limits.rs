@@ -270,11 +270,10 @@ struct VmFacts {
 
 impl VmFacts {
     fn read() -> VmFacts {
-        let zero = tg_sys::proc::CpuTimes { total: 0, steal: 0 };
         VmFacts {
             steal: tg_sys::proc::CpuTimes::now()
                 .ok()
-                .and_then(|t| t.steal_since(&zero)),
+                .and_then(|t| t.steal_since(&Default::default())),
             reports_free_pages: balloon_reports_free_pages(),
         }
     }

@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use tg_sidecar::{Lateness, Options, RunNetwork, SYNC_NAME, SYNC_PORT, SidecarEvent};
-use tg_sys::proc::CpuTimes;
 use tokio::sync::mpsc;
 
 use crate::exec::{ExecInstance, ExecLauncher};
@@ -103,8 +102,6 @@ pub(crate) struct NetnsLauncher {
     /// The task building them; it hands the network back when done or when `prepared` is
     /// dropped.
     building: Option<tokio::task::JoinHandle<RunNetwork>>,
-    /// The machine's CPU times when the run's network was made, for the share its host took.
-    cpu_at_start: Option<CpuTimes>,
 }
 
 impl NetnsLauncher {
@@ -117,7 +114,6 @@ impl NetnsLauncher {
             events: None,
             prepared: None,
             building: None,
-            cpu_at_start: None,
         }
     }
 }
@@ -147,7 +143,6 @@ impl Launcher for NetnsLauncher {
             sync_port: SYNC_PORT,
         };
         self.net = Some(net);
-        self.cpu_at_start = CpuTimes::now().ok();
         Ok(env)
     }
 
@@ -225,21 +220,19 @@ impl Launcher for NetnsLauncher {
         // namespaces), then the network they used.
         let mut lines = self.exec.finish().await;
         if let Some(net) = self.net.take() {
-            lines.extend(shut_down(net, self.cpu_at_start).await);
+            lines.extend(shut_down(net).await);
         }
         lines
     }
 }
 
 /// Shuts a run's network down (the runners that shape: local:netns, local:docker, cluster:k8s)
-/// and returns its closing lines for the run log: how punctual the shaping was since
-/// `cpu_at_start` was read (when the network was made), then the emulator's counters.
-pub(crate) async fn shut_down(net: RunNetwork, cpu_at_start: Option<CpuTimes>) -> Vec<String> {
+/// and returns its closing lines for the run log: how punctual the shaping was since the
+/// network was made, then the emulator's counters.
+pub(crate) async fn shut_down(net: RunNetwork) -> Vec<String> {
     let mut lines = Vec::new();
     let late = net.take_pump_lateness().await.ok();
-    let steal = cpu_at_start
-        .zip(CpuTimes::now().ok())
-        .and_then(|(start, end)| end.steal_since(&start));
+    let steal = net.steal_since_created();
     if let Some(line) = late.and_then(|l| timing_line(&l, steal)) {
         lines.push(line);
     }

@@ -294,6 +294,9 @@ pub struct RunNetwork {
     capture: bool,
     /// The host's end of the host link (kept for the hosts file and the log).
     host_link: Option<addr::HostLink>,
+    /// The machine's CPU times when the network was made, for the share its host has taken
+    /// since (see [`RunNetwork::steal_since_created`]).
+    cpu_at_create: Option<tg_sys::proc::CpuTimes>,
 }
 
 impl std::fmt::Debug for RunNetwork {
@@ -457,6 +460,7 @@ impl RunNetwork {
             hosts,
             capture: opts.capture,
             host_link,
+            cpu_at_create: tg_sys::proc::CpuTimes::now().ok(),
         })
     }
 
@@ -527,6 +531,13 @@ impl RunNetwork {
             .take_lateness()
             .await
             .map_err(|_| SidecarError::PumpGone)
+    }
+
+    /// The share of the machine's CPU time that a virtual machine's host took (steal) since
+    /// the network was made; `None` where `/proc/stat` says nothing or no time passed.
+    pub fn steal_since_created(&self) -> Option<f64> {
+        let now = tg_sys::proc::CpuTimes::now().ok()?;
+        now.steal_since(self.cpu_at_create.as_ref()?)
     }
 
     /// Where this agent receives packets from other nodes' agents (what they pass to

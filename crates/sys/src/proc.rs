@@ -129,7 +129,7 @@ pub fn uptime() -> io::Result<f64> {
 /// The machine's CPU time so far, summed over its CPUs, from the `cpu` line of `/proc/stat`
 /// (clock ticks). `steal` is the time a virtual machine's CPUs wanted to run but its host ran
 /// something else: time in which no timer of the guest fires and no thread of it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuTimes {
     /// Every field of the line (user, nice, system, idle, iowait, irq, softirq, steal); guest
     /// time is already counted in user and nice.
@@ -165,7 +165,7 @@ impl CpuTimes {
     }
 
     /// The share of the CPU time from `earlier` to `self` that the host took (0 to 1), or
-    /// `None` when no time passed.
+    /// `None` when no time passed. Since boot: `steal_since(&CpuTimes::default())`.
     pub fn steal_since(&self, earlier: &CpuTimes) -> Option<f64> {
         let total = self.total.checked_sub(earlier.total)?;
         let steal = self.steal.checked_sub(earlier.steal)?;
